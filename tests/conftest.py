@@ -1,0 +1,30 @@
+"""Shared pytest configuration.
+
+GPU tests carry the registered ``gpu`` marker. ``make test`` (CI, no GPU) deselects them with
+``-m "not gpu"``; on the device machine ``pytest -m gpu`` runs them. A ``gpu`` test that is
+selected on a machine without a usable CUDA device fails instead of silently skipping.
+"""
+import os
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def cuda_device():
+    """Fixture for GPU tests: fails (never skips) when no CUDA device is usable."""
+    if not _cuda_available():
+        pytest.fail("this test needs a CUDA GPU; deselect GPU tests with -m 'not gpu'")
+    import cupy
+
+    return cupy.cuda.Device(0)
