@@ -1,0 +1,18 @@
+// block_select.cu — stage 1b: block scores fused with causal eligibility and the forced first/last
+// eligible blocks (score_tile, ITEMS_BLOCKS), then the block top-m (row_select) writing int32
+// [T, m] block ids ascending, -1 padded (SPEC §5.3-§5.4).
+#include "common.cuh"
+#include "score_tile.cuh"
+#include "row_select.cuh"
+
+template <int ENGINE, int QDT, int PDT, int H, int D>
+__global__ void __launch_bounds__(SCORE_THREADS) block_score_kernel(
+    const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
+    const int* ke, int T, int S, int B, int nb, int row0, u32* out, long long ld) {
+    score_tile<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S, B, 0,
+                                                     nb, 0, row0, out, ld);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAMS) {
+    row_select<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS);
+}

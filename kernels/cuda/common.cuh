@@ -1,0 +1,152 @@
+// common.cuh — device helpers shared by every hisa_cupy stage.
+//
+// No CUDA headers are included on purpose: NVRTC (CuPy) and nvcc both compile this file as is,
+// and fp8 / bf16 / fp16 are handled as raw bit patterns (the physical dtypes of
+// docs/internals.md: uint8 = float8_e4m3fn, uint16 = bfloat16).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// ----------------------------------------------------------------------------------------------
+// Scalar decoders (exact) and encoders (round to nearest even).
+
+__device__ __forceinline__ float e4m3_to_f32(u32 v) {
+    const u32 sign = (v & 0x80u) << 24;
+    const u32 e = (v >> 3) & 0xFu;
+    const u32 m = v & 7u;
+    if (e == 0xFu && m == 7u) return __uint_as_float(sign | 0x7FC00000u);  // NaN (no inf in e4m3fn)
+    if (e == 0u) {                                                          // subnormal: m * 2^-9
+        const float mag = (float)m * 0.001953125f;
+        return sign ? -mag : mag;
+    }
+    return __uint_as_float(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+__device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ u16 f32_to_bf16_rne(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// float -> e4m3fn, round to nearest even, saturating to +-448 (NaN stays NaN).
+__device__ __forceinline__ u8 f32_to_e4m3_satfinite(float x) {
+    const u32 u = __float_as_uint(x);
+    const u32 sign = (u >> 24) & 0x80u;
+    if (x != x) return (u8)(sign | 0x7Fu);
+    const float a = fabsf(x);
+    if (a >= 448.0f) return (u8)(sign | 0x7Eu);
+    if (a < 0.015625f) {  // below the smallest normal 2^-6: multiples of 2^-9, code = m (m = 8 is 2^-6)
+        const int m = __float2int_rn(a * 512.0f);
+        return (u8)(sign | (u32)m);
+    }
+    const int e = (int)((u >> 23) & 0xFFu) - 127;  // in [-6, 8]
+    const u32 mant = u & 0x7FFFFFu;
+    u32 keep = mant >> 20;
+    const u32 rem = mant & 0xFFFFFu;
+    if (rem > 0x80000u || (rem == 0x80000u && (keep & 1u))) keep += 1u;
+    u32 code = ((u32)(e + 7) << 3) + keep;  // a mantissa carry bumps the exponent
+    if (code > 0x7Eu) code = 0x7Eu;
+    return (u8)(sign | code);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Ranking key (docs/internals.md): larger key ranks higher; NaN -> 1; -0.0 == +0.0;
+// 0 = not a candidate; 0xFFFFFFFF = forced block.
+
+#define HISA_KEY_NONE 0u
+#define HISA_KEY_NAN 1u
+#define HISA_KEY_FORCED 0xFFFFFFFFu
+
+__device__ __forceinline__ u32 score_key(float f) {
+    if (f != f) return HISA_KEY_NAN;
+    u32 u = __float_as_uint(f);
+    if (u == 0x80000000u) u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Row ranges: query t sees [ks[t], ke[t]) clamped into [0, S]; no ks/ke means the T queries are
+// the last T positions of one causal sequence of length S.
+
+struct RowRange {
+    int ks;
+    int ke;
+};
+
+__device__ __forceinline__ int clamp_pos(long long v, int S) {
+    return (int)(v < 0 ? 0 : (v > S ? S : v));
+}
+
+__device__ __forceinline__ RowRange row_range(const int* ks, const int* ke, int t, int T, int S) {
+    RowRange r;
+    if (ks != nullptr) {
+        r.ks = clamp_pos(ks[t], S);
+        r.ke = clamp_pos(ke[t], S);
+    } else {
+        r.ks = 0;
+        r.ke = clamp_pos((long long)S - T + t + 1, S);
+    }
+    return r;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tensor-core primitives (mma.sync + ldmatrix). The fp8 form needs sm_89+; the library only
+// dispatches it there, other targets get a trap so that every source compiles for sm_80.
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_f16(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_e4m3(float* c, const u32* a, const u32* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}

@@ -1,0 +1,18 @@
+// dense.cu — the flat DSA baseline (SPEC §4): token scores of every key in [ks, ke) for a chunk of
+// query rows (score_tile, ITEMS_TOKENS; tiles past the causal edge are skipped), then the exact
+// top-k (row_select, MAP_TOKENS). The host processes row chunks so the workspace stays bounded.
+#include "common.cuh"
+#include "score_tile.cuh"
+#include "row_select.cuh"
+
+template <int ENGINE, int QDT, int KDT, int H, int D>
+__global__ void __launch_bounds__(SCORE_THREADS) dense_score_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    int T, int S, int row0, u32* out, long long ld) {
+    score_tile<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0, S, 0,
+                                                     row0, out, ld);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) dense_topk_kernel(SELECT_PARAMS) {
+    row_select<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
+}

@@ -1,0 +1,18 @@
+// refine.cu — stage 2: token scores of every candidate of each row's selected blocks
+// (score_tile, ITEMS_GATHER), then the exact top-k with index translation (row_select,
+// MAP_GATHER): positions relative or absolute, ascending or by score, -1 padded (SPEC §5.5-§5.6).
+#include "common.cuh"
+#include "score_tile.cuh"
+#include "row_select.cuh"
+
+template <int ENGINE, int QDT, int KDT, int H, int D>
+__global__ void __launch_bounds__(SCORE_THREADS) refine_score_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    const int* blocks, int T, int S, int B, int m, int row0, u32* out, long long ld) {
+    score_tile<ENGINE, QDT, KDT, H, D, ITEMS_GATHER>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m, m * B,
+                                                     0, row0, out, ld);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARAMS) {
+    row_select<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
+}

@@ -1,0 +1,417 @@
+"""CuPy backend: the CUDA C++ stages of kernels/cuda/ compiled at run time with NVRTC.
+
+Implements the device backend contract of docs/internals.md. Every function takes CuPy arrays in
+*physical* dtypes (uint8 = float8_e4m3fn bits, uint16 = bfloat16 bits, float16, float32, int32),
+launches on the CUDA stream ``stream`` (an integer handle, 0 = legacy default stream) and never
+synchronises the host, so a call can be captured in a CUDA graph.
+
+Compilation: each kernel template instance is compiled once per process by NVRTC through
+``cupy.RawModule`` (name expressions pick the template arguments); CuPy caches the binary on disk
+keyed by the source text, the options and the GPU architecture, so later processes skip NVRTC.
+``#include "x.cuh"`` lines are expanded here before compilation, so the cache key covers the
+headers too.
+
+Workspace: intermediate buffers (pooled keys, block ranking keys, candidate ranking keys, block
+ids) come from a per-(device, stream) workspace that only grows. Calls on one stream reuse it and
+allocate nothing after the first call of a given size, which is what CUDA-graph capture needs.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import threading
+
+import numpy as np
+
+CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
+
+# logical dtype codes of score_tile.cuh
+DT_E4M3, DT_BF16, DT_F16, DT_F32 = 0, 1, 2, 3
+ENGINE_SIMT, ENGINE_BF16, ENGINE_F16, ENGINE_E4M3 = 0, 1, 2, 3
+POOL_CODES = {"float32": 0, "bfloat16": 1, "float8_e4m3fn": 2}
+
+SCORE_TILE = 128
+SCORE_THREADS = 128
+SELECT_THREADS = 512
+SELECT_FIXED_SMEM = (16 * 256 + 32 + 8) * 4
+#: dense path: bytes of ranking keys kept per row chunk (the [rows, S] workspace never exceeds this)
+DENSE_WORKSPACE_BYTES = 256 << 20
+#: largest grid.y of one launch (CUDA limit 65535)
+MAX_ROWS_PER_LAUNCH = 65535
+
+SUPPORTED_HEADS = "a multiple of 16, at most 128"
+SUPPORTED_DIMS = "a multiple of 32, at most 128"
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+# ----------------------------------------------------------------------------------------------
+# sources and compilation
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.M)
+
+
+def load_source(filename: str) -> str:
+    """Source of ``kernels/cuda/<filename>`` with its local ``#include "..."`` lines expanded."""
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        with open(os.path.join(CUDA_DIR, name), encoding="utf-8") as f:
+            text = f.read()
+        text = _PRAGMA_ONCE.sub("", text)  # once-ness is handled here
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(filename)
+
+
+_COMPILE_OPTIONS = ("-std=c++17",)
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _function(filename: str, name_expr: str, device_id: int):
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        mod = cupy.RawModule(code=load_source(filename), options=_COMPILE_OPTIONS,
+                             name_expressions=[name_expr])
+        return mod.get_function(name_expr)
+
+
+def _kernel(filename: str, name_expr: str, smem: int):
+    cupy = _cupy()
+    fn = _function(filename, name_expr, cupy.cuda.Device().id)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        with _lock:
+            fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def kernel_instances():
+    """(file, name expression) pairs covering every kernel template with representative arguments.
+
+    Used by the CPU test that compiles every source with nvcc for sm_80 and sm_90.
+    """
+    out = [("pool.cu", f"pool_kernel<{dt}, {p}>") for dt in range(4) for p in range(3)]
+    for engine, qdt, kdt in [(ENGINE_SIMT, DT_F32, DT_F32), (ENGINE_BF16, DT_BF16, DT_BF16),
+                             (ENGINE_F16, DT_F16, DT_F16), (ENGINE_E4M3, DT_E4M3, DT_E4M3),
+                             (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_SIMT, DT_F16, DT_BF16)]:
+        for h, d in [(64, 128), (32, 64), (128, 128)]:
+            args = f"{engine}, {qdt}, {kdt}, {h}, {d}"
+            out.append(("block_select.cu", f"block_score_kernel<{args}>"))
+            if qdt == kdt:
+                out.append(("refine.cu", f"refine_score_kernel<{args}>"))
+                out.append(("dense.cu", f"dense_score_kernel<{args}>"))
+    out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
+            ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# device facts, dtypes, engines
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(device_id: int):
+    cupy = _cupy()
+    attrs = cupy.cuda.Device(device_id).attributes
+    cc = cupy.cuda.Device(device_id).compute_capability
+    return {
+        "cc": int(cc),
+        "smem_optin": int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024)),
+    }
+
+
+def _dt_code(arr) -> int:
+    dt = np.dtype(arr.dtype)
+    if dt == np.uint8:
+        return DT_E4M3
+    if dt == np.uint16:
+        return DT_BF16
+    if dt == np.float16:
+        return DT_F16
+    if dt == np.float32:
+        return DT_F32
+    raise TypeError(f"cupy backend: unsupported physical dtype {dt}")
+
+
+def choose_engine(qdt: int, kdt: int, cc: int) -> int:
+    """Tensor-core engine able to hold both operand types exactly, else the fp32 SIMT engine."""
+    if DT_F32 in (qdt, kdt):
+        return ENGINE_SIMT
+    pair = {qdt, kdt}
+    if pair == {DT_E4M3}:
+        return ENGINE_E4M3 if cc >= 89 else ENGINE_BF16
+    if pair <= {DT_E4M3, DT_BF16}:
+        return ENGINE_BF16
+    if pair <= {DT_E4M3, DT_F16}:
+        return ENGINE_F16
+    return ENGINE_SIMT  # f16 with bf16: no common exact 16-bit type
+
+
+def _score_smem(engine: int, H: int, D: int) -> int:
+    pitch = (D + 1) * 4 if engine == ENGINE_SIMT else D * (1 if engine == ENGINE_E4M3 else 2) + 16
+    return (H + SCORE_TILE) * pitch + H * 4 + SCORE_TILE * 8
+
+
+def check_supported(H: int, D: int, *arrays) -> None:
+    """ValueError for shapes or layouts the CUDA kernels do not handle."""
+    if H % 16 or not 16 <= H <= 128:
+        raise ValueError(f"cupy backend: number of heads H must be {SUPPORTED_HEADS}, got {H}")
+    if D % 32 or not 32 <= D <= 128:
+        raise ValueError(f"cupy backend: head dim D must be {SUPPORTED_DIMS}, got {D}")
+    for name, a in arrays:
+        if a is not None and a.data.ptr % 16:
+            raise ValueError(f"cupy backend: argument {name!r} must be 16-byte aligned, "
+                             f"got address {a.data.ptr:#x}")
+
+
+# ----------------------------------------------------------------------------------------------
+# workspace
+
+class _Workspace:
+    """Grow-only scratch buffers of one (device, stream)."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, shape, dtype):
+        cupy = _cupy()
+        dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        buf = self._bufs.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            buf = cupy.empty(nbytes, dtype=np.uint8)
+            self._bufs[name] = buf
+        return buf[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+    @property
+    def nbytes(self):
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+_workspaces: dict = {}
+
+
+def workspace(stream: int) -> _Workspace:
+    key = (_cupy().cuda.Device().id, int(stream or 0))
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = _Workspace()
+    return ws
+
+
+def release_workspace() -> None:
+    """Drop every cached workspace buffer (they go back to CuPy's memory pool)."""
+    _workspaces.clear()
+
+
+class _on_stream:
+    """Make ``stream`` CuPy's current stream for the duration (allocations and launches)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._ctx = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            cupy = _cupy()
+            self._ctx = cupy.cuda.ExternalStream(int(self.stream))
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def _i64(v) -> np.int64:
+    return np.int64(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic launches
+
+def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
+                   row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
+                   by_score=False, out_idx, out_ld, out_val=None):
+    if rows == 0:
+        return
+    facts = _device_facts(_cupy().cuda.Device().id)
+    sort_cap = 1 << max(0, int(math.ceil(math.log2(max(k, 1))))) if by_score else 0
+    fixed = SELECT_FIXED_SMEM + sort_cap * 8
+    cache_cap = max(0, (facts["smem_optin"] - fixed - 1024) // 4)
+    if fixed > facts["smem_optin"] - 1024:
+        raise ValueError(f"topk={k} too large for order='score' on this GPU "
+                         f"(at most {(facts['smem_optin'] - SELECT_FIXED_SMEM - 1024) // 8})")
+    cache = ncols if ncols <= cache_cap else 0
+    smem = fixed + cache * 4
+    fn = _kernel(filename, kernel, smem)
+    for r0 in range(0, rows, MAX_ROWS_PER_LAUNCH):
+        nr = min(MAX_ROWS_PER_LAUNCH, rows - r0)
+        fn((nr,), (SELECT_THREADS,), (
+            np.uint64(0 if keys is None else keys.data.ptr + r0 * ld * 4),
+            np.uint64(0 if scores is None else scores.data.ptr + r0 * ld * 4),
+            _i64(ld), _i32(ncols), _ptr(lengths), _i32(k), _i32(cache_cap), _i32(row0 + r0), _i32(T),
+            _i32(S), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(m), _i32(B), _i32(0), _i32(int(relative)),
+            _i32(int(by_score)), _i32(sort_cap), np.uint64(out_idx.data.ptr + r0 * out_ld * 4),
+            _i64(out_ld), np.uint64(0 if out_val is None else out_val.data.ptr + r0 * out_ld * 4)),
+            shared_mem=smem)
+
+
+def _score_kernel(filename, kernel, q, kdt_arr, H, D):
+    facts = _device_facts(_cupy().cuda.Device().id)
+    engine = choose_engine(_dt_code(q), _dt_code(kdt_arr), facts["cc"])
+    smem = _score_smem(engine, H, D)
+    name = f"{kernel}<{engine}, {_dt_code(q)}, {_dt_code(kdt_arr)}, {H}, {D}>"
+    return _kernel(filename, name, smem), smem
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+def pool_keys(k, k_scale, *, block_size, pool_dtype, stream, out=None, out_scale=None):
+    """Mean-pooled keys: returns (pooled [nb, D], pooled_scale [nb] float32 or None)."""
+    cupy = _cupy()
+    S, D = k.shape
+    nb = -(-S // block_size)
+    phys = {"float32": np.float32, "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}[pool_dtype]
+    with _on_stream(stream):
+        pooled = out if out is not None else cupy.empty((nb, D), dtype=phys)
+        pscale = None
+        if pool_dtype == "float8_e4m3fn":
+            pscale = out_scale if out_scale is not None else cupy.empty((nb,), dtype=np.float32)
+        if nb == 0:
+            return pooled, pscale
+        fn = _kernel("pool.cu", f"pool_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}>", 0)
+        threads = max(32, -(-D // 32) * 32)
+        fn((nb,), (threads,), (_ptr(k), _ptr(k_scale), _i32(S), _i32(D), _i32(block_size), _ptr(pooled),
+                               _ptr(pscale)))
+    return pooled, pscale
+
+
+def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_size, block_topk, out,
+                  stream):
+    """Block scores + eligibility + forced blocks + top-m: ``out`` [T, m] block ids ascending, -1 padded."""
+    T, H, D = q.shape
+    nb = pooled.shape[0]
+    check_supported(H, D, ("q", q), ("pooled", pooled))
+    with _on_stream(stream):
+        if T == 0:
+            return out
+        if nb == 0:
+            out.fill(-1)
+            return out
+        keys = workspace(stream).get("block_keys", (T, nb), np.uint32)
+        fn, smem = _score_kernel("block_select.cu", "block_score_kernel", q, pooled, H, D)
+        for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
+            nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
+            fn((-(-nb // SCORE_TILE), nr), (SCORE_THREADS,), (
+                _ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke), _i32(T),
+                _i32(seq_len), _i32(block_size), _i32(nb), _i32(r0),
+                np.uint64(keys.data.ptr + r0 * nb * 4), _i64(nb)), shared_mem=smem)
+        _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
+                       k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
+    return out
+
+
+def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_base, order, out, stream):
+    """Candidate scoring of the selected blocks + exact top-k + index translation into ``out``."""
+    T, H, D = q.shape
+    S = k.shape[0]
+    m = blocks.shape[1]
+    check_supported(H, D, ("q", q), ("k", k))
+    with _on_stream(stream):
+        if T == 0:
+            return out
+        n = m * block_size
+        if S == 0 or n == 0:
+            out.fill(-1)
+            return out
+        keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
+        fn, smem = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D)
+        for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
+            nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
+            fn((-(-n // SCORE_TILE), nr), (SCORE_THREADS,), (
+                _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
+                _i32(S), _i32(block_size), _i32(m), _i32(r0), np.uint64(keys.data.ptr + r0 * n * 4),
+                _i64(n)), shared_mem=smem)
+        _launch_select("refine.cu", "refine_topk_kernel", rows=T, keys=keys, ld=n, ncols=n, k=topk, T=T,
+                       S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
+                       relative=index_base == "relative", by_score=order == "score", out_idx=out,
+                       out_ld=topk)
+    return out
+
+
+def hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk, pool_dtype, index_base,
+                order, out, stream):
+    """Pool + block selection + refinement (SPEC §5) into ``out`` [T, topk] int32."""
+    T, H, D = q.shape
+    S = k.shape[0]
+    check_supported(H, D, ("q", q), ("k", k))
+    nb = -(-S // block_size)
+    ws = workspace(stream)
+    with _on_stream(stream):
+        phys = {"float32": np.float32, "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}[pool_dtype]
+        pooled = ws.get("pooled", (nb, D), phys)
+        pscale = ws.get("pooled_scale", (nb,), np.float32) if pool_dtype == "float8_e4m3fn" else None
+        pool_keys(k, k_scale, block_size=block_size, pool_dtype=pool_dtype, stream=stream, out=pooled,
+                  out_scale=pscale)
+        blocks = ws.get("blocks", (T, block_topk), np.int32)
+        select_blocks(q, pooled, weights, pscale, ks, ke, seq_len=S, block_size=block_size,
+                      block_topk=block_topk, out=blocks, stream=stream)
+        refine(q, k, weights, k_scale, blocks, ks, ke, block_size=block_size, topk=topk,
+               index_base=index_base, order=order, out=out, stream=stream)
+    return out
+
+
+def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):
+    """Flat DSA selection (SPEC §4) in row chunks whose ranking-key workspace stays bounded."""
+    T, H, D = q.shape
+    S = k.shape[0]
+    check_supported(H, D, ("q", q), ("k", k))
+    with _on_stream(stream):
+        if T == 0:
+            return out
+        if S == 0:
+            out.fill(-1)
+            return out
+        rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
+        keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
+        fn, smem = _score_kernel("dense.cu", "dense_score_kernel", q, k, H, D)
+        for r0 in range(0, T, rows):
+            nr = min(rows, T - r0)
+            fn((-(-S // SCORE_TILE), nr), (SCORE_THREADS,), (
+                _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
+                _i32(r0), _ptr(keys), _i64(S)), shared_mem=smem)
+            _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
+                           row0=r0, T=T, S=S, ks=ks, ke=ke, relative=index_base == "relative",
+                           by_score=order == "score", out_idx=out[r0:], out_ld=topk)
+    return out
+
+
+def topk(scores, lengths, *, k, out_values, out_indices, stream):
+    """Exact row top-k of fp32 ``scores`` [R, N] (SPEC §3 ranking), values and indices in rank order."""
+    R, N = scores.shape
+    with _on_stream(stream):
+        if R == 0 or k == 0:
+            return out_values, out_indices
+        _launch_select("topk.cu", "topk_kernel", rows=R, scores=scores, ld=N, ncols=N, lengths=lengths, k=k,
+                       T=R, S=N, by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values)
+    return out_values, out_indices

@@ -1,0 +1,275 @@
+"""CuPy backend on a real GPU: bit-exact vs the NumPy reference on SPEC §9 inputs, tolerance-aware
+on the synthetic workloads, framework round trips, NaN rows, ragged/packed ranges, the workspace
+bound and CUDA-graph capture. Run with ``pytest -m gpu`` on an H100 / H200.
+"""
+import numpy as np
+import pytest
+
+import hisa_cupy
+from hisa_cupy import reference, testing, workloads
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+DTYPES = ["float8_e4m3fn", "bfloat16", "float16", "float32"]
+_TORCH_DT = {"float8_e4m3fn": "float8_e4m3fn", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def to_torch(x, device="cuda"):
+    """NumPy (ml_dtypes logical) -> torch CUDA tensor of the same logical dtype."""
+    if x is None:
+        return None
+    name = str(x.dtype)
+    if name == "float8_e4m3fn":
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint8)).to(device).view(torch.float8_e4m3fn)
+    if name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).to(device).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+def to_np(x):
+    return testing.to_numpy(x)
+
+
+def run_both(fn_name, inp, **kw):
+    """(cupy backend output via torch CUDA tensors, reference output)."""
+    ref_fn = getattr(reference, fn_name)
+    api_fn = getattr(hisa_cupy, fn_name)
+    ref = ref_fn(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"], ke=inp["ke"], **kw)
+    got = api_fn(to_torch(inp["q"]), to_torch(inp["k"]), to_torch(inp["weights"]),
+                 k_scale=to_torch(inp["k_scale"]), ks=to_torch(inp["ks"]), ke=to_torch(inp["ke"]),
+                 backend="cupy", **kw)
+    assert isinstance(got, torch.Tensor) and got.is_cuda and got.dtype == torch.int32
+    return to_np(got), ref
+
+
+LAYOUTS = [dict(), dict(ragged=True), dict(packed=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", range(3))
+def test_hisa_exact_every_dtype(cuda_device, dtype, layout):
+    inp = testing.exact_inputs(48, 2048, 64, 128, dtype=dtype, seed=layout + 10, block_size=64, **LAYOUTS[layout])
+    for index_base in ("relative", "absolute"):
+        for order in ("position", "score"):
+            for pool in ("bfloat16", "float32"):
+                got, ref = run_both("hisa_select", inp, block_size=64, block_topk=8, topk=200, pool_dtype=pool,
+                                    index_base=index_base, order=order)
+                testing.assert_selection_equal(got, ref, err_msg=f"{dtype} {LAYOUTS[layout]} {index_base} {order} {pool}")
+
+
+@pytest.mark.parametrize("H,D,B", [(32, 64, 32), (64, 128, 128), (128, 128, 64), (16, 64, 256), (64, 64, 128)])
+def test_hisa_exact_shapes(cuda_device, H, D, B):
+    inp = testing.exact_inputs(40, 16 * B, H, D, dtype="float8_e4m3fn", seed=H + D + B, block_size=B, ragged=True)
+    got, ref = run_both("hisa_select", inp, block_size=B, block_topk=4, topk=3 * B)
+    testing.assert_selection_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_exact(cuda_device, dtype):
+    inp = testing.exact_inputs(64, 3000, 64, 128, dtype=dtype, seed=3, ragged=True)
+    for order in ("position", "score"):
+        got, ref = run_both("dense_select", inp, topk=256, order=order)
+        testing.assert_selection_equal(got, ref)
+    got, ref = run_both("dense_select", inp, topk=4096, index_base="absolute")  # topk > candidates
+    testing.assert_selection_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16"])
+def test_block_sparse_exact(cuda_device, dtype):
+    inp = testing.exact_inputs(32, 4096, 64, 128, dtype=dtype, seed=5, packed=True)
+    for order in ("position", "score"):
+        got, ref = run_both("block_sparse_select", inp, block_size=64, topk=512, order=order)
+        testing.assert_selection_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", ["bfloat16", "float32", "float8_e4m3fn"])
+def test_stages_exact(cuda_device, dtype, pool):
+    inp = testing.exact_inputs(32, 1000, 32, 64, dtype=dtype, seed=7, ragged=True)  # partial last block
+    kt = to_torch(inp["k"])
+    pooled, pscale = hisa_cupy.pool_keys(kt, k_scale=to_torch(inp["k_scale"]), block_size=64, pool_dtype=pool,
+                                         backend="cupy")
+    rp, rs = reference.pool_keys(inp["k"], inp["k_scale"], block_size=64, pool_dtype=pool)
+    np.testing.assert_array_equal(to_np(pooled).view(np.uint8), rp.view(np.uint8))
+    if pool == "float8_e4m3fn":
+        np.testing.assert_array_equal(to_np(pscale), rs)
+    else:
+        assert pscale is None
+    if pool == "float8_e4m3fn":
+        return  # block scores of an fp8 pool are not exact-arithmetic (SPEC §9)
+    S = inp["k"].shape[0]
+    blocks = hisa_cupy.select_blocks(to_torch(inp["q"]), pooled, to_torch(inp["weights"]), pooled_scale=pscale,
+                                     ks=to_torch(inp["ks"]), ke=to_torch(inp["ke"]), block_size=64, block_topk=5,
+                                     seq_len=S, backend="cupy")
+    rb = reference.select_blocks(inp["q"], rp, inp["weights"], pooled_scale=rs, ks=inp["ks"], ke=inp["ke"],
+                                 block_size=64, block_topk=5, seq_len=S)
+    testing.assert_selection_equal(blocks, rb)
+    for order in ("position", "score"):
+        got = hisa_cupy.refine(to_torch(inp["q"]), kt, to_torch(inp["weights"]), blocks, ks=to_torch(inp["ks"]),
+                               ke=to_torch(inp["ke"]), block_size=64, topk=100, order=order, backend="cupy")
+        ref = reference.refine(inp["q"], inp["k"], inp["weights"], rb, ks=inp["ks"], ke=inp["ke"], block_size=64,
+                               topk=100, order=order)
+        testing.assert_selection_equal(got, ref)
+
+
+def test_topk_exact_ties_nan_lengths(cuda_device):
+    rng = np.random.default_rng(0)
+    for R, N, k in [(64, 5000, 300), (16, 40000, 2048), (200, 700, 1000)]:
+        scores = rng.integers(-8, 8, size=(R, N)).astype(np.float32) * 0.5  # heavy ties
+        scores[rng.random((R, N)) < 0.05] = np.nan
+        scores[rng.random((R, N)) < 0.05] = -0.0
+        scores[0, :] = np.inf
+        lengths = rng.integers(0, N + 1, size=R).astype(np.int32)
+        for lens in (None, lengths):
+            vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k,
+                                       lengths=None if lens is None else torch.from_numpy(lens).cuda(),
+                                       backend="cupy")
+            rv, ri = reference.topk(scores, k, lengths=lens)
+            testing.assert_selection_equal(idx, ri)
+            np.testing.assert_array_equal(to_np(vals), rv)
+
+
+def test_nan_rows(cuda_device):
+    inp = testing.exact_inputs(32, 1024, 64, 128, dtype="float32", seed=11)
+    inp["q"][3, 5, 7] = np.nan
+    inp["weights"][9, :] = np.nan
+    inp["k"][100, 0] = np.nan
+    for fn in ("hisa_select", "dense_select"):
+        kw = dict(block_size=64, block_topk=4, topk=128) if fn == "hisa_select" else dict(topk=128)
+        got, ref = run_both(fn, inp, **kw)
+        testing.assert_selection_equal(got, ref)
+
+
+def test_short_and_empty_rows(cuda_device):
+    # T > S: the first rows of the causal default see nothing; explicit ke <= ks rows too
+    inp = testing.exact_inputs(300, 256, 32, 64, dtype="bfloat16", seed=12)
+    got, ref = run_both("hisa_select", inp, block_size=32, block_topk=2, topk=64)
+    testing.assert_selection_equal(got, ref)
+    inp = testing.exact_inputs(1, 4096, 64, 128, dtype="float8_e4m3fn", seed=13)  # T = 1
+    got, ref = run_both("hisa_select", inp, block_size=128, block_topk=4, topk=512)
+    testing.assert_selection_equal(got, ref)
+
+
+@pytest.mark.parametrize("kind", ["random", "segments", "needles"])
+@pytest.mark.parametrize("S", [8192, 65536])
+def test_workloads_tolerance(cuda_device, kind, S):
+    T = 64 if S > 8192 else 128
+    w = workloads.make_workload(kind, seq_len=S, num_queries=T, seed=1)
+    args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
+    kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(w.ks), ke=to_torch(w.ke), backend="cupy")
+    scores = reference.token_scores(w.q, w.k, w.weights, w.k_scale)
+    # dense: equivalent to the reference up to score ties within tolerance
+    dense = hisa_cupy.dense_select(*args, topk=2048, **kw)
+    testing.assert_selection_equivalent(dense, reference.dense_select(w.q, w.k, w.weights, k_scale=w.k_scale,
+                                                                        ks=w.ks, ke=w.ke, topk=2048),
+                                        scores, ks=w.ks)
+    # stage 1: block selection equivalent under block scores
+    pooled, _ = hisa_cupy.pool_keys(args[1], k_scale=kw["k_scale"], backend="cupy")
+    blocks = hisa_cupy.select_blocks(args[0], pooled, args[2], ks=kw["ks"], ke=kw["ke"], block_topk=16,
+                                     seq_len=S, backend="cupy")
+    rp, _ = reference.pool_keys(w.k, w.k_scale)
+    rblocks = reference.select_blocks(w.q, rp, w.weights, ks=w.ks, ke=w.ke, block_topk=16, seq_len=S)
+    bscores = reference.block_scores(w.q, rp, w.weights)
+    testing.assert_selection_equivalent(blocks, rblocks, bscores, index_base="absolute")
+    # stage 2 on the GPU's blocks: equivalent to the reference refinement of the same blocks
+    got = hisa_cupy.refine(*args, blocks, topk=1024, **kw)
+    ref = reference.refine(w.q, w.k, w.weights, to_np(blocks), k_scale=w.k_scale, ks=w.ks, ke=w.ke, topk=1024)
+    testing.assert_selection_equivalent(got, ref, scores, ks=w.ks)
+    # end to end == the stages composed on the GPU
+    full = hisa_cupy.hisa_select(*args, block_topk=16, topk=1024, **kw)
+    testing.assert_selection_equal(full, got)
+
+
+def test_frameworks_round_trip(cuda_device):
+    import cupy
+
+    inp = testing.exact_inputs(16, 1024, 32, 64, dtype="float8_e4m3fn", seed=21)
+    ref = reference.hisa_select(inp["q"], inp["k"], inp["weights"], block_size=64, block_topk=4, topk=128)
+    # CuPy in (uint8 + dtype=) -> CuPy out
+    cq, ck, cw = (cupy.asarray(x.view(np.uint8) if x.dtype.itemsize == 1 else x) for x in
+                  (inp["q"], inp["k"], inp["weights"]))
+    got = hisa_cupy.hisa_select(cq, ck, cw, block_size=64, block_topk=4, topk=128, dtype="float8_e4m3fn")
+    assert isinstance(got, cupy.ndarray)
+    testing.assert_selection_equal(got, ref)
+    # JAX in -> JAX out
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    gpu = [d for d in jax.devices() if d.platform == "gpu"]
+    if gpu:
+        jq, jk, jw = (jax.device_put(jnp.asarray(x), gpu[0]) for x in (inp["q"], inp["k"], inp["weights"]))
+        got = hisa_cupy.hisa_select(jq, jk, jw, block_size=64, block_topk=4, topk=128)
+        assert isinstance(got, jax.Array) and got.devices() == {gpu[0]}
+        testing.assert_selection_equal(np.asarray(got), ref)
+    # torch on a side stream -> torch out, correct after that stream's work
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        tq, tk, tw = (to_torch(x) for x in (inp["q"], inp["k"], inp["weights"]))
+        got = hisa_cupy.hisa_select(tq, tk, tw, block_size=64, block_topk=4, topk=128)
+    s.synchronize()
+    testing.assert_selection_equal(got, ref)
+
+
+def test_workspace_bound(cuda_device):
+    import cupy
+
+    from hisa_cupy.kernels import cupy_backend
+
+    T, S, B, m = 1024, 32768, 128, 64
+    w = workloads.make_workload("random", seq_len=S, num_queries=T, seed=2)
+    args = [to_torch(x) for x in (w.q, w.k, w.weights)]
+    torch.cuda.synchronize()
+    cupy_backend.release_workspace()
+    pool = cupy.cuda.MemoryPool()
+    old = cupy.cuda.get_allocator()
+    cupy.cuda.set_allocator(pool.malloc)
+    try:
+        out = torch.empty((T, 2048), dtype=torch.int32, device="cuda")
+        hisa_cupy.hisa_select(*args, k_scale=to_torch(w.k_scale), block_topk=m, out=out)
+        torch.cuda.synchronize()
+        peak = pool.total_bytes()
+    finally:
+        cupy.cuda.set_allocator(old)
+        cupy_backend.release_workspace()
+    bound = T * (S // B + m * B) * 4 + (64 << 20)
+    assert 0 < peak <= bound, (peak, bound)
+
+
+def test_cuda_graph_capture(cuda_device):
+    inp = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=31)
+    inp2 = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=32)
+    static = [to_torch(inp[n]) for n in ("q", "k", "weights")]
+    out = torch.empty((64, 512), dtype=torch.int32, device="cuda")
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False, out=out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        hisa_cupy.hisa_select(*static, **kw)  # warm-up: compiles, sizes the workspace
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        hisa_cupy.hisa_select(*static, **kw)
+    for data in (inp2, inp):
+        for t, n in zip(static, ("q", "k", "weights")):
+            t.copy_(to_torch(data[n]))
+        out.fill_(-7)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference.hisa_select(data["q"], data["k"], data["weights"], block_size=128, block_topk=8, topk=512)
+        testing.assert_selection_equal(out, ref)
+
+
+def test_validate_false_clamps(cuda_device):
+    inp = testing.exact_inputs(16, 512, 32, 64, dtype="bfloat16", seed=41)
+    ks = np.full(16, -100, np.int32)
+    ke = np.full(16, 10_000, np.int32)
+    got = hisa_cupy.hisa_select(to_torch(inp["q"]), to_torch(inp["k"]), to_torch(inp["weights"]), ks=to_torch(ks),
+                                ke=to_torch(ke), block_size=64, block_topk=2, topk=64, validate=False,
+                                index_base="absolute")
+    ref = reference.hisa_select(inp["q"], inp["k"], inp["weights"], ks=ks, ke=ke, block_size=64, block_topk=2,
+                                topk=64, index_base="absolute")
+    testing.assert_selection_equal(got, ref)
+    with pytest.raises(ValueError, match="ks"):
+        hisa_cupy.hisa_select(to_torch(inp["q"]), to_torch(inp["k"]), to_torch(inp["weights"]), ks=to_torch(ks),
+                              ke=to_torch(ke), block_size=64, block_topk=2, topk=64)
