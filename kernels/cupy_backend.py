@@ -127,6 +127,7 @@ def _device_facts(device_id: int):
     return {
         "cc": int(cc),
         "smem_optin": int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024)),
+        "sms": int(attrs.get("MultiProcessorCount", 132)),
     }
 
 
@@ -157,9 +158,17 @@ def choose_engine(qdt: int, kdt: int, cc: int) -> int:
     return ENGINE_SIMT  # f16 with bf16: no common exact 16-bit type
 
 
-def _score_smem(engine: int, H: int, D: int) -> int:
+def _score_smem(engine: int, kdt: int, H: int, D: int) -> int:
+    """Dynamic shared memory of score_tile (score_smem_bytes in score_tile.cuh)."""
     pitch = (D + 1) * 4 if engine == ENGINE_SIMT else D * (1 if engine == ENGINE_E4M3 else 2) + 16
-    return (H + SCORE_TILE) * pitch + H * 4 + SCORE_TILE * 8
+    buffers = 2 if (engine, kdt) in ((ENGINE_E4M3, DT_E4M3), (ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16)) else 1
+    return (H + buffers * SCORE_TILE) * pitch + H * 4 + buffers * SCORE_TILE * 8
+
+
+def _tiles_per_cta(ntiles: int, rows: int) -> int:
+    """Key tiles per CTA of score_tile: enough CTAs for several waves, q staged as rarely as possible."""
+    sms = _device_facts(_cupy().cuda.Device().id)["sms"]
+    return max(1, min(32, ntiles, (ntiles * rows) // (sms * 8)))
 
 
 def check_supported(H: int, D: int, *arrays) -> None:
@@ -214,18 +223,51 @@ def release_workspace() -> None:
     _workspaces.clear()
 
 
+class _StreamHandle:
+    """A raw cudaStream_t exposed through the CUDA stream protocol."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_stream_objects: dict = {}
+
+
 class _on_stream:
-    """Make ``stream`` CuPy's current stream for the duration (allocations and launches)."""
+    """Make ``stream`` CuPy's current stream for the duration (allocations and launches).
+
+    A no-op when it already is (the public API enters the caller's stream once per call)."""
+
+    __slots__ = ("stream", "_ctx")
 
     def __init__(self, stream):
         self.stream = stream
         self._ctx = None
 
     def __enter__(self):
-        if self.stream is not None:
-            cupy = _cupy()
-            self._ctx = cupy.cuda.ExternalStream(int(self.stream))
-            self._ctx.__enter__()
+        if self.stream is None:
+            return self
+        cupy = _cupy()
+        ptr = int(self.stream)
+        if cupy.cuda.get_current_stream().ptr == ptr:
+            return self
+        key = (cupy.cuda.Device().id, ptr)
+        obj = _stream_objects.get(key)
+        if obj is None:
+            if ptr == 0:
+                obj = cupy.cuda.Stream.null
+            elif hasattr(cupy.cuda.Stream, "from_external"):
+                obj = cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+            else:
+                obj = cupy.cuda.ExternalStream(ptr)
+            _stream_objects[key] = obj
+        self._ctx = obj
+        obj.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -278,7 +320,7 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 def _score_kernel(filename, kernel, q, kdt_arr, H, D):
     facts = _device_facts(_cupy().cuda.Device().id)
     engine = choose_engine(_dt_code(q), _dt_code(kdt_arr), facts["cc"])
-    smem = _score_smem(engine, H, D)
+    smem = _score_smem(engine, _dt_code(kdt_arr), H, D)
     name = f"{kernel}<{engine}, {_dt_code(q)}, {_dt_code(kdt_arr)}, {H}, {D}>"
     return _kernel(filename, name, smem), smem
 
@@ -320,12 +362,14 @@ def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_si
             return out
         keys = workspace(stream).get("block_keys", (T, nb), np.uint32)
         fn, smem = _score_kernel("block_select.cu", "block_score_kernel", q, pooled, H, D)
+        ntiles = -(-nb // SCORE_TILE)
+        tpc = _tiles_per_cta(ntiles, T)
         for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
             nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
-            fn((-(-nb // SCORE_TILE), nr), (SCORE_THREADS,), (
+            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
                 _ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke), _i32(T),
                 _i32(seq_len), _i32(block_size), _i32(nb), _i32(r0),
-                np.uint64(keys.data.ptr + r0 * nb * 4), _i64(nb)), shared_mem=smem)
+                np.uint64(keys.data.ptr + r0 * nb * 4), _i64(nb), _i32(tpc)), shared_mem=smem)
         _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
                        k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
     return out
@@ -346,12 +390,14 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
             return out
         keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
         fn, smem = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D)
+        ntiles = -(-n // SCORE_TILE)
+        tpc = _tiles_per_cta(ntiles, T)
         for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
             nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
-            fn((-(-n // SCORE_TILE), nr), (SCORE_THREADS,), (
+            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
                 _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
                 _i32(S), _i32(block_size), _i32(m), _i32(r0), np.uint64(keys.data.ptr + r0 * n * 4),
-                _i64(n)), shared_mem=smem)
+                _i64(n), _i32(tpc)), shared_mem=smem)
         _launch_select("refine.cu", "refine_topk_kernel", rows=T, keys=keys, ld=n, ncols=n, k=topk, T=T,
                        S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
                        relative=index_base == "relative", by_score=order == "score", out_idx=out,
@@ -395,11 +441,13 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
         rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
         keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
         fn, smem = _score_kernel("dense.cu", "dense_score_kernel", q, k, H, D)
+        ntiles = -(-S // SCORE_TILE)
         for r0 in range(0, T, rows):
             nr = min(rows, T - r0)
-            fn((-(-S // SCORE_TILE), nr), (SCORE_THREADS,), (
+            tpc = _tiles_per_cta(ntiles, nr)
+            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
                 _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
-                _i32(r0), _ptr(keys), _i64(S)), shared_mem=smem)
+                _i32(r0), _ptr(keys), _i64(S), _i32(tpc)), shared_mem=smem)
             _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
                            row0=r0, T=T, S=S, ks=ks, ke=ke, relative=index_base == "relative",
                            by_score=order == "score", out_idx=out[r0:], out_ld=topk)
