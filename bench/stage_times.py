@@ -38,9 +38,14 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--rows-per-cta", type=int, default=None, help="override cupy_backend.MAX_ROWS_PER_CTA")
     ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times (torch profiler)")
     args = ap.parse_args()
     H, D, B, k = 64, 128, 128, 2048
+    if args.rows_per_cta:
+        from hisa_cupy.kernels import cupy_backend
+
+        cupy_backend.MAX_ROWS_PER_CTA = args.rows_per_cta
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(torch.cuda.get_device_name())
     for S in args.S:

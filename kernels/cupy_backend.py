@@ -38,6 +38,8 @@ SELECT_THREADS = 512
 SELECT_FIXED_SMEM = (16 * 256 + 32 + 8) * 4
 #: dense path: bytes of ranking keys kept per row chunk (the [rows, S] workspace never exceeds this)
 DENSE_WORKSPACE_BYTES = 256 << 20
+#: query rows per score CTA where rows share their keys (1 or 2; a tuning knob for bench/)
+MAX_ROWS_PER_CTA = 2
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 
@@ -107,10 +109,11 @@ def kernel_instances():
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_SIMT, DT_F16, DT_BF16)]:
         for h, d in [(64, 128), (32, 64), (128, 128)]:
             args = f"{engine}, {qdt}, {kdt}, {h}, {d}"
-            out.append(("block_select.cu", f"block_score_kernel<{args}>"))
+            rows = {1, _rows_per_cta(engine, kdt, h, True)}
+            out += [("block_select.cu", f"block_score_kernel<{args}, {r}>") for r in sorted(rows)]
             if qdt == kdt:
                 out.append(("refine.cu", f"refine_score_kernel<{args}>"))
-                out.append(("dense.cu", f"dense_score_kernel<{args}>"))
+                out += [("dense.cu", f"dense_score_kernel<{args}, {r}>") for r in sorted(rows)]
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
     return out
@@ -158,11 +161,20 @@ def choose_engine(qdt: int, kdt: int, cc: int) -> int:
     return ENGINE_SIMT  # f16 with bf16: no common exact 16-bit type
 
 
-def _score_smem(engine: int, kdt: int, H: int, D: int) -> int:
+_ASYNC_KEYS = ((ENGINE_E4M3, DT_E4M3), (ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16))
+
+
+def _score_smem(engine: int, kdt: int, H: int, D: int, rows: int) -> int:
     """Dynamic shared memory of score_tile (score_smem_bytes in score_tile.cuh)."""
     pitch = (D + 1) * 4 if engine == ENGINE_SIMT else D * (1 if engine == ENGINE_E4M3 else 2) + 16
-    buffers = 2 if (engine, kdt) in ((ENGINE_E4M3, DT_E4M3), (ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16)) else 1
-    return (H + buffers * SCORE_TILE) * pitch + H * 4 + buffers * SCORE_TILE * 8
+    buffers = 2 if (engine, kdt) in _ASYNC_KEYS else 1
+    return (rows * H + buffers * SCORE_TILE) * pitch + rows * H * 4 + buffers * SCORE_TILE * 4 * (2 + rows)
+
+
+def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
+    """Query rows per score CTA: 2 when the rows share their keys (dense path, block scores) and
+    the tensor-core path streams keys asynchronously; each key tile then serves both rows."""
+    return MAX_ROWS_PER_CTA if shared_keys and (engine, kdt) in _ASYNC_KEYS and H % 64 == 0 else 1
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -317,12 +329,15 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
             shared_mem=smem)
 
 
-def _score_kernel(filename, kernel, q, kdt_arr, H, D):
+def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
+    """(function, dynamic smem bytes, rows per CTA) of a score_tile kernel for these operands."""
     facts = _device_facts(_cupy().cuda.Device().id)
-    engine = choose_engine(_dt_code(q), _dt_code(kdt_arr), facts["cc"])
-    smem = _score_smem(engine, _dt_code(kdt_arr), H, D)
-    name = f"{kernel}<{engine}, {_dt_code(q)}, {_dt_code(kdt_arr)}, {H}, {D}>"
-    return _kernel(filename, name, smem), smem
+    qdt, kdt = _dt_code(q), _dt_code(keys)
+    engine = choose_engine(qdt, kdt, facts["cc"])
+    rows = _rows_per_cta(engine, kdt, H, shared_keys)
+    smem = _score_smem(engine, kdt, H, D, rows)
+    name = f"{kernel}<{engine}, {qdt}, {kdt}, {H}, {D}" + (f", {rows}>" if shared_keys else ">")
+    return _kernel(filename, name, smem), smem, rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,14 +376,14 @@ def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_si
             out.fill(-1)
             return out
         keys = workspace(stream).get("block_keys", (T, nb), np.uint32)
-        fn, smem = _score_kernel("block_select.cu", "block_score_kernel", q, pooled, H, D)
+        fn, smem, rows = _score_kernel("block_select.cu", "block_score_kernel", q, pooled, H, D, shared_keys=True)
         ntiles = -(-nb // SCORE_TILE)
-        tpc = _tiles_per_cta(ntiles, T)
+        tpc = _tiles_per_cta(ntiles, T // rows)
         for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
             nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
-            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
+            fn((-(-ntiles // tpc), -(-nr // rows)), (SCORE_THREADS,), (
                 _ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke), _i32(T),
-                _i32(seq_len), _i32(block_size), _i32(nb), _i32(r0),
+                _i32(seq_len), _i32(block_size), _i32(nb), _i32(r0), _i32(nr),
                 np.uint64(keys.data.ptr + r0 * nb * 4), _i64(nb), _i32(tpc)), shared_mem=smem)
         _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
                        k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
@@ -389,14 +404,14 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
             out.fill(-1)
             return out
         keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
-        fn, smem = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D)
+        fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D, shared_keys=False)
         ntiles = -(-n // SCORE_TILE)
         tpc = _tiles_per_cta(ntiles, T)
         for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
             nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
             fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
                 _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
-                _i32(S), _i32(block_size), _i32(m), _i32(r0), np.uint64(keys.data.ptr + r0 * n * 4),
+                _i32(S), _i32(block_size), _i32(m), _i32(r0), _i32(nr), np.uint64(keys.data.ptr + r0 * n * 4),
                 _i64(n), _i32(tpc)), shared_mem=smem)
         _launch_select("refine.cu", "refine_topk_kernel", rows=T, keys=keys, ld=n, ncols=n, k=topk, T=T,
                        S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
@@ -440,14 +455,14 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
             return out
         rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
         keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
-        fn, smem = _score_kernel("dense.cu", "dense_score_kernel", q, k, H, D)
+        fn, smem, per_cta = _score_kernel("dense.cu", "dense_score_kernel", q, k, H, D, shared_keys=True)
         ntiles = -(-S // SCORE_TILE)
         for r0 in range(0, T, rows):
             nr = min(rows, T - r0)
-            tpc = _tiles_per_cta(ntiles, nr)
-            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
+            tpc = _tiles_per_cta(ntiles, nr // per_cta)
+            fn((-(-ntiles // tpc), -(-nr // per_cta)), (SCORE_THREADS,), (
                 _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
-                _i32(r0), _ptr(keys), _i64(S), _i32(tpc)), shared_mem=smem)
+                _i32(r0), _i32(nr), _ptr(keys), _i64(S), _i32(tpc)), shared_mem=smem)
             _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
                            row0=r0, T=T, S=S, ks=ks, ke=ke, relative=index_base == "relative",
                            by_score=order == "score", out_idx=out[r0:], out_ld=topk)

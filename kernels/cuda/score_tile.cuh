@@ -99,15 +99,20 @@ struct KeyPath {
     static constexpr int buffers = async ? 2 : 1;
 };
 
-// shared memory: Q [H][PITCH], K buffers [buffers][TILE][PITCH], weights [H], item rows and flags
-template <int ENGINE, int KDT, int H, int D>
+// shared memory: Q [ROWS*H][PITCH], K buffers [buffers][TILE][PITCH], weights [ROWS*H], item
+// rows [buffers][TILE], flags [buffers][ROWS][TILE] and key scales [buffers][TILE]
+// (cupy_backend._score_smem mirrors this)
+template <int ENGINE, int KDT, int H, int D, int ROWS>
 __host__ __device__ constexpr int score_smem_bytes() {
-    return (H + KeyPath<ENGINE, KDT>::buffers * SCORE_TILE) * TileLayout<ENGINE, D>::pitch + H * 4 +
-           KeyPath<ENGINE, KDT>::buffers * SCORE_TILE * 8;
+    return (ROWS * H + KeyPath<ENGINE, KDT>::buffers * SCORE_TILE) * TileLayout<ENGINE, D>::pitch + ROWS * H * 4 +
+           KeyPath<ENGINE, KDT>::buffers * SCORE_TILE * 4 * (2 + ROWS);
 }
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -141,16 +146,25 @@ __device__ __forceinline__ int item_row(int n, int nitems, int t, const RowRange
     return -1;
 }
 
-// Scores of one tile held in sK (items' rows) against sQ: fills part[nt][c] of the MMA layout
-// (lanes 0..3 of each warp end with the head-reduced scores of columns 2*lane + c of n-tile nt).
-template <int ENGINE, int H, int D, int PITCH>
-__device__ __forceinline__ void mma_tile_scores(const char* sQ, const char* sK, const float* sW, float part[4][2]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Scores of one tile held in shared memory against the q rows staged at sQ (ROWS query rows of
+// H heads each, HR = ROWS * H rows): fills part[r][nt][c] in the MMA layout; after the call
+// lanes 0..3 of each warp hold the head-reduced scores of query row r for items
+// warp*32 + nt*8 + 2*lane + c. Shared-memory addresses are 32-bit and the per-lane offsets are
+// computed once by the caller (qa: lane's ldmatrix row of q, kb: lane's ldmatrix row of the
+// warp's items). With ROWS > 1, H is a multiple of 64, so each 64-row pass belongs to one row.
+template <int ENGINE, int H, int ROWS, int D, int PITCH>
+__device__ __forceinline__ void mma_tile_scores(u32 qa, u32 kb, const float (&wr)[(ROWS * H) / 16][2],
+                                                float (&part)[ROWS][4][2]) {
+    constexpr int HR = ROWS * H;
     constexpr int KSTEPS = D * EngineElem<ENGINE>::bytes / 32;
-    constexpr int MT = (H < 64 ? H : 64) / 16;
+    constexpr int MT = (HR < 64 ? HR : 64) / 16;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) part[i][0] = part[i][1] = 0.0f;
-    for (int hp = 0; hp < H; hp += 64) {
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[r][i][0] = part[r][i][1] = 0.0f;
+#pragma unroll
+    for (int hp = 0; hp < HR; hp += 64) {
+        const int r = ROWS == 1 ? 0 : hp / H;
         float acc[MT][4][4];
 #pragma unroll
         for (int a = 0; a < MT; ++a)
@@ -163,18 +177,17 @@ __device__ __forceinline__ void mma_tile_scores(const char* sQ, const char* sK, 
             u32 bf[4][2];
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
-                u32 r[4];
-                ldmatrix_x4(r, smem_addr(sK + (warp * 32 + np * 16 + (lane >> 4) * 8 + (lane & 7)) * PITCH + kk * 32 +
-                                         ((lane >> 3) & 1) * 16));
-                bf[2 * np][0] = r[0];
-                bf[2 * np][1] = r[1];
-                bf[2 * np + 1][0] = r[2];
-                bf[2 * np + 1][1] = r[3];
+                u32 rg[4];
+                ldmatrix_x4(rg, kb + np * 16 * PITCH + kk * 32);
+                bf[2 * np][0] = rg[0];
+                bf[2 * np][1] = rg[1];
+                bf[2 * np + 1][0] = rg[2];
+                bf[2 * np + 1][1] = rg[3];
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 u32 af[4];
-                ldmatrix_x4(af, smem_addr(sQ + (hp + mt * 16 + (lane & 15)) * PITCH + kk * 32 + (lane >> 4) * 16));
+                ldmatrix_x4(af, qa + (hp + mt * 16) * PITCH + kk * 32);
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
                     if (ENGINE == ENGINE_BF16) mma_bf16(acc[mt][nt], af, bf[nt]);
@@ -183,83 +196,112 @@ __device__ __forceinline__ void mma_tile_scores(const char* sQ, const char* sK, 
                 }
             }
         }
-        const int g = lane >> 2;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            const float w0 = sW[hp + mt * 16 + g], w1 = sW[hp + mt * 16 + g + 8];
+            const float w0 = wr[hp / 16 + mt][0], w1 = wr[hp / 16 + mt][1];
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
-                part[nt][0] += w0 * relu(acc[mt][nt][0]) + w1 * relu(acc[mt][nt][2]);
-                part[nt][1] += w0 * relu(acc[mt][nt][1]) + w1 * relu(acc[mt][nt][3]);
+                part[r][nt][0] += w0 * relu(acc[mt][nt][0]) + w1 * relu(acc[mt][nt][2]);
+                part[r][nt][1] += w0 * relu(acc[mt][nt][1]) + w1 * relu(acc[mt][nt][3]);
             }
         }
     }
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            float v = part[nt][c];
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 4);
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 8);
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 16);
-            part[nt][c] = v;
-        }
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float v = part[r][nt][c];
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 4);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 8);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 16);
+                part[r][nt][c] = v;
+            }
 }
 
-__device__ __forceinline__ u32 item_key(u32 flag, float score, const float* kscale, int row) {
+__device__ __forceinline__ u32 item_key(u32 flag, float score, bool scaled, float scale) {
     if (flag == 2u) return HISA_KEY_FORCED;
     if (flag != 1u) return HISA_KEY_NONE;
-    return score_key(kscale ? score * kscale[row] : score);
+    return score_key(scaled ? score * scale : score);
 }
 
-// One CTA: query row t = row0 + blockIdx.y, tiles [blockIdx.x * tiles_per_cta, +tiles_per_cta)
-// of SCORE_TILE items each. q[t] and weights[t] are staged once; key tiles stream through shared
-// memory (double-buffered with cp.async when no conversion is needed).
-template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS>
+// One CTA: query rows t = row0 + blockIdx.y * ROWS + r (r < ROWS, local index < nrows), key
+// tiles [blockIdx.x * tiles_per_cta, +tiles_per_cta) of SCORE_TILE items each. The q rows and
+// weights are staged once; key tiles stream through shared memory (double-buffered with cp.async
+// when no conversion is needed) and, with ROWS > 1, each tile serves several query rows (dense
+// path and block scores, whose rows share their keys).
+template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
 __device__ __forceinline__ void score_tile(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
-    const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0,
+    const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta) {
     static_assert(H % 16 == 0 && H <= 128, "H must be a multiple of 16, at most 128");
     static_assert(D % 32 == 0 && D <= 256, "D must be a multiple of 32, at most 256");
+    static_assert(ROWS == 1 || (H % 64 == 0 && ITEMS != ITEMS_GATHER && KeyPath<ENGINE, KDT>::async),
+                  "several rows per CTA need H % 64 == 0, shared keys and the async key path");
+    constexpr int HR = ROWS * H;
     constexpr int PITCH = TileLayout<ENGINE, D>::pitch;
     constexpr int NBUF = KeyPath<ENGINE, KDT>::buffers;
     constexpr int QB = DType<QDT>::bytes, KB = DType<KDT>::bytes;
     constexpr int QV = D * QB / 16, KV = D * KB / 16;  // 16-byte vectors per row
     extern __shared__ __align__(16) char smem[];
-    char* sQ = smem;                                                      // [H][PITCH]
-    char* sK = sQ + H * PITCH;                                            // [NBUF][SCORE_TILE][PITCH]
-    float* sW = reinterpret_cast<float*>(sK + NBUF * SCORE_TILE * PITCH);  // [H]
-    int* sRow = reinterpret_cast<int*>(sW + H);                           // [NBUF][SCORE_TILE]
-    u32* sFlag = reinterpret_cast<u32*>(sRow + NBUF * SCORE_TILE);        // [NBUF][SCORE_TILE]
+    char* sQ = smem;                                                      // [HR][PITCH]
+    char* sK = sQ + HR * PITCH;                                           // [NBUF][SCORE_TILE][PITCH]
+    float* sW = reinterpret_cast<float*>(sK + NBUF * SCORE_TILE * PITCH);  // [HR]
+    int* sRow = reinterpret_cast<int*>(sW + HR);                          // [NBUF][SCORE_TILE]
+    u32* sFlag = reinterpret_cast<u32*>(sRow + NBUF * SCORE_TILE);        // [NBUF][ROWS][SCORE_TILE]
+    float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
 
     const int tid = threadIdx.x;
-    const int t = row0 + blockIdx.y;
-    const RowRange rr = row_range(ks, ke, t, T, S);
+    const int local0 = blockIdx.y * ROWS;
+    int trow[ROWS];
+    bool live[ROWS];
+    RowRange rr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        live[r] = local0 + r < nrows;
+        trow[r] = row0 + local0 + r;
+        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
+    }
     const int nb = (S + B - 1) / B;
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
     const int j_begin = blockIdx.x * tiles_per_cta;
     const int j_end = min(ntiles, j_begin + tiles_per_cta);
-    u32* orow = out + (long long)blockIdx.y * ld;
     const char* kbase = reinterpret_cast<const char*>(keys);
+    auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
+
+    // key row of item n (any row's) and each row's flag for it
+    auto map_item = [&](int n, u32 (&f)[ROWS]) {
+        int row = -1;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, B, m, col0, nb, &f[r]);
+            if (rw >= 0) row = rw;
+        }
+        return row;
+    };
+    auto write_unscored = [&](int n, const u32 (&f)[ROWS]) {
+        if (n >= nitems) return;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+    };
 
     // does any tile of this CTA hold a candidate? (skips causal-masked work without loading q)
     {
         int any = 0;
         for (int j = j_begin; j < j_end && !any; ++j) {
-            u32 f;
-            item_row<ITEMS>(j * SCORE_TILE + tid, nitems, t, rr, blocks, S, B, m, col0, nb, &f);
-            any = __syncthreads_or(f == 1u);
-            if (!any) {
-                // nothing to score in tile j: write its keys now
-                const int n = j * SCORE_TILE + tid;
-                if (n < nitems) orow[n] = f == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
-            }
-            if (any) {
-                // tiles before j are done; start at j
-                if (tid == 0) sRow[0] = j;
-            }
+            u32 f[ROWS];
+            const int row = map_item(j * SCORE_TILE + tid, f);
+            bool mine = false;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
+            (void)row;
+            any = __syncthreads_or(mine);
+            if (!any) write_unscored(j * SCORE_TILE + tid, f);
+            else if (tid == 0) sRow[0] = j;
         }
         if (!any) return;
         __syncthreads();
@@ -267,27 +309,59 @@ __device__ __forceinline__ void score_tile(
     const int j_first = sRow[0];
     __syncthreads();
 
-    // stage q[t] (converted to the engine's operand type) and weights[t]
-    {
-        const char* qrow = reinterpret_cast<const char*>(q) + (long long)t * H * D * QB;
+    // stage the q rows (converted to the engine's operand type) and the weights
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const char* qrow = reinterpret_cast<const char*>(q) + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
         for (int i = tid; i < H * QV; i += SCORE_THREADS) {
-            const uint4 x = reinterpret_cast<const uint4*>(qrow)[i];
-            store_converted<QDT, ENGINE>(sQ + (i / QV) * PITCH, (i % QV) * (16 / QB), x);
+            const uint4 x = live[r] ? reinterpret_cast<const uint4*>(qrow)[i] : make_uint4(0u, 0u, 0u, 0u);
+            store_converted<QDT, ENGINE>(sQ + (r * H + i / QV) * PITCH, (i % QV) * (16 / QB), x);
         }
-        for (int h = tid; h < H; h += SCORE_THREADS) sW[h] = weights[(long long)t * H + h];
+        for (int h = tid; h < H; h += SCORE_THREADS)
+            sW[r * H + h] = live[r] ? weights[(long long)trow[r] * H + h] : 0.0f;
     }
+    __syncthreads();
+    // per-lane constants of the MMA path: the weights of the two heads each lane reduces per
+    // m-tile, and the lane's ldmatrix rows in q and in the warp's slice of a key tile
+    const int lane = tid & 31, warp = tid >> 5;
+    float wr[HR / 16][2];
+#pragma unroll
+    for (int mt = 0; mt < HR / 16; ++mt) {
+        wr[mt][0] = sW[mt * 16 + (lane >> 2)];
+        wr[mt][1] = sW[mt * 16 + (lane >> 2) + 8];
+    }
+    const u32 qa = smem_addr(sQ) + (lane & 15) * PITCH + (lane >> 4) * 16;
+    const u32 kb0 = smem_addr(sK) + (warp * 32 + (lane >> 4) * 8 + (lane & 7)) * PITCH + ((lane >> 3) & 1) * 16;
+    auto write_scores = [&](int n0, int buf, float (&part)[ROWS][4][2]) {
+        if (lane >= 4) return;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int item = warp * 32 + nt * 8 + 2 * lane + c;
+                if (n0 + item >= nitems) continue;
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    if (live[r])
+                        orow(r)[n0 + item] = item_key(sFlag[(buf * ROWS + r) * SCORE_TILE + item], part[r][nt][c],
+                                                      kscale != nullptr, sScale[buf * SCORE_TILE + item]);
+            }
+    };
 
     if constexpr (KeyPath<ENGINE, KDT>::async) {
         // each thread fetches its own item's key row: KV cp.async of 16 bytes
         auto stage = [&](int j, int buf) {
-            u32 f;
-            const int row = item_row<ITEMS>(j * SCORE_TILE + tid, nitems, t, rr, blocks, S, B, m, col0, nb, &f);
+            u32 f[ROWS];
+            const int row = map_item(j * SCORE_TILE + tid, f);
             sRow[buf * SCORE_TILE + tid] = row;
-            sFlag[buf * SCORE_TILE + tid] = f;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sFlag[(buf * ROWS + r) * SCORE_TILE + tid] = f[r];
             const char* src = row >= 0 ? kbase + (long long)row * D * KB : kbase;
             const u32 dst = smem_addr(sK + (buf * SCORE_TILE + tid) * PITCH);
 #pragma unroll
             for (int v = 0; v < KV; ++v) cp_async16(dst + v * 16, src + v * 16, row >= 0);
+            // the item's key scale travels with its key row, so the epilogue never waits on it
+            if (kscale) cp_async4(smem_addr(sScale + buf * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
             cp_async_commit();
         };
         stage(j_first, 0);
@@ -299,34 +373,30 @@ __device__ __forceinline__ void score_tile(
             } else {
                 cp_async_wait<0>();
             }
-            const int n_scored = __syncthreads_count(sFlag[buf * SCORE_TILE + tid] == 1u);
+            bool mine = false;
+            u32 f[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                f[r] = sFlag[(buf * ROWS + r) * SCORE_TILE + tid];
+                mine |= f[r] == 1u;
+            }
             const int n0 = j * SCORE_TILE;
-            if (n_scored == 0) {
-                if (n0 + tid < nitems) orow[n0 + tid] = sFlag[buf * SCORE_TILE + tid] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+            if (!__syncthreads_or(mine)) {
+                write_unscored(n0 + tid, f);
             } else {
-                float part[4][2];
-                mma_tile_scores<ENGINE, H, D, PITCH>(sQ, sK + buf * SCORE_TILE * PITCH, sW, part);
-                const int lane = tid & 31, warp = tid >> 5;
-                if (lane < 4) {
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int item = warp * 32 + nt * 8 + 2 * lane + c;
-                            if (n0 + item < nitems)
-                                orow[n0 + item] = item_key(sFlag[buf * SCORE_TILE + item], part[nt][c], kscale,
-                                                           sRow[buf * SCORE_TILE + item]);
-                        }
-                }
+                float part[ROWS][4][2];
+                mma_tile_scores<ENGINE, H, ROWS, D, PITCH>(qa, kb0 + buf * SCORE_TILE * PITCH, wr, part);
+                write_scores(n0, buf, part);
             }
             __syncthreads();  // buffer `buf` is refilled by the next iteration's stage()
         }
     } else {
         for (int j = j_first; j < j_end; ++j) {
-            u32 f;
-            const int row = item_row<ITEMS>(j * SCORE_TILE + tid, nitems, t, rr, blocks, S, B, m, col0, nb, &f);
+            u32 f[ROWS];
+            const int row = map_item(j * SCORE_TILE + tid, f);
             sRow[tid] = row;
-            sFlag[tid] = f;
+            sFlag[tid] = f[0];
+            sScale[tid] = (kscale && row >= 0) ? kscale[row] : 1.0f;
             __syncthreads();
             for (int i = tid; i < SCORE_TILE * KV; i += SCORE_THREADS) {
                 const int r = i / KV, v = i % KV;
@@ -335,10 +405,10 @@ __device__ __forceinline__ void score_tile(
                 if (rw >= 0) x = reinterpret_cast<const uint4*>(kbase + (long long)rw * D * KB)[v];
                 store_converted<KDT, ENGINE>(sK + r * PITCH, v * (16 / KB), x);
             }
-            const int n_scored = __syncthreads_count(f == 1u);
+            const int n_scored = __syncthreads_count(f[0] == 1u);
             const int n0 = j * SCORE_TILE;
             if (n_scored == 0) {
-                if (n0 + tid < nitems) orow[n0 + tid] = f == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+                write_unscored(n0 + tid, f);
             } else if (ENGINE == ENGINE_SIMT) {
                 const float* qf = reinterpret_cast<const float*>(sQ);
                 const float* kf = reinterpret_cast<const float*>(sK + tid * PITCH);
@@ -350,21 +420,11 @@ __device__ __forceinline__ void score_tile(
                     for (int jd = 0; jd < D; ++jd) d = fmaf(qh[jd], kf[jd], d);
                     sc += sW[h] * relu(d);
                 }
-                if (n0 + tid < nitems) orow[n0 + tid] = item_key(f, sc, kscale, row);
+                if (n0 + tid < nitems && live[0]) orow(0)[n0 + tid] = item_key(f[0], sc, kscale != nullptr, sScale[tid]);
             } else {
-                float part[4][2];
-                mma_tile_scores<ENGINE, H, D, PITCH>(sQ, sK, sW, part);
-                const int lane = tid & 31, warp = tid >> 5;
-                if (lane < 4) {
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int item = warp * 32 + nt * 8 + 2 * lane + c;
-                            if (n0 + item < nitems)
-                                orow[n0 + item] = item_key(sFlag[item], part[nt][c], kscale, sRow[item]);
-                        }
-                }
+                float part[ROWS][4][2];
+                mma_tile_scores<ENGINE, H, ROWS, D, PITCH>(qa, kb0, wr, part);
+                write_scores(n0, 0, part);
             }
             __syncthreads();
         }
