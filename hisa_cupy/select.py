@@ -37,8 +37,6 @@ import numpy as np
 from . import _validation as v
 from . import reference
 
-_PHYSICAL = {"float8_e4m3fn": np.uint8, "bfloat16": np.uint16, "float16": np.float16,
-             "float32": np.float32, "int32": np.int32}
 
 
 def _adapters():
@@ -144,7 +142,7 @@ class _Exec:
         return t.data
 
     def empty(self, shape, logical: str):
-        dt = _PHYSICAL[logical]
+        dt = _adapters().physical_dtype(logical)
         if self.host:
             return np.empty(shape, dtype=dt)
         import cupy
@@ -159,38 +157,11 @@ class _Exec:
         return self.empty(shape, logical)
 
     def finish(self, result, logical: str, out_t=None):
-        """Hand ``result`` (backend array) back as the caller's array type and device."""
+        """Hand ``result`` (backend array) back as the caller's array type, device and stream."""
         ad = _adapters()
-        result = _physical(result, logical)
         if out_t is not None:
-            if result is not out_t.data:
-                _copy_into(out_t.data, result)
-            return out_t.source
-        like = self.lead
-        if like.is_device and isinstance(result, np.ndarray):
-            import cupy
-
-            result = cupy.asarray(result)
-        elif not like.is_device and not isinstance(result, np.ndarray):
-            result = result.get()
-        return ad.export_array(result, dtype=logical, like=like)
-
-
-def _physical(arr, logical):
-    if isinstance(arr, np.ndarray):
-        phys = np.dtype(_PHYSICAL[logical])
-        if arr.dtype != phys:
-            return arr.view(phys) if arr.dtype.itemsize == phys.itemsize else arr.astype(phys)
-    return arr
-
-
-def _copy_into(dst, src):
-    if isinstance(dst, np.ndarray):
-        np.copyto(dst, src.get() if not isinstance(src, np.ndarray) else src)
-    else:
-        import cupy
-
-        dst[...] = cupy.asarray(src)
+            return out_t.source if result is out_t.data else ad.copy_into(out_t, result, like=self.lead)
+        return ad.export_array(result, dtype=logical, like=self.lead)
 
 
 def _check_values(inp: _Inputs, validate, S):
