@@ -1,0 +1,96 @@
+"""The benchmark scripts run on a CPU machine: fidelity on the NumPy backend, kernels.py's
+no-GPU exit and its report formatting (the GPU measurements themselves run on the device)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--backend", "numpy", "--seq-lens", "1024", "--queries", "16", "--heads", "16", "--head-dim", "32",
+        "--topk", "64", "--block-size", "32", "--block-topk", "4,8,32"]
+
+
+def test_fidelity_tiny_numpy(tmp_path, capsys):
+    fidelity = _load("fidelity")
+    assert fidelity.main(TINY + ["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| needles | 1024 | 16 | hisa | 8 |" in out
+    files = sorted(p.suffix for p in tmp_path.iterdir())
+    assert files == [".json", ".md"]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {(r["kind"], r["method"], r["m"]): r for r in data["rows"]}
+    # m = 32 blocks of 32 cover the whole 1024-token context: HISA equals dense (SPEC §5.4).
+    for kind in ("random", "segments", "needles"):
+        assert rows[kind, "hisa", 32]["iou_mean"] == 1.0
+        assert rows[kind, "hisa", 32]["recall"] == 1.0
+    # Recall of dense equals the share of dense picks inside the kept blocks (exact backend).
+    for r in data["rows"]:
+        if r["method"] == "hisa":
+            assert r["recall"] == pytest.approx(r["block_coverage"])
+    assert rows["needles", "hisa", 4]["dense_needle_recall"] == 1.0
+    assert rows["segments", "hisa", 8]["iou_mean"] > rows["random", "hisa", 8]["iou_mean"]
+
+
+def test_kernels_without_gpu_exits_cleanly():
+    from hisa_cupy.__main__ import probe_gpu
+
+    if probe_gpu()[0]:
+        pytest.skip("a GPU is present: bench/kernels.py would run the benchmark")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--quick"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no usable CUDA GPU" in proc.stdout
+
+
+def _fake_run():
+    meta = dict(gpu="NVIDIA H200", sm="sm_90", date="2026-01-01", flush="write", reps=20, hisa_cupy="0.1.0",
+                commit="abc", torch="2.x", cupy="14")
+    rows = []
+    for S in (8192, 32768):
+        for op, backend, m, ms in (("hisa_select", "cupy", 64, 1.0), ("pool_keys", "cupy", 64, 0.1),
+                                   ("select_blocks", "cupy", 64, 0.2), ("refine", "cupy", 64, 0.7),
+                                   ("dense_select", "cupy", None, S / 8192), ("torch_reference", "torch", None, 3.0),
+                                   ("hisa_select", "numba", 64, 50.0), ("dense_select", "numba", None, 80.0)):
+            row = dict(kind="random", S=S, T=1024, backend=backend, op=op, median_ms=ms, wall_median_ms=ms + 0.5)
+            if m is not None:
+                row["m"] = m
+            if op == "hisa_select" and backend == "cupy":
+                row.update(iou_vs_dense=0.5, peak_extra_bytes=40 << 20)
+            rows.append(row)
+    targets = [dict(id="1", target="hisa_select end to end (GPU time)", config="S=128K T=4096", measured=0.9,
+                    goal="<= 1.0 ms", unit="ms", passed=True),
+               dict(id="6", target="exactness", config="pytest -m gpu", measured=None, goal="-", unit="-",
+                    passed=None)]
+    return meta, rows, targets
+
+
+def test_kernels_report_tables():
+    kernels = _load("kernels")
+    meta, rows, targets = _fake_run()
+    md = kernels.markdown(meta, rows, targets)
+    assert "| random | 32K | 1024 | 64 | 1.000 | 1.500 | 0.100 | 0.200 | 0.700 | 4.000 | 3.000 | 4.0x | 3.0x | 0.500 | 40 |" in md
+    assert "| random | 8K | 1024 | 64 | 50.0 | 1.000 | 50.0x | 80.0 | 1.000 | 80.0x |" in md
+    assert "| 1 | hisa_select end to end (GPU time) | S=128K T=4096 | 0.9 ms | <= 1.0 ms | **pass** |" in md
+    assert "| 6 | exactness | pytest -m gpu | – | - | n/a |" in md
+    assert kernels.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert kernels.block_topk_values(8192) == [16, 64] and kernels.block_topk_values(131072) == [64, 256]
+
+
+def test_kernels_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    kernels = _load("kernels")
+    meta, rows, _ = _fake_run()
+    assert kernels.plot(meta, rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
