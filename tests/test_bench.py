@@ -89,7 +89,8 @@ def test_kernels_report_tables():
 
 
 def test_kernels_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (a test dependency: the plot must be checked, not skipped)
+
     kernels = _load("kernels")
     meta, rows, _ = _fake_run()
     assert kernels.plot(meta, rows, tmp_path / "p.png")
