@@ -10,7 +10,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 import hisa_cupy
@@ -41,7 +40,7 @@ def main():
     ap.add_argument("--rows-per-cta", type=int, default=None, help="override cupy_backend.MAX_ROWS_PER_CTA")
     ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times (torch profiler)")
     args = ap.parse_args()
-    H, D, B, k = 64, 128, 128, 2048
+    H, D, k = 64, 128, 2048  # B = 128 (the default block_size)
     if args.rows_per_cta:
         from hisa_cupy.kernels import cupy_backend
 
