@@ -109,7 +109,8 @@ def _needle_recall(idx, wl):
 
 def evaluate(args):
     import hisa_cupy
-    from hisa_cupy.__main__ import block_statistics, row_overlap
+    from hisa_cupy import metrics
+    from hisa_cupy.__main__ import block_statistics
     from hisa_cupy.testing import to_numpy
     from hisa_cupy.workloads import make_workload
 
@@ -140,7 +141,7 @@ def evaluate(args):
                         a["q"], pooled, a["weights"], pooled_scale=pscale, ks=a["ks"], ke=a["ke"], block_size=B,
                         block_topk=m, seq_len=S, dtype=dtype, backend=args.backend)))
                     st = block_statistics(blocks, dense, wl.ks, wl.ke, block_size=B, seq_len=S)
-                    v, rec = row_overlap(hisa, dense)
+                    v, rec = metrics.iou(hisa, dense), metrics.recall(hisa, dense)
                     result[m] = dict(iou_mean=float(v.mean()), iou_p10=float(np.percentile(v, 10)),
                                      iou_min=float(v.min()), recall=float(rec.mean()),
                                      block_coverage=st["dense_covered"], needle_recall=_needle_recall(hisa, wl))
@@ -148,7 +149,7 @@ def evaluate(args):
                 if not args.no_block_sparse and k // B >= 2:
                     sel = np.asarray(to_numpy(hisa_cupy.block_sparse_select(
                         a["q"], a["k"], a["weights"], block_size=B, topk=k, pool_dtype=args.pool_dtype, **common)))
-                    bs = dict(iou_mean=float(row_overlap(sel, dense)[0].mean()),
+                    bs = dict(iou_mean=metrics.mean_iou(sel, dense),
                               needle_recall=_needle_recall(sel, wl))
                 per_seed.append(dict(result=result, block_sparse=bs, dense_needle_recall=_needle_recall(dense, wl),
                                      seconds=time.perf_counter() - t0))

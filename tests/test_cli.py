@@ -92,26 +92,3 @@ def test_block_statistics_by_hand():
     assert st["dense_covered"] == 5 / 6
     assert st["dense_in_forced"] == 2 / 6  # blocks 0 and 7 of row 0; row 1 has no forced block
     assert st["useful_blocks"] == 1.0
-
-
-def test_row_overlap_matches_metrics():
-    from hisa_cupy.__main__ import row_overlap
-    from hisa_cupy.metrics import iou, recall
-
-    rng = np.random.default_rng(1)
-    T, k, S = 40, 64, 500
-
-    def selection():
-        out = np.full((T, k), -1, np.int32)
-        for t in range(T):
-            n = rng.integers(0, k + 1)
-            out[t, :n] = np.sort(rng.choice(S, n, replace=False))
-        return out
-
-    a, b = selection(), selection()
-    a[3] = b[3] = -1  # two empty rows: IoU 1
-    a[5] = b[5]       # identical rows
-    got_iou, got_recall = row_overlap(a, b)
-    np.testing.assert_allclose(got_iou, iou(a, b))
-    np.testing.assert_allclose(got_recall, recall(a, b))
-    assert got_iou[3] == 1.0 and got_iou[5] == 1.0
