@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import signal
@@ -106,6 +107,8 @@ def run_meta(args):
                                 capture_output=True, timeout=10).stdout.strip() or None
     except Exception:
         commit = None
+    # the device machine gets a copy of the tree without .git: say the commit with HISA_COMMIT
+    commit = commit or os.environ.get("HISA_COMMIT") or None
     return dict(
         gpu=torch.cuda.get_device_name(0), sm=f"sm_{props.major}{props.minor}",
         sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),

@@ -273,3 +273,14 @@ def test_validate_false_clamps(cuda_device):
     with pytest.raises(ValueError, match="ks"):
         hisa_cupy.hisa_select(to_torch(inp["q"]), to_torch(inp["k"]), to_torch(inp["weights"]), ks=to_torch(ks),
                               ke=to_torch(ke), block_size=64, block_topk=2, topk=64)
+
+
+def test_large_block_topk_and_topk(cuda_device):
+    # the upper end of the supported range: m = 512 blocks, topk = 4096, both orders; the
+    # candidate keys of a row (65536) no longer fit the top-k kernel's shared-memory cache
+    inp = testing.exact_inputs(6, 65536, 64, 128, dtype="float8_e4m3fn", seed=51, ragged=True)
+    for order in ("position", "score"):
+        got, ref = run_both("hisa_select", inp, block_size=128, block_topk=512, topk=4096, order=order)
+        testing.assert_selection_equal(got, ref)
+    got, ref = run_both("dense_select", inp, topk=4096, order="score")
+    testing.assert_selection_equal(got, ref)
