@@ -179,6 +179,18 @@ def _import_out(out, T, cols):
 _NAMES = ["q", "k", "weights", "k_scale", "ks", "ke"]
 
 
+def _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, topk, index_base, order, backend, validate):
+    """Shared front of the end-to-end selections: option checks, imported inputs and ``out``,
+    where the call runs, and the value checks. Returns (inputs, out tensor or None, exec)."""
+    v.choice(index_base, "index_base", v.INDEX_BASES)
+    v.choice(order, "order", v.ORDERS)
+    inp = _Inputs(q, k, weights, k_scale, ks, ke, dtype)
+    out_t = _import_out(out, inp.T, topk)
+    ex = _Exec(backend, inp.tensors() + [out_t], _NAMES + ["out"])
+    _check_values(inp, validate, inp.S)
+    return inp, out_t, ex
+
+
 def hisa_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_size=128, block_topk=64, topk=2048,
                 pool_dtype="bfloat16", dtype=None, index_base="relative", order="position", backend="auto",
                 validate=True, out=None):
@@ -207,12 +219,8 @@ def hisa_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_size=128
     """
     p = v.selection_params(block_size=block_size, block_topk=block_topk, topk=topk)
     v.choice(pool_dtype, "pool_dtype", v.POOL_DTYPES)
-    v.choice(index_base, "index_base", v.INDEX_BASES)
-    v.choice(order, "order", v.ORDERS)
-    inp = _Inputs(q, k, weights, k_scale, ks, ke, dtype)
-    out_t = _import_out(out, inp.T, p["topk"])
-    ex = _Exec(backend, inp.tensors() + [out_t], _NAMES + ["out"])
-    _check_values(inp, validate, inp.S)
+    inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
+                                        backend, validate)
     with ex.scope():
         a = [ex.arg(t) for t in inp.tensors()]
         if ex.backend == "numpy":
@@ -234,12 +242,8 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
     for long S).
     """
     p = v.selection_params(topk=topk)
-    v.choice(index_base, "index_base", v.INDEX_BASES)
-    v.choice(order, "order", v.ORDERS)
-    inp = _Inputs(q, k, weights, k_scale, ks, ke, dtype)
-    out_t = _import_out(out, inp.T, p["topk"])
-    ex = _Exec(backend, inp.tensors() + [out_t], _NAMES + ["out"])
-    _check_values(inp, validate, inp.S)
+    inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
+                                        backend, validate)
     with ex.scope():
         a = [ex.arg(t) for t in inp.tensors()]
         if ex.backend == "numpy":
@@ -266,12 +270,8 @@ def block_sparse_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_
         raise ValueError(f"block_sparse_select: expected topk // block_size >= 2 blocks, got "
                          f"{p['topk']} // {p['block_size']} = {m}")
     v.choice(pool_dtype, "pool_dtype", v.POOL_DTYPES)
-    v.choice(index_base, "index_base", v.INDEX_BASES)
-    v.choice(order, "order", v.ORDERS)
-    inp = _Inputs(q, k, weights, k_scale, ks, ke, dtype)
-    out_t = _import_out(out, inp.T, p["topk"])
-    ex = _Exec(backend, inp.tensors() + [out_t], _NAMES + ["out"])
-    _check_values(inp, validate, inp.S)
+    inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
+                                        backend, validate)
     with ex.scope():
         a = [ex.arg(t) for t in inp.tensors()]
         if ex.backend == "numpy":
