@@ -5,11 +5,13 @@ Implements the device backend contract of docs/internals.md. Every function take
 launches on the CUDA stream ``stream`` (an integer handle, 0 = legacy default stream) and never
 synchronises the host, so a call can be captured in a CUDA graph.
 
-Compilation: each kernel template instance is compiled once per process by NVRTC through
-``cupy.RawModule`` (name expressions pick the template arguments); CuPy caches the binary on disk
-keyed by the source text, the options and the GPU architecture, so later processes skip NVRTC.
-``#include "x.cuh"`` lines are expanded here before compilation, so the cache key covers the
-headers too.
+Compilation: each kernel template instance is compiled once per process by NVRTC (a name
+expression picks the template arguments) for the device's own architecture -- ``sm_90a`` on
+Hopper, whose wgmma engine (score_wgmma.cuh) is architecture-specific -- and loaded as a CUDA
+module through CuPy. Binaries are cached on disk (``cache_dir()``) under a hash of the source,
+the instance, the options, the target and the NVRTC version, so later processes skip NVRTC.
+``#include "x.cuh"`` lines are expanded here before compilation, so the hash covers the headers
+too.
 
 Workspace: intermediate buffers (pooled keys, block ranking keys, candidate ranking keys, block
 ids) come from a per-(device, stream) workspace that only grows. Calls on one stream reuse it and
@@ -18,6 +20,7 @@ allocate nothing after the first call of a given size, which is what CUDA-graph 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import re
@@ -40,6 +43,9 @@ SELECT_FIXED_SMEM = (16 * 256 + 32 + 8) * 4
 DENSE_WORKSPACE_BYTES = 256 << 20
 #: query rows per score CTA where rows share their keys (1 or 2; a tuning knob for bench/)
 MAX_ROWS_PER_CTA = 2
+#: score with the Hopper wgmma engine (score_wgmma.cuh) wherever it applies (see _wgmma_rows);
+#: False forces the mma.sync engine of score_tile.cuh (a knob for bench/ and the GPU tests)
+USE_WGMMA = True
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 
@@ -76,17 +82,88 @@ def load_source(filename: str) -> str:
     return expand(filename)
 
 
-_COMPILE_OPTIONS = ("-std=c++17",)
+#: NVRTC options besides the target (-ftz=true is what CuPy's RawModule used before this path)
+_COMPILE_OPTIONS = ("-std=c++17", "-ftz=true")
 _lock = threading.Lock()
+
+
+def target_arch(cc: int, supported=None) -> str:
+    """NVRTC target for a device of compute capability ``cc`` (e.g. 90 -> ``"sm_90a"``).
+
+    Hopper gets the architecture-specific ``sm_90a`` (wgmma, score_wgmma.cuh); other devices get
+    ``sm_<cc>``, or PTX for the newest architecture NVRTC knows when the device is newer still.
+    """
+    if supported and cc > max(supported):
+        return f"compute_{max(supported)}"
+    return "sm_90a" if cc == 90 else f"sm_{cc}"
+
+
+def cache_dir() -> str:
+    """Directory of compiled kernels: ``$HISA_CUPY_CACHE_DIR``, else ``~/.cache/hisa_cupy``."""
+    return os.environ.get("HISA_CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hisa_cupy")
+
+
+def _nvrtc_compile(source: str, name_expr: str, arch: str):
+    """(binary, lowered name) of one kernel instance; cached on disk by a hash of everything that
+    determines the binary (source after include expansion, instance, options, target, NVRTC)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    options = _COMPILE_OPTIONS + (f"-arch={arch}",)
+    key = hashlib.sha256("\0".join((source, name_expr, " ".join(options), repr(nvrtc.getVersion())))
+                         .encode()).hexdigest()[:40]
+    path = os.path.join(cache_dir(), key)
+    try:
+        with open(path + ".name", encoding="utf-8") as f:
+            lowered = f.read()
+        with open(path + ".bin", "rb") as f:
+            return f.read(), lowered
+    except OSError:
+        pass
+    prog = nvrtc.createProgram(source, name_expr.split("<")[0] + ".cu", [], [])
+    try:
+        nvrtc.addNameExpression(prog, name_expr)
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on {name_expr} ({arch}):\n{nvrtc.getProgramLog(prog)}") from e
+        lowered = nvrtc.getLoweredName(prog, name_expr)
+        binary = nvrtc.getCUBIN(prog) if arch.startswith("sm_") else nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    binary = binary if isinstance(binary, bytes) else bytes(binary)
+    try:  # write-then-rename, so a concurrent reader never sees half a file
+        os.makedirs(cache_dir(), exist_ok=True)
+        for suffix, data in ((".bin", binary), (".name", lowered.encode())):
+            tmp = f"{path}{suffix}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path + suffix)
+    except OSError:
+        pass  # an unwritable cache only costs compile time
+    return binary, lowered
+
+
+_loaded: set = set()
+
+
+def loaded_instances() -> set:
+    """(file, name expression, device id) of every kernel instance loaded by this process."""
+    return set(_loaded)
 
 
 @functools.lru_cache(maxsize=None)
 def _function(filename: str, name_expr: str, device_id: int):
+    from cupy_backends.cuda.libs import nvrtc
+
     cupy = _cupy()
     with cupy.cuda.Device(device_id):
-        mod = cupy.RawModule(code=load_source(filename), options=_COMPILE_OPTIONS,
-                             name_expressions=[name_expr])
-        return mod.get_function(name_expr)
+        arch = target_arch(_device_facts(device_id)["cc"], tuple(nvrtc.getSupportedArchs()))
+        binary, lowered = _nvrtc_compile(load_source(filename), name_expr, arch)
+        mod = cupy.cuda.function.Module()
+        mod.load(binary)
+        fn = mod.get_function(lowered)
+        _loaded.add((filename, name_expr, device_id))
+        return fn  # the function keeps its module alive
 
 
 def _kernel(filename: str, name_expr: str, smem: int):
@@ -101,7 +178,7 @@ def _kernel(filename: str, name_expr: str, smem: int):
 def kernel_instances():
     """(file, name expression) pairs covering every kernel template with representative arguments.
 
-    Used by the CPU test that compiles every source with nvcc for sm_80 and sm_90.
+    Used by the CPU test that compiles every source with nvcc for sm_80, sm_90 and sm_90a.
     """
     out = [("pool.cu", f"pool_kernel<{dt}, {p}>") for dt in range(4) for p in range(3)]
     for engine, qdt, kdt in [(ENGINE_SIMT, DT_F32, DT_F32), (ENGINE_BF16, DT_BF16, DT_BF16),
@@ -114,6 +191,16 @@ def kernel_instances():
             if qdt == kdt:
                 out.append(("refine.cu", f"refine_score_kernel<{args}>"))
                 out += [("dense.cu", f"dense_score_kernel<{args}, {r}>") for r in sorted(rows)]
+    # the wgmma engine (real code for sm_90a, a trap elsewhere)
+    for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_BF16, DT_E4M3, DT_BF16),
+                             (ENGINE_BF16, DT_BF16, DT_BF16), (ENGINE_F16, DT_F16, DT_F16)]:
+        for h in (64, 128):
+            args = f"{engine}, {qdt}, {kdt}, {h}, 128"
+            rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
+            out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
+            if qdt == kdt:
+                out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
+                out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
     return out
@@ -175,6 +262,22 @@ def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
     """Query rows per score CTA: 2 when the rows share their keys (dense path, block scores) and
     the tensor-core path streams keys asynchronously; each key tile then serves both rows."""
     return MAX_ROWS_PER_CTA if shared_keys and (engine, kdt) in _ASYNC_KEYS and H % 64 == 0 else 1
+
+
+def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool) -> int:
+    """Query rows per CTA of the wgmma engine, or 0 where it does not apply: it needs Hopper
+    (sm_90a), D = 128, keys already in the engine's type and rows * H in {64, 128}."""
+    if not USE_WGMMA or cc != 90 or D != 128 or (engine, kdt) not in _ASYNC_KEYS or H % 8:
+        return 0
+    rows = max(1, min(MAX_ROWS_PER_CTA, 128 // H)) if shared_keys else 1
+    return rows if rows * H in (64, 128) else 0
+
+
+def _wgmma_smem(engine: int, H: int, D: int, rows: int) -> int:
+    """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh)."""
+    rowb = D * (1 if engine == ENGINE_E4M3 else 2)
+    nbuf = 3 if engine == ENGINE_E4M3 else 2
+    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + nbuf * SCORE_TILE * 4 * (1 + rows)
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -334,6 +437,12 @@ def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
     facts = _device_facts(_cupy().cuda.Device().id)
     qdt, kdt = _dt_code(q), _dt_code(keys)
     engine = choose_engine(qdt, kdt, facts["cc"])
+    rows = _wgmma_rows(engine, kdt, H, D, facts["cc"], shared_keys)
+    if rows:
+        smem = _wgmma_smem(engine, H, D, rows)
+        name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
+        name += f", {rows}>" if shared_keys else ">"
+        return _kernel(filename, name, smem), smem, rows
     rows = _rows_per_cta(engine, kdt, H, shared_keys)
     smem = _score_smem(engine, kdt, H, D, rows)
     name = f"{kernel}<{engine}, {qdt}, {kdt}, {H}, {D}" + (f", {rows}>" if shared_keys else ">")

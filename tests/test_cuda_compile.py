@@ -1,4 +1,4 @@
-"""Every CUDA source under kernels/cuda/ compiles with nvcc for sm_80 and sm_90.
+"""Every CUDA source under kernels/cuda/ compiles with nvcc for sm_80, sm_90 and sm_90a.
 
 The kernels are templates, so each source is compiled together with explicit instantiations of
 the template arguments the CuPy backend uses (``cupy_backend.kernel_instances()``), after the
@@ -29,7 +29,7 @@ def test_every_source_has_instances():
     assert files == set(CUDA_FILES), f"sources without instantiations: {set(CUDA_FILES) - files}"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
 @pytest.mark.parametrize("filename", CUDA_FILES)
 def test_compiles(tmp_path, filename, arch):
     instances = collections.defaultdict(list)

@@ -3,6 +3,7 @@
 // [T, m] block ids ascending, -1 padded (SPEC §5.3-§5.4).
 #include "common.cuh"
 #include "score_tile.cuh"
+#include "score_wgmma.cuh"
 #include "row_select.cuh"
 
 template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
@@ -11,6 +12,15 @@ __global__ void __launch_bounds__(SCORE_THREADS) block_score_kernel(
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
     score_tile<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S, B, 0,
                                                            nb, 0, row0, nrows, out, ld, tiles_per_cta);
+}
+
+// the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only
+template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
+__global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
+    const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
+    const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S,
+                                                                 B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAMS) {

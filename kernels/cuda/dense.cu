@@ -3,6 +3,7 @@
 // top-k (row_select, MAP_TOKENS). The host processes row chunks so the workspace stays bounded.
 #include "common.cuh"
 #include "score_tile.cuh"
+#include "score_wgmma.cuh"
 #include "row_select.cuh"
 
 template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
@@ -11,6 +12,15 @@ __global__ void __launch_bounds__(SCORE_THREADS) dense_score_kernel(
     int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
     score_tile<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0, S, 0,
                                                            row0, nrows, out, ld, tiles_per_cta);
+}
+
+// the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+__global__ void __launch_bounds__(SCORE_THREADS) dense_score_wgmma_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0,
+                                                                 S, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) dense_topk_kernel(SELECT_PARAMS) {

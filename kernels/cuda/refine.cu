@@ -3,6 +3,7 @@
 // MAP_GATHER): positions relative or absolute, ascending or by score, -1 padded (SPEC §5.5-§5.6).
 #include "common.cuh"
 #include "score_tile.cuh"
+#include "score_wgmma.cuh"
 #include "row_select.cuh"
 
 template <int ENGINE, int QDT, int KDT, int H, int D>
@@ -11,6 +12,15 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_score_kernel(
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
     score_tile<ENGINE, QDT, KDT, H, D, ITEMS_GATHER, 1>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m, m * B,
                                                         0, row0, nrows, out, ld, tiles_per_cta);
+}
+
+// the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only
+template <int ENGINE, int QDT, int KDT, int H, int D>
+__global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_GATHER, 1>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
+                                                              m * B, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARAMS) {

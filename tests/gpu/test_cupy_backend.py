@@ -284,3 +284,46 @@ def test_large_block_topk_and_topk(cuda_device):
         testing.assert_selection_equal(got, ref)
     got, ref = run_both("dense_select", inp, topk=4096, order="score")
     testing.assert_selection_equal(got, ref)
+
+
+@pytest.mark.parametrize("use_wgmma", [True, False])
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
+@pytest.mark.parametrize("H", [64, 128])
+def test_scoring_engines_exact(cuda_device, monkeypatch, use_wgmma, dtype, H):
+    # Both tensor-core engines on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) and the
+    # mma.sync engine it replaces on Hopper. An odd T leaves the second row of a 2-row CTA empty.
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "USE_WGMMA", use_wgmma)
+    inp = testing.exact_inputs(37, 4096, H, 128, dtype=dtype, seed=H + 61, ragged=True)
+    for pool in ("bfloat16", "float32"):
+        for order in ("position", "score"):
+            got, ref = run_both("hisa_select", inp, block_size=128, block_topk=6, topk=300, pool_dtype=pool,
+                                order=order)
+            testing.assert_selection_equal(got, ref, err_msg=f"hisa {pool} {order}")
+    got, ref = run_both("dense_select", inp, topk=700)
+    testing.assert_selection_equal(got, ref, err_msg="dense")
+    wgmma_used = any("wgmma" in name for _, name, _ in cupy_backend.loaded_instances())
+    if use_wgmma:  # Hopper (cc 9.0) must take the wgmma path; other GPUs never do
+        assert wgmma_used == (cuda_device.compute_capability == "90")
+
+
+def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
+    # general fp8 inputs: both engines' dense and refine (on the reference's blocks) pass the
+    # tolerance-aware check against the reference scores
+    from hisa_cupy.kernels import cupy_backend
+
+    w = workloads.make_workload("segments", seq_len=16384, num_queries=96, seed=3)
+    args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
+    kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(w.ks), ke=to_torch(w.ke), backend="cupy")
+    scores = reference.token_scores(w.q, w.k, w.weights, w.k_scale)
+    rp, _ = reference.pool_keys(w.k, w.k_scale)
+    rblocks = reference.select_blocks(w.q, rp, w.weights, ks=w.ks, ke=w.ke, block_topk=16, seq_len=16384)
+    ref_refine = reference.refine(w.q, w.k, w.weights, rblocks, k_scale=w.k_scale, ks=w.ks, ke=w.ke, topk=1024)
+    ref_dense = reference.dense_select(w.q, w.k, w.weights, k_scale=w.k_scale, ks=w.ks, ke=w.ke, topk=2048)
+    for use in (True, False):
+        monkeypatch.setattr(cupy_backend, "USE_WGMMA", use)
+        got = hisa_cupy.refine(*args, torch.from_numpy(rblocks).cuda(), topk=1024, **kw)
+        testing.assert_selection_equivalent(got, ref_refine, scores, ks=w.ks, err_msg=f"refine use_wgmma={use}")
+        got = hisa_cupy.dense_select(*args, topk=2048, **kw)
+        testing.assert_selection_equivalent(got, ref_dense, scores, ks=w.ks, err_msg=f"dense use_wgmma={use}")

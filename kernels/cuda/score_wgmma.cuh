@@ -1,0 +1,375 @@
+// score_wgmma.cuh — the Hopper scoring engine (sm_90a): warpgroup MMA (wgmma) with both
+// operands in shared memory.
+//
+// Same contract as score_tile (score_tile.cuh): one CTA (128 threads = one warpgroup) scores
+// ROWS query rows against key tiles of SCORE_TILE = 128 items and writes one ranking key per
+// (row, item). Why a second engine: on sm_90 the fp8 form of mma.sync is not native (ptxas
+// emulates it by converting both operands to f16 for every instruction), which left the v1-v3
+// engine bound by integer/ALU work; wgmma runs e4m3 (and bf16/f16) natively at full rate.
+//
+// Orientation: the MMA's M dimension is the key items (64 per instruction, two halves per
+// tile), N is the ROWS * H (query row, head) pairs (64 or 128), K is the head dim D = 128. Each
+// thread's accumulators then hold 2 items x N/4 heads, so the relu * weight head reduction is
+// N/4 fused multiply-adds per item in registers plus two lane shuffles (lanes 4i..4i+3 share
+// items) -- the transpose of score_tile's orientation, whose head sums crossed 8 lanes.
+//
+// Shared-memory layout: every operand row (one key, or one (row, head) of q) is D * EB bytes,
+// stored K-major in 128-byte panels with the 128-byte swizzle (16-byte chunk c of row r lands at
+// chunk c ^ (r % 8)), 1024-byte aligned; a wgmma descriptor addresses 8-row groups 1024 bytes
+// apart and the k-th 32-byte slice by advancing its start address. Keys stream through NBUF
+// buffers with cp.async (each warp copies whole 128-byte rows of its 32 items, so a warp's
+// request covers full sectors), the tensor core works on tile j while tile j + NBUF - 1 loads,
+// and the two 64-item halves are committed as separate groups so the epilogue of the first
+// overlaps the MMA of the second.
+//
+// Only compiled for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a trap and the host
+// never launches it there (kernels/cupy_backend.py: wgmma_supported).
+#pragma once
+#include "common.cuh"
+#include "score_tile.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HISA_HAS_WGMMA 1
+#else
+#define HISA_HAS_WGMMA 0
+#endif
+
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+struct WgmmaShape {
+    static constexpr int N = ROWS * H;                         // MMA N: (query row, head) pairs
+    static constexpr int EB = EngineElem<ENGINE>::bytes;       // 1 (e4m3) or 2 (bf16, f16)
+    static constexpr int ROWB = D * EB;                        // bytes per operand row
+    static constexpr int CHUNKS = ROWB / 16;                   // 16-byte chunks per row
+    static constexpr int KSTEPS = ROWB / 32;                   // MMA k-steps (32 bytes of K each)
+    static constexpr int NBUF = EB == 1 ? 3 : 2;               // key tile buffers
+    static constexpr int Q_BYTES = N * ROWB;
+    static constexpr int K_BYTES = SCORE_TILE * ROWB;
+    static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS);  // flags and key scales
+    // + 1024 bytes of slack to align the operand tiles to the 1024-byte swizzle pattern
+    static constexpr int SMEM = 1024 + Q_BYTES + NBUF * K_BYTES + META;
+    static constexpr bool supported = (ENGINE == ENGINE_E4M3 || ENGINE == ENGINE_BF16 || ENGINE == ENGINE_F16) &&
+                                      KeyPath<ENGINE, KDT>::async && D == 128 && (N == 64 || N == 128) &&
+                                      H % 8 == 0;
+};
+
+// (cupy_backend._wgmma_smem mirrors this)
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+__host__ __device__ constexpr int wgmma_smem_bytes() {
+    return WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS>::SMEM;
+}
+
+// Byte offset of 16-byte chunk c of row r in a K-major operand tile of R rows (128-byte panels,
+// 128-byte swizzle).
+template <int R>
+__device__ __forceinline__ u32 swizzled(int r, int c) {
+    return (u32)((c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ u64 wgmma_desc(u32 saddr) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+// Descriptor of rows [r0, r0 + 64 or N) of a tile of R rows at saddr, for k-step kk (32 bytes).
+template <int R>
+__device__ __forceinline__ u64 operand_desc(u32 saddr, int r0, int kk) {
+    return wgmma_desc(saddr + (kk >> 2) * (R * 128) + r0 * 128 + (kk & 3) * 32);
+}
+
+#if HISA_HAS_WGMMA
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// D[64 x N] (+)= A[64 x K] * B[N x K]^T, fp32 accumulators, both operands K-major in shared memory
+template <int ENGINE, int N> struct Wgmma;
+template <> struct Wgmma<ENGINE_E4M3, 64> {
+    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+template <> struct Wgmma<ENGINE_E4M3, 128> {
+    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+template <> struct Wgmma<ENGINE_BF16, 64> {
+    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+template <> struct Wgmma<ENGINE_BF16, 128> {
+    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+template <> struct Wgmma<ENGINE_F16, 64> {
+    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+template <> struct Wgmma<ENGINE_F16, 128> {
+    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a), "l"(b), "r"(acc));
+    }
+};
+
+#endif  // HISA_HAS_WGMMA
+
+// fp8 -> 16-bit engine operands (exact: e4m3 values are representable in bf16 and f16)
+template <int ENGINE>
+__device__ __forceinline__ u16 e4m3_to_engine(u32 v) {
+    const float f = e4m3_to_f32(v);
+    if (ENGINE == ENGINE_BF16) return (u16)(__float_as_uint(f) >> 16);
+    return f32_to_f16(f);
+}
+
+template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
+__device__ __forceinline__ void score_tile_wgmma(
+    const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
+    const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
+    const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
+    u32* __restrict__ out, long long ld, int tiles_per_cta) {
+    using Shape = WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS>;
+    static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
+    static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
+#if !HISA_HAS_WGMMA
+    __trap();
+#else
+    constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
+    constexpr int QB = DType<QDT>::bytes, EB = Shape::EB;
+    extern __shared__ __align__(16) char smem[];
+    char* base = smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u);
+    char* sQ = base;                                          // [N rows] operand tile
+    char* sK = sQ + Shape::Q_BYTES;                           // [NBUF][SCORE_TILE rows]
+    u32* sFlag = reinterpret_cast<u32*>(sK + NBUF * Shape::K_BYTES);   // [NBUF][ROWS][SCORE_TILE]
+    float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int local0 = blockIdx.y * ROWS;
+    int trow[ROWS];
+    bool live[ROWS];
+    RowRange rr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        live[r] = local0 + r < nrows;
+        trow[r] = row0 + local0 + r;
+        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
+    }
+    const int nb = (S + B - 1) / B;
+    const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
+    const int j_begin = blockIdx.x * tiles_per_cta;
+    const int j_end = min(ntiles, j_begin + tiles_per_cta);
+    const char* kbase = reinterpret_cast<const char*>(keys);
+    auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
+    auto map_item = [&](int n, u32 (&f)[ROWS]) {
+        int row = -1;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, B, m, col0, nb, &f[r]);
+            if (rw >= 0) row = rw;
+        }
+        return row;
+    };
+    auto write_unscored = [&](int n, const u32 (&f)[ROWS]) {
+        if (n >= nitems) return;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+    };
+
+    // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
+    // tile in between is scored: a per-tile skip would put the wgmma under a branch, and ptxas
+    // then serialises the MMAs (candidates of a row are contiguous on the dense and block paths).
+    int j_first = j_end, j_last = j_begin - 1;
+    for (int j = j_begin; j < j_end; ++j) {
+        u32 f[ROWS];
+        map_item(j * SCORE_TILE + tid, f);
+        bool mine = false;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
+        if (__syncthreads_or(mine)) {
+            j_first = j;
+            break;
+        }
+        write_unscored(j * SCORE_TILE + tid, f);
+    }
+    if (j_first == j_end) return;
+    for (int j = j_end - 1; j >= j_first; --j) {
+        u32 f[ROWS];
+        map_item(j * SCORE_TILE + tid, f);
+        bool mine = false;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
+        if (__syncthreads_or(mine)) {
+            j_last = j;
+            break;
+        }
+        write_unscored(j * SCORE_TILE + tid, f);
+    }
+    const int j_stop = j_last + 1;
+
+    // q rows -> operand rows r * H + h, converted to the engine type
+    for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
+        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+        const char* src = reinterpret_cast<const char*>(q) +
+                          ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (QB == EB) {
+            if (live[r]) v = reinterpret_cast<const uint4*>(src)[c];
+        } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
+            if (live[r]) {
+                const uint2 x = reinterpret_cast<const uint2*>(src)[c];
+                const u32 w[2] = {x.x, x.y};
+                u32 o[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const u32 b = w[e >> 1] >> ((e & 1) * 16);
+                    o[e] = (u32)e4m3_to_engine<ENGINE>(b & 0xFFu) | ((u32)e4m3_to_engine<ENGINE>((b >> 8) & 0xFFu) << 16);
+                }
+                v = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+        }
+        *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
+    }
+    // the lane's weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}
+    float wt[N / 8][2];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
+            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
+        }
+    fence_async_smem();  // q was written by the generic proxy, wgmma reads through the async one
+
+    // tile j -> buffer slot; each thread maps its own item, the warp copies its 32 key rows
+    auto stage = [&](int j, int slot) {
+        u32 f[ROWS];
+        int row = -1;
+        if (j < j_stop) {
+            row = map_item(j * SCORE_TILE + tid, f);
+        } else {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) f[r] = 0u;
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
+        const u32 dst = smem_addr(sK + slot * Shape::K_BYTES);
+#pragma unroll
+        for (int it = 0; it < CHUNKS; ++it) {
+            const int idx = it * 32 + lane, ri = idx / CHUNKS, c = idx % CHUNKS;
+            const int rw = __shfl_sync(0xFFFFFFFFu, row, ri);
+            cp_async16(dst + swizzled<SCORE_TILE>(warp * 32 + ri, c),
+                       kbase + (rw >= 0 ? (long long)rw * Shape::ROWB + c * 16 : 0), rw >= 0);
+        }
+        if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
+
+    // N = 64: both 64-item halves in flight (two accumulator sets); N = 128: one at a time
+    constexpr int INFLIGHT = N == 64 ? 2 : 1;
+    float acc[INFLIGHT][N / 2];
+    auto epilogue = [&](const float (&a)[N / 2], int half, int n0, int slot) {
+        float s[ROWS][2];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) s[r][0] = s[r][1] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i) {
+            const int r = (8 * i) / H;
+            s[r][0] += wt[i][0] * relu(a[4 * i]) + wt[i][1] * relu(a[4 * i + 1]);
+            s[r][1] += wt[i][0] * relu(a[4 * i + 2]) + wt[i][1] * relu(a[4 * i + 3]);
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[r][e] += __shfl_xor_sync(0xFFFFFFFFu, s[r][e], 1);
+                s[r][e] += __shfl_xor_sync(0xFFFFFFFFu, s[r][e], 2);
+            }
+        // lane 4g + x writes (row x / 2, item + 8 * (x % 2)) for x < 2 * ROWS
+        const int x = lane & 3;
+        if (x < 2 * ROWS) {
+            const int r = x >> 1, e = x & 1;
+            const int item = half * 64 + warp * 16 + (lane >> 2) + 8 * e;
+            float v = 0.0f;
+#pragma unroll
+            for (int r2 = 0; r2 < ROWS; ++r2)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2)
+                    if (r2 == r && e2 == e) v = s[r2][e2];
+            if (live[r] && n0 + item < nitems)
+                orow(r)[n0 + item] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr,
+                                              sScale[slot * SCORE_TILE + item]);
+        }
+    };
+    const u32 sQa = smem_addr(sQ), sKa = smem_addr(sK);
+    auto issue = [&](float (&a)[N / 2], u32 kt, int half) {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            Wgmma<ENGINE, N>::run(a, operand_desc<SCORE_TILE>(kt, half * 64, kk), operand_desc<N>(sQa, 0, kk), kk);
+        wgmma_commit();
+    };
+
+    int slot = 0;
+    for (int j = j_first; j < j_stop; ++j) {
+        cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
+        fence_async_smem();
+        // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
+        __syncthreads();
+        const int n0 = j * SCORE_TILE;
+        const u32 kt = sKa + slot * Shape::K_BYTES;
+        int next = slot + NBUF - 1;
+        if (next >= NBUF) next -= NBUF;
+        wgmma_fence();
+        if constexpr (INFLIGHT == 2) {
+            issue(acc[0], kt, 0);
+            issue(acc[INFLIGHT - 1], kt, 1);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<1>();
+            epilogue(acc[0], 0, n0, slot);
+            wgmma_wait<0>();
+            epilogue(acc[INFLIGHT - 1], 1, n0, slot);
+        } else {
+            issue(acc[0], kt, 0);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<0>();
+            epilogue(acc[0], 0, n0, slot);
+            wgmma_fence();
+            issue(acc[0], kt, 1);
+            wgmma_wait<0>();
+            epilogue(acc[0], 1, n0, slot);
+        }
+        slot = slot + 1 == NBUF ? 0 : slot + 1;
+    }
+    cp_async_wait<0>();
+#endif
+}
