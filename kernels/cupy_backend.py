@@ -166,12 +166,19 @@ def _function(filename: str, name_expr: str, device_id: int):
         return fn  # the function keeps its module alive
 
 
+_smem_opted_in: dict = {}
+
+
 def _kernel(filename: str, name_expr: str, smem: int):
     cupy = _cupy()
-    fn = _function(filename, name_expr, cupy.cuda.Device().id)
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        with _lock:
-            fn.max_dynamic_shared_size_bytes = smem
+    device_id = cupy.cuda.Device().id
+    fn = _function(filename, name_expr, device_id)
+    if smem > 48 * 1024 and _smem_opted_in.get(fn.ptr, 0) < smem:
+        from cupy_backends.cuda.api import driver
+
+        with _lock:  # above 48 KB of dynamic shared memory a kernel must opt in
+            driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            _smem_opted_in[fn.ptr] = smem
     return fn
 
 
