@@ -83,6 +83,23 @@ __device__ __forceinline__ u32 score_key(float f) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Division by a run-time divisor d >= 1 without the integer-division sequence: q = hi32(n * m)
+// with m = ceil(2^32 / d) is floor(n / d) or one above it for every 32-bit n (the error term
+// n * (m - 2^32 / d) / 2^32 is below 1), and one multiply-compare fixes the second case.
+
+struct FastDiv {
+    u32 d, magic;
+    __device__ __forceinline__ explicit FastDiv(int dv)
+        : d((u32)dv), magic(dv > 1 ? (u32)((0x100000000ull + (u32)dv - 1u) / (u32)dv) : 0u) {}
+    __device__ __forceinline__ u32 div(u32 n) const {
+        if (d == 1u) return n;
+        u32 q = __umulhi(n, magic);
+        if (q * d > n) --q;  // q * d <= n + d: no overflow for n, d < 2^31
+        return q;
+    }
+};
+
+// ----------------------------------------------------------------------------------------------
 // Row ranges: query t sees [ks[t], ke[t]) clamped into [0, S]; no ks/ke means the T queries are
 // the last T positions of one causal sequence of length S.
 

@@ -81,7 +81,13 @@ __device__ __forceinline__ void store_converted(char* dst_row, int e0, const uin
     }
 }
 
-__device__ __forceinline__ float relu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN passes
+// max(x, 0) with NaN passing through (one instruction; relu(-0) may come out as +0, which ranks
+// the same)
+__device__ __forceinline__ float relu(float x) {
+    float y;
+    asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 template <int ENGINE, int D>
 struct TileLayout {
@@ -122,7 +128,7 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // 2 forced block
 template <int ITEMS>
 __device__ __forceinline__ int item_row(int n, int nitems, int t, const RowRange& rr, const int* blocks, int S,
-                                        int B, int m, int col0, int nb, u32* flag) {
+                                        const FastDiv& B, int m, int col0, int nb, u32* flag) {
     *flag = 0u;
     if (n >= nitems) return -1;
     if (ITEMS == ITEMS_TOKENS) {
@@ -130,16 +136,17 @@ __device__ __forceinline__ int item_row(int n, int nitems, int t, const RowRange
         if (s >= rr.ks && s < rr.ke) { *flag = 1u; return s; }
     } else if (ITEMS == ITEMS_BLOCKS) {
         if (rr.ke > rr.ks) {
-            const int b0 = rr.ks / B, b1 = (rr.ke - 1) / B;
+            const int b0 = (int)B.div((u32)rr.ks), b1 = (int)B.div((u32)(rr.ke - 1));
             if (n >= b0 && n <= b1) {
                 *flag = (n == b0 || n == b1) ? 2u : 1u;
                 return *flag == 1u ? n : -1;
             }
         }
     } else {
-        const int b = blocks[(long long)t * m + n / B];
+        const int bi = (int)B.div((u32)n);
+        const int b = blocks[(long long)t * m + bi];
         if (b >= 0 && b < nb) {
-            const long long s = (long long)b * B + n % B;
+            const long long s = (long long)b * (int)B.d + (n - bi * (int)B.d);
             if (s >= rr.ks && s < rr.ke) { *flag = 1u; return (int)s; }
         }
     }
@@ -266,6 +273,7 @@ __device__ __forceinline__ void score_tile(
         rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
     }
     const int nb = (S + B - 1) / B;
+    const FastDiv Bd(B);
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
     const int j_begin = blockIdx.x * tiles_per_cta;
     const int j_end = min(ntiles, j_begin + tiles_per_cta);
@@ -277,7 +285,7 @@ __device__ __forceinline__ void score_tile(
         int row = -1;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, B, m, col0, nb, &f[r]);
+            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
             if (rw >= 0) row = rw;
         }
         return row;

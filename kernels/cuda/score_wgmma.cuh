@@ -183,6 +183,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
     }
     const int nb = (S + B - 1) / B;
+    const FastDiv Bd(B);
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
     const int j_begin = blockIdx.x * tiles_per_cta;
     const int j_end = min(ntiles, j_begin + tiles_per_cta);
@@ -192,7 +193,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         int row = -1;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, B, m, col0, nb, &f[r]);
+            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
             if (rw >= 0) row = rw;
         }
         return row;
@@ -331,11 +332,18 @@ __device__ __forceinline__ void score_tile_wgmma(
                                               sScale[slot * SCORE_TILE + item]);
         }
     };
-    const u32 sQa = smem_addr(sQ), sKa = smem_addr(sK);
-    auto issue = [&](float (&a)[N / 2], u32 kt, int half) {
+    // descriptors are computed once: k-step, half and buffer offsets are added to the start
+    // address field (address / 16, 14 bits: no carry out for shared-memory addresses)
+    const u64 q_desc = operand_desc<N>(smem_addr(sQ), 0, 0);
+    const u64 k_desc = operand_desc<SCORE_TILE>(smem_addr(sK), 0, 0);
+    auto issue = [&](float (&a)[N / 2], int slot, int half) {
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk)
-            Wgmma<ENGINE, N>::run(a, operand_desc<SCORE_TILE>(kt, half * 64, kk), operand_desc<N>(sQa, 0, kk), kk);
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const u64 kd = k_desc + (u64)((slot * Shape::K_BYTES + (kk >> 2) * (SCORE_TILE * 128) + half * 64 * 128 +
+                                           (kk & 3) * 32) >> 4);
+            const u64 qd = q_desc + (u64)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4);
+            Wgmma<ENGINE, N>::run(a, kd, qd, kk);
+        }
         wgmma_commit();
     };
 
@@ -346,25 +354,24 @@ __device__ __forceinline__ void score_tile_wgmma(
         // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
         __syncthreads();
         const int n0 = j * SCORE_TILE;
-        const u32 kt = sKa + slot * Shape::K_BYTES;
         int next = slot + NBUF - 1;
         if (next >= NBUF) next -= NBUF;
         wgmma_fence();
         if constexpr (INFLIGHT == 2) {
-            issue(acc[0], kt, 0);
-            issue(acc[INFLIGHT - 1], kt, 1);
+            issue(acc[0], slot, 0);
+            issue(acc[INFLIGHT - 1], slot, 1);
             stage(j + NBUF - 1, next);
             wgmma_wait<1>();
             epilogue(acc[0], 0, n0, slot);
             wgmma_wait<0>();
             epilogue(acc[INFLIGHT - 1], 1, n0, slot);
         } else {
-            issue(acc[0], kt, 0);
+            issue(acc[0], slot, 0);
             stage(j + NBUF - 1, next);
             wgmma_wait<0>();
             epilogue(acc[0], 0, n0, slot);
             wgmma_fence();
-            issue(acc[0], kt, 1);
+            issue(acc[0], slot, 1);
             wgmma_wait<0>();
             epilogue(acc[0], 1, n0, slot);
         }
