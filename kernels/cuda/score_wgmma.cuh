@@ -65,16 +65,11 @@ __device__ __forceinline__ u32 swizzled(int r, int c) {
     return (u32)((c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ u64 wgmma_desc(u32 saddr) {
-    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
-
-// Descriptor of rows [r0, r0 + 64 or N) of a tile of R rows at saddr, for k-step kk (32 bytes).
-template <int R>
-__device__ __forceinline__ u64 operand_desc(u32 saddr, int r0, int kk) {
-    return wgmma_desc(saddr + (kk >> 2) * (R * 128) + r0 * 128 + (kk & 3) * 32);
-}
+// wgmma shared-memory descriptor (K-major, 128-byte swizzle, 8-row groups 1024 bytes apart): the
+// high word is constant; the low word holds the start address / 16 (14 bits, so adding offsets
+// / 16 to it never carries out) and the unused leading-dimension offset (1).
+#define WGMMA_DESC_HI 0x40000040u  // stride offset 1024 / 16 in bits 32-45, swizzle mode 1 (128 B) in bits 62-63
+__device__ __forceinline__ u32 wgmma_desc_lo(u32 saddr) { return ((saddr & 0x3FFFFu) >> 4) | (1u << 16); }
 
 #if HISA_HAS_WGMMA
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -84,62 +79,68 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // D[64 x N] (+)= A[64 x K] * B[N x K]^T, fp32 accumulators, both operands K-major in shared memory
+// (descriptor low words a_lo, b_lo); acc = 0 overwrites D
 template <int ENGINE, int N> struct Wgmma;
 template <> struct Wgmma<ENGINE_E4M3, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[32], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"
+            "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+            "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, da, db, p, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
 template <> struct Wgmma<ENGINE_E4M3, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[64], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
+            "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
+            "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
 template <> struct Wgmma<ENGINE_BF16, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[32], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"
+            "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, da, db, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
 template <> struct Wgmma<ENGINE_BF16, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[64], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
+            "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
 template <> struct Wgmma<ENGINE_F16, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[32], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"
+            "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, da, db, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
 template <> struct Wgmma<ENGINE_F16, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], u64 a, u64 b, int acc) {
+    static __device__ __forceinline__ void run(float (&d)[64], u32 a_lo, u32 b_lo, int acc) {
         asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
+            "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(a), "l"(b), "r"(acc));
+            : "r"(a_lo), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
     }
 };
-
 #endif  // HISA_HAS_WGMMA
 
 // fp8 -> 16-bit engine operands (exact: e4m3 values are representable in bf16 and f16)
@@ -270,7 +271,14 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
     fence_async_smem();  // q was written by the generic proxy, wgmma reads through the async one
 
-    // tile j -> buffer slot; each thread maps its own item, the warp copies its 32 key rows
+    // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows
+    // with lane pairs on one row (2 x 16 contiguous bytes: every request is a full 32-byte
+    // sector), 16 rows per instruction: lane l serves rows l / 2 and 16 + l / 2, chunks
+    // 2 i + l % 2. Row bases and the swizzle are computed once per row; chunk offsets are
+    // immediates (the swizzled chunk is (2 i) ^ x with x = (l % 2) ^ (row % 8)).
+    const u32 sK0 = smem_addr(sK);
+    const int pair = lane >> 1, sub = lane & 1;
+    const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
     auto stage = [&](int j, int slot) {
         u32 f[ROWS];
         int row = -1;
@@ -282,13 +290,15 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
-        const u32 dst = smem_addr(sK + slot * Shape::K_BYTES);
+        const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
-        for (int it = 0; it < CHUNKS; ++it) {
-            const int idx = it * 32 + lane, ri = idx / CHUNKS, c = idx % CHUNKS;
-            const int rw = __shfl_sync(0xFFFFFFFFu, row, ri);
-            cp_async16(dst + swizzled<SCORE_TILE>(warp * 32 + ri, c),
-                       kbase + (rw >= 0 ? (long long)rw * Shape::ROWB + c * 16 : 0), rw >= 0);
+        for (int h = 0; h < 2; ++h) {
+            const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
+            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::ROWB + sub * 16 : 0);
+            const u32 dst = dst_slot + h * 16 * 128;
+#pragma unroll
+            for (int i = 0; i < CHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
+                cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, rw >= 0);
         }
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
         cp_async_commit();
@@ -299,51 +309,53 @@ __device__ __forceinline__ void score_tile_wgmma(
     // N = 64: both 64-item halves in flight (two accumulator sets); N = 128: one at a time
     constexpr int INFLIGHT = N == 64 ? 2 : 1;
     float acc[INFLIGHT][N / 2];
-    auto epilogue = [&](const float (&a)[N / 2], int half, int n0, int slot) {
-        float s[ROWS][2];
+    // head sums of one half: sum[r][e] = item 16 warp + lane / 4 + 8 e of the half, query row r
+    // (weights applied, relu'd), reduced over the 4 lanes that share the item (all 4 hold it)
+    auto head_sums = [&](const float (&a)[N / 2], float (&sum)[ROWS][2]) {
+        float p[ROWS][2][2];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) s[r][0] = s[r][1] = 0.0f;
+        for (int r = 0; r < ROWS; ++r) p[r][0][0] = p[r][0][1] = p[r][1][0] = p[r][1][1] = 0.0f;
 #pragma unroll
         for (int i = 0; i < N / 8; ++i) {
             const int r = (8 * i) / H;
-            s[r][0] += wt[i][0] * relu(a[4 * i]) + wt[i][1] * relu(a[4 * i + 1]);
-            s[r][1] += wt[i][0] * relu(a[4 * i + 2]) + wt[i][1] * relu(a[4 * i + 3]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // two independent FMA chains per item
+                p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
+                p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
+            }
         }
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                s[r][e] += __shfl_xor_sync(0xFFFFFFFFu, s[r][e], 1);
-                s[r][e] += __shfl_xor_sync(0xFFFFFFFFu, s[r][e], 2);
+                float v = p[r][e][0] + p[r][e][1];
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+                sum[r][e] = v;
             }
-        // lane 4g + x writes (row x / 2, item + 8 * (x % 2)) for x < 2 * ROWS
+    };
+    // ranking keys of one tile: lane 4 g + x writes item (x / 2) * 64 + 16 warp + g + 8 (x % 2)
+    auto write_keys = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int n0, int slot) {
         const int x = lane & 3;
-        if (x < 2 * ROWS) {
-            const int r = x >> 1, e = x & 1;
-            const int item = half * 64 + warp * 16 + (lane >> 2) + 8 * e;
-            float v = 0.0f;
+        const int item = (x >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (x & 1);
+        const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
 #pragma unroll
-            for (int r2 = 0; r2 < ROWS; ++r2)
-#pragma unroll
-                for (int e2 = 0; e2 < 2; ++e2)
-                    if (r2 == r && e2 == e) v = s[r2][e2];
+        for (int r = 0; r < ROWS; ++r) {
+            const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
             if (live[r] && n0 + item < nitems)
-                orow(r)[n0 + item] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr,
-                                              sScale[slot * SCORE_TILE + item]);
+                orow(r)[n0 + item] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start
-    // address field (address / 16, 14 bits: no carry out for shared-memory addresses)
-    const u64 q_desc = operand_desc<N>(smem_addr(sQ), 0, 0);
-    const u64 k_desc = operand_desc<SCORE_TILE>(smem_addr(sK), 0, 0);
+    // address field (address / 16)
+    const u32 q_lo = wgmma_desc_lo(smem_addr(sQ));
+    const u32 k_lo = wgmma_desc_lo(sK0);
     auto issue = [&](float (&a)[N / 2], int slot, int half) {
+        const u32 kt = k_lo + (u32)(slot * (Shape::K_BYTES >> 4));
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-            const u64 kd = k_desc + (u64)((slot * Shape::K_BYTES + (kk >> 2) * (SCORE_TILE * 128) + half * 64 * 128 +
-                                           (kk & 3) * 32) >> 4);
-            const u64 qd = q_desc + (u64)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4);
-            Wgmma<ENGINE, N>::run(a, kd, qd, kk);
-        }
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            Wgmma<ENGINE, N>::run(a, kt + (u32)(((kk >> 2) * (SCORE_TILE * 128) + half * 64 * 128 + (kk & 3) * 32) >> 4),
+                                  q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
         wgmma_commit();
     };
 
@@ -356,25 +368,27 @@ __device__ __forceinline__ void score_tile_wgmma(
         const int n0 = j * SCORE_TILE;
         int next = slot + NBUF - 1;
         if (next >= NBUF) next -= NBUF;
+        float s0[ROWS][2], s1[ROWS][2];
         wgmma_fence();
         if constexpr (INFLIGHT == 2) {
             issue(acc[0], slot, 0);
             issue(acc[INFLIGHT - 1], slot, 1);
             stage(j + NBUF - 1, next);
             wgmma_wait<1>();
-            epilogue(acc[0], 0, n0, slot);
+            head_sums(acc[0], s0);
             wgmma_wait<0>();
-            epilogue(acc[INFLIGHT - 1], 1, n0, slot);
+            head_sums(acc[INFLIGHT - 1], s1);
         } else {
             issue(acc[0], slot, 0);
             stage(j + NBUF - 1, next);
             wgmma_wait<0>();
-            epilogue(acc[0], 0, n0, slot);
+            head_sums(acc[0], s0);
             wgmma_fence();
             issue(acc[0], slot, 1);
             wgmma_wait<0>();
-            epilogue(acc[0], 1, n0, slot);
+            head_sums(acc[0], s1);
         }
+        write_keys(s0, s1, n0, slot);
         slot = slot + 1 == NBUF ? 0 : slot + 1;
     }
     cp_async_wait<0>();
