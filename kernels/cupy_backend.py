@@ -46,6 +46,9 @@ MAX_ROWS_PER_CTA = 2
 #: score with the Hopper wgmma engine (score_wgmma.cuh) wherever it applies (see _wgmma_rows);
 #: False forces the mma.sync engine of score_tile.cuh (a knob for bench/ and the GPU tests)
 USE_WGMMA = True
+#: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
+#: (wgmma engine only; a knob for bench/ and the GPU tests)
+USE_UNION_PAIRS = True
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 
@@ -207,6 +210,8 @@ def kernel_instances():
             out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
             if qdt == kdt:
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
+                if rows * h == 128 and h == 64:
+                    out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}>"))
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
@@ -280,11 +285,14 @@ def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     return rows if rows * H in (64, 128) else 0
 
 
-def _wgmma_smem(engine: int, H: int, D: int, rows: int) -> int:
-    """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh)."""
+def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
+    """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
+    blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
-    nbuf = 3 if engine == ENGINE_E4M3 else 2
-    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + nbuf * SCORE_TILE * 4 * (1 + rows)
+    nbuf = 3 if union_m else 2
+    meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
+    lists = (8 * union_m + 32) * 4 if union_m else 0
+    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + meta + lists
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -506,8 +514,13 @@ def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_si
     return out
 
 
-def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_base, order, out, stream):
-    """Candidate scoring of the selected blocks + exact top-k + index translation into ``out``."""
+def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_base, order, out, stream,
+           blocks_from_select=False):
+    """Candidate scoring of the selected blocks + exact top-k + index translation into ``out``.
+
+    ``blocks_from_select``: the blocks are select_blocks' output (strictly ascending, -1 padded),
+    so pairs of rows may be scored over the union of their blocks (refine_union_wgmma_kernel).
+    """
     T, H, D = q.shape
     S = k.shape[0]
     m = blocks.shape[1]
@@ -520,12 +533,23 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
             out.fill(-1)
             return out
         keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
-        fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D, shared_keys=False)
-        ntiles = -(-n // SCORE_TILE)
-        tpc = _tiles_per_cta(ntiles, T)
+        facts = _device_facts(_cupy().cuda.Device().id)
+        qdt, kdt = _dt_code(q), _dt_code(k)
+        engine = choose_engine(qdt, kdt, facts["cc"])
+        pairs = (blocks_from_select and USE_UNION_PAIRS and T > 1
+                 and _wgmma_rows(engine, kdt, H, D, facts["cc"], True) == 2 and 2 * H == 128)
+        if pairs:
+            smem = _wgmma_smem(engine, H, D, 2, m)
+            fn = _kernel("refine.cu", f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>", smem)
+            tpc, per_cta, grid_x = 0, 2, 1
+        else:
+            fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D, shared_keys=False)
+            ntiles = -(-n // SCORE_TILE)
+            tpc, per_cta = _tiles_per_cta(ntiles, T), 1
+            grid_x = -(-ntiles // tpc)
         for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
             nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
-            fn((-(-ntiles // tpc), nr), (SCORE_THREADS,), (
+            fn((grid_x, -(-nr // per_cta)), (SCORE_THREADS,), (
                 _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
                 _i32(S), _i32(block_size), _i32(m), _i32(r0), _i32(nr), np.uint64(keys.data.ptr + r0 * n * 4),
                 _i64(n), _i32(tpc)), shared_mem=smem)
@@ -554,7 +578,7 @@ def hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk,
         select_blocks(q, pooled, weights, pscale, ks, ke, seq_len=S, block_size=block_size,
                       block_topk=block_topk, out=blocks, stream=stream)
         refine(q, k, weights, k_scale, blocks, ks, ke, block_size=block_size, topk=topk,
-               index_base=index_base, order=order, out=out, stream=stream)
+               index_base=index_base, order=order, out=out, stream=stream, blocks_from_select=True)
     return out
 
 

@@ -29,6 +29,7 @@
 #define ITEMS_TOKENS 0
 #define ITEMS_BLOCKS 1
 #define ITEMS_GATHER 2
+#define ITEMS_UNION 3  // score_wgmma.cuh only: the union of two rows' selected blocks
 
 #define SCORE_TILE 128
 #define SCORE_THREADS 128

@@ -34,29 +34,25 @@
 #define HISA_HAS_WGMMA 0
 #endif
 
-template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS, int ITEMS>
 struct WgmmaShape {
     static constexpr int N = ROWS * H;                         // MMA N: (query row, head) pairs
     static constexpr int EB = EngineElem<ENGINE>::bytes;       // 1 (e4m3) or 2 (bf16, f16)
     static constexpr int ROWB = D * EB;                        // bytes per operand row
     static constexpr int CHUNKS = ROWB / 16;                   // 16-byte chunks per row
     static constexpr int KSTEPS = ROWB / 32;                   // MMA k-steps (32 bytes of K each)
-    static constexpr int NBUF = EB == 1 ? 3 : 2;               // key tile buffers
+    static constexpr int NBUF = ITEMS == ITEMS_UNION ? 3 : 2;  // key tile buffers (measured, H200)
     static constexpr int Q_BYTES = N * ROWB;
     static constexpr int K_BYTES = SCORE_TILE * ROWB;
-    static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS);  // flags and key scales
+    // flags and key scales, and on the union path output columns (the block lists and the union,
+    // 8 m + 32 ints, come on top: cupy_backend._wgmma_smem)
+    static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS + (ITEMS == ITEMS_UNION ? ROWS : 0));
     // + 1024 bytes of slack to align the operand tiles to the 1024-byte swizzle pattern
     static constexpr int SMEM = 1024 + Q_BYTES + NBUF * K_BYTES + META;
     static constexpr bool supported = (ENGINE == ENGINE_E4M3 || ENGINE == ENGINE_BF16 || ENGINE == ENGINE_F16) &&
                                       KeyPath<ENGINE, KDT>::async && D == 128 && (N == 64 || N == 128) &&
                                       H % 8 == 0;
 };
-
-// (cupy_backend._wgmma_smem mirrors this)
-template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
-__host__ __device__ constexpr int wgmma_smem_bytes() {
-    return WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS>::SMEM;
-}
 
 // Byte offset of 16-byte chunk c of row r in a K-major operand tile of R rows (128-byte panels,
 // 128-byte swizzle).
@@ -157,12 +153,14 @@ __device__ __forceinline__ void score_tile_wgmma(
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta) {
-    using Shape = WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS>;
+    using Shape = WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
+    static_assert(ITEMS != ITEMS_UNION || ROWS == 2, "the union path pairs two rows");
 #if !HISA_HAS_WGMMA
     __trap();
 #else
+    constexpr bool UNION = ITEMS == ITEMS_UNION;
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
     constexpr int QB = DType<QDT>::bytes, EB = Shape::EB;
     extern __shared__ __align__(16) char smem[];
@@ -171,6 +169,13 @@ __device__ __forceinline__ void score_tile_wgmma(
     char* sK = sQ + Shape::Q_BYTES;                           // [NBUF][SCORE_TILE rows]
     u32* sFlag = reinterpret_cast<u32*>(sK + NBUF * Shape::K_BYTES);   // [NBUF][ROWS][SCORE_TILE]
     float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
+    // union path only: output column of each (row, item) [NBUF][ROWS][SCORE_TILE] (-1: not the
+    // row's candidate), both rows' block lists [2][m], the union's blocks and their index in
+    // each row's list [3][2m], scan scratch [32]
+    int* sDst = reinterpret_cast<int*>(sScale + NBUF * SCORE_TILE);
+    int* sList = sDst + (UNION ? NBUF * ROWS * SCORE_TILE : 0);
+    int* sUnion = sList + 2 * m;
+    int* sScan = sUnion + 6 * m;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int local0 = blockIdx.y * ROWS;
@@ -190,12 +195,30 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int j_end = min(ntiles, j_begin + tiles_per_cta);
     const char* kbase = reinterpret_cast<const char*>(keys);
     auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
-    auto map_item = [&](int n, u32 (&f)[ROWS]) {
+    int j_first, j_stop, n_union = 0;
+    // key row of item n (-1: none), each row's flag for it (0 not a candidate, 1 scored, 2 forced
+    // block) and, on the union path, each row's output column for it (-1: not the row's)
+    auto map_item = [&](int n, u32 (&f)[ROWS], int (&col)[ROWS]) {
         int row = -1;
+        if constexpr (UNION) {
+            const bool in = n < n_union * B;
+            const int u = in ? (int)Bd.div((u32)n) : 0;
+            const int off = n - u * B;
+            const int s = in ? sUnion[u] * B + off : 0;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
-            if (rw >= 0) row = rw;
+            for (int r = 0; r < ROWS; ++r) {
+                const int idx = in ? sUnion[(2 + 2 * r) * m + u] : -1;
+                col[r] = idx >= 0 ? idx * B + off : -1;
+                f[r] = (idx >= 0 && s >= rr[r].ks && s < rr[r].ke) ? 1u : 0u;
+                if (f[r]) row = s;
+            }
+        } else {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                col[r] = n;
+                const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
+                if (rw >= 0) row = rw;
+            }
         }
         return row;
     };
@@ -206,36 +229,106 @@ __device__ __forceinline__ void score_tile_wgmma(
             if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
     };
 
-    // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
-    // tile in between is scored: a per-tile skip would put the wgmma under a branch, and ptxas
-    // then serialises the MMAs (candidates of a row are contiguous on the dense and block paths).
-    int j_first = j_end, j_last = j_begin - 1;
-    for (int j = j_begin; j < j_end; ++j) {
-        u32 f[ROWS];
-        map_item(j * SCORE_TILE + tid, f);
-        bool mine = false;
+    if constexpr (UNION) {
+        // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
+        // output). A block's union index = (its index in its list) + (entries of the other list
+        // below it) - (common entries below it); a block in both lists is emitted once, from row 0.
+        for (int i = tid; i < m; i += SCORE_THREADS)
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
-        if (__syncthreads_or(mine)) {
-            j_first = j;
-            break;
-        }
-        write_unscored(j * SCORE_TILE + tid, f);
-    }
-    if (j_first == j_end) return;
-    for (int j = j_end - 1; j >= j_first; --j) {
-        u32 f[ROWS];
-        map_item(j * SCORE_TILE + tid, f);
-        bool mine = false;
+            for (int r = 0; r < 2; ++r) {
+                const int b = live[r] ? blocks[(long long)trow[r] * m + i] : -1;
+                sList[r * m + i] = (b >= 0 && b < nb) ? b : 0x7FFFFFFF;  // padding sorts last
+            }
+        __syncthreads();
+        auto lower_bound = [&](const int* a, int n, int v) {
+            int lo = 0;
+            while (n > 0) {
+                const int half = n >> 1;
+                if (a[lo + half] < v) { lo += half + 1; n -= half + 1; } else { n = half; }
+            }
+            return lo;
+        };
+        const int len[2] = {lower_bound(sList, m, 0x7FFFFFFF), lower_bound(sList + m, m, 0x7FFFFFFF)};
+        int common = 0;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
-        if (__syncthreads_or(mine)) {
-            j_last = j;
-            break;
+        for (int r = 0; r < 2; ++r) {
+            const int* mine = sList + r * m;
+            const int* other = sList + (1 - r) * m;
+            int seen = 0;  // common entries in earlier chunks
+            for (int c0 = 0; c0 < len[r]; c0 += SCORE_THREADS) {
+                const int i = c0 + tid;
+                int lb = 0, dup = 0;
+                if (i < len[r]) {
+                    lb = lower_bound(other, len[1 - r], mine[i]);
+                    dup = lb < len[1 - r] && other[lb] == mine[i];
+                }
+                // exclusive prefix count of dup over the chunk
+                unsigned bal = __ballot_sync(0xFFFFFFFFu, dup);
+                const int in_warp = __popc(bal & ((1u << lane) - 1u));
+                if (lane == 0) sScan[warp] = __popc(bal);
+                __syncthreads();
+                int before = 0, total = 0;
+#pragma unroll
+                for (int w = 0; w < SCORE_THREADS / 32; ++w) {
+                    before += w < warp ? sScan[w] : 0;
+                    total += sScan[w];
+                }
+                __syncthreads();
+                if (i < len[r] && (r == 0 || !dup)) {
+                    const int pos = i + lb - (seen + before + in_warp);
+                    sUnion[pos] = mine[i];
+                    sUnion[2 * m + pos] = r == 0 ? i : -1;
+                    sUnion[4 * m + pos] = r == 0 ? (dup ? lb : -1) : i;
+                }
+                seen += total;
+            }
+            common = seen;
         }
-        write_unscored(j * SCORE_TILE + tid, f);
+        n_union = len[0] + len[1] - common;
+        // list entries past a row's valid blocks hold no candidates
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (live[r])
+                for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
+        __syncthreads();
+        j_first = 0;
+        j_stop = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
+        if (j_stop == 0) return;
+    } else {
+        // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
+        // tile in between is scored: a per-tile skip would put the wgmma under a branch, and ptxas
+        // then serialises the MMAs (candidates of a row are contiguous on the dense and block paths).
+        j_first = j_end;
+        int j_last = j_begin - 1;
+        for (int j = j_begin; j < j_end; ++j) {
+            u32 f[ROWS];
+            int col[ROWS];
+            map_item(j * SCORE_TILE + tid, f, col);
+            bool mine = false;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
+            if (__syncthreads_or(mine)) {
+                j_first = j;
+                break;
+            }
+            write_unscored(j * SCORE_TILE + tid, f);
+        }
+        if (j_first == j_end) return;
+        for (int j = j_end - 1; j >= j_first; --j) {
+            u32 f[ROWS];
+            int col[ROWS];
+            map_item(j * SCORE_TILE + tid, f, col);
+            bool mine = false;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
+            if (__syncthreads_or(mine)) {
+                j_last = j;
+                break;
+            }
+            write_unscored(j * SCORE_TILE + tid, f);
+        }
+        j_stop = j_last + 1;
     }
-    const int j_stop = j_last + 1;
 
     // q rows -> operand rows r * H + h, converted to the engine type
     for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
@@ -281,15 +374,19 @@ __device__ __forceinline__ void score_tile_wgmma(
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
     auto stage = [&](int j, int slot) {
         u32 f[ROWS];
+        int col[ROWS];
         int row = -1;
         if (j < j_stop) {
-            row = map_item(j * SCORE_TILE + tid, f);
+            row = map_item(j * SCORE_TILE + tid, f, col);
         } else {
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) f[r] = 0u;
+            for (int r = 0; r < ROWS; ++r) f[r] = 0u, col[r] = -1;
         }
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
+        for (int r = 0; r < ROWS; ++r) {
+            sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
+            if (UNION) sDst[(slot * ROWS + r) * SCORE_TILE + tid] = col[r];
+        }
         const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -342,8 +439,9 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
-            if (live[r] && n0 + item < nitems)
-                orow(r)[n0 + item] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
+            const int col = UNION ? sDst[(slot * ROWS + r) * SCORE_TILE + item] : n0 + item;
+            if (live[r] && (UNION ? col >= 0 : col < nitems))
+                orow(r)[col] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start

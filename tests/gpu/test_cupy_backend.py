@@ -286,15 +286,19 @@ def test_large_block_topk_and_topk(cuda_device):
     testing.assert_selection_equal(got, ref)
 
 
-@pytest.mark.parametrize("use_wgmma", [True, False])
+@pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "mma.sync"])
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
 @pytest.mark.parametrize("H", [64, 128])
-def test_scoring_engines_exact(cuda_device, monkeypatch, use_wgmma, dtype, H):
-    # Both tensor-core engines on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) and the
-    # mma.sync engine it replaces on Hopper. An odd T leaves the second row of a 2-row CTA empty.
+def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
+    # Every scoring path on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) with and
+    # without the paired-row union refinement, and the mma.sync engine it replaces on Hopper. An
+    # odd T leaves the second row of a 2-row CTA empty; ragged rows give pairs with different
+    # block counts.
     from hisa_cupy.kernels import cupy_backend
 
+    use_wgmma = engine != "mma.sync"
     monkeypatch.setattr(cupy_backend, "USE_WGMMA", use_wgmma)
+    monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", engine == "wgmma+union")
     inp = testing.exact_inputs(37, 4096, H, 128, dtype=dtype, seed=H + 61, ragged=True)
     for pool in ("bfloat16", "float32"):
         for order in ("position", "score"):
@@ -303,9 +307,12 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, use_wgmma, dtype, H):
             testing.assert_selection_equal(got, ref, err_msg=f"hisa {pool} {order}")
     got, ref = run_both("dense_select", inp, topk=700)
     testing.assert_selection_equal(got, ref, err_msg="dense")
-    wgmma_used = any("wgmma" in name for _, name, _ in cupy_backend.loaded_instances())
+    loaded = [name for _, name, _ in cupy_backend.loaded_instances()]
     if use_wgmma:  # Hopper (cc 9.0) must take the wgmma path; other GPUs never do
-        assert wgmma_used == (cuda_device.compute_capability == "90")
+        hopper = cuda_device.compute_capability == "90"
+        assert any("wgmma" in name for name in loaded) == hopper
+        if engine == "wgmma+union" and H == 64:
+            assert any("refine_union" in name for name in loaded) == hopper
 
 
 def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
