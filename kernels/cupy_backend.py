@@ -46,6 +46,11 @@ MAX_ROWS_PER_CTA = 2
 #: score with the Hopper wgmma engine (score_wgmma.cuh) wherever it applies (see _wgmma_rows);
 #: False forces the mma.sync engine of score_tile.cuh (a knob for bench/ and the GPU tests)
 USE_WGMMA = True
+#: fp8 q and keys on Hopper: False (default) scores them on the f16 tensor cores (fp8 -> f16 is
+#: exact, accumulation is fp32); True uses the fp8 tensor cores, about twice the peak rate but
+#: with a ~22-bit accumulator (score errors up to ~4e-4 of sum_h |w_h relu(q_h . k)|, measured
+#: by bench/precision.py), which breaks the tolerance-aware checks of SPEC §9
+FP8_TENSOR_ACCUMULATE = False
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -202,8 +207,9 @@ def kernel_instances():
                 out.append(("refine.cu", f"refine_score_kernel<{args}>"))
                 out += [("dense.cu", f"dense_score_kernel<{args}, {r}>") for r in sorted(rows)]
     # the wgmma engine (real code for sm_90a, a trap elsewhere)
-    for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_BF16, DT_E4M3, DT_BF16),
-                             (ENGINE_BF16, DT_BF16, DT_BF16), (ENGINE_F16, DT_F16, DT_F16)]:
+    for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_F16, DT_E4M3, DT_E4M3),
+                             (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_BF16, DT_BF16, DT_BF16),
+                             (ENGINE_F16, DT_F16, DT_F16)]:
         for h in (64, 128):
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
@@ -279,20 +285,32 @@ def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
 def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool) -> int:
     """Query rows per CTA of the wgmma engine, or 0 where it does not apply: it needs Hopper
     (sm_90a), D = 128, keys already in the engine's type and rows * H in {64, 128}."""
-    if not USE_WGMMA or cc != 90 or D != 128 or (engine, kdt) not in _ASYNC_KEYS or H % 8:
+    convert = engine == ENGINE_F16 and kdt == DT_E4M3  # fp8 keys converted on the way in
+    if not USE_WGMMA or cc != 90 or D != 128 or ((engine, kdt) not in _ASYNC_KEYS and not convert) or H % 8:
         return 0
     rows = max(1, min(MAX_ROWS_PER_CTA, 128 // H)) if shared_keys else 1
     return rows if rows * H in (64, 128) else 0
 
 
-def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
+def _wgmma_smem(engine: int, kdt: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
     """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
     blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
-    nbuf = 3 if union_m else 2
+    convert = engine == ENGINE_F16 and kdt == DT_E4M3
+    nbuf = 1 if convert else 3 if union_m else 2
     meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
     lists = (8 * union_m + 32) * 4 if union_m else 0
     return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + meta + lists
+
+
+def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool):
+    """(engine, query rows per CTA of the wgmma engine or 0 for the mma.sync/SIMT engine)."""
+    engine = choose_engine(qdt, kdt, cc)
+    if engine == ENGINE_E4M3 and not FP8_TENSOR_ACCUMULATE:
+        rows = _wgmma_rows(ENGINE_F16, kdt, H, D, cc, shared_keys)
+        if rows:
+            return ENGINE_F16, rows
+    return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -451,10 +469,9 @@ def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
     """(function, dynamic smem bytes, rows per CTA) of a score_tile kernel for these operands."""
     facts = _device_facts(_cupy().cuda.Device().id)
     qdt, kdt = _dt_code(q), _dt_code(keys)
-    engine = choose_engine(qdt, kdt, facts["cc"])
-    rows = _wgmma_rows(engine, kdt, H, D, facts["cc"], shared_keys)
+    engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], shared_keys)
     if rows:
-        smem = _wgmma_smem(engine, H, D, rows)
+        smem = _wgmma_smem(engine, kdt, H, D, rows)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
         name += f", {rows}>" if shared_keys else ">"
         return _kernel(filename, name, smem), smem, rows
@@ -535,11 +552,10 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
         keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
         facts = _device_facts(_cupy().cuda.Device().id)
         qdt, kdt = _dt_code(q), _dt_code(k)
-        engine = choose_engine(qdt, kdt, facts["cc"])
-        pairs = (blocks_from_select and USE_UNION_PAIRS and T > 1
-                 and _wgmma_rows(engine, kdt, H, D, facts["cc"], True) == 2 and 2 * H == 128)
+        engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
+        pairs = blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
         if pairs:
-            smem = _wgmma_smem(engine, H, D, 2, m)
+            smem = _wgmma_smem(engine, kdt, H, D, 2, m)
             fn = _kernel("refine.cu", f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>", smem)
             tpc, per_cta, grid_x = 0, 2, 1
         else:

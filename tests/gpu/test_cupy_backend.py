@@ -286,12 +286,14 @@ def test_large_block_topk_and_topk(cuda_device):
     testing.assert_selection_equal(got, ref)
 
 
-@pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "mma.sync"])
+@pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "wgmma-fp8acc", "mma.sync"])
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
 @pytest.mark.parametrize("H", [64, 128])
 def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     # Every scoring path on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) with and
-    # without the paired-row union refinement, and the mma.sync engine it replaces on Hopper. An
+    # without the paired-row union refinement, with fp8 operands on the fp8 tensor cores
+    # (FP8_TENSOR_ACCUMULATE: exact here, the products and sums need few bits), and the mma.sync
+    # engine it replaces on Hopper. An
     # odd T leaves the second row of a 2-row CTA empty; ragged rows give pairs with different
     # block counts.
     from hisa_cupy.kernels import cupy_backend
@@ -299,6 +301,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     use_wgmma = engine != "mma.sync"
     monkeypatch.setattr(cupy_backend, "USE_WGMMA", use_wgmma)
     monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", engine == "wgmma+union")
+    monkeypatch.setattr(cupy_backend, "FP8_TENSOR_ACCUMULATE", engine == "wgmma-fp8acc")
     inp = testing.exact_inputs(37, 4096, H, 128, dtype=dtype, seed=H + 61, ragged=True)
     for pool in ("bfloat16", "float32"):
         for order in ("position", "score"):
