@@ -51,6 +51,10 @@ USE_WGMMA = True
 #: with a ~22-bit accumulator (score errors up to ~4e-4 of sum_h |w_h relu(q_h . k)|, measured
 #: by bench/precision.py), which breaks the tolerance-aware checks of SPEC §9
 FP8_TENSOR_ACCUMULATE = False
+#: largest f16 copy of fp8 keys made for the f16 wgmma path (above it: the mma.sync engine)
+F16_KEYS_MAX_BYTES = 32 << 20
+#: refinement processes row chunks whose candidate keys stay within this many bytes
+REFINE_WORKSPACE_BYTES = 64 << 20
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -207,18 +211,19 @@ def kernel_instances():
                 out.append(("refine.cu", f"refine_score_kernel<{args}>"))
                 out += [("dense.cu", f"dense_score_kernel<{args}, {r}>") for r in sorted(rows)]
     # the wgmma engine (real code for sm_90a, a trap elsewhere)
-    for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_F16, DT_E4M3, DT_E4M3),
+    for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_F16, DT_E4M3, DT_F16),
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_BF16, DT_BF16, DT_BF16),
                              (ENGINE_F16, DT_F16, DT_F16)]:
         for h in (64, 128):
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
             out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
-            if qdt == kdt:
+            if qdt == kdt or (engine, kdt) == (ENGINE_F16, DT_F16):
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
                 if rows * h == 128 and h == 64:
                     out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}>"))
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
+    out.append(("convert.cu", "e4m3_to_f16_kernel"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
     return out
@@ -285,8 +290,7 @@ def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
 def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool) -> int:
     """Query rows per CTA of the wgmma engine, or 0 where it does not apply: it needs Hopper
     (sm_90a), D = 128, keys already in the engine's type and rows * H in {64, 128}."""
-    convert = engine == ENGINE_F16 and kdt == DT_E4M3  # fp8 keys converted on the way in
-    if not USE_WGMMA or cc != 90 or D != 128 or ((engine, kdt) not in _ASYNC_KEYS and not convert) or H % 8:
+    if not USE_WGMMA or cc != 90 or D != 128 or (engine, kdt) not in _ASYNC_KEYS or H % 8:
         return 0
     rows = max(1, min(MAX_ROWS_PER_CTA, 128 // H)) if shared_keys else 1
     return rows if rows * H in (64, 128) else 0
@@ -296,21 +300,52 @@ def _wgmma_smem(engine: int, kdt: int, H: int, D: int, rows: int, union_m: int =
     """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
     blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
-    convert = engine == ENGINE_F16 and kdt == DT_E4M3
-    nbuf = 1 if convert else 3 if union_m else 2
+    nbuf = 3 if union_m and rowb == D else 2
     meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
     lists = (8 * union_m + 32) * 4 if union_m else 0
     return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + meta + lists
 
 
-def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool):
-    """(engine, query rows per CTA of the wgmma engine or 0 for the mma.sync/SIMT engine)."""
+def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool, *, f16_copy_ok=False):
+    """(engine, query rows per CTA of the wgmma engine, or 0 for the mma.sync / SIMT engine).
+
+    fp8 q and keys on Hopper go to the f16 wgmma engine when the caller can give it an f16 copy
+    of the keys (f16_copy_ok, _f16_keys), to the fp8 wgmma engine only with FP8_TENSOR_ACCUMULATE,
+    else to the mma.sync engine (which ptxas runs on the f16 tensor cores there)."""
     engine = choose_engine(qdt, kdt, cc)
     if engine == ENGINE_E4M3 and not FP8_TENSOR_ACCUMULATE:
-        rows = _wgmma_rows(ENGINE_F16, kdt, H, D, cc, shared_keys)
-        if rows:
-            return ENGINE_F16, rows
+        rows16 = _wgmma_rows(ENGINE_F16, DT_F16, H, D, cc, shared_keys) if f16_copy_ok else 0
+        return (ENGINE_F16, rows16) if rows16 else (engine, 0)
     return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
+
+
+def _f16_keys(k, stream):
+    """fp8 e4m3 keys [S, D] (uint8) as f16 [S, D] in the workspace (exact), or None when the copy
+    would exceed F16_KEYS_MAX_BYTES; the wgmma engine then scores fp8 inputs on the f16 tensor
+    cores, each key converted once per call."""
+    S, D = k.shape
+    if S * D * 2 > F16_KEYS_MAX_BYTES:
+        return None
+    out = workspace(stream).get("keys_f16", (S, D), np.float16)
+    n8 = S * D // 8
+    if n8:
+        fn = _kernel("convert.cu", "e4m3_to_f16_kernel", 0)
+        sms = _device_facts(_cupy().cuda.Device().id)["sms"]
+        fn((max(1, min(-(-n8 // 256), sms * 8)),), (256,), (_ptr(k), _ptr(out), _i64(n8)))
+    return out
+
+
+def _scoring_keys(q, k, H, D, stream):
+    """The keys the score kernels read: an f16 copy of fp8 keys where the Hopper wgmma engine
+    scores fp8 on the f16 tensor cores (_select_engine), else k itself."""
+    qdt, kdt = _dt_code(q), _dt_code(k)
+    cc = _device_facts(_cupy().cuda.Device().id)["cc"]
+    engine, rows = _select_engine(qdt, kdt, H, D, cc, False, f16_copy_ok=True)
+    if rows and engine == ENGINE_F16 and kdt == DT_E4M3:
+        copy = _f16_keys(k, stream)
+        if copy is not None:
+            return copy
+    return k
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -535,6 +570,7 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
            blocks_from_select=False):
     """Candidate scoring of the selected blocks + exact top-k + index translation into ``out``.
 
+    Rows are processed in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES.
     ``blocks_from_select``: the blocks are select_blocks' output (strictly ascending, -1 padded),
     so pairs of rows may be scored over the union of their blocks (refine_union_wgmma_kernel).
     """
@@ -549,9 +585,9 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
         if S == 0 or n == 0:
             out.fill(-1)
             return out
-        keys = workspace(stream).get("cand_keys", (T, n), np.uint32)
+        skeys = _scoring_keys(q, k, H, D, stream)
         facts = _device_facts(_cupy().cuda.Device().id)
-        qdt, kdt = _dt_code(q), _dt_code(k)
+        qdt, kdt = _dt_code(q), _dt_code(skeys)
         engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
         pairs = blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
         if pairs:
@@ -559,20 +595,22 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
             fn = _kernel("refine.cu", f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>", smem)
             tpc, per_cta, grid_x = 0, 2, 1
         else:
-            fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, k, H, D, shared_keys=False)
+            fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, skeys, H, D, shared_keys=False)
             ntiles = -(-n // SCORE_TILE)
             tpc, per_cta = _tiles_per_cta(ntiles, T), 1
             grid_x = -(-ntiles // tpc)
-        for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
-            nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
+        chunk = max(2, min(T, MAX_ROWS_PER_LAUNCH - 1, REFINE_WORKSPACE_BYTES // (n * 4)) // 2 * 2)
+        keys = workspace(stream).get("cand_keys", (chunk, n), np.uint32)
+        for r0 in range(0, T, chunk):
+            nr = min(chunk, T - r0)
             fn((grid_x, -(-nr // per_cta)), (SCORE_THREADS,), (
-                _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
-                _i32(S), _i32(block_size), _i32(m), _i32(r0), _i32(nr), np.uint64(keys.data.ptr + r0 * n * 4),
-                _i64(n), _i32(tpc)), shared_mem=smem)
-        _launch_select("refine.cu", "refine_topk_kernel", rows=T, keys=keys, ld=n, ncols=n, k=topk, T=T,
-                       S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
-                       relative=index_base == "relative", by_score=order == "score", out_idx=out,
-                       out_ld=topk)
+                _ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
+                _i32(S), _i32(block_size), _i32(m), _i32(r0), _i32(nr), _ptr(keys), _i64(n), _i32(tpc)),
+                shared_mem=smem)
+            _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
+                           T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
+                           relative=index_base == "relative", by_score=order == "score", out_idx=out[r0:],
+                           out_ld=topk)
     return out
 
 
@@ -610,14 +648,15 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
             out.fill(-1)
             return out
         rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
+        skeys = _scoring_keys(q, k, H, D, stream)
         keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
-        fn, smem, per_cta = _score_kernel("dense.cu", "dense_score_kernel", q, k, H, D, shared_keys=True)
+        fn, smem, per_cta = _score_kernel("dense.cu", "dense_score_kernel", q, skeys, H, D, shared_keys=True)
         ntiles = -(-S // SCORE_TILE)
         for r0 in range(0, T, rows):
             nr = min(rows, T - r0)
             tpc = _tiles_per_cta(ntiles, nr // per_cta)
             fn((-(-ntiles // tpc), -(-nr // per_cta)), (SCORE_THREADS,), (
-                _ptr(q), _ptr(k), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
+                _ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
                 _i32(r0), _i32(nr), _ptr(keys), _i64(S), _i32(tpc)), shared_mem=smem)
             _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
                            row0=r0, T=T, S=S, ks=ks, ke=ke, relative=index_base == "relative",

@@ -41,11 +41,8 @@ struct WgmmaShape {
     static constexpr int ROWB = D * EB;                        // bytes per operand row
     static constexpr int CHUNKS = ROWB / 16;                   // 16-byte chunks per row
     static constexpr int KSTEPS = ROWB / 32;                   // MMA k-steps (32 bytes of K each)
-    // fp8 keys for a 16-bit engine: loaded into registers one tile ahead and converted into a
-    // single operand buffer (the fp8 tensor cores accumulate in a ~22-bit format; the f16 ones
-    // in fp32, see the header comment)
-    static constexpr bool CONVERT = KDT == DT_E4M3 && ENGINE == ENGINE_F16;
-    static constexpr int NBUF = CONVERT ? 1 : ITEMS == ITEMS_UNION ? 3 : 2;  // key tile buffers (measured, H200)
+    // key tile buffers (H200: 3 for the fp8 union path; 16-bit tiles are twice the size)
+    static constexpr int NBUF = (ITEMS == ITEMS_UNION && EB == 1) ? 3 : 2;
     static constexpr int Q_BYTES = N * ROWB;
     static constexpr int K_BYTES = SCORE_TILE * ROWB;
     // flags and key scales, and on the union path output columns (the block lists and the union,
@@ -54,7 +51,7 @@ struct WgmmaShape {
     // + 1024 bytes of slack to align the operand tiles to the 1024-byte swizzle pattern
     static constexpr int SMEM = 1024 + Q_BYTES + NBUF * K_BYTES + META;
     static constexpr bool supported = (ENGINE == ENGINE_E4M3 || ENGINE == ENGINE_BF16 || ENGINE == ENGINE_F16) &&
-                                      (KeyPath<ENGINE, KDT>::async || CONVERT) && D == 128 && (N == 64 || N == 128) &&
+                                      KeyPath<ENGINE, KDT>::async && D == 128 && (N == 64 || N == 128) &&
                                       H % 8 == 0;
 };
 
@@ -142,15 +139,6 @@ template <> struct Wgmma<ENGINE_F16, 128> {
     }
 };
 #endif  // HISA_HAS_WGMMA
-
-#if HISA_HAS_WGMMA
-// two e4m3 values (low 16 bits) -> f16x2, exact
-__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
-    u32 r;
-    asm("{\n.reg .b16 t;\ncvt.u16.u32 t, %1;\ncvt.rn.f16x2.e4m3x2 %0, t;\n}" : "=r"(r) : "r"(v));
-    return r;
-}
-#endif
 
 // fp8 -> 16-bit engine operands (exact: e4m3 values are representable in bf16 and f16)
 template <int ENGINE>
@@ -470,125 +458,37 @@ __device__ __forceinline__ void score_tile_wgmma(
         wgmma_commit();
     };
 
-    if constexpr (Shape::CONVERT) {
-        // registers of the next tile: lane pair (pair, sub) holds rows h * 16 + pair (h = 0, 1)
-        // of the warp's 32 items, 16-byte fp8 chunks 2 i + sub (i < 4)
-        uint4 pre[2][4];
-        u32 pre_flag[ROWS];
-        int pre_col[ROWS];
-        float pre_scale = 1.0f;
-        auto prefetch = [&](int j) {
-            int row = -1;
-            if (j < j_stop) {
-                row = map_item(j * SCORE_TILE + tid, pre_flag, pre_col);
-            } else {
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) pre_flag[r] = 0u, pre_col[r] = -1;
-            }
-            if (kscale && row >= 0) pre_scale = kscale[row];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
-                const uint4* src = reinterpret_cast<const uint4*>(kbase + (long long)(rw >= 0 ? rw : 0) * D) + sub;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) pre[h][i] = rw >= 0 ? src[2 * i] : make_uint4(0u, 0u, 0u, 0u);
-            }
-        };
-        // fp8 chunk c = 2 i + sub of row x -> f16 chunks 2 c, 2 c + 1: panel i / 2, chunks
-        // 4 (i % 2) + 2 sub + {0, 1} of the row, swizzled by x % 8 = pair % 8
-        auto commit = [&]() {
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                sFlag[r * SCORE_TILE + tid] = pre_flag[r];
-                if (UNION) sDst[r * SCORE_TILE + tid] = pre_col[r];
-            }
-            sScale[tid] = pre_scale;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int x = warp * 32 + h * 16 + pair;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const u32 w[4] = {pre[h][i].x, pre[h][i].y, pre[h][i].z, pre[h][i].w};
-                    u32 o[8];
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        o[2 * e] = e4m3x2_to_f16x2(w[e] & 0xFFFFu);
-                        o[2 * e + 1] = e4m3x2_to_f16x2(w[e] >> 16);
-                    }
-                    char* rowp = sK + (i >> 1) * (SCORE_TILE * 128) + x * 128;
-                    const int c0 = 4 * (i & 1) + 2 * sub;
-                    *reinterpret_cast<uint4*>(rowp + ((c0 ^ (x & 7)) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
-                    *reinterpret_cast<uint4*>(rowp + (((c0 + 1) ^ (x & 7)) << 4)) = make_uint4(o[4], o[5], o[6], o[7]);
-                }
-            }
-        };
-        prefetch(j_first);
-        commit();
-        prefetch(j_first + 1);
+    int slot = 0;
+    for (int j = j_first; j < j_stop; ++j) {
+        cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
         fence_async_smem();
-        for (int j = j_first; j < j_stop; ++j) {
-            __syncthreads();  // the operand buffer holds tile j
-            const int n0 = j * SCORE_TILE;
-            float s0[ROWS][2], s1[ROWS][2];
+        // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
+        __syncthreads();
+        const int n0 = j * SCORE_TILE;
+        int next = slot + NBUF - 1;
+        if (next >= NBUF) next -= NBUF;
+        float s0[ROWS][2], s1[ROWS][2];
+        wgmma_fence();
+        if constexpr (INFLIGHT == 2) {
+            issue(acc[0], slot, 0);
+            issue(acc[INFLIGHT - 1], slot, 1);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<1>();
+            head_sums(acc[0], s0);
+            wgmma_wait<0>();
+            head_sums(acc[INFLIGHT - 1], s1);
+        } else {
+            issue(acc[0], slot, 0);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<0>();
+            head_sums(acc[0], s0);
             wgmma_fence();
-            if constexpr (INFLIGHT == 2) {
-                issue(acc[0], 0, 0);
-                issue(acc[INFLIGHT - 1], 0, 1);
-                wgmma_wait<1>();
-                head_sums(acc[0], s0);
-                wgmma_wait<0>();
-                head_sums(acc[INFLIGHT - 1], s1);
-            } else {
-                issue(acc[0], 0, 0);
-                wgmma_wait<0>();
-                head_sums(acc[0], s0);
-                wgmma_fence();
-                issue(acc[0], 0, 1);
-                wgmma_wait<0>();
-                head_sums(acc[0], s1);
-            }
-            write_keys(s0, s1, n0, 0);
-            __syncthreads();  // every MMA and key write of tile j is done: refill the buffer
-            if (j + 1 < j_stop) {
-                commit();
-                prefetch(j + 2);
-                fence_async_smem();
-            }
+            issue(acc[0], slot, 1);
+            wgmma_wait<0>();
+            head_sums(acc[0], s1);
         }
-        return;
-    } else {
-        int slot = 0;
-        for (int j = j_first; j < j_stop; ++j) {
-            cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
-            fence_async_smem();
-            // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
-            __syncthreads();
-            const int n0 = j * SCORE_TILE;
-            int next = slot + NBUF - 1;
-            if (next >= NBUF) next -= NBUF;
-            float s0[ROWS][2], s1[ROWS][2];
-            wgmma_fence();
-            if constexpr (INFLIGHT == 2) {
-                issue(acc[0], slot, 0);
-                issue(acc[INFLIGHT - 1], slot, 1);
-                stage(j + NBUF - 1, next);
-                wgmma_wait<1>();
-                head_sums(acc[0], s0);
-                wgmma_wait<0>();
-                head_sums(acc[INFLIGHT - 1], s1);
-            } else {
-                issue(acc[0], slot, 0);
-                stage(j + NBUF - 1, next);
-                wgmma_wait<0>();
-                head_sums(acc[0], s0);
-                wgmma_fence();
-                issue(acc[0], slot, 1);
-                wgmma_wait<0>();
-                head_sums(acc[0], s1);
-            }
-            write_keys(s0, s1, n0, slot);
-            slot = slot + 1 == NBUF ? 0 : slot + 1;
-        }
+        write_keys(s0, s1, n0, slot);
+        slot = slot + 1 == NBUF ? 0 : slot + 1;
     }
     cp_async_wait<0>();
 #endif
