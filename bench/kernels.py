@@ -102,13 +102,15 @@ def run_meta(args):
     import hisa_cupy
 
     props = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
-    # the device machine gets a copy of the tree without .git: say the commit with HISA_COMMIT
-    commit = commit or os.environ.get("HISA_COMMIT") or None
+    # HISA_COMMIT first: the device machine's copy of the tree may carry a stale .git (a run
+    # there once reported the previous session's commit), so the caller says what it measures
+    commit = os.environ.get("HISA_COMMIT") or None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                    capture_output=True, timeout=10).stdout.strip() or None
+        except Exception:
+            commit = None
     return dict(
         gpu=torch.cuda.get_device_name(0), sm=f"sm_{props.major}{props.minor}",
         sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),

@@ -370,20 +370,29 @@ def check_supported(H: int, D: int, *arrays) -> None:
 # workspace
 
 class _Workspace:
-    """Grow-only scratch buffers of one (device, stream)."""
+    """Grow-only scratch buffers of one (device, stream).
+
+    ``get`` returns a typed view of a named buffer; the view of the last (shape, dtype) asked for
+    is kept, so repeated calls of the same size cost a dictionary lookup, not array slicing."""
 
     def __init__(self):
         self._bufs = {}
+        self._views = {}
 
     def get(self, name, shape, dtype):
-        cupy = _cupy()
-        dtype = np.dtype(dtype)
-        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        shape = tuple(shape)
+        last = self._views.get(name)
+        if last is not None and last[0] == shape and last[1] == dtype:
+            return last[2]
+        dt = np.dtype(dtype)
+        size = math.prod(shape) * dt.itemsize
         buf = self._bufs.get(name)
-        if buf is None or buf.nbytes < nbytes:
-            buf = cupy.empty(nbytes, dtype=np.uint8)
+        if buf is None or buf.nbytes < max(1, size):
+            buf = _cupy().empty(max(1, size), dtype=np.uint8)
             self._bufs[name] = buf
-        return buf[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        view = buf[:size].view(dt).reshape(shape)
+        self._views[name] = (shape, dtype, view)
+        return view
 
     @property
     def nbytes(self):
