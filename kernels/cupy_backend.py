@@ -598,9 +598,10 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
         facts = _device_facts(_cupy().cuda.Device().id)
         qdt, kdt = _dt_code(q), _dt_code(skeys)
         engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
-        pairs = blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
+        smem = _wgmma_smem(engine, kdt, H, D, 2, m)  # the union path's (grows with m)
+        pairs = (blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
+                 and smem <= facts["smem_optin"])
         if pairs:
-            smem = _wgmma_smem(engine, kdt, H, D, 2, m)
             fn = _kernel("refine.cu", f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>", smem)
             tpc, per_cta, grid_x = 0, 2, 1
         else:

@@ -793,6 +793,19 @@ def _range_args(call, ks, ke):
     return (call.arg(ks, np.int32), ks is not None, call.arg(ke, np.int32), ke is not None)
 
 
+def _launch_rows(call, kern, nrows, head, outs, work):
+    """Launch ``kern`` over ``nrows`` rows in chunks whose scratch stays within the workspace budget.
+
+    Arguments per launch: ``*head, r0, *outs`` and one ``[rows, width]`` scratch buffer per
+    ``(width, dtype)`` of ``work``.
+    """
+    per_row = sum(int(w) * np.dtype(dt).itemsize for w, dt in work)
+    rows = _rows_per_launch(nrows, per_row)
+    bufs = [call.work((rows, int(w)), dt) for w, dt in work]
+    for r0 in range(0, nrows, rows):
+        call.launch(kern, min(rows, nrows - r0), *head, r0, *outs, *bufs)
+
+
 def pool_keys(k, k_scale, *, block_size, pool_dtype, stream=0, out=None, out_scale=None):
     """Mean-pooled keys (SPEC §5.2): ``(pooled [nb, D], pooled_scale [nb] float32 or None)``."""
     call = _Call(stream, k)
@@ -824,16 +837,9 @@ def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_si
     if T == 0 or m == 0:
         return out
     kern = _token_kernels(dtype_code(q), dtype_code(pooled)).blocks
-    width = max(1, nb)
-    rows = _rows_per_launch(T, 8 * width)
-    ws_keys = call.work((rows, width), np.uint32)
-    ws_sel = call.work((rows, max(m, 1)), np.int32)
-    a_q, a_p, a_w, a_o = call.arg(q), call.arg(pooled), call.arg(weights), call.arg(out)
-    a_s = call.arg(pooled_scale, np.float32)
-    rng = _range_args(call, ks, ke)
-    for r0 in range(0, T, rows):
-        call.launch(kern, min(rows, T - r0), a_q, a_p, a_w, a_s, pooled_scale is not None, *rng,
-                    int(seq_len), int(block_size), r0, a_o, ws_keys, ws_sel)
+    head = (call.arg(q), call.arg(pooled), call.arg(weights), call.arg(pooled_scale, np.float32),
+            pooled_scale is not None, *_range_args(call, ks, ke), int(seq_len), int(block_size))
+    _launch_rows(call, kern, T, head, (call.arg(out),), [(max(1, nb), np.uint32), (max(m, 1), np.int32)])
     return out
 
 
@@ -851,18 +857,10 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
     if T == 0 or topk == 0:
         return out
     kern = _token_kernels(dtype_code(q), dtype_code(k)).refine
-    width = max(1, m * B)
-    rows = _rows_per_launch(T, 4 * (width + topk + m))
-    ws_keys = call.work((rows, width), np.uint32)
-    ws_sel = call.work((rows, max(1, topk)), np.int32)
-    ws_blk = call.work((rows, max(1, m)), np.int32)
-    a_q, a_k, a_w, a_o = call.arg(q), call.arg(k), call.arg(weights), call.arg(out)
-    a_s, a_b = call.arg(k_scale, np.float32), call.arg(blocks)
-    rng = _range_args(call, ks, ke)
-    for r0 in range(0, T, rows):
-        call.launch(kern, min(rows, T - r0), a_q, a_k, a_w, a_s, k_scale is not None, a_b, *rng,
-                    B, topk, index_base == "relative", order == "score", r0, a_o, ws_keys, ws_sel,
-                    ws_blk)
+    head = (call.arg(q), call.arg(k), call.arg(weights), call.arg(k_scale, np.float32), k_scale is not None,
+            call.arg(blocks), *_range_args(call, ks, ke), B, topk, index_base == "relative", order == "score")
+    _launch_rows(call, kern, T, head, (call.arg(out),),
+                 [(max(1, m * B), np.uint32), (max(1, topk), np.int32), (max(1, m), np.int32)])
     return out
 
 
@@ -878,16 +876,9 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
     if T == 0 or topk == 0:
         return out
     kern = _token_kernels(dtype_code(q), dtype_code(k)).dense
-    width = max(1, S)
-    rows = _rows_per_launch(T, 4 * (width + topk))
-    ws_keys = call.work((rows, width), np.uint32)
-    ws_sel = call.work((rows, topk), np.int32)
-    a_q, a_k, a_w, a_o = call.arg(q), call.arg(k), call.arg(weights), call.arg(out)
-    a_s = call.arg(k_scale, np.float32)
-    rng = _range_args(call, ks, ke)
-    for r0 in range(0, T, rows):
-        call.launch(kern, min(rows, T - r0), a_q, a_k, a_w, a_s, k_scale is not None, *rng, topk,
-                    index_base == "relative", order == "score", r0, a_o, ws_keys, ws_sel)
+    head = (call.arg(q), call.arg(k), call.arg(weights), call.arg(k_scale, np.float32), k_scale is not None,
+            *_range_args(call, ks, ke), topk, index_base == "relative", order == "score")
+    _launch_rows(call, kern, T, head, (call.arg(out),), [(max(1, S), np.uint32), (topk, np.int32)])
     return out
 
 
@@ -917,13 +908,7 @@ def topk(scores, lengths, *, k, out_values=None, out_indices=None, stream=0):
         out_indices = call.empty((R, k), np.int32)
     if R == 0 or k == 0:
         return out_values, out_indices
-    width = max(1, N)
-    rows = _rows_per_launch(R, 4 * (width + k))
-    ws_keys = call.work((rows, width), np.uint32)
-    ws_sel = call.work((rows, k), np.int32)
-    a_s, a_l = call.arg(scores), call.arg(lengths, np.int32)
-    a_v, a_i = call.arg(out_values), call.arg(out_indices)
-    for r0 in range(0, R, rows):
-        call.launch(topk_kernel, min(rows, R - r0), a_s, a_l, lengths is not None, k, r0, a_v, a_i,
-                    ws_keys, ws_sel)
+    head = (call.arg(scores), call.arg(lengths, np.int32), lengths is not None, k)
+    _launch_rows(call, topk_kernel, R, head, (call.arg(out_values), call.arg(out_indices)),
+                 [(max(1, N), np.uint32), (k, np.int32)])
     return out_values, out_indices
