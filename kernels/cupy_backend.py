@@ -609,7 +609,9 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
             ntiles = -(-n // SCORE_TILE)
             tpc, per_cta = _tiles_per_cta(ntiles, T), 1
             grid_x = -(-ntiles // tpc)
-        chunk = max(2, min(T, MAX_ROWS_PER_LAUNCH - 1, REFINE_WORKSPACE_BYTES // (n * 4)) // 2 * 2)
+        # all rows at once if they fit, else chunks of an even number of rows (pairs stay whole)
+        budget = max(2, min(MAX_ROWS_PER_LAUNCH - 1, REFINE_WORKSPACE_BYTES // (n * 4)) // 2 * 2)
+        chunk = T if T <= budget else budget
         keys = workspace(stream).get("cand_keys", (chunk, n), np.uint32)
         for r0 in range(0, T, chunk):
             nr = min(chunk, T - r0)
