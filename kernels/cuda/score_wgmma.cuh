@@ -5,7 +5,9 @@
 // ROWS query rows against key tiles of SCORE_TILE = 128 items and writes one ranking key per
 // (row, item). Why a second engine: on sm_90 the fp8 form of mma.sync is not native (ptxas
 // emulates it by converting both operands to f16 for every instruction), which left the v1-v3
-// engine bound by integer/ALU work; wgmma runs e4m3 (and bf16/f16) natively at full rate.
+// engine bound by integer/ALU work; wgmma runs e4m3, bf16 and f16 natively. The host sends fp8
+// inputs here as f16 by default (an exact copy of the keys, q converted while staged): the fp8
+// tensor cores accumulate in ~22 bits, too coarse for SPEC §9's tolerance (docs/internals.md).
 //
 // Orientation: the MMA's M dimension is the key items (64 per instruction, two halves per
 // tile), N is the ROWS * H (query row, head) pairs (64 or 128), K is the head dim D = 128. Each
@@ -17,13 +19,13 @@
 // stored K-major in 128-byte panels with the 128-byte swizzle (16-byte chunk c of row r lands at
 // chunk c ^ (r % 8)), 1024-byte aligned; a wgmma descriptor addresses 8-row groups 1024 bytes
 // apart and the k-th 32-byte slice by advancing its start address. Keys stream through NBUF
-// buffers with cp.async (each warp copies whole 128-byte rows of its 32 items, so a warp's
-// request covers full sectors), the tensor core works on tile j while tile j + NBUF - 1 loads,
-// and the two 64-item halves are committed as separate groups so the epilogue of the first
-// overlaps the MMA of the second.
+// buffers with cp.async (lane pairs copy 32 contiguous bytes of a key row, a full sector), the
+// tensor core works on tile j while tile j + NBUF - 1 loads, and with N = 64 the two 64-item
+// halves are committed as separate groups so the epilogue of the first overlaps the MMA of the
+// second (N = 128 runs them one after the other: one accumulator set).
 //
 // Only compiled for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a trap and the host
-// never launches it there (kernels/cupy_backend.py: wgmma_supported).
+// never launches it there (kernels/cupy_backend.py: _select_engine, _wgmma_rows).
 #pragma once
 #include "common.cuh"
 #include "score_tile.cuh"
