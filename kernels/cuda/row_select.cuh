@@ -167,6 +167,15 @@ __device__ void row_select(const SelectArgs& a) {
     int base_sel = 0, base_eq = 0;
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
     int* out = a.out_idx + row * a.out_ld;
+    // output slot <- item n: its position (MAP), minus ks[t] when relative, and its value (KEYS_F32)
+    auto emit = [&](int slot, int n) {
+        int pos;
+        if (MAP == MAP_IDENTITY) pos = n;
+        else if (MAP == MAP_TOKENS) pos = a.col0 + n;
+        else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
+        out[slot] = pos - rel;
+        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
+    };
     for (int c0 = 0; c0 < n_items && base_sel < n_out; c0 += SELECT_THREADS) {
         const int n = c0 + tid;
         const u32 key = n < n_items ? (cached ? sCache[n] : load_key<SRC>(a, row, n, len)) : HISA_KEY_NONE;
@@ -180,12 +189,7 @@ __device__ void row_select(const SelectArgs& a) {
             if (a.by_score) {
                 sSort[slot] = ((u64)key << 32) | (u64)(0xFFFFFFFFu - (u32)n);
             } else {
-                int pos;
-                if (MAP == MAP_IDENTITY) pos = n;
-                else if (MAP == MAP_TOKENS) pos = a.col0 + n;
-                else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
-                out[slot] = pos - rel;
-                if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
+                emit(slot, n);
             }
         }
         base_sel += n_sel;
@@ -215,13 +219,7 @@ __device__ void row_select(const SelectArgs& a) {
             }
         }
         for (int i = tid; i < n_out; i += SELECT_THREADS) {
-            const int n = (int)(0xFFFFFFFFu - (u32)(sSort[i] & 0xFFFFFFFFull));
-            int pos;
-            if (MAP == MAP_IDENTITY) pos = n;
-            else if (MAP == MAP_TOKENS) pos = a.col0 + n;
-            else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
-            out[i] = pos - rel;
-            if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = a.scores[row * a.ld + n];
+            emit(i, (int)(0xFFFFFFFFu - (u32)(sSort[i] & 0xFFFFFFFFull)));
         }
     }
     for (int i = n_out + tid; i < k; i += SELECT_THREADS) {

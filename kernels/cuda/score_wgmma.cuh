@@ -36,7 +36,7 @@
 #define HISA_HAS_WGMMA 0
 #endif
 
-template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS, int ITEMS>
+template <int ENGINE, int KDT, int H, int D, int ROWS, int ITEMS>
 struct WgmmaShape {
     static constexpr int N = ROWS * H;                         // MMA N: (query row, head) pairs
     static constexpr int EB = EngineElem<ENGINE>::bytes;       // 1 (e4m3) or 2 (bf16, f16)
@@ -129,7 +129,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta) {
-    using Shape = WgmmaShape<ENGINE, QDT, KDT, H, D, ROWS, ITEMS>;
+    using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
     static_assert(ITEMS != ITEMS_UNION || ROWS == 2, "the union path pairs two rows");
