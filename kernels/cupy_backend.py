@@ -155,14 +155,6 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
     return binary, lowered
 
 
-_loaded: set = set()
-
-
-def loaded_instances() -> set:
-    """(file, name expression, device id) of every kernel instance loaded by this process."""
-    return set(_loaded)
-
-
 @functools.lru_cache(maxsize=None)
 def _function(filename: str, name_expr: str, device_id: int):
     from cupy_backends.cuda.libs import nvrtc
@@ -173,9 +165,7 @@ def _function(filename: str, name_expr: str, device_id: int):
         binary, lowered = _nvrtc_compile(load_source(filename), name_expr, arch)
         mod = cupy.cuda.function.Module()
         mod.load(binary)
-        fn = mod.get_function(lowered)
-        _loaded.add((filename, name_expr, device_id))
-        return fn  # the function keeps its module alive
+        return mod.get_function(lowered)  # the function keeps its module alive
 
 
 _smem_opted_in: dict = {}
@@ -296,7 +286,7 @@ def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     return rows if rows * H in (64, 128) else 0
 
 
-def _wgmma_smem(engine: int, kdt: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
+def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
     """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
     blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
@@ -515,7 +505,7 @@ def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
     qdt, kdt = _dt_code(q), _dt_code(keys)
     engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], shared_keys)
     if rows:
-        smem = _wgmma_smem(engine, kdt, H, D, rows)
+        smem = _wgmma_smem(engine, H, D, rows)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
         name += f", {rows}>" if shared_keys else ">"
         return _kernel(filename, name, smem), smem, rows
@@ -598,7 +588,7 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
         facts = _device_facts(_cupy().cuda.Device().id)
         qdt, kdt = _dt_code(q), _dt_code(skeys)
         engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
-        smem = _wgmma_smem(engine, kdt, H, D, 2, m)  # the union path's (grows with m)
+        smem = _wgmma_smem(engine, H, D, 2, m)  # the union path's (grows with m)
         pairs = (blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
                  and smem <= facts["smem_optin"])
         if pairs:

@@ -77,7 +77,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
                             "refine_union_wgmma_kernel<2, 0, 2, 64, 128>", "refine_topk_kernel"]
     union = fake.launches[4]
     assert union.grid == (1, 33) and union.block == (cb.SCORE_THREADS,)  # 65 rows in pairs
-    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, cb.DT_F16, 64, 128, 2, 8) > 48 * 1024
+    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
 
 
@@ -113,7 +113,7 @@ def test_large_f16_copy_falls_back_to_mma_sync(monkeypatch):
 
 
 def test_union_only_where_its_shared_memory_fits(monkeypatch):
-    fake = _Fake(monkeypatch, cc=90, smem_optin=cb._wgmma_smem(cb.ENGINE_F16, cb.DT_F16, 64, 128, 2, 8) - 1)
+    fake = _Fake(monkeypatch, cc=90, smem_optin=cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8) - 1)
     _hisa(m=8)
     assert "refine_score_wgmma_kernel<2, 0, 2, 64, 128>" in fake.names()
     assert not any("union" in n for n in fake.names())

@@ -293,15 +293,22 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     # Every scoring path on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) with and
     # without the paired-row union refinement, with fp8 operands on the fp8 tensor cores
     # (FP8_TENSOR_ACCUMULATE: exact here, the products and sums need few bits), and the mma.sync
-    # engine it replaces on Hopper. An
-    # odd T leaves the second row of a 2-row CTA empty; ragged rows give pairs with different
-    # block counts.
+    # engine it replaces on Hopper. An odd T leaves the second row of a 2-row CTA empty; ragged
+    # rows give pairs with different block counts. The kernels this test launches are recorded,
+    # so each parameter is checked to take its own path.
     from hisa_cupy.kernels import cupy_backend
 
-    use_wgmma = engine != "mma.sync"
-    monkeypatch.setattr(cupy_backend, "USE_WGMMA", use_wgmma)
+    monkeypatch.setattr(cupy_backend, "USE_WGMMA", engine != "mma.sync")
     monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", engine == "wgmma+union")
     monkeypatch.setattr(cupy_backend, "FP8_TENSOR_ACCUMULATE", engine == "wgmma-fp8acc")
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def recording_kernel(filename, name, smem):
+        launched.append(name)
+        return kernel(filename, name, smem)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
     inp = testing.exact_inputs(37, 4096, H, 128, dtype=dtype, seed=H + 61, ragged=True)
     for pool in ("bfloat16", "float32"):
         for order in ("position", "score"):
@@ -310,12 +317,15 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
             testing.assert_selection_equal(got, ref, err_msg=f"hisa {pool} {order}")
     got, ref = run_both("dense_select", inp, topk=700)
     testing.assert_selection_equal(got, ref, err_msg="dense")
-    loaded = [name for _, name, _ in cupy_backend.loaded_instances()]
-    if use_wgmma:  # Hopper (cc 9.0) must take the wgmma path; other GPUs never do
-        hopper = cuda_device.compute_capability == "90"
-        assert any("wgmma" in name for name in loaded) == hopper
-        if engine == "wgmma+union" and H == 64:
-            assert any("refine_union" in name for name in loaded) == hopper
+    # Hopper (cc 9.0) takes the wgmma path unless it is switched off; other GPUs never do
+    hopper = cuda_device.compute_capability == "90"
+    wgmma = hopper and engine != "mma.sync"
+    assert any("wgmma" in name for name in launched) == wgmma
+    assert any("refine_union" in name for name in launched) == (wgmma and engine == "wgmma+union" and H == 64)
+    fp8 = dtype == "float8_e4m3fn"
+    assert ("e4m3_to_f16_kernel" in launched) == (wgmma and fp8 and engine != "wgmma-fp8acc")
+    assert any(name.startswith("refine_score_wgmma_kernel<3, 0, 0,") for name in launched) == (
+        wgmma and fp8 and engine == "wgmma-fp8acc")
 
 
 def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
