@@ -7,6 +7,7 @@ See ``arrays.py`` for the import/export tables and ``dtypes.py`` for logical vs 
 from .arrays import (
     Tensor,
     allocate,
+    allocate_result,
     caller_stream,
     check_same_device,
     copy_into,
@@ -39,6 +40,7 @@ __all__ = [
     "export_array",
     "copy_into",
     "allocate",
+    "allocate_result",
     "to_device",
     "to_host",
     "device_scope",

@@ -10,9 +10,10 @@ Import (``import_array``)
     ==========  ================================================  ================================
     numpy       the array itself (``.view(uint8/uint16)``)        never
     torch CPU   ``.detach().view(uint8/int16).numpy()``           never
-    torch CUDA  ``.view(uint8/int16)``; ``data_ptr()`` wrapped    never; used on the caller's
-                as CuPy memory owned by the tensor (what DLPack   current torch stream, so no
-                on that stream gives, ~10x cheaper)               event is needed
+    torch CUDA  ``data_ptr()`` wrapped as CuPy memory owned by    never; used on the caller's
+                the tensor, in the physical dtype (what DLPack    current torch stream, so no
+                on that stream gives, ~10x cheaper; a handful     event is needed
+                of C-level reads per argument, the hot path)
     jax CPU     DLPack (fp8/bf16 capsules retyped to              never (waits until the array
                 uint8/uint16 in place, dlpack.py)                 is ready, like ``np.asarray``)
     jax GPU     DLPack with JAX's external-ready stream           never; JAX makes that stream
@@ -29,7 +30,8 @@ Streams
     tensor's device; CuPy: current stream; JAX: the stream JAX uses for external ready events,
     0 = legacy default stream if that is unavailable).  ``device_scope(t)`` makes it CuPy's
     current device and stream, so allocations, launches and DLPack exports inside the scope are
-    ordered with the caller's work without any host synchronisation.
+    ordered with the caller's work without any host synchronisation; it enters only what is not
+    current already (torch's default stream is CuPy's null stream: nothing to enter).
 
 Export (``export_array``)
     The result goes back to the caller's framework on the caller's device:
@@ -48,13 +50,17 @@ Export (``export_array``)
                   CuPy has no such dtypes
     ============  =================================================================================
 
+    Fresh results need no export where the caller's framework allocates them itself:
+    ``allocate_result(shape, dtype=, like=)`` gives torch CUDA callers a ``torch.empty`` tensor
+    (``source``) with its CuPy view (``data``) for the backend to write, handed back as it is;
+    it returns None for every other caller, whose results go through ``export_array``.
+
     When a backend runs where the caller's arrays do not live (explicit ``backend=`` choice),
     ``to_device``/``to_host`` copy a Tensor and remember the caller's original Tensor in
     ``origin``; ``export_array(..., like=copy)`` still returns the result on the caller's device.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -81,6 +87,7 @@ __all__ = [
     "export_array",
     "copy_into",
     "allocate",
+    "allocate_result",
     "to_device",
     "to_host",
     "device_scope",
@@ -94,7 +101,7 @@ __all__ = [
 # Tensor
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(frozen=True, eq=False, repr=False, init=False)
 class Tensor:
     """Framework-neutral description of one caller array (see the module docstring)."""
 
@@ -106,6 +113,12 @@ class Tensor:
     source: Any  # the caller's original object
     name: str = ""  # argument name, for error messages
     origin: "Tensor | None" = None  # caller's Tensor when this one is a to_device/to_host copy
+
+    def __init__(self, data, dtype, framework, device, stream, source, name="", origin=None):
+        # One dict update instead of the frozen dataclass's eight object.__setattr__ calls (half
+        # the cost; a Tensor is built per argument of every call). Still frozen afterwards.
+        self.__dict__.update(data=data, dtype=dtype, framework=framework, device=device, stream=stream,
+                             source=source, name=name, origin=origin)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -253,15 +266,6 @@ def _cupy_stream(stream: int | None, device: int):
     return s
 
 
-@contextlib.contextmanager
-def _cupy_scope(device: int, stream: int | None):
-    cupy = _cupy()
-    with cupy.cuda.Device(device):
-        s = _cupy_stream(stream, device)
-        with s:
-            yield s
-
-
 _TORCH_STORAGE = {FLOAT8: "uint8", BFLOAT16: "int16", "uint16": "int16"}
 #: Import torch CUDA tensors through cupy.from_dlpack instead of wrapping data_ptr() (tests flip
 #: it to check that both paths agree).
@@ -273,11 +277,61 @@ def _import_numpy(x, name):
     return arr, "cpu", None
 
 
+_torch_raw_stream = None  # torch's current-stream getter, resolved on first use
+
+
+def _torch_stream(ordinal: int) -> int:
+    """The cudaStream_t of torch's current stream on device ``ordinal``.
+
+    ``torch._C._cuda_getCurrentRawStream`` (what torch.compile's generated code calls) is one C
+    call; ``torch.cuda.current_stream(i).cuda_stream``, the fallback, builds a Stream object
+    first (several microseconds, once per argument and call)."""
+    global _torch_raw_stream
+    get = _torch_raw_stream
+    if get is None:
+        import torch
+
+        get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if get is None:
+            def get(i):
+                return torch.cuda.current_stream(i).cuda_stream
+        _torch_raw_stream = get
+    return int(get(ordinal))
+
+
+def _check_torch_layout(x, torch, name):
+    if x.layout != torch.strided:
+        raise TypeError(f"argument '{name}': expected a dense (strided) tensor, got {x.layout}")
+
+
+def _import_torch_cuda(x, name, logical):
+    """A plain strided CUDA tensor as a CuPy array of the *physical* dtype, its layout checked.
+
+    The hot path of every call with torch inputs: a handful of C-level attribute reads and a
+    CuPy array over ``data_ptr()`` owned by the tensor (kept alive by the CuPy memory object).
+    Same semantics as DLPack consumed on the caller's own stream, where the stream handshake is
+    a no-op, without the capsule, the detach/view of the dtype and torch's Stream object.
+    """
+    ordinal = x.get_device()
+    stream = _torch_stream(ordinal)
+    shape = tuple(x.shape)
+    if not x.is_contiguous():  # torch's rule is _c_contiguous's: size-1 dims ignored
+        item = x.element_size()
+        _check_layout(shape, tuple(st * item for st in x.stride()), item, name)
+    phys = physical_dtype(logical)  # same itemsize as the tensor's (resolve_logical)
+    cupy = _cupy()
+    nbytes = x.nbytes
+    if nbytes == 0:
+        with cupy.cuda.Device(ordinal):
+            return cupy.empty(shape, dtype=phys), ordinal, stream
+    mem = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, ordinal)
+    return cupy.ndarray(shape, phys, cupy.cuda.MemoryPointer(mem, 0)), ordinal, stream
+
+
 def _import_torch(x, name, logical):
     import torch
 
-    if x.layout != torch.strided:
-        raise TypeError(f"argument '{name}': expected a dense (strided) tensor, got {x.layout}")
+    _check_torch_layout(x, torch, name)
     t = x.detach()
     storage = _TORCH_STORAGE.get(logical)
     if storage is not None and t.element_size() == physical_dtype(logical).itemsize:
@@ -290,7 +344,9 @@ def _import_torch(x, name, logical):
             f"argument '{name}': expected a CPU or CUDA tensor, got one on device '{dev}'"
         )
     ordinal = dev.index if dev.index is not None else torch.cuda.current_device()
-    stream = int(torch.cuda.current_stream(ordinal).cuda_stream)
+    if not _TORCH_VIA_DLPACK:  # (import_array sends CUDA tensors to _import_torch_cuda itself)
+        return _import_torch_cuda(x, name, logical)
+    stream = _torch_stream(ordinal)
     cupy = _cupy()
     shape = tuple(t.shape)
     phys = _np_of_torch(t.dtype)
@@ -299,17 +355,10 @@ def _import_torch(x, name, logical):
     if t.numel() == 0:
         with cupy.cuda.Device(ordinal):
             return cupy.empty(shape, dtype=phys), ordinal, stream
-    if _TORCH_VIA_DLPACK:
-        # DLPack consumed on the caller's own stream: torch records no event, nothing waits.
-        # (torch compares with the current stream of its *current* device: switch to ours.)
-        with torch.cuda.device(ordinal):
-            data = cupy.from_dlpack(_dl.DLPackView(t, stream=_dl.dlpack_stream_arg(stream)))
-        return data, ordinal, stream
-    # Fast path, same semantics as DLPack consumed on the caller's stream (where the stream
-    # handshake is a no-op): wrap the pointer, keeping the torch tensor alive as the owner.
-    # ~3 us instead of ~35 us for cupy.from_dlpack (H200, CuPy 14.2, torch 2.11).
-    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * item, t, ordinal)
-    data = cupy.ndarray(shape, dtype=phys, memptr=cupy.cuda.MemoryPointer(mem, 0))
+    # DLPack consumed on the caller's own stream: torch records no event, nothing waits.
+    # (torch compares with the current stream of its *current* device: switch to ours.)
+    with torch.cuda.device(ordinal):
+        data = cupy.from_dlpack(_dl.DLPackView(t, stream=_dl.dlpack_stream_arg(stream)))
     return data, ordinal, stream
 
 
@@ -421,11 +470,17 @@ def _import_generic(x, name):
     )
 
 
+_TORCH_NAMES: dict = {}  # torch.dtype -> its name (dtype_name parses str(dtype))
+
+
 def _source_dtype(x, fw: str) -> str:
     if fw in ("numpy", "cupy", "jax"):
         return np.dtype(x.dtype).name
     if fw == "torch":
-        return dtype_name(x.dtype)
+        name = _TORCH_NAMES.get(x.dtype)
+        if name is None:
+            name = _TORCH_NAMES[x.dtype] = dtype_name(x.dtype)
+        return name
     return ""  # generic: known after import
 
 
@@ -446,6 +501,17 @@ def import_array(x, *, name: str, dtype=None, allowed: Sequence[str] | None = No
             if logical != t.dtype:
                 t = Tensor(t.data.view(physical_dtype(logical)), logical, t.framework,
                            t.device, t.stream, t.source, name, t.origin)
+        if allowed is not None:
+            check_dtype(t, name, allowed)
+        return t
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda and not _TORCH_VIA_DLPACK:
+        # the hot path (torch CUDA inputs): data in the physical dtype, layout checked
+        _check_torch_layout(x, torch, name)
+        logical = resolve_logical(_source_dtype(x, "torch"), dtype, name=name)
+        data, device, stream = _import_torch_cuda(x, name, logical)
+        t = Tensor(data, logical, "torch", device, stream, x, name)
         if allowed is not None:
             check_dtype(t, name, allowed)
         return t
@@ -518,18 +584,50 @@ def caller_stream(tensors: Iterable[Tensor | None]) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def device_scope(t: Tensor | None):
-    """Make ``t``'s device and stream CuPy's current ones (yields the cupy stream).
+class device_scope:
+    """``with device_scope(t) as s``: make ``t``'s device and stream CuPy's current ones
+    (``s`` is the cupy stream).
 
     Everything CuPy allocates, launches or exports through DLPack inside the scope is ordered
-    on the caller's stream.  No-op (yields None) for host tensors and None.
+    on the caller's stream.  No-op (gives None) for host tensors and None.  Only what differs
+    is entered: when ``t``'s device and stream already are CuPy's current ones (torch's default
+    stream is CuPy's null stream), entering and leaving cost two look-ups.
     """
-    if t is None or not t.is_device:
-        yield None
-        return
-    with _cupy_scope(t.device, t.stream) as s:
-        yield s
+
+    __slots__ = ("_t", "_device", "_stream")
+
+    def __init__(self, t: Tensor | None):
+        self._t = t
+        self._device = self._stream = None
+
+    def __enter__(self):
+        t = self._t
+        if t is None or not t.is_device:
+            return None
+        cupy = _cupy()
+        if cupy.cuda.runtime.getDevice() != t.device:
+            dev = cupy.cuda.Device(t.device)
+            dev.__enter__()
+            self._device = dev
+        cur = cupy.cuda.get_current_stream()
+        want = t.stream
+        if cur.ptr == (0 if want in (None, 1) else want):  # 0 and 1: the legacy default stream
+            return cur
+        s = _cupy_stream(want, t.device)
+        s.__enter__()
+        self._stream = s
+        return s
+
+    def __exit__(self, *exc):
+        s, dev = self._stream, self._device
+        self._stream = self._device = None
+        try:
+            if s is not None:
+                s.__exit__(*exc)
+        finally:
+            if dev is not None:
+                dev.__exit__(*exc)
+        return False
 
 
 def to_device(t: Tensor, device: int | None = 0) -> Tensor:
@@ -593,6 +691,41 @@ def allocate(shape, *, dtype: str, like: Tensor):
         return _cupy().empty(tuple(shape), dtype=phys)
 
 
+_TORCH_DEVICES: dict = {}  # CUDA ordinal -> torch.device
+
+
+def allocate_result(shape, *, dtype: str, like: Tensor) -> Tensor | None:
+    """A fresh result allocated by the caller's own framework, or None where that is not the
+    cheaper way back: ``source`` is the caller's array, to be returned as it is (no export),
+    ``data`` its zero-copy view in the physical dtype for the backend to write.
+
+    Today that is torch on a GPU: ``torch.empty`` on ``like``'s device, from torch's caching
+    allocator on torch's current stream -- the stream ``like`` was imported on, so the memory is
+    ordered with the caller's work exactly like an ``export_array`` of a CuPy result on that
+    stream, without CuPy's allocation and the DLPack export (torch's ``from_dlpack`` alone looks
+    up the current stream and wraps a capsule: ~10x the cost of this).  ``like`` must be the
+    caller's own Tensor (not a ``to_device``/``to_host`` copy); None for every other case,
+    where the caller allocates with CuPy/NumPy and uses ``export_array``.
+    """
+    if like.framework != "torch" or not like.is_device or like.origin is not None:
+        return None
+    import torch
+
+    dev = _TORCH_DEVICES.get(like.device)
+    if dev is None:
+        dev = _TORCH_DEVICES[like.device] = torch.device("cuda", like.device)
+    shape = tuple(shape)
+    x = torch.empty(shape, dtype=_torch_dtype(dtype), device=dev)
+    cupy = _cupy()
+    nbytes = x.nbytes
+    if nbytes == 0:
+        data, _, _ = _import_torch_cuda(x, "out", dtype)
+    else:  # fresh, contiguous, on like.device: wrap it as _import_torch_cuda would
+        mem = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, like.device)
+        data = cupy.ndarray(shape, physical_dtype(dtype), cupy.cuda.MemoryPointer(mem, 0))
+    return Tensor(data, dtype, "torch", like.device, like.stream, x, "out")
+
+
 # --------------------------------------------------------------------------------------------
 # export
 
@@ -602,10 +735,16 @@ def _is_cupy(data) -> bool:
     return cupy is not None and isinstance(data, cupy.ndarray)
 
 
-def _torch_dtype(dtype: str):
-    import torch
+_TORCH_DTYPES: dict = {}  # logical dtype name -> torch.dtype
 
-    return getattr(torch, dtype)
+
+def _torch_dtype(dtype: str):
+    t = _TORCH_DTYPES.get(dtype)
+    if t is None:
+        import torch
+
+        t = _TORCH_DTYPES[dtype] = getattr(torch, dtype)
+    return t
 
 
 def _wrap_host(data: np.ndarray, dtype: str, root: Tensor):

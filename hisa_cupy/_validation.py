@@ -18,6 +18,8 @@ BACKENDS = ("auto", "cupy", "numba", "numpy")
 
 
 def positive_int(value, name: str) -> int:
+    if type(value) is int and value > 0:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"argument {name!r}: expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:

@@ -39,20 +39,27 @@ from . import reference
 
 
 
-def _adapters():
-    from hisa_cupy import adapters
+_modules: dict = {}  # lazily imported: adapters and the backends (an import statement per use costs)
 
-    return adapters
+
+def _adapters():
+    ad = _modules.get("adapters")
+    if ad is None:
+        from hisa_cupy import adapters as ad
+
+        _modules["adapters"] = ad
+    return ad
 
 
 def _backend_module(name: str):
-    if name == "cupy":
-        from hisa_cupy.kernels import cupy_backend
-
-        return cupy_backend
-    from hisa_cupy.kernels import numba_backend
-
-    return numba_backend
+    mod = _modules.get(name)
+    if mod is None:
+        if name == "cupy":
+            from hisa_cupy.kernels import cupy_backend as mod
+        else:
+            from hisa_cupy.kernels import numba_backend as mod
+        _modules[name] = mod
+    return mod
 
 
 def _simulator() -> bool:
@@ -67,7 +74,8 @@ class _Inputs:
         self.q = ad.import_array(q, name="q", dtype=dtype)
         v.dtype_in(self.q, "q", v.INPUT_DTYPES)
         v.ndim_is(self.q, "q", 3, "[T, H, D]")
-        self.T, self.H, self.D = (int(x) for x in self.q.shape)
+        T, H, D = self.q.shape
+        self.T, self.H, self.D = int(T), int(H), int(D)
         self.k = None
         if k is not None:
             self.k = ad.import_array(k, name=k_name, dtype=dtype)
@@ -109,17 +117,22 @@ class _Exec:
     def __init__(self, backend: str, tensors, names):
         ad = _adapters()
         v.choice(backend, "backend", v.BACKENDS)
-        present = [(t, n) for t, n in zip(tensors, names) if t is not None]
-        ad.check_same_device([t for t, _ in present], [n for _, n in present])
-        self.lead = present[0][0]
+        present = [t for t in tensors if t is not None]
+        self.lead = present[0]
+        device = self.lead.device
+        for t in present:
+            if t.device != device:  # raises, naming the argument
+                ad.check_same_device(tensors, names)
         on_device = self.lead.is_device
         if backend == "auto":
             backend = "cupy" if on_device else "numpy"
         self.backend = backend
         self.host = backend == "numpy" or (backend == "numba" and _simulator())
-        self.stream = ad.caller_stream([t for t, _ in present]) if on_device else None
+        # all on one device: the caller's stream is the lead's (ad.caller_stream of all of them)
+        self.stream = self.lead.stream if on_device else None
         if not self.host and self.stream is None:
             self.stream = 0
+        self._native = None  # outputs the caller's framework allocated (allocate_result)
 
     def scope(self):
         if self.host:
@@ -132,6 +145,8 @@ class _Exec:
         or physical CuPy (device)."""
         if t is None:
             return None
+        if not self.host and t.is_device:  # the usual device call: the caller's array as it is
+            return t.data
         ad = _adapters()
         if self.host:
             if t.is_device:
@@ -151,9 +166,15 @@ class _Exec:
 
     def output(self, out_t, shape, logical="int32"):
         """Buffer the backend writes into: the caller's ``out`` when it lives where the backend
-        runs, else a fresh one."""
+        runs, else a fresh one -- allocated by the caller's own framework where the adapters
+        can (torch on a GPU: handed back as it is, no export), else by the backend's."""
         if out_t is not None and out_t.is_device == (not self.host):
             return out_t.data
+        if out_t is None and not self.host and self.lead.is_device:
+            t = _adapters().allocate_result(shape, dtype=logical, like=self.lead)
+            if t is not None:
+                self._native = (self._native or []) + [t]
+                return t.data
         return self.empty(shape, logical)
 
     def finish(self, result, logical: str, out_t=None):
@@ -161,6 +182,9 @@ class _Exec:
         ad = _adapters()
         if out_t is not None:
             return out_t.source if result is out_t.data else ad.copy_into(out_t, result, like=self.lead)
+        for t in self._native or ():
+            if result is t.data:
+                return t.source
         return ad.export_array(result, dtype=logical, like=self.lead)
 
 
@@ -453,6 +477,6 @@ def topk(scores, k, *, lengths=None, backend="auto"):
             vals, idx = reference.topk(ex.arg(st), k, lengths=ex.arg(lt))
         else:
             vals, idx = _backend_module(ex.backend).topk(
-                ex.arg(st), ex.arg(lt), k=k, out_values=ex.empty((R, k), "float32"),
-                out_indices=ex.empty((R, k), "int32"), stream=ex.stream)
+                ex.arg(st), ex.arg(lt), k=k, out_values=ex.output(None, (R, k), "float32"),
+                out_indices=ex.output(None, (R, k), "int32"), stream=ex.stream)
         return ex.finish(vals, "float32"), ex.finish(idx, "int32")

@@ -38,7 +38,16 @@ POOL_CODES = {"float32": 0, "bfloat16": 1, "float8_e4m3fn": 2}
 SCORE_TILE = 128
 SCORE_THREADS = 128
 SELECT_THREADS = 512
+#: shared memory of row_select.cuh: in-order mode (histograms, scan, misc) and list mode
+#: (SORT_BINS histogram, scan, misc; plus 16 bytes per list entry), smallest list
 SELECT_FIXED_SMEM = (16 * 256 + 32 + 8) * 4
+SELECT_LIST_FIXED_SMEM = (4096 + 32 + 32) * 4
+SELECT_LIST_MIN = 512
+#: list mode, rows read from global memory: RING_STAGES groups of 2 x SELECT_THREADS x 16 bytes
+SELECT_RING_BYTES = 8 * 2 * 512 * 16
+#: stream uncached rows through that ring of cp.async copies where shared memory allows (a knob
+#: for bench/ and the GPU tests; False reads them with plain 16-byte loads)
+SELECT_RING = True
 #: dense path: bytes of ranking keys kept per row chunk (the [rows, S] workspace never exceeds this)
 DENSE_WORKSPACE_BYTES = 256 << 20
 #: query rows per score CTA where rows share their keys (1 or 2; a tuning knob for bench/)
@@ -169,11 +178,31 @@ def _function(filename: str, name_expr: str, device_id: int):
 
 
 _smem_opted_in: dict = {}
+#: (file, name expression, dynamic smem bytes, device) -> function, already opted in to that smem
+_kernels: dict = {}
+
+
+_device_getter = (None, None)  # (the _cupy it came from, its runtime.getDevice)
+
+
+def _device_id() -> int:
+    """CuPy's current device (the runtime's getDevice: one C call, no Device object)."""
+    global _device_getter
+    src, get = _device_getter
+    if src is not _cupy:  # first use, or _cupy was replaced (the CPU tests' stand-in)
+        get = _cupy().cuda.runtime.getDevice
+        _device_getter = (_cupy, get)
+    return get()
 
 
 def _kernel(filename: str, name_expr: str, smem: int):
-    cupy = _cupy()
-    device_id = cupy.cuda.Device().id
+    """The loaded function of one kernel instance on the current device, opted in to ``smem``
+    bytes of dynamic shared memory; after the first call, one dictionary look-up."""
+    device_id = _device_id()
+    key = (filename, name_expr, smem, device_id)
+    fn = _kernels.get(key)
+    if fn is not None:
+        return fn
     fn = _function(filename, name_expr, device_id)
     if smem > 48 * 1024 and _smem_opted_in.get(fn.ptr, 0) < smem:
         from cupy_backends.cuda.api import driver
@@ -181,6 +210,9 @@ def _kernel(filename: str, name_expr: str, smem: int):
         with _lock:  # above 48 KB of dynamic shared memory a kernel must opt in
             driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             _smem_opted_in[fn.ptr] = smem
+    if len(_kernels) >= 4096:
+        _kernels.clear()
+    _kernels[key] = fn
     return fn
 
 
@@ -393,7 +425,7 @@ _workspaces: dict = {}
 
 
 def workspace(stream: int) -> _Workspace:
-    key = (_cupy().cuda.Device().id, int(stream or 0))
+    key = (_device_id(), int(stream or 0))
     ws = _workspaces.get(key)
     if ws is None:
         ws = _workspaces[key] = _Workspace()
@@ -457,84 +489,299 @@ class _on_stream:
             self._ctx.__exit__(*exc)
 
 
-def _ptr(a) -> np.uint64:
-    return np.uint64(0 if a is None else a.data.ptr)
+# Kernel arguments. CuPy's launch converts every NumPy or Python scalar argument to its C form
+# on every launch (for a NumPy scalar: a CScalar built from it, ~1 us, plus the NumPy scalar
+# itself), which made the arguments the largest part of a launch's host time. The helpers
+# below hand CuPy its own C-form objects (CPointer subclasses, which the launch takes as they
+# are): int32 / int64 values as CScalar of that exact width, made once per value and reused
+# (they are read-only), addresses as CIntptr (intptr_t, 8 bytes like every pointer parameter).
+# Where this CuPy has no such classes, NumPy scalars as before.
+
+_arg_kinds = None  # (CScalar, CIntptr), or () where CuPy lacks them; resolved on first use
+_I32: dict = {}  # value -> int32 argument
+_I64: dict = {}  # value -> int64 argument
 
 
-def _i32(v) -> np.int32:
-    return np.int32(v)
+def _arg_classes():
+    global _arg_kinds
+    if _arg_kinds is None:
+        try:
+            from cupy._core._scalar import CScalar
+            from cupy.cuda.function import CIntptr, CPointer
+
+            probe = CScalar(-3, np.int32)
+            ok = (issubclass(CScalar, CPointer) and issubclass(CIntptr, CPointer)
+                  and probe.dtype == np.int32 and probe.value == -3)
+            _arg_kinds = (CScalar, CIntptr) if ok else ()
+        except Exception:  # another CuPy: NumPy scalars
+            _arg_kinds = ()
+    return _arg_kinds
 
 
-def _i64(v) -> np.int64:
-    return np.int64(v)
+def _scalar(v, dtype, cache):
+    kinds = _arg_classes()
+    c = kinds[0](v, dtype) if kinds else dtype(v)  # both raise OverflowError out of range
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[v] = c
+    return c
+
+
+def _i32(v):
+    """``v`` as an ``int`` kernel argument."""
+    c = _I32.get(v)
+    return c if c is not None else _scalar(v, np.int32, _I32)
+
+
+def _i64(v):
+    """``v`` as a ``long long`` kernel argument."""
+    c = _I64.get(v)
+    return c if c is not None else _scalar(v, np.int64, _I64)
+
+
+def _first_address(p):
+    global _address
+    kinds = _arg_classes()
+    _address = kinds[1] if kinds else np.uint64
+    return _address(p)
+
+
+_address = _first_address  # int -> pointer argument: CIntptr once resolved (np.uint64 without it)
+
+
+def _addr(p):
+    """A device address (an int) as a pointer kernel argument."""
+    return _address(int(p))
+
+
+def _ptr(a):
+    """The address of CuPy array ``a`` (0 for None) as a pointer kernel argument."""
+    return _address(0 if a is None else a.data.ptr)
+
+
+def _ptr_at(a, offset: int):
+    """The address ``offset`` bytes into CuPy array ``a`` (0 for None) as a pointer argument."""
+    return _address(0 if a is None else a.data.ptr + offset)
 
 
 # ----------------------------------------------------------------------------------------------
 # generic launches
+
+def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int = 1, sms: int = 132):
+    """(lists, sort_cap, cand_cap, ring, cache_cap, smem) of one row_select launch (row_select.cuh).
+
+    List mode holds a selected list of sort_cap = max(512, next power of two >= k) entries and a
+    candidate list of cand_cap >= sort_cap entries; it is used whenever they fit in shared
+    memory. Otherwise the in-order mode runs (any k for position order; by score, its bitonic
+    buffer must fit). A row's keys are cached in shared memory when they fit beside the fixed
+    part (cache_cap keys). Rows that do not fit are read from global memory: as long as the CTAs
+    per SM that ``rows`` needs leave room, through a ring of asynchronous copies (``ring``,
+    SELECT_RING_BYTES) and with a longer candidate list (fewer passes over the row)."""
+    p2 = 1 << max(0, int(math.ceil(math.log2(max(k, 1)))))
+    budget = smem_optin - 1024
+    cap = max(SELECT_LIST_MIN, p2)
+    lists = SELECT_LIST_FIXED_SMEM + 16 * cap <= budget
+    cand_cap, ring = 0, False
+    if lists:
+        sort_cap, fixed = cap, SELECT_LIST_FIXED_SMEM + 16 * cap
+    else:
+        sort_cap = p2 if by_score else 0
+        fixed = SELECT_FIXED_SMEM + sort_cap * 8
+        if fixed > budget:
+            raise ValueError(f"topk={k} too large for order='score' on this GPU "
+                             f"(at most {(budget - SELECT_FIXED_SMEM) // 8})")
+    cache_cap = max(0, (budget - fixed) // 4)
+    if ncols <= cache_cap:
+        smem = fixed + ncols * 4
+        cand_cap = sort_cap if lists else 0
+    elif lists:
+        per_sm = max(1, min(4, -(-rows // max(1, sms))))
+        cta_budget = max(fixed, (smem_optin + 1024) // per_sm - 1024 if per_sm > 1 else budget)
+        ring = SELECT_RING and cta_budget - fixed >= SELECT_RING_BYTES
+        room = cta_budget - fixed - (SELECT_RING_BYTES if ring else 0)
+        cand_cap = max(cap, min(room // 64 * 8 + cap, -(-ncols // 8) * 8))
+        smem = fixed + 8 * (cand_cap - cap) + (SELECT_RING_BYTES if ring else 0)
+    else:
+        smem = fixed
+    return lists, sort_cap, cand_cap, ring, cache_cap, smem
+
 
 def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
                    row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
                    by_score=False, out_idx, out_ld, out_val=None):
     if rows == 0:
         return
-    facts = _device_facts(_cupy().cuda.Device().id)
-    sort_cap = 1 << max(0, int(math.ceil(math.log2(max(k, 1))))) if by_score else 0
-    fixed = SELECT_FIXED_SMEM + sort_cap * 8
-    cache_cap = max(0, (facts["smem_optin"] - fixed - 1024) // 4)
-    if fixed > facts["smem_optin"] - 1024:
-        raise ValueError(f"topk={k} too large for order='score' on this GPU "
-                         f"(at most {(facts['smem_optin'] - SELECT_FIXED_SMEM - 1024) // 8})")
-    cache = ncols if ncols <= cache_cap else 0
-    smem = fixed + cache * 4
+    ctx = _plan_context()
+    key = ("select", filename, kernel, rows, ld, ncols, k, row0, T, S, m, B, relative, by_score, out_ld, ctx)
+    plan = _plans.get(key)
+    if plan is None:
+        facts = _device_facts(ctx[0])
+        lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
+                                                                        rows, facts["sms"])
+        launches = []
+        for r0 in range(0, rows, MAX_ROWS_PER_LAUNCH):
+            nr = min(MAX_ROWS_PER_LAUNCH, rows - r0)
+            launches.append(((nr,), r0 * ld * 4, r0 * out_ld * 4, (_i64(ld), _i32(ncols)),
+                             (_i32(k), _i32(cache_cap), _i32(row0 + r0), _i32(T), _i32(S)),
+                             (_i32(m), _i32(B), _i32(0), _i32(int(relative)), _i32(int(by_score)),
+                              _i32(sort_cap), _i32(int(lists)), _i32(cand_cap), _i32(int(ring))),
+                             (_i64(out_ld),)))
+        plan = _keep_plan(key, (smem, tuple(launches)))
+    smem, launches = plan
     fn = _kernel(filename, kernel, smem)
-    for r0 in range(0, rows, MAX_ROWS_PER_LAUNCH):
-        nr = min(MAX_ROWS_PER_LAUNCH, rows - r0)
-        fn((nr,), (SELECT_THREADS,), (
-            np.uint64(0 if keys is None else keys.data.ptr + r0 * ld * 4),
-            np.uint64(0 if scores is None else scores.data.ptr + r0 * ld * 4),
-            _i64(ld), _i32(ncols), _ptr(lengths), _i32(k), _i32(cache_cap), _i32(row0 + r0), _i32(T),
-            _i32(S), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(m), _i32(B), _i32(0), _i32(int(relative)),
-            _i32(int(by_score)), _i32(sort_cap), np.uint64(out_idx.data.ptr + r0 * out_ld * 4),
-            _i64(out_ld), np.uint64(0 if out_val is None else out_val.data.ptr + r0 * out_ld * 4)),
-            shared_mem=smem)
+    side = (_ptr(ks), _ptr(ke), _ptr(blocks))
+    for grid, koff, ooff, a, b, c, d in launches:
+        fn(grid, (SELECT_THREADS,), (_ptr_at(keys, koff), _ptr_at(scores, koff)) + a + (_ptr(lengths),) + b
+           + side + c + (_ptr_at(out_idx, ooff),) + d + (_ptr_at(out_val, ooff),), shared_mem=smem)
 
 
-def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
-    """(function, dynamic smem bytes, rows per CTA) of a score_tile kernel for these operands."""
-    facts = _device_facts(_cupy().cuda.Device().id)
+def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
+    """(name expression, dynamic smem bytes, rows per CTA) of the score kernel for these operands."""
+    facts = _device_facts(_device_id())
     qdt, kdt = _dt_code(q), _dt_code(keys)
     engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], shared_keys)
     if rows:
         smem = _wgmma_smem(engine, H, D, rows)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
         name += f", {rows}>" if shared_keys else ">"
-        return _kernel(filename, name, smem), smem, rows
+        return name, smem, rows
     rows = _rows_per_cta(engine, kdt, H, shared_keys)
     smem = _score_smem(engine, kdt, H, D, rows)
     name = f"{kernel}<{engine}, {qdt}, {kdt}, {H}, {D}" + (f", {rows}>" if shared_keys else ">")
+    return name, smem, rows
+
+
+def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
+    """(function, dynamic smem bytes, rows per CTA) of a score_tile kernel for these operands."""
+    key = ("score", filename, kernel, q.dtype, keys.dtype, H, D, shared_keys, _plan_context())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _score_instance(filename, kernel, q, keys, H, D, shared_keys))
+    name, smem, rows = plan
     return _kernel(filename, name, smem), smem, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans: what a stage decides from shapes, dtypes, parameters, the device and the module's
+# knobs (engine, kernel instance, shared memory, grids, row chunks, tiles per CTA), computed once
+# per combination and looked up afterwards. A call then only fills in the addresses. The kernels
+# are still fetched through _kernel on every call (a dictionary look-up), so replacing _kernel
+# (tests that record what is launched) sees every launch.
+
+#: plan key -> plan; keys end with the device and _knobs(), so flipping a knob takes effect
+_plans: dict = {}
+
+
+def _knobs():
+    """The module settings the plans depend on (tests and bench/ flip them at run time)."""
+    return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING)
+
+
+def _keep_plan(key, plan):
+    if len(_plans) >= 1024:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _pool_plan(k, pool_dtype, S, D, block_size):
+    """(name, grid, block, (S, D, B) as arguments) of the pooling launch."""
+    nb = -(-S // block_size)
+    name = f"pool_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}>"
+    return name, (nb,), (max(32, -(-D // 32) * 32),), (_i32(S), _i32(D), _i32(block_size))
+
+
+def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
+    """(name, smem, ((grid, int arguments before the keys, byte offset of the keys, int arguments
+    after), ...)) of the block-score launches (row chunks of at most MAX_ROWS_PER_LAUNCH)."""
+    name, smem, rows = _score_instance("block_select.cu", "block_score_kernel", q, pooled, H, D, True)
+    ntiles = -(-nb // SCORE_TILE)
+    tpc = _tiles_per_cta(ntiles, T // rows)
+    head = (_i32(T), _i32(seq_len), _i32(block_size), _i32(nb))
+    launches = []
+    for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
+        nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
+        launches.append(((-(-ntiles // tpc), -(-nr // rows)), head + (_i32(r0), _i32(nr)), r0 * nb * 4,
+                         (_i64(nb), _i32(tpc))))
+    return name, smem, tuple(launches)
+
+
+def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
+    """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
+    keys, after), ...)) of the candidate-score launches: pairs of rows over their blocks' union
+    where it applies (pairs_ok: the blocks come from select_blocks), else one row per CTA; rows in
+    chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES."""
+    n = m * block_size
+    facts = _device_facts(_device_id())
+    qdt, kdt = _dt_code(q), _dt_code(skeys)
+    engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
+    smem = _wgmma_smem(engine, H, D, 2, m)  # the union path's (grows with m)
+    pairs = (pairs_ok and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
+             and smem <= facts["smem_optin"])
+    if pairs:
+        name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>"
+        tpc, per_cta, grid_x = 0, 2, 1
+    else:
+        name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, skeys, H, D, False)
+        ntiles = -(-n // SCORE_TILE)
+        tpc, per_cta = _tiles_per_cta(ntiles, T), 1
+        grid_x = -(-ntiles // tpc)
+    # all rows at once if they fit, else chunks of an even number of rows (pairs stay whole)
+    budget = max(2, min(MAX_ROWS_PER_LAUNCH - 1, REFINE_WORKSPACE_BYTES // (n * 4)) // 2 * 2)
+    chunk = T if T <= budget else budget
+    head = (_i32(T), _i32(S), _i32(block_size), _i32(m))
+    tail = (_i64(n), _i32(tpc))
+    launches = []
+    for r0 in range(0, T, chunk):
+        nr = min(chunk, T - r0)
+        launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail))
+    return name, smem, n, chunk, tuple(launches)
+
+
+def _dense_plan(q, skeys, T, H, D, S):
+    """(name, smem, rows per chunk, ((row0, rows, grid, int arguments before the keys, after),
+    ...)) of the dense score launches: row chunks whose [rows, S] ranking keys stay within
+    DENSE_WORKSPACE_BYTES."""
+    rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
+    name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, skeys, H, D, True)
+    ntiles = -(-S // SCORE_TILE)
+    launches = []
+    for r0 in range(0, T, rows):
+        nr = min(rows, T - r0)
+        tpc = _tiles_per_cta(ntiles, nr // per_cta)
+        launches.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), (_i32(T), _i32(S), _i32(r0), _i32(nr)),
+                         (_i64(S), _i32(tpc))))
+    return name, smem, rows, tuple(launches)
 
 
 # ----------------------------------------------------------------------------------------------
 # stages
 
+_POOL_PHYS = {"float32": np.float32, "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}
+
+
 def pool_keys(k, k_scale, *, block_size, pool_dtype, stream, out=None, out_scale=None):
     """Mean-pooled keys: returns (pooled [nb, D], pooled_scale [nb] float32 or None)."""
-    cupy = _cupy()
+    with _on_stream(stream):
+        return _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale)
+
+
+def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale):
     S, D = k.shape
     nb = -(-S // block_size)
-    phys = {"float32": np.float32, "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}[pool_dtype]
-    with _on_stream(stream):
-        pooled = out if out is not None else cupy.empty((nb, D), dtype=phys)
-        pscale = None
-        if pool_dtype == "float8_e4m3fn":
-            pscale = out_scale if out_scale is not None else cupy.empty((nb,), dtype=np.float32)
-        if nb == 0:
-            return pooled, pscale
-        fn = _kernel("pool.cu", f"pool_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}>", 0)
-        threads = max(32, -(-D // 32) * 32)
-        fn((nb,), (threads,), (_ptr(k), _ptr(k_scale), _i32(S), _i32(D), _i32(block_size), _ptr(pooled),
-                               _ptr(pscale)))
+    pooled = out if out is not None else _cupy().empty((nb, D), dtype=_POOL_PHYS[pool_dtype])
+    pscale = None
+    if pool_dtype == "float8_e4m3fn":
+        pscale = out_scale if out_scale is not None else _cupy().empty((nb,), dtype=np.float32)
+    if nb == 0:
+        return pooled, pscale
+    key = ("pool", k.dtype, pool_dtype, S, D, block_size)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _pool_plan(k, pool_dtype, S, D, block_size))
+    name, grid, block, ints = plan
+    _kernel("pool.cu", name, 0)(grid, block, (_ptr(k), _ptr(k_scale)) + ints + (_ptr(pooled), _ptr(pscale)))
     return pooled, pscale
 
 
@@ -542,26 +789,37 @@ def select_blocks(q, pooled, weights, pooled_scale, ks, ke, *, seq_len, block_si
                   stream):
     """Block scores + eligibility + forced blocks + top-m: ``out`` [T, m] block ids ascending, -1 padded."""
     T, H, D = q.shape
-    nb = pooled.shape[0]
     check_supported(H, D, ("q", q), ("pooled", pooled))
     with _on_stream(stream):
-        if T == 0:
-            return out
-        if nb == 0:
-            out.fill(-1)
-            return out
-        keys = workspace(stream).get("block_keys", (T, nb), np.uint32)
-        fn, smem, rows = _score_kernel("block_select.cu", "block_score_kernel", q, pooled, H, D, shared_keys=True)
-        ntiles = -(-nb // SCORE_TILE)
-        tpc = _tiles_per_cta(ntiles, T // rows)
-        for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
-            nr = min(MAX_ROWS_PER_LAUNCH, T - r0)
-            fn((-(-ntiles // tpc), -(-nr // rows)), (SCORE_THREADS,), (
-                _ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke), _i32(T),
-                _i32(seq_len), _i32(block_size), _i32(nb), _i32(r0), _i32(nr),
-                np.uint64(keys.data.ptr + r0 * nb * 4), _i64(nb), _i32(tpc)), shared_mem=smem)
-        _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
-                       k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
+        return _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out,
+                              workspace(stream), _plan_context())
+
+
+def _plan_context():
+    """What every plan key ends with: the current device and the knobs."""
+    return _device_id(), _knobs()
+
+
+def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx):
+    T, H, D = q.shape
+    nb = pooled.shape[0]
+    if T == 0:
+        return out
+    if nb == 0:
+        out.fill(-1)
+        return out
+    keys = ws.get("block_keys", (T, nb), np.uint32)
+    key = ("blocks", T, H, D, nb, seq_len, block_size, q.dtype, pooled.dtype, ctx)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size))
+    name, smem, launches = plan
+    fn = _kernel("block_select.cu", name, smem)
+    ptrs = (_ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke))
+    for grid, head, offset, tail in launches:
+        fn(grid, (SCORE_THREADS,), ptrs + head + (_ptr_at(keys, offset),) + tail, shared_mem=smem)
+    _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
+                   k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
     return out
 
 
@@ -574,45 +832,39 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
     so pairs of rows may be scored over the union of their blocks (refine_union_wgmma_kernel).
     """
     T, H, D = q.shape
-    S = k.shape[0]
-    m = blocks.shape[1]
     check_supported(H, D, ("q", q), ("k", k))
     with _on_stream(stream):
-        if T == 0:
-            return out
-        n = m * block_size
-        if S == 0 or n == 0:
-            out.fill(-1)
-            return out
-        skeys = _scoring_keys(q, k, H, D, stream)
-        facts = _device_facts(_cupy().cuda.Device().id)
-        qdt, kdt = _dt_code(q), _dt_code(skeys)
-        engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
-        smem = _wgmma_smem(engine, H, D, 2, m)  # the union path's (grows with m)
-        pairs = (blocks_from_select and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
-                 and smem <= facts["smem_optin"])
-        if pairs:
-            fn = _kernel("refine.cu", f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>", smem)
-            tpc, per_cta, grid_x = 0, 2, 1
-        else:
-            fn, smem, _ = _score_kernel("refine.cu", "refine_score_kernel", q, skeys, H, D, shared_keys=False)
-            ntiles = -(-n // SCORE_TILE)
-            tpc, per_cta = _tiles_per_cta(ntiles, T), 1
-            grid_x = -(-ntiles // tpc)
-        # all rows at once if they fit, else chunks of an even number of rows (pairs stay whole)
-        budget = max(2, min(MAX_ROWS_PER_LAUNCH - 1, REFINE_WORKSPACE_BYTES // (n * 4)) // 2 * 2)
-        chunk = T if T <= budget else budget
-        keys = workspace(stream).get("cand_keys", (chunk, n), np.uint32)
-        for r0 in range(0, T, chunk):
-            nr = min(chunk, T - r0)
-            fn((grid_x, -(-nr // per_cta)), (SCORE_THREADS,), (
-                _ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks), _i32(T),
-                _i32(S), _i32(block_size), _i32(m), _i32(r0), _i32(nr), _ptr(keys), _i64(n), _i32(tpc)),
-                shared_mem=smem)
-            _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
-                           T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size,
-                           relative=index_base == "relative", by_score=order == "score", out_idx=out[r0:],
-                           out_ld=topk)
+        return _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
+                       blocks_from_select, workspace(stream), _plan_context())
+
+
+def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
+            blocks_from_select, ws, ctx):
+    T, H, D = q.shape
+    S = k.shape[0]
+    m = blocks.shape[1]
+    if T == 0:
+        return out
+    if S == 0 or m * block_size == 0:
+        out.fill(-1)
+        return out
+    skeys = _scoring_keys(q, k, H, D, stream)
+    pairs_ok = bool(blocks_from_select)
+    key = ("refine", T, H, D, S, m, block_size, q.dtype, skeys.dtype, pairs_ok, ctx)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok))
+    name, smem, n, chunk, launches = plan
+    fn = _kernel("refine.cu", name, smem)
+    keys = ws.get("cand_keys", (chunk, n), np.uint32)
+    ptrs = (_ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks))
+    kp = (_ptr(keys),)
+    relative, by_score = index_base == "relative", order == "score"
+    for r0, nr, grid, head, tail in launches:
+        fn(grid, (SCORE_THREADS,), ptrs + head + kp + tail, shared_mem=smem)
+        _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
+                       T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size, relative=relative,
+                       by_score=by_score, out_idx=out if r0 == 0 else out[r0:], out_ld=topk)
     return out
 
 
@@ -624,17 +876,15 @@ def hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk,
     check_supported(H, D, ("q", q), ("k", k))
     nb = -(-S // block_size)
     ws = workspace(stream)
-    with _on_stream(stream):
-        phys = {"float32": np.float32, "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}[pool_dtype]
-        pooled = ws.get("pooled", (nb, D), phys)
+    with _on_stream(stream):  # the stages below run inside it (no stream or support checks of their own)
+        pooled = ws.get("pooled", (nb, D), _POOL_PHYS[pool_dtype])
         pscale = ws.get("pooled_scale", (nb,), np.float32) if pool_dtype == "float8_e4m3fn" else None
-        pool_keys(k, k_scale, block_size=block_size, pool_dtype=pool_dtype, stream=stream, out=pooled,
-                  out_scale=pscale)
+        _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale)
         blocks = ws.get("blocks", (T, block_topk), np.int32)
-        select_blocks(q, pooled, weights, pscale, ks, ke, seq_len=S, block_size=block_size,
-                      block_topk=block_topk, out=blocks, stream=stream)
-        refine(q, k, weights, k_scale, blocks, ks, ke, block_size=block_size, topk=topk,
-               index_base=index_base, order=order, out=out, stream=stream, blocks_from_select=True)
+        ctx = _plan_context()
+        _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx)
+        _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
+                ws, ctx)
     return out
 
 
@@ -649,20 +899,22 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
         if S == 0:
             out.fill(-1)
             return out
-        rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
         skeys = _scoring_keys(q, k, H, D, stream)
+        key = ("dense", T, H, D, S, q.dtype, skeys.dtype, _plan_context())
+        plan = _plans.get(key)
+        if plan is None:
+            plan = _keep_plan(key, _dense_plan(q, skeys, T, H, D, S))
+        name, smem, rows, launches = plan
         keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
-        fn, smem, per_cta = _score_kernel("dense.cu", "dense_score_kernel", q, skeys, H, D, shared_keys=True)
-        ntiles = -(-S // SCORE_TILE)
-        for r0 in range(0, T, rows):
-            nr = min(rows, T - r0)
-            tpc = _tiles_per_cta(ntiles, nr // per_cta)
-            fn((-(-ntiles // tpc), -(-nr // per_cta)), (SCORE_THREADS,), (
-                _ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _i32(T), _i32(S),
-                _i32(r0), _i32(nr), _ptr(keys), _i64(S), _i32(tpc)), shared_mem=smem)
+        fn = _kernel("dense.cu", name, smem)
+        ptrs = (_ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke))
+        kp = (_ptr(keys),)
+        relative, by_score = index_base == "relative", order == "score"
+        for r0, nr, grid, head, tail in launches:
+            fn(grid, (SCORE_THREADS,), ptrs + head + kp + tail, shared_mem=smem)
             _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
-                           row0=r0, T=T, S=S, ks=ks, ke=ke, relative=index_base == "relative",
-                           by_score=order == "score", out_idx=out[r0:], out_ld=topk)
+                           row0=r0, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score,
+                           out_idx=out if r0 == 0 else out[r0:], out_ld=topk)
     return out
 
 

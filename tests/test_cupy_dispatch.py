@@ -6,12 +6,22 @@ capability) and every launch is recorded instead of run, so these tests pin the 
 docs/internals.md ("Engine choice") on every architecture; the kernels themselves are tested on a
 GPU (tests/gpu).
 """
+import ctypes
 import types
 
 import numpy as np
 import pytest
 
 from hisa_cupy.kernels import cupy_backend as cb
+
+
+def _value(arg):
+    """The integer a launch argument holds: NumPy scalar, CuPy CScalar or CIntptr (an address)."""
+    if isinstance(arg, (int, np.integer)):
+        return int(arg)
+    if hasattr(arg, "value"):  # CScalar
+        return int(arg.value)
+    return ctypes.c_int64.from_address(arg.ptr).value  # CIntptr: ptr is the address of its intptr_t
 
 
 class _Arr(np.ndarray):
@@ -34,13 +44,17 @@ class _Fake:
         self.opt_in = {}
         device = types.SimpleNamespace(id=0)
         cuda = types.SimpleNamespace(Device=lambda *a: device,
+                                     runtime=types.SimpleNamespace(getDevice=lambda: 0),
                                      get_current_stream=lambda: types.SimpleNamespace(ptr=0))
         fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: _arr(shape, dtype))
+        self.cupy = fake_cupy
         monkeypatch.setattr(cb, "_cupy", lambda: fake_cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin,
                                                                      "sms": 132})
         monkeypatch.setattr(cb, "_workspaces", {})
         monkeypatch.setattr(cb, "_smem_opted_in", {})
+        monkeypatch.setattr(cb, "_kernels", {})  # kernels and plans of the device this fake plays
+        monkeypatch.setattr(cb, "_plans", {})
         self_ = self
 
         class _Fn:
@@ -128,12 +142,12 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
     scores = [x for x in fake.launches if x.name.startswith("refine_union")]
     topks = [x for x in fake.launches if x.name == "refine_topk_kernel"]
     assert len(scores) == len(topks) == 5  # 16 + 16 + 16 + 16 + 6 rows
-    row0 = [int(x.args[11]) for x in scores]
-    nrows = [int(x.args[12]) for x in scores]
+    row0 = [_value(x.args[11]) for x in scores]
+    nrows = [_value(x.args[12]) for x in scores]
     assert row0 == [0, 16, 32, 48, 64] and nrows == [16, 16, 16, 16, 6]
     assert [x.grid[0] for x in topks] == nrows  # one top-k CTA per row of the chunk
     # every chunk reuses one [16, m * B] candidate buffer
-    assert len({int(x.args[13]) for x in scores}) == 1
+    assert len({_value(x.args[13]) for x in scores}) == 1
     assert cb._workspaces[(0, 0)]._bufs["cand_keys"].nbytes == 16 * n * 4
 
 
@@ -160,3 +174,120 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert cb.cache_dir() == str(tmp_path)
     monkeypatch.delenv("HISA_CUPY_CACHE_DIR")
     assert cb.cache_dir().endswith("hisa_cupy")
+
+
+# ---------------------------------------------------------------------------------- host path
+
+
+def test_launch_arguments_are_cupy_c_values(monkeypatch):
+    # every argument reaches CuPy's launch in its C form (nothing left for CuPy to convert per
+    # launch) and holds the value the kernel expects
+    CPointer = pytest.importorskip("cupy.cuda.function").CPointer
+    fake = _Fake(monkeypatch, cc=90)
+    T, S = 65, 4096
+    q, k = _arr((T, 64, 128), np.uint8), _arr((S, 128), np.uint8)
+    w, ksc, out = _arr((T, 64), np.float32), _arr((S,), np.float32), _arr((T, 512), np.int32)
+    cb.hisa_select(q, k, w, ksc, None, None, block_size=128, block_topk=8, topk=512, pool_dtype="bfloat16",
+                   index_base="relative", order="position", out=out, stream=0)
+    for launch in fake.launches:
+        assert all(isinstance(a, CPointer) for a in launch.args), launch.name
+    pool = fake.launches[0]
+    assert [_value(a) for a in pool.args] == [k.data.ptr, ksc.data.ptr, S, 128, 128, _value(pool.args[5]), 0]
+    union = fake.launches[4]
+    assert [_value(a) for a in union.args[:3]] == [q.data.ptr, _value(union.args[1]), w.data.ptr]
+    assert [_value(a) for a in union.args[7:13]] == [T, S, 128, 8, 0, T]  # T, S, B, m, row0, rows
+
+
+def test_int_and_pointer_arguments():
+    assert cb._i32(7) is cb._i32(7)  # made once per value
+    assert _value(cb._i32(-3)) == -3 and _value(cb._i64(1 << 40)) == 1 << 40
+    with pytest.raises(OverflowError):
+        cb._i32(1 << 31)
+    a = _arr((4, 4), np.float32)
+    assert _value(cb._ptr(a)) == a.data.ptr and _value(cb._ptr(None)) == 0
+    assert _value(cb._ptr_at(a, 8)) == a.data.ptr + 8 and _value(cb._ptr_at(None, 8)) == 0
+    assert _value(cb._addr(np.uint64(a.data.ptr))) == a.data.ptr
+
+
+def test_repeated_calls_reuse_plans_and_kernels(monkeypatch):
+    fake = _Fake(monkeypatch, cc=90)
+    built, loaded = [], []
+    plan, function = cb._refine_plan, cb._function
+    monkeypatch.setattr(cb, "_refine_plan", lambda *a: built.append(a) or plan(*a))
+    monkeypatch.setattr(cb, "_function", lambda *a: loaded.append(a) or function(*a))
+    _hisa(T=65)
+    first = [(x.name, x.grid, x.smem) for x in fake.launches]
+    fake.launches.clear()
+    _hisa(T=65)
+    assert [(x.name, x.grid, x.smem) for x in fake.launches] == first
+    assert len(built) == 1 and len(loaded) == len(first)  # planned and loaded once
+    _hisa(T=33)  # another shape: its own plan
+    assert len(built) == 2
+
+
+def test_plans_follow_the_knobs(monkeypatch):
+    # the knobs are part of every plan key: flipping one at run time takes effect at once
+    fake = _Fake(monkeypatch, cc=90)
+    _hisa()
+    assert any("union" in n for n in fake.names())
+    for use_union, expect in ((False, False), (True, True)):
+        fake.launches.clear()
+        monkeypatch.setattr(cb, "USE_UNION_PAIRS", use_union)
+        _hisa()
+        assert any("union" in n for n in fake.names()) == expect
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "USE_WGMMA", False)
+    _hisa()
+    assert not any("wgmma" in n for n in fake.names())
+
+
+def test_device_follows_the_current_device(monkeypatch):
+    fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(fake.cupy.cuda.runtime, "getDevice", lambda: 3)
+    _hisa()
+    assert list(cb._workspaces) == [(3, 0)]
+    assert {key[-1] for key in cb._kernels} == {3}  # kernels are looked up per device
+
+
+def test_public_call_with_torch_cuda_tensors(monkeypatch):
+    # hisa_cupy.hisa_select end to end on torch tensors that claim to be on cuda:0: the adapters
+    # wrap their pointers (real CuPy arrays, no device touched), the output comes from torch and
+    # is handed back as it is, and the backend's launches read the callers' own memory
+    torch = pytest.importorskip("torch")
+    cupy = pytest.importorskip("cupy")
+    import hisa_cupy
+    from hisa_cupy.adapters import arrays
+
+    class OnGpu(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl
+        is_cuda = property(lambda self: True)
+
+        def get_device(self):
+            return 0
+
+    fake = _Fake(monkeypatch, cc=90)
+    cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0),
+                                 get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+                                 UnownedMemory=cupy.cuda.UnownedMemory, MemoryPointer=cupy.cuda.MemoryPointer)
+    monkeypatch.setattr(arrays, "_cupy", lambda: types.SimpleNamespace(cuda=cuda, ndarray=cupy.ndarray))
+    monkeypatch.setattr(arrays, "_torch_raw_stream", lambda device: 0)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *s, dtype=None, device=None: empty(*s, dtype=dtype).as_subclass(OnGpu))
+    T, S = 64, 4096
+    q = torch.zeros(T, 64, 128, dtype=torch.float8_e4m3fn).as_subclass(OnGpu)
+    k = torch.zeros(S, 128, dtype=torch.float8_e4m3fn).as_subclass(OnGpu)
+    w, ksc = torch.zeros(T, 64).as_subclass(OnGpu), torch.ones(S).as_subclass(OnGpu)
+    ks, ke = torch.zeros(T, dtype=torch.int32).as_subclass(OnGpu), torch.ones(T, dtype=torch.int32).as_subclass(OnGpu)
+    for _ in range(2):  # the second call runs on the plans of the first
+        fake.launches.clear()
+        res = hisa_cupy.hisa_select(q, k, w, k_scale=ksc, ks=ks, ke=ke, block_size=128, block_topk=8, topk=512,
+                                    backend="cupy", validate=False)
+        assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
+        assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+                                "block_topm_kernel", "e4m3_to_f16_kernel",
+                                "refine_union_wgmma_kernel<2, 0, 2, 64, 128>", "refine_topk_kernel"]
+        pool, union, topk = fake.launches[0], fake.launches[4], fake.launches[5]
+        assert _value(pool.args[0]) == k.data_ptr() and _value(pool.args[1]) == ksc.data_ptr()
+        assert [_value(a) for a in union.args[:6:2]] == [q.data_ptr(), w.data_ptr(), ks.data_ptr()]
+        assert _value(union.args[5]) == ke.data_ptr()
+        assert res.data_ptr() in {_value(a) for a in topk.args}  # the top-k writes the returned tensor

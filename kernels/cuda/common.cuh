@@ -76,10 +76,11 @@ __device__ __forceinline__ u8 f32_to_e4m3_satfinite(float x) {
 #define HISA_KEY_FORCED 0xFFFFFFFFu
 
 __device__ __forceinline__ u32 score_key(float f) {
-    if (f != f) return HISA_KEY_NAN;
+    // branch-free: -0 -> +0, then negatives flipped (~u) and positives offset (u | sign bit)
     u32 u = __float_as_uint(f);
-    if (u == 0x80000000u) u = 0u;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    u = u == 0x80000000u ? 0u : u;
+    const u32 key = u ^ ((u32)((int)u >> 31) | 0x80000000u);
+    return f != f ? HISA_KEY_NAN : key;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -133,6 +134,17 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
+
+// asynchronous global -> shared copies (sm_80+): 16 or 4 bytes, zero-filled when !valid
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -2,14 +2,28 @@
 //
 // Input: one ranking key per item (common.cuh: 0 = not a candidate, larger = better), either
 // precomputed (KEYS_U32, written by score_tile) or derived from fp32 scores and row lengths
-// (KEYS_F32, the standalone hisa_cupy.topk).
-// 1. Radix select (4 passes of 8 bits, per-warp shared-memory histograms) finds the k-th largest
-//    key `thr`, how many items are strictly above it, and how many items equal to it are needed.
-// 2. In-order compaction: items are visited in ascending item order, and an item is kept when its
-//    key is above `thr`, or equal to it and among the first `need` such items — ties go to the
-//    lower item index, which is the lower position because items are ordered by position.
-// 3. Output: positions ascending, or (ORDER by score) a bitonic sort of the kept items by
-//    (key desc, item asc); then -1 padding.
+// (KEYS_F32, the standalone hisa_cupy.topk). Keys are cached in shared memory when the row fits.
+//
+// Two algorithms, chosen by the host (`lists`):
+//
+// * List mode (row_select_lists; k up to a few thousand). Every selected item is collected into
+//   a shared-memory list, then the list is put in output order:
+//   1. One pass builds a 2048-bin histogram of the top 11 key bits and finds the bin `tb` holding
+//      the k-th largest key. A second pass appends the items of higher bins to the selected list
+//      and the items of bin `tb` to a candidate list (when they fit; else step 2 runs over all
+//      items instead).
+//   2. Radix levels (11 then 10 bits) over the candidates narrow the threshold down; a level
+//      stops early once every item of its bin is needed.
+//   3. Only when items equal to the k-th key must be split (ties at the threshold) does one
+//      in-order pass keep the lowest-index ones — ties go to the lower item index, which is the
+//      lower position because items are ordered by position.
+//   4. The list is sorted by a bucket sort on a 64-bit sort value (score then index, or index
+//      alone for position order): buckets are 2048 equal ranges of the value, and each item's
+//      slot is its bucket's start plus the number of larger values in its bucket. Rows whose
+//      largest bucket is too full for that (heavily skewed values) use a bitonic sort instead.
+// * In-order mode (row_select_inorder; any k): radix select (4 passes of 8 bits, per-warp
+//   histograms) finds the k-th key, then an in-order compaction writes positions ascending or,
+//   by score, a bitonic sort of the kept items.
 #pragma once
 #include "common.cuh"
 
@@ -22,6 +36,10 @@
 
 #define SELECT_THREADS 512
 #define SELECT_WARPS (SELECT_THREADS / 32)
+#define LIST_BINS 2048          // radix histogram of list mode (11 bits)
+#define SORT_BITS 12
+#define SORT_BINS (1 << SORT_BITS)  // buckets of list mode's sort
+#define LIST_BUCKET_MAX 128     // largest bucket the bucket sort ranks by counting
 
 struct SelectArgs {
     const u32* keys;      // KEYS_U32: [rows, ld]
@@ -38,7 +56,10 @@ struct SelectArgs {
     int m, B, col0;
     int relative;         // subtract ks[t] from positions
     int by_score;         // order by rank instead of by position
-    int sort_cap;         // power of two >= k (by_score only)
+    int sort_cap;         // power of two >= k (in-order mode: by_score only; list mode: list size)
+    int lists;            // 1: list mode, 0: in-order mode
+    int cand_cap;         // list mode: candidate-list entries (>= sort_cap)
+    int ring;             // list mode: rows not cached stream through a cp.async ring (RING_STAGES)
     int* out_idx;
     long long out_ld;
     float* out_val;       // KEYS_F32 only (nullable)
@@ -46,8 +67,24 @@ struct SelectArgs {
 
 template <int SRC>
 __device__ __forceinline__ u32 load_key(const SelectArgs& a, long long row, int n, int len) {
-    if (SRC == KEYS_U32) return a.keys[row * a.ld + n];
-    return n < len ? score_key(a.scores[row * a.ld + n]) : HISA_KEY_NONE;
+    if (SRC == KEYS_U32) return __ldg(a.keys + row * a.ld + n);
+    return n < len ? score_key(__ldg(a.scores + row * a.ld + n)) : HISA_KEY_NONE;
+}
+
+template <int SRC>
+__device__ __forceinline__ u32 word_key(u32 w) {
+    return SRC == KEYS_U32 ? w : score_key(__uint_as_float(w));
+}
+
+// output slot <- item n: its position (MAP), minus `rel`, and its value (KEYS_F32)
+template <int SRC, int MAP>
+__device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, int t, int rel, int slot, int n) {
+    int pos;
+    if (MAP == MAP_IDENTITY) pos = n;
+    else if (MAP == MAP_TOKENS) pos = a.col0 + n;
+    else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
+    a.out_idx[row * a.out_ld + slot] = pos - rel;
+    if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
 }
 
 // exclusive block-wide prefix sum of one int per thread; returns the block total in *total
@@ -78,7 +115,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* tota
 }
 
 template <int SRC, int MAP>
-__device__ void row_select(const SelectArgs& a) {
+__device__ void row_select_inorder(const SelectArgs& a) {
     extern __shared__ __align__(16) char smem[];
     int* sHist = reinterpret_cast<int*>(smem);                  // [SELECT_WARPS][256]
     int* sScan = sHist + SELECT_WARPS * 256;                    // [32]
@@ -167,15 +204,7 @@ __device__ void row_select(const SelectArgs& a) {
     int base_sel = 0, base_eq = 0;
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
     int* out = a.out_idx + row * a.out_ld;
-    // output slot <- item n: its position (MAP), minus ks[t] when relative, and its value (KEYS_F32)
-    auto emit = [&](int slot, int n) {
-        int pos;
-        if (MAP == MAP_IDENTITY) pos = n;
-        else if (MAP == MAP_TOKENS) pos = a.col0 + n;
-        else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
-        out[slot] = pos - rel;
-        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
-    };
+    auto emit = [&](int slot, int n) { emit_item<SRC, MAP>(a, row, t, rel, slot, n); };
     for (int c0 = 0; c0 < n_items && base_sel < n_out; c0 += SELECT_THREADS) {
         const int n = c0 + tid;
         const u32 key = n < n_items ? (cached ? sCache[n] : load_key<SRC>(a, row, n, len)) : HISA_KEY_NONE;
@@ -228,12 +257,537 @@ __device__ void row_select(const SelectArgs& a) {
     }
 }
 
+// ----------------------------------------------------------------------------------------------
+// List mode
+
+// shared-memory misc slots
+#define MISC_BIN 0
+#define MISC_ABOVE 1
+#define MISC_TOTAL 2
+#define MISC_SEL 3       // selected-list cursor
+#define MISC_CAND 4      // candidate-list cursor
+#define MISC_MAXB 5      // largest bucket of the sort
+#define MISC_PMIN 6      // [6, 7]: range of the sort's primary values
+
+#define SEL_G 8          // items per thread per chunk (held in registers)
+#define RING_STAGES 8    // rows read from global memory: copy groups in flight (16 KB each)
+
+// list entry: key in the high word, ~item in the low word (larger entry = better under §3)
+__device__ __forceinline__ u64 list_entry(u32 key, int n) {
+    return ((u64)key << 32) | (u64)(0xFFFFFFFFu - (u32)n);
+}
+__device__ __forceinline__ int entry_item(u64 e) { return (int)(0xFFFFFFFFu - (u32)e); }
+
+// Finds, counting from the top of hist[0, nbins) (nbins <= 4 * SELECT_THREADS), the bin b with
+// above(b) < r <= above(b) + hist[b], where above(b) is the count in the bins above b. Writes
+// sMisc[MISC_BIN] = b, sMisc[MISC_ABOVE] = above(b), sMisc[MISC_TOTAL] = total. Ends synced.
+__device__ __forceinline__ void find_bin(const int* hist, int nbins, int r, int* sScan, int* sMisc) {
+    const int tid = threadIdx.x;
+    int h[4];
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int b = nbins - 1 - 4 * tid - j;
+        h[j] = b >= 0 ? hist[b] : 0;
+        sum += h[j];
+    }
+    int total;
+    int above = block_exclusive_scan(sum, sScan, &total);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if (above < r && above + h[j] >= r) {
+            sMisc[MISC_BIN] = nbins - 1 - 4 * tid - j;
+            sMisc[MISC_ABOVE] = above;
+        }
+        above += h[j];
+    }
+    if (tid == 0) sMisc[MISC_TOTAL] = total;
+    __syncthreads();
+}
+
+// Item chunks: f(key[SEL_G], n[SEL_G]) is called for consecutive chunks of SEL_G items per
+// thread; every thread makes the same number of calls, so f may use warp collectives. Slots
+// past the row carry HISA_KEY_NONE and an index >= n_items.
+typedef u32 ChunkKeys[SEL_G];
+typedef int ChunkItems[SEL_G];
+
+// every item of the row: from the shared-memory cache, or from global memory with 16-byte
+// loads (the next chunk's loads issued before the current chunk is processed)
+template <int SRC, class F>
+__device__ __forceinline__ void row_chunks(const SelectArgs& a, long long row, int n_items, const u32* cache, u32* ring,
+                                           F&& f) {
+    const int tid = threadIdx.x;
+    ChunkKeys key;
+    ChunkItems n;
+    if (cache) {
+        for (int c0 = 0; c0 < n_items; c0 += SEL_G * SELECT_THREADS) {
+#pragma unroll
+            for (int j = 0; j < SEL_G; ++j) {
+                const int i = c0 + j * SELECT_THREADS + tid;
+                const bool ok = i < n_items;
+                n[j] = ok ? i : n_items;
+                key[j] = ok ? cache[i] : HISA_KEY_NONE;
+            }
+            f(key, n);
+        }
+        return;
+    }
+    const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
+    int done = 0;
+    const bool aligned = (reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull;
+    if (aligned && ring) {
+        // RING_STAGES groups of cp.async copies in flight; group g brings vectors
+        // g * 2T + tid and g * 2T + T + tid (T = SELECT_THREADS) into slot g % RING_STAGES. Each
+        // thread reads back only what it copied itself, so no barrier is needed.
+        static_assert(SEL_G == 8, "one ring group = two 16-byte vectors per thread");
+        constexpr int T = SELECT_THREADS;
+        const int n_vec = n_items >> 2;
+        const int n_grp = (n_vec + 2 * T - 1) / (2 * T);
+        const uint4* vec = reinterpret_cast<const uint4*>(words);
+        const u32 rb = smem_addr(ring) + tid * 16;
+        auto issue = [&](int g) {
+            if (g < n_grp) {
+                const u32 dst = rb + (g % RING_STAGES) * (2 * T * 16);
+                const int v = g * 2 * T + tid;
+                cp_async16(dst, vec + min(v, n_vec - 1), v < n_vec);
+                cp_async16(dst + T * 16, vec + min(v + T, n_vec - 1), v + T < n_vec);
+            }
+            cp_async_commit();  // empty groups too: the count of groups stays uniform
+        };
+        for (int g = 0; g < RING_STAGES - 1; ++g) issue(g);
+        for (int g = 0; g < n_grp; ++g) {
+            cp_async_wait<RING_STAGES - 2>();  // group g has landed
+            const uint4* slot = reinterpret_cast<const uint4*>(ring) + (g % RING_STAGES) * 2 * T + tid;
+            const uint4 x[2] = {slot[0], slot[T]};
+            issue(g + RING_STAGES - 1);  // into the slot read in the previous iteration
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int v = g * 2 * T + u * T + tid;
+                const bool ok = v < n_vec;
+                const int base = ok ? 4 * v : n_items;
+                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    key[4 * u + j] = ok ? word_key<SRC>(w[j]) : HISA_KEY_NONE;
+                    n[4 * u + j] = base + j;
+                }
+            }
+            f(key, n);
+        }
+        cp_async_wait<0>();
+        done = n_vec << 2;
+    } else if (aligned) {
+        constexpr int V = SEL_G / 4;  // 16-byte vectors per thread per chunk
+        const int n_vec = n_items >> 2;
+        const uint4* vec = reinterpret_cast<const uint4*>(words);
+        uint4 x[V];
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+            const int v = u * SELECT_THREADS + tid;
+            x[u] = v < n_vec ? __ldg(vec + v) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        for (int v0 = 0; v0 < n_vec; v0 += V * SELECT_THREADS) {
+            uint4 y[V];
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                const int v = v0 + (V + u) * SELECT_THREADS + tid;
+                y[u] = v < n_vec ? __ldg(vec + v) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < V; ++u) {
+                const int v = v0 + u * SELECT_THREADS + tid;
+                const bool ok = v < n_vec;
+                const int base = ok ? 4 * v : n_items;
+                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    key[4 * u + j] = ok ? word_key<SRC>(w[j]) : HISA_KEY_NONE;
+                    n[4 * u + j] = base + j;
+                }
+            }
+            f(key, n);
+#pragma unroll
+            for (int u = 0; u < V; ++u) x[u] = y[u];
+        }
+        done = n_vec << 2;
+    }
+    for (int c0 = done; c0 < n_items; c0 += SEL_G * SELECT_THREADS) {
+#pragma unroll
+        for (int j = 0; j < SEL_G; ++j) {
+            const int i = c0 + j * SELECT_THREADS + tid;
+            const bool ok = i < n_items;
+            n[j] = ok ? i : n_items;
+            key[j] = ok ? word_key<SRC>(__ldg(words + i)) : HISA_KEY_NONE;
+        }
+        f(key, n);
+    }
+}
+
+// Item sources for the radix levels and the appends: src(f) runs f over chunks.
+// (Functors, not generic lambdas: NVRTC compiles generic lambdas as host functions.)
+template <int SRC>
+struct RowItems {  // every item of the row (cache, or global memory through the ring if any)
+    const SelectArgs a;
+    long long row;
+    int n_items;
+    const u32* cache;
+    u32* ring;
+    template <class F>
+    __device__ __forceinline__ void operator()(F&& f) const {
+        row_chunks<SRC>(a, row, n_items, cache, ring, f);
+    }
+};
+
+struct ListItems {  // the entries of a shared-memory list
+    const u64* list;
+    int n_list;
+    template <class F>
+    __device__ __forceinline__ void operator()(F&& f) const {
+        ChunkKeys key;
+        ChunkItems n;
+        for (int c0 = 0; c0 < n_list; c0 += SEL_G * SELECT_THREADS) {
+#pragma unroll
+            for (int j = 0; j < SEL_G; ++j) {
+                const int i = c0 + j * SELECT_THREADS + threadIdx.x;
+                const u64 e = i < n_list ? list[i] : 0ull;
+                key[j] = (u32)(e >> 32);
+                n[j] = entry_item(e);
+            }
+            f(key, n);
+        }
+    }
+};
+
+// Appends the chunk items flagged in mask_a to list_a and those in mask_b to list_b (unordered):
+// one warp scan of both counts, one atomic per list per warp. Every lane of the warp calls it.
+__device__ __forceinline__ void append_chunk(const ChunkKeys& key, const ChunkItems& n, unsigned mask_a, u64* list_a,
+                                             int* cursor_a, int cap_a, unsigned mask_b, u64* list_b, int* cursor_b,
+                                             int cap_b) {
+    const int lane = threadIdx.x & 31;
+    const int cnt = __popc(mask_a) | (__popc(mask_b) << 16);  // at most 32 * SEL_G each
+    int incl = cnt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    int base_a = 0, base_b = 0;
+    if (lane == 31) {
+        if (incl & 0xFFFF) base_a = atomicAdd(cursor_a, incl & 0xFFFF);
+        if (incl >> 16) base_b = atomicAdd(cursor_b, incl >> 16);
+    }
+    const int excl = incl - cnt;
+    int ia = __shfl_sync(0xFFFFFFFFu, base_a, 31) + (excl & 0xFFFF);
+    int ib = __shfl_sync(0xFFFFFFFFu, base_b, 31) + (excl >> 16);
+#pragma unroll
+    for (int j = 0; j < SEL_G; ++j) {  // predicated stores, no branches
+        const int wa = (mask_a >> j) & 1u, wb = (mask_b >> j) & 1u;
+        const u64 e = list_entry(key[j], n[j]);
+        if (wa & (ia < cap_a)) list_a[ia] = e;
+        if (wb & (ib < cap_b)) list_b[ib] = e;
+        ia += wa;
+        ib += wb;
+    }
+}
+
+// Radix state: the threshold's known bits are prefix >> shift; `remaining` items of the group
+// sharing them are still to be selected; done: every item of that group is selected.
+struct RadixState {
+    u32 prefix;
+    int shift;
+    int remaining;
+    bool done;
+};
+
+// One radix level: histogram of key bits [s, shift) over the items of the current group,
+// then the bin holding the remaining-th largest.
+template <class Items>
+__device__ __forceinline__ void radix_level(const Items& items, int s, RadixState& st, int* sHist, int* sScan,
+                                            int* sMisc) {
+    const int nb = 1 << (st.shift - s);
+    for (int i = threadIdx.x; i < nb; i += SELECT_THREADS) sHist[i] = 0;
+    __syncthreads();
+    const int shift = st.shift;
+    const u32 group = st.prefix >> shift;
+    items([&](const ChunkKeys& key, const ChunkItems&) {
+#pragma unroll
+        for (int j = 0; j < SEL_G; ++j)
+            if (key[j] != HISA_KEY_NONE && (key[j] >> shift) == group)
+                atomicAdd(&sHist[(key[j] >> s) & (u32)(nb - 1)], 1);
+    });
+    __syncthreads();
+    find_bin(sHist, nb, st.remaining, sScan, sMisc);
+    const int b = sMisc[MISC_BIN];
+    st.prefix |= (u32)b << s;
+    st.remaining -= sMisc[MISC_ABOVE];
+    st.shift = s;
+    st.done = sHist[b] == st.remaining;
+    __syncthreads();  // everyone has read sHist / sMisc before they are reused
+}
+
+// Appends to the selected list the items of `items` that rank above the threshold group of st
+// (or in it, when st.done), restricted to the pass-1 bin `top` when restrict_top.
+template <class Items>
+__device__ __forceinline__ void append_selected(const Items& items, const RadixState& st, bool restrict_top, u32 top,
+                                                u64* sSel, int cap, int* sMisc) {
+    const int shift = st.shift;
+    const u64 lo = (u64)(st.prefix >> shift) + (st.done ? 0u : 1u);  // selected: key >> shift >= lo
+    const u32 any_top = restrict_top ? 0u : 0xFFFFFFFFu;
+    items([&](const ChunkKeys& key, const ChunkItems& n) {
+        unsigned mask = 0u;
+#pragma unroll
+        for (int j = 0; j < SEL_G; ++j) {
+            const unsigned sel = (unsigned)(key[j] != HISA_KEY_NONE) & (unsigned)((u64)(key[j] >> shift) >= lo) &
+                                 (unsigned)(((key[j] >> 21) | any_top) == (top | any_top));
+            mask |= sel << j;
+        }
+        if (__any_sync(0xFFFFFFFFu, mask != 0u))
+            append_chunk(key, n, mask, sSel, &sMisc[MISC_SEL], cap, 0u, sSel, &sMisc[MISC_SEL], 0);
+    });
+    __syncthreads();
+}
+
+// Appends, in ascending item order, the first `need` items whose key equals thr (thr != 0).
+// Each warp owns a contiguous range of items; one count pass, then one selection pass.
+template <int SRC>
+__device__ void append_ties(const SelectArgs& a, long long row, int len, int n_items, const u32* cache, u32 thr,
+                            int need, u64* sSel, int cap, int* sScan, int* sMisc) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int R = ((n_items + SELECT_WARPS - 1) / SELECT_WARPS + 31) & ~31;
+    const int lo = min(n_items, warp * R), hi = min(n_items, lo + R);
+    auto key_at = [&](int n) -> u32 {
+        return n < hi ? (cache ? cache[n] : load_key<SRC>(a, row, n, len)) : HISA_KEY_NONE;
+    };
+    int cnt = 0;
+    for (int n0 = lo; n0 < hi; n0 += 32) cnt += __popc(__ballot_sync(0xFFFFFFFFu, key_at(n0 + lane) == thr));
+    if (lane == 0) sScan[warp] = cnt;
+    __syncthreads();
+    int base = 0;
+    for (int w = 0; w < warp; ++w) base += sScan[w];
+    for (int n0 = lo; n0 < hi && base < need; n0 += 32) {
+        const int n = n0 + lane;
+        const bool eq = key_at(n) == thr;
+        const unsigned m = __ballot_sync(0xFFFFFFFFu, eq);
+        const bool pred = eq && base + __popc(m & ((1u << lane) - 1u)) < need;
+        const unsigned pm = __ballot_sync(0xFFFFFFFFu, pred);
+        int slot = 0;
+        if (lane == 0 && pm) slot = atomicAdd(&sMisc[MISC_SEL], __popc(pm));
+        slot = __shfl_sync(0xFFFFFFFFu, slot, 0) + __popc(pm & ((1u << lane) - 1u));
+        if (pred && slot < cap) sSel[slot] = list_entry(thr, n);
+        base += __popc(m);
+    }
+    __syncthreads();
+}
+
+// Sorts the n_out selected entries by sort value (score order: the entry; position order: its
+// low word, i.e. ascending item) descending and writes the output row. Bucket sort over
+// SORT_BINS equal ranges of the value; each item's slot is its bucket's start plus the number
+// of larger values in its bucket.
+template <int SRC, int MAP>
+__device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
+                              int* sHist, int* sScan, int* sMisc) {
+    constexpr int PER = SORT_BINS / SELECT_THREADS;  // buckets per thread in the scan
+    const int tid = threadIdx.x, lane = tid & 31;
+    const bool by_score = a.by_score != 0;
+    auto value = [&](u64 e) -> u64 { return by_score ? e : (e & 0xFFFFFFFFull); };
+    // buckets follow the value's primary part (score order: the key; position order: ~item),
+    // which orders the values the same way up to ties inside a bucket
+    auto primary = [&](u64 e) -> u32 { return by_score ? (u32)(e >> 32) : (u32)e; };
+    unsigned* sRange = reinterpret_cast<unsigned*>(sMisc + MISC_PMIN);  // [min, max] of the primary
+    if (tid == 0) {
+        sRange[0] = 0xFFFFFFFFu;
+        sRange[1] = 0u;
+        sMisc[MISC_MAXB] = 0;
+    }
+    for (int i = tid; i < SORT_BINS; i += SELECT_THREADS) sHist[i] = 0;
+    __syncthreads();
+    u32 lo = 0xFFFFFFFFu, hi = 0u;
+    for (int i = tid; i < n_out; i += SELECT_THREADS) {
+        const u32 p = primary(sSel[i]);
+        lo = min(lo, p);
+        hi = max(hi, p);
+    }
+    lo = __reduce_min_sync(0xFFFFFFFFu, lo);
+    hi = __reduce_max_sync(0xFFFFFFFFu, hi);
+    if (lane == 0) {
+        atomicMin(&sRange[0], lo);
+        atomicMax(&sRange[1], hi);
+    }
+    __syncthreads();
+    const u32 pmin = sRange[0], span = sRange[1] - pmin;
+    // bucket = (primary - pmin) >> sh lies in [0, SORT_BINS): sh keeps the top SORT_BITS bits of the span
+    const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - SORT_BITS);
+    auto bucket = [&](u64 e) -> int { return (int)((primary(e) - pmin) >> sh); };
+    for (int i = tid; i < n_out; i += SELECT_THREADS) atomicAdd(&sHist[bucket(sSel[i])], 1);
+    __syncthreads();
+    {  // bucket starts, highest bucket first; the largest bucket
+        int h[PER], sum = 0, big = 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            h[j] = sHist[SORT_BINS - 1 - PER * tid - j];
+            sum += h[j];
+            big = max(big, h[j]);
+        }
+        int total;
+        int start = block_exclusive_scan(sum, sScan, &total);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            sHist[SORT_BINS - 1 - PER * tid - j] = start;
+            start += h[j];
+        }
+        if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
+        __syncthreads();
+    }
+    if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
+        // skewed values: bitonic sort of the sort values (all > 0, padding 0), descending
+        int P = 1;
+        while (P < n_out) P <<= 1;
+        for (int i = tid; i < P; i += SELECT_THREADS) sSel[i] = i < n_out ? value(sSel[i]) : 0ull;
+        __syncthreads();
+        for (int size = 2; size <= P; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int i = tid; i < P; i += SELECT_THREADS) {
+                    const int j = i ^ stride;
+                    if (j > i) {
+                        const u64 x = sSel[i], y = sSel[j];
+                        const bool desc = (i & size) == 0;
+                        if (desc ? (x < y) : (x > y)) {
+                            sSel[i] = y;
+                            sSel[j] = x;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        for (int i = tid; i < n_out; i += SELECT_THREADS) emit_item<SRC, MAP>(a, row, t, rel, i, entry_item(sSel[i]));
+        return;
+    }
+    // scatter into buckets; afterwards sHist[b] is the end of bucket b and the start of b - 1
+    for (int i = tid; i < n_out; i += SELECT_THREADS) {
+        const u64 e = sSel[i];
+        sAux[atomicAdd(&sHist[bucket(e)], 1)] = e;
+    }
+    __syncthreads();
+    for (int p = tid; p < n_out; p += SELECT_THREADS) {
+        const u64 e = sAux[p], v = value(e);
+        const int b = bucket(e);
+        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        int rank = 0;
+        for (int j = start; j < end; ++j) rank += value(sAux[j]) > v;
+        emit_item<SRC, MAP>(a, row, t, rel, start + rank, entry_item(e));
+    }
+}
+
+template <int SRC, int MAP>
+__device__ void row_select_lists(const SelectArgs& a) {
+    extern __shared__ __align__(16) char smem[];
+    int* sHist = reinterpret_cast<int*>(smem);               // [SORT_BINS] (LIST_BINS for the radix)
+    int* sScan = sHist + SORT_BINS;                          // [32]
+    int* sMisc = sScan + 32;                                 // [32]
+    u64* sSel = reinterpret_cast<u64*>(sMisc + 32);          // [sort_cap] selected entries
+    u64* sAux = sSel + a.sort_cap;                           // [cand_cap] candidates, then sort scratch
+    u32* sCacheMem = reinterpret_cast<u32*>(sAux + a.cand_cap);  // [ncols] when the row fits
+
+    const int tid = threadIdx.x;
+    const long long row = blockIdx.x;
+    const int t = a.row0 + (int)row;
+    const int len = (SRC == KEYS_F32 && a.lengths) ? max(0, min(a.lengths[t], a.ncols)) : a.ncols;
+    const int n_items = (SRC == KEYS_F32) ? len : a.ncols;
+    const int k = a.k, cap = a.sort_cap;
+    u32* sCache = a.ncols <= a.cache_cap ? sCacheMem : nullptr;
+    u32* sRing = !sCache && a.ring ? sCacheMem : nullptr;  // rows read from global memory
+
+    for (int i = tid; i < LIST_BINS; i += SELECT_THREADS) sHist[i] = 0;
+    if (tid == 0) sMisc[MISC_SEL] = sMisc[MISC_CAND] = 0;
+    __syncthreads();
+
+    // pass 1 (global memory): histogram of the top 11 bits; the keys go to the cache
+    row_chunks<SRC>(a, row, n_items, nullptr, sRing, [&](const ChunkKeys& key, const ChunkItems& n) {
+#pragma unroll
+        for (int j = 0; j < SEL_G; ++j) {
+            if (sCache && n[j] < n_items) sCache[n[j]] = key[j];
+            if (key[j] != HISA_KEY_NONE) atomicAdd(&sHist[key[j] >> 21], 1);
+        }
+    });
+    __syncthreads();
+    find_bin(sHist, LIST_BINS, k, sScan, sMisc);
+    const int n_valid = sMisc[MISC_TOTAL];
+    const RowItems<SRC> all_items{a, row, n_items, sCache, sRing};
+
+    // every candidate selected: group = all keys >= 1 (shift 0, prefix 0, taken)
+    RadixState st{0u, 0, 0, true};
+    int tb_count = 0;
+    if (n_valid > k) {
+        const int tb = sMisc[MISC_BIN];
+        tb_count = sHist[tb];
+        st = RadixState{(u32)tb << 21, 21, k - sMisc[MISC_ABOVE], false};
+        st.done = tb_count == st.remaining;
+    }
+    const bool to_cands = !st.done && tb_count <= a.cand_cap;
+    __syncthreads();
+
+    // pass 2: keys above bin tb (or in it, when all of it is needed) -> selected list;
+    // keys in bin tb -> candidate list (when they fit)
+    {
+        const int shift = st.shift;
+        const u32 group = st.prefix >> shift;
+        const u64 lo = (u64)group + (st.done ? 0u : 1u);  // selected: key >> shift >= lo
+        const unsigned tc = to_cands;
+        all_items([&](const ChunkKeys& key, const ChunkItems& n) {
+            unsigned ms = 0u, mc = 0u;
+#pragma unroll
+            for (int j = 0; j < SEL_G; ++j) {  // bitwise, so no branches
+                const u32 g = key[j] >> shift;
+                const unsigned valid = key[j] != HISA_KEY_NONE;
+                ms |= (valid & (unsigned)((u64)g >= lo)) << j;
+                mc |= (valid & tc & (unsigned)(g == group)) << j;
+            }
+            if (__any_sync(0xFFFFFFFFu, mc != 0u))  // candidates are few: most warps skip their list
+                append_chunk(key, n, ms, sSel, &sMisc[MISC_SEL], cap, mc, sAux, &sMisc[MISC_CAND], a.cand_cap);
+            else
+                append_chunk(key, n, ms, sSel, &sMisc[MISC_SEL], cap, 0u, sAux, &sMisc[MISC_CAND], 0);
+        });
+        __syncthreads();
+    }
+
+    if (!st.done) {
+        const u32 top = st.prefix >> 21;  // bin tb of pass 1
+        if (to_cands) {
+            const ListItems cands{sAux, sMisc[MISC_CAND]};
+            radix_level(cands, 10, st, sHist, sScan, sMisc);
+            if (!st.done) radix_level(cands, 0, st, sHist, sScan, sMisc);
+            append_selected(cands, st, false, top, sSel, cap, sMisc);
+        } else {
+            radix_level(all_items, 10, st, sHist, sScan, sMisc);
+            if (!st.done) radix_level(all_items, 0, st, sHist, sScan, sMisc);
+            append_selected(all_items, st, true, top, sSel, cap, sMisc);
+        }
+        if (!st.done)  // ties at the threshold: the lowest-index `remaining` items equal to it
+            append_ties<SRC>(a, row, len, n_items, sCache, st.prefix, st.remaining, sSel, cap, sScan, sMisc);
+    }
+
+    const int n_out = min(k, n_valid);
+    const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+    sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
+    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
+        a.out_idx[row * a.out_ld + i] = -1;
+        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
+    }
+}
+
+template <int SRC, int MAP>
+__device__ void row_select(const SelectArgs& a) {
+    if (a.lists) row_select_lists<SRC, MAP>(a);
+    else row_select_inorder<SRC, MAP>(a);
+}
+
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.
 #define SELECT_PARAMS                                                                          \
     const u32 *keys, const float *scores, long long ld, int ncols, const int *lengths, int k,  \
         int cache_cap, int row0, int T, int S, const int *ks, const int *ke, const int *blocks, \
-        int m, int B, int col0, int relative, int by_score, int sort_cap, int *out_idx,         \
-        long long out_ld, float *out_val
+        int m, int B, int col0, int relative, int by_score, int sort_cap, int lists,            \
+        int cand_cap, int ring, int *out_idx, long long out_ld, float *out_val
 #define SELECT_ARGS                                                                             \
     SelectArgs { keys, scores, ld, ncols, lengths, k, cache_cap, row0, T, S, ks, ke, blocks, m, B, \
-                 col0, relative, by_score, sort_cap, out_idx, out_ld, out_val }
+                 col0, relative, by_score, sort_cap, lists, cand_cap, ring, out_idx, out_ld, out_val }

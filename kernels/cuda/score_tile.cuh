@@ -115,16 +115,6 @@ __host__ __device__ constexpr int score_smem_bytes() {
            KeyPath<ENGINE, KDT>::buffers * SCORE_TILE * 4 * (2 + ROWS);
 }
 
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // key row read by item n of query row t (-1: none) and its flag: 0 not a candidate, 1 scored,
 // 2 forced block
 template <int ITEMS>

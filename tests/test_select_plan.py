@@ -1,0 +1,68 @@
+"""Launch plan of the row top-k kernel (row_select.cuh), without a GPU: which mode runs, how big
+its lists are, when a row's keys are cached in shared memory, and where order='score' stops."""
+import pytest
+
+from hisa_cupy.kernels import cupy_backend as cb
+
+HOPPER_OPTIN = 227 * 1024
+SM86_OPTIN = 99 * 1024
+
+
+def test_list_mode_for_usual_k():
+    lists, cap, cand_cap, ring, cache_cap, smem = cb._select_plan(2048, 8192, True, HOPPER_OPTIN)
+    assert lists and cap == 2048 and cand_cap == 2048 and not ring
+    # histogram + scan + misc, two lists of 8-byte entries, then the 8192 cached keys
+    assert cb.SELECT_LIST_FIXED_SMEM == (4096 + 64) * 4
+    assert smem == cb.SELECT_LIST_FIXED_SMEM + 16 * 2048 + 8192 * 4
+    assert cache_cap >= 8192
+    assert smem <= HOPPER_OPTIN - 1024
+
+
+def test_small_k_gets_the_minimum_list():
+    lists, cap, _, _, _, _ = cb._select_plan(64, 1024, False, HOPPER_OPTIN)
+    assert lists and cap == cb.SELECT_LIST_MIN
+
+
+@pytest.mark.parametrize("k,cap", [(1, 512), (513, 1024), (1024, 1024), (1025, 2048), (4096, 4096)])
+def test_list_size_is_next_power_of_two(k, cap):
+    assert cb._select_plan(k, 100, True, HOPPER_OPTIN)[1] == cap
+
+
+def test_long_rows_are_not_cached_and_stream_through_a_ring():
+    # few rows (one CTA per SM): a ring of asynchronous copies and a long candidate list take
+    # the shared memory a cache would
+    lists, cap, cand_cap, ring, cache_cap, smem = cb._select_plan(2048, 131072, True, HOPPER_OPTIN, rows=64,
+                                                                  sms=132)
+    assert lists and ring and 131072 > cache_cap
+    assert cand_cap >= 2 * cap and cand_cap % 8 == 0
+    assert smem == cb.SELECT_LIST_FIXED_SMEM + 8 * cap + 8 * cand_cap + cb.SELECT_RING_BYTES
+    assert smem <= HOPPER_OPTIN - 1024
+    # many rows: 4 CTAs share an SM, no room for the ring; the candidate list shrinks
+    _, _, cand_many, ring_many, _, smem_many = cb._select_plan(2048, 131072, True, HOPPER_OPTIN, rows=4096,
+                                                               sms=132)
+    assert not ring_many and cap <= cand_many < cand_cap
+    assert 4 * (smem_many + 1024) <= HOPPER_OPTIN + 1024
+    # never longer than the row
+    assert cb._select_plan(512, 60000, True, HOPPER_OPTIN, rows=1)[2] <= 60000 + 8
+
+
+def test_large_k_falls_back_to_in_order_mode():
+    # 16384-entry lists (2 x 128 KB) exceed the opt-in limit: the in-order mode runs
+    lists, cap, _, _, cache_cap, smem = cb._select_plan(16384, 65536, False, HOPPER_OPTIN)
+    assert not lists and cap == 0
+    assert smem <= HOPPER_OPTIN - 1024
+    lists, cap, _, _, _, smem = cb._select_plan(16384, 65536, True, HOPPER_OPTIN)
+    assert not lists and cap == 16384 and smem == cb.SELECT_FIXED_SMEM + 8 * 16384 + (
+        65536 * 4 if 65536 * 4 + cb.SELECT_FIXED_SMEM + 8 * 16384 <= HOPPER_OPTIN - 1024 else 0)
+
+
+def test_list_mode_limit_depends_on_the_device():
+    assert cb._select_plan(8192, 100, True, HOPPER_OPTIN)[0]
+    assert not cb._select_plan(8192, 100, True, SM86_OPTIN)[0]  # 2 lists x 64 KB > 98 KB
+
+
+def test_score_order_beyond_the_bitonic_buffer_is_a_value_error():
+    with pytest.raises(ValueError, match="too large for order='score'"):
+        cb._select_plan(1 << 15, 100, True, HOPPER_OPTIN)
+    # position order has no such limit
+    assert not cb._select_plan(1 << 15, 100, False, HOPPER_OPTIN)[0]
