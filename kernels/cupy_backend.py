@@ -352,7 +352,7 @@ def _f16_keys(k, stream):
     n8 = S * D // 8
     if n8:
         fn = _kernel("convert.cu", "e4m3_to_f16_kernel", 0)
-        sms = _device_facts(_cupy().cuda.Device().id)["sms"]
+        sms = _device_facts(_device_id())["sms"]
         fn((max(1, min(-(-n8 // 256), sms * 8)),), (256,), (_ptr(k), _ptr(out), _i64(n8)))
     return out
 
@@ -361,7 +361,7 @@ def _scoring_keys(q, k, H, D, stream):
     """The keys the score kernels read: an f16 copy of fp8 keys where the Hopper wgmma engine
     scores fp8 on the f16 tensor cores (_select_engine), else k itself."""
     qdt, kdt = _dt_code(q), _dt_code(k)
-    cc = _device_facts(_cupy().cuda.Device().id)["cc"]
+    cc = _device_facts(_device_id())["cc"]
     engine, rows = _select_engine(qdt, kdt, H, D, cc, False, f16_copy_ok=True)
     if rows and engine == ENGINE_F16 and kdt == DT_E4M3:
         copy = _f16_keys(k, stream)
@@ -372,7 +372,7 @@ def _scoring_keys(q, k, H, D, stream):
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
     """Key tiles per CTA of score_tile: enough CTAs for several waves, q staged as rarely as possible."""
-    sms = _device_facts(_cupy().cuda.Device().id)["sms"]
+    sms = _device_facts(_device_id())["sms"]
     return max(1, min(32, ntiles, (ntiles * rows) // (sms * 8)))
 
 

@@ -87,6 +87,26 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
     if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
 }
 
+// Bitonic sort of v[0, P) descending (P a power of two); the whole CTA takes part, ends synced.
+__device__ __forceinline__ void bitonic_sort_desc(u64* v, int P) {
+    for (int size = 2; size <= P; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < P; i += SELECT_THREADS) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const u64 x = v[i], y = v[j];
+                    const bool desc = (i & size) == 0;
+                    if (desc ? (x < y) : (x > y)) {
+                        v[i] = y;
+                        v[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
 // exclusive block-wide prefix sum of one int per thread; returns the block total in *total
 __device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -230,23 +250,7 @@ __device__ void row_select_inorder(const SelectArgs& a) {
         while (P < n_out) P <<= 1;
         for (int i = n_out + tid; i < P; i += SELECT_THREADS) sSort[i] = 0ull;
         __syncthreads();
-        // bitonic sort, descending
-        for (int size = 2; size <= P; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                for (int i = tid; i < P; i += SELECT_THREADS) {
-                    const int j = i ^ stride;
-                    if (j > i) {
-                        const u64 x = sSort[i], y = sSort[j];
-                        const bool desc = (i & size) == 0;
-                        if (desc ? (x < y) : (x > y)) {
-                            sSort[i] = y;
-                            sSort[j] = x;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        bitonic_sort_desc(sSort, P);
         for (int i = tid; i < n_out; i += SELECT_THREADS) {
             emit(i, (int)(0xFFFFFFFFu - (u32)(sSort[i] & 0xFFFFFFFFull)));
         }
@@ -644,22 +648,7 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
         while (P < n_out) P <<= 1;
         for (int i = tid; i < P; i += SELECT_THREADS) sSel[i] = i < n_out ? value(sSel[i]) : 0ull;
         __syncthreads();
-        for (int size = 2; size <= P; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                for (int i = tid; i < P; i += SELECT_THREADS) {
-                    const int j = i ^ stride;
-                    if (j > i) {
-                        const u64 x = sSel[i], y = sSel[j];
-                        const bool desc = (i & size) == 0;
-                        if (desc ? (x < y) : (x > y)) {
-                            sSel[i] = y;
-                            sSel[j] = x;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        bitonic_sort_desc(sSel, P);
         for (int i = tid; i < n_out; i += SELECT_THREADS) emit_item<SRC, MAP>(a, row, t, rel, i, entry_item(sSel[i]));
         return;
     }
