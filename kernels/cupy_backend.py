@@ -43,8 +43,8 @@ SELECT_THREADS = 512
 SELECT_FIXED_SMEM = (16 * 256 + 32 + 8) * 4
 SELECT_LIST_FIXED_SMEM = (4096 + 32 + 32) * 4
 SELECT_LIST_MIN = 512
-#: list mode, rows read from global memory: RING_STAGES groups of 2 x SELECT_THREADS x 16 bytes
-SELECT_RING_BYTES = 8 * 2 * 512 * 16
+#: list mode, rows read from global memory: RING_STAGES (8) groups of 2 x SELECT_THREADS x 16 bytes
+SELECT_RING_BYTES = 8 * 2 * SELECT_THREADS * 16
 #: stream uncached rows through that ring of cp.async copies where shared memory allows (a knob
 #: for bench/ and the GPU tests; False reads them with plain 16-byte loads)
 SELECT_RING = True

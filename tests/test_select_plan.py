@@ -66,3 +66,23 @@ def test_score_order_beyond_the_bitonic_buffer_is_a_value_error():
         cb._select_plan(1 << 15, 100, True, HOPPER_OPTIN)
     # position order has no such limit
     assert not cb._select_plan(1 << 15, 100, False, HOPPER_OPTIN)[0]
+
+
+# The cases of tests/gpu/test_row_select.py, with the host-decided part of the path each one's
+# comment names: (k, N, R) -> (list mode, cached in shared memory, through the cp.async ring).
+GPU_CASES = [
+    ((2048, 8192, 64), (True, True, False)),
+    ((2048, 131072, 4), (True, False, True)),
+    ((3000, 5000, 8), (True, True, False)),
+    ((3000, 40001, 4), (True, False, True)),
+    ((100, 8192, 8), (True, True, False)),
+    ((2048, 131072, 2), (True, False, True)),
+    ((9000, 40000, 4), (False, False, False)),  # in-order mode, rows read from global memory
+]
+
+
+@pytest.mark.parametrize("case,expected", GPU_CASES)
+def test_gpu_test_cases_take_the_paths_they_name(case, expected):
+    k, N, R = case
+    lists, _, _, ring, cache_cap, _ = cb._select_plan(k, N, True, HOPPER_OPTIN, rows=R, sms=132)
+    assert (lists, N <= cache_cap, ring) == expected

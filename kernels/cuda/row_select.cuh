@@ -18,9 +18,12 @@
 //      in-order pass keep the lowest-index ones — ties go to the lower item index, which is the
 //      lower position because items are ordered by position.
 //   4. The list is sorted by a bucket sort on a 64-bit sort value (score then index, or index
-//      alone for position order): buckets are 2048 equal ranges of the value, and each item's
-//      slot is its bucket's start plus the number of larger values in its bucket. Rows whose
-//      largest bucket is too full for that (heavily skewed values) use a bitonic sort instead.
+//      alone for position order): buckets are SORT_BINS equal ranges of its 32-bit primary part
+//      (the key, or the index), and each item's slot is its bucket's start plus the number of
+//      larger values in its bucket. Rows whose largest bucket is too full for that (heavily
+//      skewed values, many equal scores) use a bitonic sort instead.
+//   Rows not cached are read from global memory, through a ring of cp.async copies where the
+//   host gives shared memory for it (`ring`).
 // * In-order mode (row_select_inorder; any k): radix select (4 passes of 8 bits, per-warp
 //   histograms) finds the k-th key, then an in-order compaction writes positions ascending or,
 //   by score, a bitonic sort of the kept items.
@@ -315,6 +318,21 @@ __device__ __forceinline__ void find_bin(const int* hist, int nbins, int r, int*
 typedef u32 ChunkKeys[SEL_G];
 typedef int ChunkItems[SEL_G];
 
+// 16-byte vector v of the row (4 items) into chunk slots [at, at + 4); past the row (v >= n_vec):
+// HISA_KEY_NONE with indices >= n_items
+template <int SRC>
+__device__ __forceinline__ void unpack_vector(const uint4& x, int v, int n_vec, int n_items, ChunkKeys& key,
+                                              ChunkItems& n, int at) {
+    const bool ok = v < n_vec;
+    const int base = ok ? 4 * v : n_items;
+    const u32 w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        key[at + j] = ok ? word_key<SRC>(w[j]) : HISA_KEY_NONE;
+        n[at + j] = base + j;
+    }
+}
+
 // every item of the row: from the shared-memory cache, or from global memory with 16-byte
 // loads (the next chunk's loads issued before the current chunk is processed)
 template <int SRC, class F>
@@ -365,17 +383,8 @@ __device__ __forceinline__ void row_chunks(const SelectArgs& a, long long row, i
             const uint4 x[2] = {slot[0], slot[T]};
             issue(g + RING_STAGES - 1);  // into the slot read in the previous iteration
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int v = g * 2 * T + u * T + tid;
-                const bool ok = v < n_vec;
-                const int base = ok ? 4 * v : n_items;
-                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    key[4 * u + j] = ok ? word_key<SRC>(w[j]) : HISA_KEY_NONE;
-                    n[4 * u + j] = base + j;
-                }
-            }
+            for (int u = 0; u < 2; ++u)
+                unpack_vector<SRC>(x[u], g * 2 * T + u * T + tid, n_vec, n_items, key, n, 4 * u);
             f(key, n);
         }
         cp_async_wait<0>();
@@ -398,17 +407,8 @@ __device__ __forceinline__ void row_chunks(const SelectArgs& a, long long row, i
                 y[u] = v < n_vec ? __ldg(vec + v) : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
-            for (int u = 0; u < V; ++u) {
-                const int v = v0 + u * SELECT_THREADS + tid;
-                const bool ok = v < n_vec;
-                const int base = ok ? 4 * v : n_items;
-                const u32 w[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    key[4 * u + j] = ok ? word_key<SRC>(w[j]) : HISA_KEY_NONE;
-                    n[4 * u + j] = base + j;
-                }
-            }
+            for (int u = 0; u < V; ++u)
+                unpack_vector<SRC>(x[u], v0 + u * SELECT_THREADS + tid, n_vec, n_items, key, n, 4 * u);
             f(key, n);
 #pragma unroll
             for (int u = 0; u < V; ++u) x[u] = y[u];

@@ -50,7 +50,7 @@ CASES = [
     ("rounded", _rounded, 16, 8192, 2048),    # ties at the threshold, candidate path
     ("rounded", _rounded, 2, 131072, 2048),   # ties at the threshold, overflow path, global
     ("skewed", _skewed, 8, 8192, 2048),       # bitonic fallback of the sort
-    ("randn", _randn, 4, 40000, 9000),        # lists of 16384 entries do not fit: in-order mode
+    ("randn", _randn, 4, 40000, 9000),        # lists of 16384 entries do not fit: in-order mode, uncached
 ]
 
 
