@@ -24,6 +24,8 @@ import hashlib
 import math
 import os
 import re
+import struct
+import sys
 import threading
 
 import numpy as np
@@ -341,10 +343,11 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
 
 
-def _f16_keys(k, stream):
+def _f16_keys(k, stream, em=None):
     """fp8 e4m3 keys [S, D] (uint8) as f16 [S, D] in the workspace (exact), or None when the copy
     would exceed F16_KEYS_MAX_BYTES; the wgmma engine then scores fp8 inputs on the f16 tensor
     cores, each key converted once per call."""
+    em = em or _DIRECT
     S, D = k.shape
     if S * D * 2 > F16_KEYS_MAX_BYTES:
         return None
@@ -353,18 +356,18 @@ def _f16_keys(k, stream):
     if n8:
         fn = _kernel("convert.cu", "e4m3_to_f16_kernel", 0)
         sms = _device_facts(_device_id())["sms"]
-        fn((max(1, min(-(-n8 // 256), sms * 8)),), (256,), (_ptr(k), _ptr(out), _i64(n8)))
+        em.launch(fn, (max(1, min(-(-n8 // 256), sms * 8)),), (256,), (em.ptr(k), em.ptr(out), _i64(n8)))
     return out
 
 
-def _scoring_keys(q, k, H, D, stream):
+def _scoring_keys(q, k, H, D, stream, em=None):
     """The keys the score kernels read: an f16 copy of fp8 keys where the Hopper wgmma engine
     scores fp8 on the f16 tensor cores (_select_engine), else k itself."""
     qdt, kdt = _dt_code(q), _dt_code(k)
     cc = _device_facts(_device_id())["cc"]
     engine, rows = _select_engine(qdt, kdt, H, D, cc, False, f16_copy_ok=True)
     if rows and engine == ENGINE_F16 and kdt == DT_E4M3:
-        copy = _f16_keys(k, stream)
+        copy = _f16_keys(k, stream, em)
         if copy is not None:
             return copy
     return k
@@ -395,11 +398,14 @@ class _Workspace:
     """Grow-only scratch buffers of one (device, stream).
 
     ``get`` returns a typed view of a named buffer; the view of the last (shape, dtype) asked for
-    is kept, so repeated calls of the same size cost a dictionary lookup, not array slicing."""
+    is kept, so repeated calls of the same size cost a dictionary lookup, not array slicing.
+    ``gen`` counts the buffers allocated (and releases): a bound plan (_Bound) holding addresses
+    of these buffers is valid while ``gen`` is what it was when the plan was made."""
 
     def __init__(self):
         self._bufs = {}
         self._views = {}
+        self.gen = 0
 
     def get(self, name, shape, dtype):
         shape = tuple(shape)
@@ -410,6 +416,7 @@ class _Workspace:
         size = math.prod(shape) * dt.itemsize
         buf = self._bufs.get(name)
         if buf is None or buf.nbytes < max(1, size):
+            self.gen += 1  # before the old buffer can go: plans holding its address are void
             buf = _cupy().empty(max(1, size), dtype=np.uint8)
             self._bufs[name] = buf
         view = buf[:size].view(dt).reshape(shape)
@@ -433,7 +440,10 @@ def workspace(stream: int) -> _Workspace:
 
 
 def release_workspace() -> None:
-    """Drop every cached workspace buffer (they go back to CuPy's memory pool)."""
+    """Drop every cached workspace buffer (they go back to CuPy's memory pool); the bound plans
+    that use them are void from then on."""
+    for ws in list(_workspaces.values()):
+        ws.gen += 1
     _workspaces.clear()
 
 
@@ -565,6 +575,251 @@ def _ptr_at(a, offset: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# emitters and bound plans
+#
+# The stages hand their launches to an emitter ``em``: ``em.ptr(array, offset)`` makes a pointer
+# argument, ``em.launch(fn, grid, block, args, smem)`` launches, ``em.fill(array, value)`` fills
+# (a degenerate shape). _DIRECT does all of it at once through CuPy (the ordinary path). A
+# _Binder runs the very same stage code once and records the launches instead: the arrays of the
+# call (q, k, weights, ..., out; known by identity) become slots rewritten on every call, every
+# other argument (workspace addresses, the int arguments of the plans) a fixed value. The result,
+# a _Bound, is the whole call as a preset cuLaunchKernel parameter buffer per launch: a later
+# call with the same shapes, dtypes, parameters, device and stream writes its array addresses
+# into the buffer and launches through the driver, nothing built or converted per launch.
+
+
+class _Direct:
+    """The ordinary emitter: every launch goes to CuPy at once (pointer arguments as CIntptr)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def ptr(a, offset=0):
+        return _address(0 if a is None else a.data.ptr + offset)
+
+    @staticmethod
+    def launch(fn, grid, block, args, smem=0):
+        fn(grid, block, args, shared_mem=smem)
+
+    @staticmethod
+    def fill(a, value):
+        a.fill(value)
+
+
+_DIRECT = _Direct()
+
+
+class _Unbindable(Exception):
+    """The call does something besides kernel launches (a fill of a degenerate shape)."""
+
+
+class _Var:
+    """A recorded pointer argument into call-time array ``index``, ``offset`` bytes in."""
+
+    __slots__ = ("index", "offset")
+
+    def __init__(self, index, offset):
+        self.index, self.offset = index, offset
+
+
+class _Fixed:
+    """A recorded pointer argument that stays: a workspace address, or 0 for an absent array."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _Binder:
+    """Emitter that records launches (see above). ``arrays``: the call-time arrays in slot order,
+    None where the call has none (their pointer arguments are then fixed zeros)."""
+
+    def __init__(self, arrays):
+        self.arrays = tuple(arrays)  # alive while recording, so their ids stay unique
+        self._index = {id(a): i for i, a in enumerate(self.arrays) if a is not None}
+        self.launches = []
+
+    def ptr(self, a, offset=0):
+        if a is None:
+            return _Fixed(0)
+        i = self._index.get(id(a))
+        return _Fixed(a.data.ptr + offset) if i is None else _Var(i, offset)
+
+    def launch(self, fn, grid, block, args, smem=0):
+        if not isinstance(fn, _bindable_functions()):  # e.g. a stand-in that records calls
+            raise _Unbindable
+        self.launches.append((fn, tuple(grid), tuple(block), tuple(args), smem))
+
+    def fill(self, a, value):
+        raise _Unbindable
+
+
+_BINDABLE = None  # the function types whose .ptr is a CUfunction (CuPy's Function), resolved on first use
+
+
+def _bindable_functions():
+    global _BINDABLE
+    if _BINDABLE is None:
+        try:
+            from cupy.cuda.function import Function
+
+            _BINDABLE = (Function,)
+        except Exception:  # no CuPy: nothing binds
+            _BINDABLE = ()
+    return _BINDABLE
+
+
+def _arg_slot(arg) -> int:
+    """A recorded fixed argument as the 8-byte little-endian slot the driver reads it from
+    (an int argument occupies its low 4 or 8 bytes)."""
+    if isinstance(arg, _Fixed):
+        return arg.value & 0xFFFFFFFFFFFFFFFF
+    if isinstance(arg, np.generic):  # CuPy without CScalar: NumPy scalars
+        value, size = int(arg), arg.itemsize
+    elif hasattr(arg, "value") and hasattr(arg, "dtype"):  # CScalar
+        value, size = int(arg.value), np.dtype(arg.dtype).itemsize
+    else:
+        raise _Unbindable
+    if not isinstance(value, int) or size not in (4, 8):
+        raise _Unbindable
+    return value & ((1 << (8 * size)) - 1)
+
+
+_launch_kernel = None  # cuLaunchKernel as CuPy's driver.launchKernel, resolved on first use
+
+
+def _driver_launch():
+    global _launch_kernel
+    from cupy_backends.cuda.api import driver
+
+    _launch_kernel = driver.launchKernel
+    return _launch_kernel
+
+
+_thread = threading.local()  # .devices: devices whose CUDA context this thread has made current
+
+
+def _context_ready(device: int, made: bool = False) -> None:
+    """cuLaunchKernel needs a current context; CuPy's own launches make sure of it once per thread
+    and device (a runtime call), and so does this. ``made``: this thread has just launched through
+    CuPy on ``device`` (binding follows such a call), so the context is current already."""
+    ready = getattr(_thread, "devices", None)
+    if ready is None:
+        ready = _thread.devices = set()
+    if device not in ready:
+        if not made:
+            _cupy().cuda.runtime.memGetInfo()
+        ready.add(device)
+
+
+class _Bound:
+    """The kernel launches of one call signature on one (device, stream), bound (see above).
+
+    ``bound(ptrs)``: ``ptrs`` are the addresses of the call-time arrays in slot order (0 where
+    absent). Launches everything in order on the bound stream and returns True, or returns False
+    having launched nothing when the plan no longer holds (the workspace was regrown or released,
+    a knob changed, another device is current) or an array is not aligned as the kernels need
+    (``align``: slots that must be 16-byte aligned); the caller then takes the ordinary path.
+
+    Memory (``_mem``, uint64 slots): the call-time addresses first (one slot per (array, offset)
+    used), then the fixed arguments, then per launch its kernelParams array: the address of the
+    slot of each argument. Only the first part is written per call, under a lock (two threads on
+    one plan); cuLaunchKernel copies the arguments before it returns.
+    """
+
+    __slots__ = ("_mem", "_pack", "_var", "_launches", "_fns", "_stream", "_device", "_ws", "_ws_key", "_gen",
+                 "_knobs", "_align", "_lock", "launches")
+
+    def __init__(self, records, nvar, var, stream, device, ws, ws_key, gen, knobs, align):
+        nfixed = sum(1 for *_, args, _ in records for a in args if not isinstance(a, _Var))
+        nargs = sum(len(args) for *_, args, _ in records)
+        mem = np.zeros(nvar + nfixed + nargs, dtype=np.uint64)
+        base = mem.ctypes.data
+        fixed = nvar
+        at = nvar + nfixed
+        launches = []
+        for fn, grid, block, args, smem in records:
+            params = base + 8 * at
+            for a in args:
+                if isinstance(a, _Var):
+                    slot = var[(a.index, a.offset)]
+                else:
+                    slot = fixed
+                    mem[slot] = _arg_slot(a)
+                    fixed += 1
+                mem[at] = base + 8 * slot
+                at += 1
+            grid, block = (grid + (1, 1))[:3], (block + (1, 1))[:3]  # as CuPy's launch pads them
+            launches.append((fn.ptr, max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]),
+                             max(1, block[1]), max(1, block[2]), smem, params))
+        self._mem = mem
+        self._var = tuple(sorted(var, key=var.get))  # (array index, offset) per call-time slot
+        self._pack = struct.Struct(f"<{nvar}Q").pack_into
+        self._launches = tuple(launches)
+        self._fns = tuple(r[0] for r in records)  # the functions keep their modules loaded
+        self._stream, self._device = stream, device
+        self._ws, self._ws_key, self._gen, self._knobs = ws, ws_key, gen, knobs
+        self._align = align
+        self._lock = threading.Lock()
+        self.launches = len(launches)
+
+    @property
+    def stream(self) -> int:
+        return self._stream
+
+    def records(self):
+        """(function pointer, grid, block, smem, kernelParams address) per launch (tests, bench/)."""
+        return [(f, (gx, gy, gz), (bx, by, bz), smem, params)
+                for f, gx, gy, gz, bx, by, bz, smem, params in self._launches]
+
+    def __call__(self, ptrs) -> bool:
+        if (self._ws.gen != self._gen or _workspaces.get(self._ws_key) is not self._ws
+                or _device_id() != self._device or _knobs() != self._knobs):
+            return False
+        for i in self._align:
+            if ptrs[i] & 15:
+                return False
+        launch = _launch_kernel or _driver_launch()
+        _context_ready(self._device)
+        stream = self._stream
+        with self._lock:
+            if self._var:
+                self._pack(self._mem, 0, *[ptrs[i] + offset for i, offset in self._var])
+            for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
+                launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
+        return True
+
+
+def _bind(run, arrays, stream, align):
+    """Run ``run(binder)`` (a stage body) with a _Binder over ``arrays`` and make its _Bound; None
+    where the call is not only launches, or an argument cannot be bound."""
+    if sys.byteorder != "little":
+        return None
+    binder = _Binder(arrays)
+    try:
+        with _on_stream(stream):  # where a workspace buffer is (re)allocated, as in a call
+            run(binder)
+        var = {}
+        for *_, args, _ in binder.launches:
+            for a in args:
+                if isinstance(a, _Var):
+                    var.setdefault((a.index, a.offset), len(var))
+        for *_, args, _ in binder.launches:  # fixed arguments must be representable
+            for a in args:
+                if not isinstance(a, _Var):
+                    _arg_slot(a)
+    except _Unbindable:
+        return None
+    device = _device_id()
+    ws_key = (device, int(stream or 0))
+    ws = workspace(stream)
+    _context_ready(device, made=True)
+    return _Bound(binder.launches, len(var), var, int(stream or 0), device, ws, ws_key, ws.gen, _knobs(), align)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # generic launches
 
 def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int = 1, sms: int = 132):
@@ -608,7 +863,10 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
 
 def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
                    row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
-                   by_score=False, out_idx, out_ld, out_val=None):
+                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None):
+    """Row top-k launches (row_select.cuh) of ``rows`` rows of ``keys`` / ``scores`` (row stride
+    ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in."""
+    em = em or _DIRECT
     if rows == 0:
         return
     ctx = _plan_context()
@@ -629,10 +887,11 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
         plan = _keep_plan(key, (smem, tuple(launches)))
     smem, launches = plan
     fn = _kernel(filename, kernel, smem)
-    side = (_ptr(ks), _ptr(ke), _ptr(blocks))
+    ptr = em.ptr
+    side = (ptr(ks), ptr(ke), ptr(blocks))
     for grid, koff, ooff, a, b, c, d in launches:
-        fn(grid, (SELECT_THREADS,), (_ptr_at(keys, koff), _ptr_at(scores, koff)) + a + (_ptr(lengths),) + b
-           + side + c + (_ptr_at(out_idx, ooff),) + d + (_ptr_at(out_val, ooff),), shared_mem=smem)
+        em.launch(fn, grid, (SELECT_THREADS,), (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
+                  + side + c + (ptr(out_idx, out_off + ooff),) + d + (ptr(out_val, out_off + ooff),), smem)
 
 
 def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
@@ -767,7 +1026,7 @@ def pool_keys(k, k_scale, *, block_size, pool_dtype, stream, out=None, out_scale
         return _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale)
 
 
-def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale):
+def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale, em=None):
     S, D = k.shape
     nb = -(-S // block_size)
     pooled = out if out is not None else _cupy().empty((nb, D), dtype=_POOL_PHYS[pool_dtype])
@@ -781,7 +1040,9 @@ def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale):
     if plan is None:
         plan = _keep_plan(key, _pool_plan(k, pool_dtype, S, D, block_size))
     name, grid, block, ints = plan
-    _kernel("pool.cu", name, 0)(grid, block, (_ptr(k), _ptr(k_scale)) + ints + (_ptr(pooled), _ptr(pscale)))
+    em = em or _DIRECT
+    ptr = em.ptr
+    em.launch(_kernel("pool.cu", name, 0), grid, block, (ptr(k), ptr(k_scale)) + ints + (ptr(pooled), ptr(pscale)))
     return pooled, pscale
 
 
@@ -800,13 +1061,15 @@ def _plan_context():
     return _device_id(), _knobs()
 
 
-def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx):
+def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx,
+                   em=None):
+    em = em or _DIRECT
     T, H, D = q.shape
     nb = pooled.shape[0]
     if T == 0:
         return out
     if nb == 0:
-        out.fill(-1)
+        em.fill(out, -1)
         return out
     keys = ws.get("block_keys", (T, nb), np.uint32)
     key = ("blocks", T, H, D, nb, seq_len, block_size, q.dtype, pooled.dtype, ctx)
@@ -815,11 +1078,12 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
         plan = _keep_plan(key, _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size))
     name, smem, launches = plan
     fn = _kernel("block_select.cu", name, smem)
-    ptrs = (_ptr(q), _ptr(pooled), _ptr(weights), _ptr(pooled_scale), _ptr(ks), _ptr(ke))
+    ptr = em.ptr
+    ptrs = (ptr(q), ptr(pooled), ptr(weights), ptr(pooled_scale), ptr(ks), ptr(ke))
     for grid, head, offset, tail in launches:
-        fn(grid, (SCORE_THREADS,), ptrs + head + (_ptr_at(keys, offset),) + tail, shared_mem=smem)
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + (ptr(keys, offset),) + tail, smem)
     _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
-                   k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk)
+                   k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em)
     return out
 
 
@@ -839,16 +1103,17 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
 
 
 def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
-            blocks_from_select, ws, ctx):
+            blocks_from_select, ws, ctx, em=None):
+    em = em or _DIRECT
     T, H, D = q.shape
     S = k.shape[0]
     m = blocks.shape[1]
     if T == 0:
         return out
     if S == 0 or m * block_size == 0:
-        out.fill(-1)
+        em.fill(out, -1)
         return out
-    skeys = _scoring_keys(q, k, H, D, stream)
+    skeys = _scoring_keys(q, k, H, D, stream, em)
     pairs_ok = bool(blocks_from_select)
     key = ("refine", T, H, D, S, m, block_size, q.dtype, skeys.dtype, pairs_ok, ctx)
     plan = _plans.get(key)
@@ -857,14 +1122,15 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     name, smem, n, chunk, launches = plan
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
-    ptrs = (_ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke), _ptr(blocks))
-    kp = (_ptr(keys),)
+    ptr = em.ptr
+    ptrs = (ptr(q), ptr(skeys), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), ptr(blocks))
+    kp = (ptr(keys),)
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:
-        fn(grid, (SCORE_THREADS,), ptrs + head + kp + tail, shared_mem=smem)
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail, smem)
         _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
                        T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size, relative=relative,
-                       by_score=by_score, out_idx=out if r0 == 0 else out[r0:], out_ld=topk)
+                       by_score=by_score, out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
     return out
 
 
@@ -872,50 +1138,90 @@ def hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk,
                 order, out, stream):
     """Pool + block selection + refinement (SPEC §5) into ``out`` [T, topk] int32."""
     T, H, D = q.shape
-    S = k.shape[0]
     check_supported(H, D, ("q", q), ("k", k))
+    with _on_stream(stream):  # the stages below run inside it (no stream or support checks of their own)
+        _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dtype, index_base, order, out,
+              stream, _DIRECT)
+    return out
+
+
+def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dtype, index_base, order, out, stream,
+          em):
+    T, H, D = q.shape
+    S = k.shape[0]
     nb = -(-S // block_size)
     ws = workspace(stream)
-    with _on_stream(stream):  # the stages below run inside it (no stream or support checks of their own)
-        pooled = ws.get("pooled", (nb, D), _POOL_PHYS[pool_dtype])
-        pscale = ws.get("pooled_scale", (nb,), np.float32) if pool_dtype == "float8_e4m3fn" else None
-        _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale)
-        blocks = ws.get("blocks", (T, block_topk), np.int32)
-        ctx = _plan_context()
-        _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx)
-        _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
-                ws, ctx)
-    return out
+    pooled = ws.get("pooled", (nb, D), _POOL_PHYS[pool_dtype])
+    pscale = ws.get("pooled_scale", (nb,), np.float32) if pool_dtype == "float8_e4m3fn" else None
+    _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale, em)
+    blocks = ws.get("blocks", (T, block_topk), np.int32)
+    ctx = _plan_context()
+    _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em)
+    _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
+            ws, ctx, em)
 
 
 def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):
     """Flat DSA selection (SPEC §4) in row chunks whose ranking-key workspace stays bounded."""
     T, H, D = q.shape
-    S = k.shape[0]
     check_supported(H, D, ("q", q), ("k", k))
     with _on_stream(stream):
-        if T == 0:
-            return out
-        if S == 0:
-            out.fill(-1)
-            return out
-        skeys = _scoring_keys(q, k, H, D, stream)
-        key = ("dense", T, H, D, S, q.dtype, skeys.dtype, _plan_context())
-        plan = _plans.get(key)
-        if plan is None:
-            plan = _keep_plan(key, _dense_plan(q, skeys, T, H, D, S))
-        name, smem, rows, launches = plan
-        keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
-        fn = _kernel("dense.cu", name, smem)
-        ptrs = (_ptr(q), _ptr(skeys), _ptr(weights), _ptr(k_scale), _ptr(ks), _ptr(ke))
-        kp = (_ptr(keys),)
-        relative, by_score = index_base == "relative", order == "score"
-        for r0, nr, grid, head, tail in launches:
-            fn(grid, (SCORE_THREADS,), ptrs + head + kp + tail, shared_mem=smem)
-            _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
-                           row0=r0, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score,
-                           out_idx=out if r0 == 0 else out[r0:], out_ld=topk)
+        _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream, _DIRECT)
     return out
+
+
+def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream, em):
+    T, H, D = q.shape
+    S = k.shape[0]
+    if T == 0:
+        return
+    if S == 0:
+        em.fill(out, -1)
+        return
+    skeys = _scoring_keys(q, k, H, D, stream, em)
+    key = ("dense", T, H, D, S, q.dtype, skeys.dtype, _plan_context())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _dense_plan(q, skeys, T, H, D, S))
+    name, smem, rows, launches = plan
+    keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
+    fn = _kernel("dense.cu", name, smem)
+    ptr = em.ptr
+    ptrs = (ptr(q), ptr(skeys), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke))
+    kp = (ptr(keys),)
+    relative, by_score = index_base == "relative", order == "score"
+    for r0, nr, grid, head, tail in launches:
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail, smem)
+        _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
+                       row0=r0, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score,
+                       out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
+
+
+def _nonempty(*arrays) -> bool:
+    return all(a is None or a.size > 0 for a in arrays)
+
+
+def bind_hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk, pool_dtype, index_base,
+                     order, out, stream):
+    """hisa_select's launches for calls like this one, bound (_Bound; call it with the addresses of
+    q, k, weights, k_scale, ks, ke, out), or None where a call of this kind is not only launches.
+
+    Call it after hisa_select ran with the same arguments (which checked them and sized the
+    workspace of ``stream``); it launches nothing and allocates nothing new then."""
+    if not _nonempty(q, k, weights, k_scale, ks, ke, out):
+        return None
+    arrays = (q, k, weights, k_scale, ks, ke, out)
+    return _bind(lambda em: _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dtype,
+                                  index_base, order, out, stream, em), arrays, stream, (0, 1))
+
+
+def bind_dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):
+    """dense_select's launches bound, as :func:`bind_hisa_select` (same slots)."""
+    if not _nonempty(q, k, weights, k_scale, ks, ke, out):
+        return None
+    arrays = (q, k, weights, k_scale, ks, ke, out)
+    return _bind(lambda em: _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream, em),
+                 arrays, stream, (0, 1))
 
 
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
