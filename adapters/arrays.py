@@ -88,6 +88,8 @@ __all__ = [
     "copy_into",
     "allocate",
     "allocate_result",
+    "result_allocator",
+    "call_signature",
     "to_device",
     "to_host",
     "device_scope",
@@ -724,6 +726,80 @@ def allocate_result(shape, *, dtype: str, like: Tensor) -> Tensor | None:
         mem = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, like.device)
         data = cupy.ndarray(shape, physical_dtype(dtype), cupy.cuda.MemoryPointer(mem, 0))
     return Tensor(data, dtype, "torch", like.device, like.stream, x, "out")
+
+
+def result_allocator(shape, *, dtype: str, like: Tensor):
+    """A maker of fresh results like :func:`allocate_result`'s for callers that only need the
+    address (a bound launch plan): ``make() -> (the caller's array, its device address)``, the
+    shape, dtype and device resolved once. None wherever ``allocate_result`` gives None."""
+    if like.framework != "torch" or not like.is_device or like.origin is not None:
+        return None
+    import torch
+
+    shape = tuple(int(n) for n in shape)
+    tdtype = _torch_dtype(dtype)
+    dev = _TORCH_DEVICES.get(like.device)
+    if dev is None:
+        dev = _TORCH_DEVICES[like.device] = torch.device("cuda", like.device)
+
+    def make():
+        x = torch.empty(shape, dtype=tdtype, device=dev)
+        return x, x.data_ptr()
+
+    return make
+
+
+_device_getter = (None, None)  # (the _cupy it came from, its runtime.getDevice)
+
+
+def _current_device() -> int:
+    """CuPy's (the CUDA runtime's) current device: one C call."""
+    global _device_getter
+    src, get = _device_getter
+    if src is not _cupy:  # first use, or _cupy was replaced (the CPU tests' stand-in)
+        get = _cupy().cuda.runtime.getDevice
+        _device_getter = (_cupy, get)
+    return get()
+
+
+def call_signature(arrays: Sequence):
+    """What the arrays of a call are, read cheaply, for a per-signature call cache.
+
+    ``arrays``: caller objects, None where absent. Returns ``(signature, addresses, device,
+    stream)`` when every one present is a plain strided torch CUDA tensor and all live on CuPy's
+    current device (the hot path); else None (the caller takes the full path: imports, checks,
+    scopes). ``signature`` holds per array ``(type, torch dtype, shape, is_contiguous)`` (None
+    where absent): everything ``import_array`` decides from -- which errors it raises, the
+    logical dtype, the view it builds -- besides the address, so two calls with equal signatures
+    on one device import alike. ``addresses`` is a list of ``data_ptr()`` (0 where absent),
+    ``stream`` torch's current stream on that device (what ``import_array`` records).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or _TORCH_VIA_DLPACK:
+        return None
+    base, strided = torch.Tensor, torch.strided
+    sig, ptrs = [], []
+    device = None
+    try:
+        for x in arrays:
+            if x is None:
+                sig.append(None)
+                ptrs.append(0)
+                continue
+            if not isinstance(x, base) or not x.is_cuda or x.layout is not strided:
+                return None
+            d = x.get_device()
+            if d != device:
+                if device is not None:
+                    return None
+                device = d
+            sig.append((type(x), x.dtype, x.shape, x.is_contiguous()))
+            ptrs.append(x.data_ptr())
+        if device is None or device != _current_device():
+            return None
+        return tuple(sig), ptrs, device, _torch_stream(device)
+    except Exception:  # whatever it is, the full path says so in its own words
+        return None
 
 
 # --------------------------------------------------------------------------------------------

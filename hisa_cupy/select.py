@@ -203,6 +203,99 @@ def _import_out(out, T, cols):
 _NAMES = ["q", "k", "weights", "k_scale", "ks", "ke"]
 
 
+# ----------------------------------------------------------------------------------------------
+# the call cache (the host path of repeated device calls)
+#
+# A device call with validate=False is looked up by its signature: the kind of call, per array
+# what the adapters read cheaply (type, dtype, shape, contiguity; adapters.call_signature), the
+# device and stream, and every other argument. The first call of a signature takes the full path
+# (imports, checks, scopes, the backend's stages) and then records what the backend bound for it
+# (a launch plan that only needs the array addresses) with a result maker from the adapters. A
+# later call with an equal signature has passed the same checks: it reads the addresses, makes
+# its result and launches. Everything else -- validate=True, host arrays, other frameworks, a
+# plan the backend no longer holds -- takes the full path, which raises what it always raised.
+
+#: serve repeated device calls from the call cache (a knob for tests and bench/)
+FAST_PATH = True
+_calls: dict = {}  # call key -> _Cached, or _UNCOVERED (the backend binds nothing for it)
+_UNCOVERED = object()
+_MAX_CALLS = 512
+_signature = None  # adapters.call_signature, resolved on first use
+
+
+class _Cached:
+    """A recorded signature: the backend's bound launches and the adapters' result maker (None
+    when the caller passes ``out``)."""
+
+    __slots__ = ("bound", "make")
+
+    def __init__(self, bound, make):
+        self.bound, self.make = bound, make
+
+    def __call__(self, ptrs, out):
+        """The call's result, or None when the bound plan declined (nothing was launched)."""
+        make = self.make
+        if make is None:
+            return out if self.bound(ptrs) else None
+        res, ptrs[-1] = make()
+        return res if self.bound(ptrs) else None
+
+
+def _call_key(kind, arrays, ints, strs, extra):
+    """(key, array addresses, stream) of a call the cache may hold, else None. ``arrays`` end with
+    ``out``; ``ints`` must be ints and ``strs`` strs (what the full path would accept as equal
+    values, it accepts as these types); ``extra`` any other hashable arguments."""
+    for x in ints:
+        if type(x) is not int:
+            return None
+    for x in strs:
+        if type(x) is not str:
+            return None
+    global _signature
+    sign = _signature
+    if sign is None:
+        sign = _signature = _adapters().call_signature
+    facts = sign(arrays)
+    if facts is None:
+        return None
+    sig, ptrs, device, stream = facts
+    return (kind, sig, device, stream, ints, strs, extra), ptrs, stream
+
+
+def _cached(call, out):
+    """The result of a call found in the cache, or None (take the full path)."""
+    try:
+        entry = _calls.get(call[0])
+    except TypeError:  # an unhashable argument: the full path says what it thinks of it
+        return None
+    if entry is None or entry is _UNCOVERED:
+        return None
+    return entry(call[1], out)
+
+
+def _remember(call, ex, out_t, shape, bind):
+    """After a full-path device call: record its signature with what the backend binds for it."""
+    if ex.backend != "cupy" or ex.host or ex.stream != call[2] or bind is None:
+        return
+    try:
+        if _calls.get(call[0]) is _UNCOVERED:  # tried before: nothing to bind
+            return
+    except TypeError:
+        return
+    make = None
+    if out_t is None:
+        make = _adapters().result_allocator(shape, dtype="int32", like=ex.lead)
+    bound = bind() if out_t is not None or make is not None else None
+    if len(_calls) >= _MAX_CALLS:
+        _calls.clear()
+    _calls[call[0]] = _UNCOVERED if bound is None else _Cached(bound, make)
+
+
+def clear_call_cache() -> None:
+    """Forget every recorded call signature (the next call of each takes the full path)."""
+    _calls.clear()
+
+
 def _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, topk, index_base, order, backend, validate):
     """Shared front of the end-to-end selections: option checks, imported inputs and ``out``,
     where the call runs, and the value checks. Returns (inputs, out tensor or None, exec)."""
@@ -241,6 +334,14 @@ def hisa_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_size=128
     Returns:
         [T, topk] int32 indices, the caller's array type on the caller's device.
     """
+    call = None
+    if validate is False and FAST_PATH:
+        call = _call_key("hisa", (q, k, weights, k_scale, ks, ke, out), (block_size, block_topk, topk),
+                         (pool_dtype, index_base, order, backend), dtype)
+        if call is not None:
+            res = _cached(call, out)
+            if res is not None:
+                return res
     p = v.selection_params(block_size=block_size, block_topk=block_topk, topk=topk)
     v.choice(pool_dtype, "pool_dtype", v.POOL_DTYPES)
     inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
@@ -252,8 +353,13 @@ def hisa_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_size=128
                                         index_base=index_base, order=order, **p)
         else:
             mod = _backend_module(ex.backend)
-            res = mod.hisa_select(*a, pool_dtype=pool_dtype, index_base=index_base, order=order,
-                                  out=ex.output(out_t, (inp.T, p["topk"])), stream=ex.stream, **p)
+            kw = dict(pool_dtype=pool_dtype, index_base=index_base, order=order, **p)
+            buf = ex.output(out_t, (inp.T, p["topk"]))
+            res = mod.hisa_select(*a, out=buf, stream=ex.stream, **kw)
+            if call is not None:
+                bind = getattr(mod, "bind_hisa_select", None)
+                _remember(call, ex, out_t, (inp.T, p["topk"]),
+                          bind and (lambda: bind(*a, out=buf, stream=ex.stream, **kw)))
         return ex.finish(res, "int32", out_t)
 
 
@@ -265,6 +371,14 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
     backend processes query rows in chunks so its workspace stays bounded (never a [T, S] buffer
     for long S).
     """
+    call = None
+    if validate is False and FAST_PATH:
+        call = _call_key("dense", (q, k, weights, k_scale, ks, ke, out), (topk,), (index_base, order, backend),
+                         dtype)
+        if call is not None:
+            res = _cached(call, out)
+            if res is not None:
+                return res
     p = v.selection_params(topk=topk)
     inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
                                         backend, validate)
@@ -274,9 +388,14 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
             res = reference.dense_select(a[0], a[1], a[2], k_scale=a[3], ks=a[4], ke=a[5], index_base=index_base,
                                          order=order, **p)
         else:
-            res = _backend_module(ex.backend).dense_select(
-                *a, index_base=index_base, order=order, out=ex.output(out_t, (inp.T, p["topk"])),
-                stream=ex.stream, **p)
+            mod = _backend_module(ex.backend)
+            kw = dict(index_base=index_base, order=order, **p)
+            buf = ex.output(out_t, (inp.T, p["topk"]))
+            res = mod.dense_select(*a, out=buf, stream=ex.stream, **kw)
+            if call is not None:
+                bind = getattr(mod, "bind_dense_select", None)
+                _remember(call, ex, out_t, (inp.T, p["topk"]),
+                          bind and (lambda: bind(*a, out=buf, stream=ex.stream, **kw)))
         return ex.finish(res, "int32", out_t)
 
 
