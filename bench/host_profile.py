@@ -5,11 +5,17 @@ validate=False, backend="cupy", S=8K, T=1024, m=64, k=2048: the target-5 configu
 prints, all without cProfile:
 
 1. host time per call, plain calls (GPU idle at the start of each trial) and calls queued behind
-   a ``torch.cuda._sleep`` (GPU busy, so the host never waits);
-2. a breakdown: each phase of one call (parameter checks, the import of each argument, the
-   checked inputs, device / stream set-up, the output allocation, each backend stage, a single
-   kernel launch, the export) called directly many times with time.perf_counter, in
-   microseconds per call.
+   a ``torch.cuda._sleep`` (GPU busy, so the host never waits). The headline is a repeated call,
+   which the call cache of ``hisa_cupy.select`` serves (the fast path); the same call with
+   ``select.FAST_PATH = False`` (every call on the full path, as the first call of a signature
+   runs) is printed beside it;
+2. a breakdown of the fast path: the call key (``adapters.call_signature``), the cache look-up,
+   the output allocation (the adapters' result maker), the bound launches
+   (``cupy_backend._Bound``: cuLaunchKernel over preset parameter buffers) and one such launch;
+3. a breakdown of the full path: each phase of one call (parameter checks, the import of each
+   argument, the checked inputs, device / stream set-up, the output allocation, each backend
+   stage, a single kernel launch, the export) called directly many times with
+   time.perf_counter, in microseconds per call.
 
 Trials never queue more than ~480 kernel launches (the launch queue would fill and launches
 would block, timing the GPU instead of the host) and synchronise between trials, outside the
@@ -81,19 +87,30 @@ def device_tensor(arr, view=None):
 
 
 def _count_launches(cb, fn) -> int:
-    """Kernel launches of one ``fn()``: every launch fetches its kernel through _kernel once."""
+    """Kernel launches of one ``fn()``: every launch of the full path fetches its kernel through
+    _kernel once; the fast path launches through _launch_kernel (cuLaunchKernel)."""
     count = [0]
     kernel = cb._kernel
+    launch = getattr(cb, "_launch_kernel", None)
+    real_launch = launch or (cb._driver_launch() if hasattr(cb, "_driver_launch") else None)
 
     def counting(*a, **kw):
         count[0] += 1
         return kernel(*a, **kw)
 
+    def counting_launch(*a):
+        count[0] += 1
+        return real_launch(*a)
+
     cb._kernel = counting
+    if real_launch is not None:
+        cb._launch_kernel = counting_launch
     try:
         fn()
     finally:
         cb._kernel = kernel
+        if real_launch is not None:
+            cb._launch_kernel = launch
     return count[0]
 
 
@@ -150,26 +167,40 @@ def main(argv=None):
               "commit": os.environ.get("HISA_COMMIT"), "S": S, "T": T, "launches_per_call": launches}
 
     # 1. host time per call
-    med, mn = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
-    busy = []
-    for _ in range(trials):
+    def busy_us(fn):
+        out = []
+        for _ in range(trials):
+            sync()
+            torch.cuda._sleep(int(2e8))  # the GPU is busy for the whole trial: launches only queue
+            t0 = time.perf_counter()
+            for _ in range(n_calls):
+                fn()
+            out.append((time.perf_counter() - t0) / n_calls * 1e6)
         sync()
-        torch.cuda._sleep(int(2e8))  # the GPU is busy for the whole trial: launches only queue
-        t0 = time.perf_counter()
-        for _ in range(n_calls):
-            call()
-        busy.append((time.perf_counter() - t0) / n_calls * 1e6)
-    sync()
+        return statistics.median(out), min(out)
+
+    med, mn = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
+    bmed, bmn = busy_us(call)
+    has_cache = hasattr(sel, "FAST_PATH") and hasattr(cb, "_Bound")
     lines.append(f"host time per call: {med:.1f} us median, {mn:.1f} min (GPU idle at trial start); "
-                 f"{statistics.median(busy):.1f} median, {min(busy):.1f} min (queued behind a sleep)")
-    result.update(call_median_us=med, call_min_us=mn, call_busy_median_us=statistics.median(busy),
-                  call_busy_min_us=min(busy))
+                 f"{bmed:.1f} median, {bmn:.1f} min (queued behind a sleep)"
+                 + (" -- repeated calls: the call cache (fast path)" if has_cache else ""))
+    result.update(call_median_us=med, call_min_us=mn, call_busy_median_us=bmed, call_busy_min_us=bmn)
+    if has_cache:
+        sel.FAST_PATH = False
+        try:
+            fmed, fmn = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
+            fbmed, _ = busy_us(call)
+        finally:
+            sel.FAST_PATH = True
+        lines.append(f"full path per call (select.FAST_PATH = False; what the first call of a signature runs): "
+                     f"{fmed:.1f} us median, {fmn:.1f} min; {fbmed:.1f} median (queued behind a sleep)")
+        result.update(full_path_median_us=fmed, full_path_min_us=fmn, full_path_busy_median_us=fbmed)
 
     if args.calls_only:
         print("\n".join(lines))
         return 0
 
-    # 2. breakdown
     rows = []
 
     def phase(name, fn, note="", launches=None):
@@ -178,96 +209,154 @@ def main(argv=None):
         rows.append((name, m_, mn_, n, note))
         return m_
 
-    parts = {}
-    parts["params"] = phase("parameter checks (selection_params, choices)", lambda: (
-        v.selection_params(block_size=B, block_topk=M, topk=K), v.choice("bfloat16", "pool_dtype", v.POOL_DTYPES),
-        v.choice("relative", "index_base", v.INDEX_BASES), v.choice("position", "order", v.ORDERS)))
-    for name, x in (("q", q), ("k", k), ("weights", wt), ("k_scale", ksc), ("ks", ks), ("ke", ke)):
-        phase(f"  import {name} (adapters.import_array)", lambda x=x, name=name: ad.import_array(x, name=name))
-    parts["inputs"] = phase("inputs: 6 imports + metadata checks (_Inputs)",
-                            lambda: sel._Inputs(q, k, wt, ksc, ks, ke, None))
-    inp = sel._Inputs(q, k, wt, ksc, ks, ke, None)
-    tensors, names = inp.tensors() + [None], sel._NAMES + ["out"]
-    parts["exec"] = phase("device check, stream, backend (_Exec)", lambda: sel._Exec("cupy", tensors, names))
-    ex = sel._Exec("cupy", tensors, names)
-
-    def scope():
-        with ex.scope():
-            pass
-
-    parts["scope"] = phase("device / stream scope, enter + exit", scope)
-    parts["out"] = phase("output allocation (adapters.allocate_result)",
-                         lambda: ad.allocate_result((T, K), dtype="int32", like=inp.q), "torch.empty + CuPy view")
-    with ex.scope():
-        a = [ex.arg(t) for t in inp.tensors()]
-        out = ad.allocate_result((T, K), dtype="int32", like=inp.q)
-        stream = ex.stream
-        kw = dict(block_size=B, block_topk=M, topk=K, pool_dtype="bfloat16", index_base="relative",
-                  order="position")
-        parts["backend"] = phase("backend: hisa_select (all stages)",
-                                 lambda: cb.hisa_select(*a, out=out.data, stream=stream, **kw))
-        ws = cb.workspace(stream)
-        nb = -(-S // B)
-        pooled = ws.get("pooled", (nb, a[1].shape[1]), np.uint16)
-        blocks = ws.get("blocks", (T, M), np.int32)
-        phase("  backend: pool_keys", lambda: cb.pool_keys(a[1], a[3], block_size=B, pool_dtype="bfloat16",
-                                                           stream=stream, out=pooled))
-        phase("  backend: select_blocks (scores + top-m)", lambda: cb.select_blocks(
-            a[0], pooled, a[2], None, a[4], a[5], seq_len=S, block_size=B, block_topk=M, out=blocks, stream=stream))
-        phase("  backend: refine (f16 keys + scores + top-k)", lambda: cb.refine(
-            a[0], a[1], a[2], a[3], blocks, a[4], a[5], block_size=B, topk=K, index_base="relative",
-            order="position", out=out.data, stream=stream, blocks_from_select=True))
-        keys = ws.get("block_keys", (T, nb), np.uint32)
-        try:
-            phase("  _launch_select (block top-m, 1 launch)", lambda: cb._launch_select(
-                "block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb, k=M, T=T, S=S,
-                out_idx=blocks, out_ld=M))
-        except TypeError as e:  # its signature changed
-            rows.append(("  _launch_select (block top-m, 1 launch)", float("nan"), float("nan"), 1, str(e)[:40]))
-        fn = cb._kernel("pool.cu", f"pool_kernel<{cb._dt_code(a[1])}, 1>", 0)
-        pre = (cb._ptr(a[1]), cb._ptr(a[3]), cb._i32(S), cb._i32(a[1].shape[1]), cb._i32(B), cb._ptr(pooled),
-               cb._ptr(None))
-        grid, block = (nb,), (max(32, a[1].shape[1]),)
-        phase("  one launch (pool kernel), prebuilt arguments", lambda: fn(grid, block, pre), launches=1)
-        phase("  one launch, arguments built (cupy_backend helpers)", lambda: fn(grid, block, (
-            cb._ptr(a[1]), cb._ptr(a[3]), cb._i32(S), cb._i32(a[1].shape[1]), cb._i32(B), cb._ptr(pooled),
-            cb._ptr(None))), launches=1)
-        phase("  one launch, NumPy scalar arguments (before)", lambda: fn(grid, block, (
-            np.uint64(a[1].data.ptr), np.uint64(a[3].data.ptr), np.int32(S), np.int32(a[1].shape[1]),
-            np.int32(B), np.uint64(pooled.data.ptr), np.uint64(0))), launches=1)
-        ex._native = [out]  # as ex.output leaves it in a call
-        parts["finish"] = phase("finish: hand the output back", lambda: ex.finish(out.data, "int32"),
-                                "the torch tensor itself: no export")
-        legacy = cupy.empty((T, K), dtype=np.int32)
-        phase("  for comparison: export_array of a CuPy result", lambda: ad.export_array(
-            legacy, dtype="int32", like=inp.q), "torch.from_dlpack (the path before allocate_result)")
-    full, _ = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
-    attributed = sum(parts.values())
-    rows.append(("unattributed (full call - top-level phases)", full - attributed, float("nan"), 0,
-                 "glue, and phases running colder inside a call"))
-    lines.append("breakdown (top-level phases unindented; indented rows are parts of the row above):")
-    lines.append(format_rows(rows, total_us=full))
-
-    # 3. in situ: the full call minus the same call with one phase replaced by its cached result
-    def without(module, attr, stand_in, launches_left):
+    def without(module, attr, stand_in, launches_left, fn=call):
         old = getattr(module, attr)
         setattr(module, attr, stand_in)
         try:
-            return per_call_us(call, reps=reps_for(launches_left, cap=200), trials=trials, sync=sync)[0]
+            return per_call_us(fn, reps=reps_for(launches_left, cap=200), trials=trials, sync=sync)[0]
         finally:
             setattr(module, attr, old)
 
-    cached_out = ad.allocate_result((T, K), dtype="int32", like=inp.q)
-    situ = [("inputs (_Inputs)", without(sel, "_Inputs", lambda *a, **kw: inp, launches)),
-            ("output allocation", without(ad, "allocate_result", lambda *a, **kw: cached_out, launches)),
-            ("backend (all stages and launches)", without(cb, "hisa_select", lambda *a, out=None, **kw: out, 0))]
-    lines.append("in situ (full call minus the call with that phase replaced by a cached result / no-op):")
-    for name, t in situ:
-        lines.append(f"  {name:<52} {full - t:>10.2f}")
-    result["breakdown"] = [dict(phase=r[0].strip(), median_us=r[1], min_us=r[2], launches=r[3], note=r[4])
-                           for r in rows]
-    result["in_situ_us"] = {name: full - t for name, t in situ}
-    result["full_call_us"] = full
+    # 2. breakdown of the fast path (a call served from the call cache)
+    if has_cache:
+        arrays = (q, k, wt, ksc, ks, ke, None)
+        ints, strs = (B, M, K), ("bfloat16", "relative", "position", "cupy")
+        key, ptrs, stream = sel._call_key("hisa", arrays, ints, strs, None)
+        entry = sel._calls.get(key)
+        if entry is None or entry is sel._UNCOVERED:
+            lines.append("fast path: this call is not in the call cache (nothing bound for it)")
+        else:
+            fast = {}
+            fast["key"] = phase("call key (adapters.call_signature + key)",
+                                lambda: sel._call_key("hisa", arrays, ints, strs, None))
+            phase("  adapters.call_signature (7 arrays)", lambda: ad.call_signature(arrays),
+                  "type, dtype, shape, contiguity, device, data_ptr; stream")
+            fast["lookup"] = phase("cache look-up (select._calls)", lambda: sel._calls.get(key))
+            fast["out"] = phase("output allocation (adapters.result_allocator)", entry.make,
+                                "torch.empty, shape / dtype / device resolved once")
+            res, ptrs[-1] = entry.make()
+            bound = entry.bound
+            assert bound(ptrs), "the bound plan declined the call it was made for"
+            fast["launch"] = phase(f"bound launches ({bound.launches}, cupy_backend._Bound)", lambda: bound(ptrs),
+                                   "checks, address slots, cuLaunchKernel each")
+            launch = cb._launch_kernel or cb._driver_launch()
+            f, grid, block, smem, params = bound.records()[0]
+            phase("  one cuLaunchKernel, bound parameter buffer", lambda: launch(
+                f, *grid, *block, smem, stream, params, 0), launches=1,
+                note="the pool kernel; compare 'one launch ... prebuilt arguments' below")
+            fast_full, _ = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
+            rows.append(("unattributed (full call - top-level phases)", fast_full - sum(fast.values()),
+                         float("nan"), 0, "hisa_select's own frame, the entry's, phases colder inside a call"))
+            lines.append("fast path breakdown (a repeated call; top-level phases unindented, indented rows are "
+                         "parts of the row above or for comparison):")
+            lines.append(format_rows(rows, total_us=fast_full))
+            situ = [("output allocation", without(entry, "make", lambda: (res, ptrs[-1]), launches)),
+                    ("bound launches (checks + cuLaunchKernel)",
+                     without(entry, "bound", lambda p: True, 0))]
+            lines.append("in situ (full call minus the call with that phase replaced by a cached result / no-op):")
+            for name, t in situ:
+                lines.append(f"  {name:<52} {fast_full - t:>10.2f}")
+            result["fast_breakdown"] = [dict(phase=r[0].strip(), median_us=r[1], min_us=r[2], launches=r[3],
+                                             note=r[4]) for r in rows]
+            result["fast_in_situ_us"] = {name: fast_full - t for name, t in situ}
+            result["fast_full_call_us"] = fast_full
+            rows = []
+
+    # 3. breakdown of the full path (the first call of a signature; every call with FAST_PATH False)
+    if has_cache:
+        sel.FAST_PATH = False
+    try:
+        parts = {}
+        parts["params"] = phase("parameter checks (selection_params, choices)", lambda: (
+            v.selection_params(block_size=B, block_topk=M, topk=K),
+            v.choice("bfloat16", "pool_dtype", v.POOL_DTYPES),
+            v.choice("relative", "index_base", v.INDEX_BASES), v.choice("position", "order", v.ORDERS)))
+        for name, x in (("q", q), ("k", k), ("weights", wt), ("k_scale", ksc), ("ks", ks), ("ke", ke)):
+            phase(f"  import {name} (adapters.import_array)", lambda x=x, name=name: ad.import_array(x, name=name))
+        parts["inputs"] = phase("inputs: 6 imports + metadata checks (_Inputs)",
+                                lambda: sel._Inputs(q, k, wt, ksc, ks, ke, None))
+        inp = sel._Inputs(q, k, wt, ksc, ks, ke, None)
+        tensors, names = inp.tensors() + [None], sel._NAMES + ["out"]
+        parts["exec"] = phase("device check, stream, backend (_Exec)", lambda: sel._Exec("cupy", tensors, names))
+        ex = sel._Exec("cupy", tensors, names)
+
+        def scope():
+            with ex.scope():
+                pass
+
+        parts["scope"] = phase("device / stream scope, enter + exit", scope)
+        parts["out"] = phase("output allocation (adapters.allocate_result)",
+                             lambda: ad.allocate_result((T, K), dtype="int32", like=inp.q), "torch.empty + CuPy view")
+        with ex.scope():
+            a = [ex.arg(t) for t in inp.tensors()]
+            out = ad.allocate_result((T, K), dtype="int32", like=inp.q)
+            stream = ex.stream
+            kw = dict(block_size=B, block_topk=M, topk=K, pool_dtype="bfloat16", index_base="relative",
+                      order="position")
+            parts["backend"] = phase("backend: hisa_select (all stages)",
+                                     lambda: cb.hisa_select(*a, out=out.data, stream=stream, **kw))
+            ws = cb.workspace(stream)
+            nb = -(-S // B)
+            pooled = ws.get("pooled", (nb, a[1].shape[1]), np.uint16)
+            blocks = ws.get("blocks", (T, M), np.int32)
+            phase("  backend: pool_keys", lambda: cb.pool_keys(a[1], a[3], block_size=B, pool_dtype="bfloat16",
+                                                               stream=stream, out=pooled))
+            phase("  backend: select_blocks (scores + top-m)", lambda: cb.select_blocks(
+                a[0], pooled, a[2], None, a[4], a[5], seq_len=S, block_size=B, block_topk=M, out=blocks,
+                stream=stream))
+            phase("  backend: refine (scores + top-k)", lambda: cb.refine(
+                a[0], a[1], a[2], a[3], blocks, a[4], a[5], block_size=B, topk=K, index_base="relative",
+                order="position", out=out.data, stream=stream, blocks_from_select=True))
+            keys = ws.get("block_keys", (T, nb), np.uint32)
+            try:
+                phase("  _launch_select (block top-m, 1 launch)", lambda: cb._launch_select(
+                    "block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb, k=M, T=T, S=S,
+                    out_idx=blocks, out_ld=M))
+            except TypeError as e:  # its signature changed
+                rows.append(("  _launch_select (block top-m, 1 launch)", float("nan"), float("nan"), 1,
+                             str(e)[:40]))
+            fn = cb._kernel("pool.cu", f"pool_kernel<{cb._dt_code(a[1])}, 1>", 0)
+            pre = (cb._ptr(a[1]), cb._ptr(a[3]), cb._i32(S), cb._i32(a[1].shape[1]), cb._i32(B), cb._ptr(pooled),
+                   cb._ptr(None))
+            grid, block = (nb,), (max(32, a[1].shape[1]),)
+            phase("  one launch (pool kernel), prebuilt arguments", lambda: fn(grid, block, pre), launches=1)
+            phase("  one launch, arguments built (cupy_backend helpers)", lambda: fn(grid, block, (
+                cb._ptr(a[1]), cb._ptr(a[3]), cb._i32(S), cb._i32(a[1].shape[1]), cb._i32(B), cb._ptr(pooled),
+                cb._ptr(None))), launches=1)
+            phase("  one launch, NumPy scalar arguments (before)", lambda: fn(grid, block, (
+                np.uint64(a[1].data.ptr), np.uint64(a[3].data.ptr), np.int32(S), np.int32(a[1].shape[1]),
+                np.int32(B), np.uint64(pooled.data.ptr), np.uint64(0))), launches=1)
+            ex._native = [out]  # as ex.output leaves it in a call
+            parts["finish"] = phase("finish: hand the output back", lambda: ex.finish(out.data, "int32"),
+                                    "the torch tensor itself: no export")
+            legacy = cupy.empty((T, K), dtype=np.int32)
+            phase("  for comparison: export_array of a CuPy result", lambda: ad.export_array(
+                legacy, dtype="int32", like=inp.q), "torch.from_dlpack (the path before allocate_result)")
+        full, _ = per_call_us(call, reps=n_calls, trials=trials, sync=sync)
+        attributed = sum(parts.values())
+        rows.append(("unattributed (full call - top-level phases)", full - attributed, float("nan"), 0,
+                     "glue, and phases running colder inside a call"))
+        title = "full path breakdown (the first call of a signature" + (
+            ", timed with select.FAST_PATH = False" if has_cache else "") + \
+            "; top-level phases unindented, indented rows are parts of the row above):"
+        lines.append(title)
+        lines.append(format_rows(rows, total_us=full))
+
+        # in situ: the full call minus the same call with one phase replaced by its cached result
+        cached_out = ad.allocate_result((T, K), dtype="int32", like=inp.q)
+        situ = [("inputs (_Inputs)", without(sel, "_Inputs", lambda *a, **kw: inp, launches)),
+                ("output allocation", without(ad, "allocate_result", lambda *a, **kw: cached_out, launches)),
+                ("backend (all stages and launches)", without(cb, "hisa_select", lambda *a, out=None, **kw: out, 0))]
+        lines.append("in situ (full call minus the call with that phase replaced by a cached result / no-op):")
+        for name, t in situ:
+            lines.append(f"  {name:<52} {full - t:>10.2f}")
+        result["breakdown"] = [dict(phase=r[0].strip(), median_us=r[1], min_us=r[2], launches=r[3], note=r[4])
+                               for r in rows]
+        result["in_situ_us"] = {name: full - t for name, t in situ}
+        result["full_call_us"] = full
+    finally:
+        if has_cache:
+            sel.FAST_PATH = True
 
     if args.cprofile:
         prof = cProfile.Profile()

@@ -35,3 +35,25 @@ def test_without_gpu_it_says_so(hp, capsys):
         pytest.skip("a GPU is present: the script would measure")
     assert hp.main(["--trials", "1"]) == 0
     assert "no usable CUDA GPU" in capsys.readouterr().out
+
+
+def test_launches_are_counted_on_both_paths(hp):
+    # the full path fetches each launch's kernel through _kernel; the fast path (bound plans)
+    # launches through _launch_kernel: both are counted, and both are put back afterwards
+    import types
+
+    calls = []
+    kernel = lambda *a: calls.append(("kernel", a)) or (lambda *b: None)  # noqa: E731
+    launch = lambda *a: calls.append(("launch", a))  # noqa: E731
+    cb = types.SimpleNamespace(_kernel=kernel, _launch_kernel=launch)
+
+    def call():
+        cb._kernel("pool.cu", "pool_kernel", 0)
+        for _ in range(5):
+            cb._launch_kernel(1, 1, 1, 1, 128, 1, 1, 0, 0, 0, 0)
+
+    assert hp._count_launches(cb, call) == 6
+    assert cb._kernel is kernel and cb._launch_kernel is launch and len(calls) == 6
+    unresolved = types.SimpleNamespace(_kernel=kernel, _launch_kernel=None, _driver_launch=lambda: launch)
+    assert hp._count_launches(unresolved, lambda: unresolved._launch_kernel(0)) == 1
+    assert unresolved._launch_kernel is None  # left as it was (resolved on first real use)
