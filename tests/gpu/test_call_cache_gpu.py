@@ -1,0 +1,231 @@
+"""The call cache and bound launch plans on a real GPU (issue 5, target 5).
+
+Repeated validate=False calls with torch CUDA tensors are served from ``hisa_cupy.select``'s call
+cache: the backend's bound plan launches through cuLaunchKernel over preset parameter buffers.
+Each test checks that such calls (counted through ``cupy_backend._launch_kernel``) give exactly
+what the full path gives (``select.FAST_PATH = False``) and the NumPy reference, also across
+streams, threads, workspace regrowth, knob flips and CUDA-graph capture. The CPU tests of the
+same logic are in tests/test_call_cache.py. Run with ``pytest -m gpu tests/gpu/test_call_cache_gpu.py``.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import hisa_cupy
+from hisa_cupy import reference, select, testing
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+
+def to_torch(x, device="cuda"):
+    """NumPy (ml_dtypes logical) -> torch CUDA tensor of the same logical dtype."""
+    if x is None:
+        return None
+    name = str(x.dtype)
+    if name == "float8_e4m3fn":
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint8)).to(device).view(torch.float8_e4m3fn)
+    if name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).to(device).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+@pytest.fixture
+def bound_launches(monkeypatch):
+    """Launches made by bound plans (the fast path) during the test; a fresh call cache."""
+    from hisa_cupy.kernels import cupy_backend
+
+    real = cupy_backend._launch_kernel or cupy_backend._driver_launch()
+    count = [0]
+
+    def counting(*a):
+        count[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(cupy_backend, "_launch_kernel", counting)
+    monkeypatch.setattr(select, "_calls", {})
+    return count
+
+
+def _args(inp):
+    return ([to_torch(inp[n]) for n in ("q", "k", "weights")],
+            dict(k_scale=to_torch(inp["k_scale"]), ks=to_torch(inp["ks"]), ke=to_torch(inp["ke"])))
+
+
+def _full_path(fn, *a, **kw):
+    select.FAST_PATH = False
+    try:
+        return fn(*a, **kw)
+    finally:
+        select.FAST_PATH = True
+
+
+CASES = [
+    ("hisa", "float8_e4m3fn", dict(ragged=True), dict(block_size=128, block_topk=8, topk=512)),
+    ("hisa", "float8_e4m3fn", dict(), dict(block_size=128, block_topk=8, topk=512, order="score")),
+    ("hisa", "bfloat16", dict(packed=True), dict(block_size=64, block_topk=6, topk=200, index_base="absolute")),
+    ("hisa", "float16", dict(), dict(block_size=128, block_topk=4, topk=300, pool_dtype="float8_e4m3fn")),
+    ("dense", "float8_e4m3fn", dict(ragged=True), dict(topk=700)),
+    ("dense", "float32", dict(), dict(topk=256, order="score")),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,layout,kw", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_cached_calls_equal_the_full_path(cuda_device, bound_launches, kind, dtype, layout, kw):
+    inp = testing.exact_inputs(37, 4096, 64, 128, dtype=dtype, seed=7, **layout)
+    fn = hisa_cupy.hisa_select if kind == "hisa" else hisa_cupy.dense_select
+    ref_fn = reference.hisa_select if kind == "hisa" else reference.dense_select
+    a, kws = _args(inp)
+    full = _full_path(fn, *a, **kws, validate=False, **kw)
+    first = fn(*a, **kws, validate=False, **kw)  # records the signature (full path)
+    assert bound_launches[0] == 0
+    results = [fn(*a, **kws, validate=False, **kw) for _ in range(3)]  # served from the cache
+    assert bound_launches[0] >= 3 * 2
+    torch.cuda.synchronize()
+    for r in [first] + results:
+        assert r.dtype == torch.int32 and r.is_cuda and torch.equal(r, full)
+    assert len({r.data_ptr() for r in results}) == 3  # a fresh result each call (all alive)
+    ref = ref_fn(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"], ke=inp["ke"], **kw)
+    testing.assert_selection_equal(results[-1], ref)
+    # new data in new tensors of the same signature: still a hit, still right
+    inp2 = testing.exact_inputs(37, 4096, 64, 128, dtype=dtype, seed=8, **layout)
+    a2, kws2 = _args(inp2)
+    before = bound_launches[0]
+    got = fn(*a2, **kws2, validate=False, **kw)
+    assert bound_launches[0] > before
+    ref2 = ref_fn(inp2["q"], inp2["k"], inp2["weights"], k_scale=inp2["k_scale"], ks=inp2["ks"], ke=inp2["ke"],
+                  **kw)
+    testing.assert_selection_equal(got, ref2)
+
+
+def test_out_argument_and_graph_capture(cuda_device, bound_launches):
+    inp = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=31)
+    inp2 = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=32)
+    static = [to_torch(inp[n]) for n in ("q", "k", "weights")]
+    out = torch.empty((64, 512), dtype=torch.int32, device="cuda")
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False, out=out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        assert hisa_cupy.hisa_select(*static, **kw) is out  # full path: records the signature
+        assert hisa_cupy.hisa_select(*static, **kw) is out  # a hit, outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    hits = bound_launches[0]
+    assert hits > 0
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        hisa_cupy.hisa_select(*static, **kw)  # captured from the bound plan
+    assert bound_launches[0] > hits
+    for data in (inp2, inp):
+        for t, n in zip(static, ("q", "k", "weights")):
+            t.copy_(to_torch(data[n]))
+        out.fill_(-7)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference.hisa_select(data["q"], data["k"], data["weights"], block_size=128, block_topk=8, topk=512)
+        testing.assert_selection_equal(out, ref)
+
+
+def test_two_streams_one_shape_keep_their_workspaces(cuda_device, bound_launches):
+    # the same signature on two streams: each has its own entry and workspace, so interleaved
+    # calls that are never synchronised with each other cannot overwrite each other's scratch data
+    T, S = 256, 16384
+    kw = dict(block_size=128, block_topk=16, topk=1024, validate=False)
+    data = [testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=s) for s in (1, 2)]
+    args = [_args(d) for d in data]
+    refs = [reference.hisa_select(d["q"], d["k"], d["weights"], **kw_ref) for d, kw_ref in
+            zip(data, [dict(block_size=128, block_topk=16, topk=1024)] * 2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for st in streams:
+        st.wait_stream(torch.cuda.current_stream())
+    results = [[], []]
+    for _ in range(6):
+        for i, st in enumerate(streams):
+            with torch.cuda.stream(st):
+                a, kws = args[i]
+                results[i].append(hisa_cupy.hisa_select(*a, **kws, **kw))
+    assert bound_launches[0] > 0 and len(select._calls) == 2
+    torch.cuda.synchronize()
+    for i in range(2):
+        for r in results[i]:
+            testing.assert_selection_equal(r, refs[i])
+
+
+def test_regrown_workspace_and_knobs_rebind(cuda_device, bound_launches, monkeypatch):
+    from hisa_cupy.kernels import cupy_backend
+
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False)
+    small = testing.exact_inputs(32, 4096, 64, 128, dtype="float8_e4m3fn", seed=3)
+    large = testing.exact_inputs(96, 16384, 64, 128, dtype="float8_e4m3fn", seed=4)
+    refs = {id(d): reference.hisa_select(d["q"], d["k"], d["weights"], block_size=128, block_topk=8, topk=512)
+            for d in (small, large)}
+    for d in (small, small, large, large, small, small, large):  # the large shape regrows the workspace
+        a, kws = _args(d)
+        testing.assert_selection_equal(hisa_cupy.hisa_select(*a, **kws, **kw), refs[id(d)])
+    cupy_backend.release_workspace()
+    a, kws = _args(small)
+    for _ in range(2):
+        testing.assert_selection_equal(hisa_cupy.hisa_select(*a, **kws, **kw), refs[id(small)])
+    monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", False)  # the plan changes: bound anew
+    for _ in range(2):
+        testing.assert_selection_equal(hisa_cupy.hisa_select(*a, **kws, **kw), refs[id(small)])
+
+
+def test_calls_from_another_thread(cuda_device, bound_launches):
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False)
+    inp = testing.exact_inputs(40, 4096, 64, 128, dtype="float8_e4m3fn", seed=9)
+    a, kws = _args(inp)
+    hisa_cupy.hisa_select(*a, **kws, **kw)  # recorded on this thread
+    out, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                out.append(hisa_cupy.hisa_select(*a, **kws, **kw))
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert not errors and len(out) == 3 and bound_launches[0] > 0
+    ref = reference.hisa_select(inp["q"], inp["k"], inp["weights"], block_size=128, block_topk=8, topk=512)
+    for r in out:
+        testing.assert_selection_equal(r, ref)
+
+
+def test_cached_calls_allocate_only_their_results(cuda_device, bound_launches):
+    kw = dict(block_size=128, block_topk=64, topk=2048, validate=False)
+    inp = testing.exact_inputs(256, 8192, 64, 128, dtype="float8_e4m3fn", seed=5)
+    a, kws = _args(inp)
+    for _ in range(3):
+        hisa_cupy.hisa_select(*a, **kws, **kw)
+    torch.cuda.synchronize()
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    used, allocated = pool.used_bytes(), torch.cuda.memory_allocated()
+    for _ in range(50):
+        r = hisa_cupy.hisa_select(*a, **kws, **kw)
+    del r
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == used and torch.cuda.memory_allocated() == allocated
+
+
+def test_errors_unchanged_next_to_cached_calls(cuda_device, bound_launches):
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False)
+    inp = testing.exact_inputs(32, 4096, 64, 128, dtype="float8_e4m3fn", seed=6)
+    a, kws = _args(inp)
+    for _ in range(2):
+        hisa_cupy.hisa_select(*a, **kws, **kw)
+    q_bad = torch.empty(32 * 64 * 128 + 1, dtype=torch.uint8, device="cuda")[1:].view(torch.float8_e4m3fn)
+    q_bad = q_bad.view(32, 64, 128)  # not 16-byte aligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        hisa_cupy.hisa_select(q_bad, *a[1:], **kws, **kw)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        hisa_cupy.hisa_select(a[0], a[1].t().contiguous().t(), a[2], **kws, **kw)
+    with pytest.raises(TypeError, match="block_size"):
+        hisa_cupy.hisa_select(*a, **kws, **dict(kw, block_size=128.0))
