@@ -62,6 +62,10 @@ USE_WGMMA = True
 #: with a ~22-bit accumulator (score errors up to ~4e-4 of sum_h |w_h relu(q_h . k)|, measured
 #: by bench/precision.py), which breaks the tolerance-aware checks of SPEC §9
 FP8_TENSOR_ACCUMULATE = False
+#: fp8 keys on the f16 wgmma path stay e4m3 in memory: the engine converts each key tile to f16
+#: in registers (score_wgmma.cuh, FP8A; exact), so no f16 copy is made and half the bytes cross L2.
+#: False: one f16 copy of the keys per call (convert.cu), scored with both operands in shared memory
+FP8_KEYS_IN_REGISTERS = True
 #: largest f16 copy of fp8 keys made for the f16 wgmma path (above it: the mma.sync engine)
 F16_KEYS_MAX_BYTES = 32 << 20
 #: refinement processes row chunks whose candidate keys stay within this many bytes
@@ -237,7 +241,7 @@ def kernel_instances():
     # the wgmma engine (real code for sm_90a, a trap elsewhere)
     for engine, qdt, kdt in [(ENGINE_E4M3, DT_E4M3, DT_E4M3), (ENGINE_F16, DT_E4M3, DT_F16),
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_BF16, DT_BF16, DT_BF16),
-                             (ENGINE_F16, DT_F16, DT_F16)]:
+                             (ENGINE_F16, DT_F16, DT_F16), (ENGINE_F16, DT_E4M3, DT_E4M3)]:
         for h in (64, 128):
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
@@ -296,6 +300,8 @@ def choose_engine(qdt: int, kdt: int, cc: int) -> int:
 
 
 _ASYNC_KEYS = ((ENGINE_E4M3, DT_E4M3), (ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16))
+#: (engine, key dtype) of the wgmma engine's register-A path: e4m3 key tiles converted in registers
+_FP8A_KEYS = (ENGINE_F16, DT_E4M3)
 
 
 def _score_smem(engine: int, kdt: int, H: int, D: int, rows: int) -> int:
@@ -314,20 +320,23 @@ def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
 def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool) -> int:
     """Query rows per CTA of the wgmma engine, or 0 where it does not apply: it needs Hopper
     (sm_90a), D = 128, keys already in the engine's type and rows * H in {64, 128}."""
-    if not USE_WGMMA or cc != 90 or D != 128 or (engine, kdt) not in _ASYNC_KEYS or H % 8:
+    keys_ok = (engine, kdt) in _ASYNC_KEYS or (FP8_KEYS_IN_REGISTERS and (engine, kdt) == _FP8A_KEYS)
+    if not USE_WGMMA or cc != 90 or D != 128 or not keys_ok or H % 8:
         return 0
     rows = max(1, min(MAX_ROWS_PER_CTA, 128 // H)) if shared_keys else 1
     return rows if rows * H in (64, 128) else 0
 
 
-def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0) -> int:
+def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0, kdt: int | None = None) -> int:
     """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
-    blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere."""
+    blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere; kdt: the keys'
+    dtype code (None: the engine's own type; e4m3 keys on the f16 engine stay 1 byte per element)."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
+    krowb = D if (engine, kdt) == _FP8A_KEYS else rowb
     nbuf = 3 if union_m and rowb == D else 2
     meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
     lists = (8 * union_m + 32) * 4 if union_m else 0
-    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * rowb + meta + lists
+    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * krowb + meta + lists
 
 
 def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool, *, f16_copy_ok=False):
@@ -338,6 +347,9 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     else to the mma.sync engine (which ptxas runs on the f16 tensor cores there)."""
     engine = choose_engine(qdt, kdt, cc)
     if engine == ENGINE_E4M3 and not FP8_TENSOR_ACCUMULATE:
+        if FP8_KEYS_IN_REGISTERS:  # the f16 engine reads the e4m3 keys as they are
+            rows16 = _wgmma_rows(ENGINE_F16, kdt, H, D, cc, shared_keys)
+            return (ENGINE_F16, rows16) if rows16 else (engine, 0)
         rows16 = _wgmma_rows(ENGINE_F16, DT_F16, H, D, cc, shared_keys) if f16_copy_ok else 0
         return (ENGINE_F16, rows16) if rows16 else (engine, 0)
     return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
@@ -366,7 +378,7 @@ def _scoring_keys(q, k, H, D, stream, em=None):
     qdt, kdt = _dt_code(q), _dt_code(k)
     cc = _device_facts(_device_id())["cc"]
     engine, rows = _select_engine(qdt, kdt, H, D, cc, False, f16_copy_ok=True)
-    if rows and engine == ENGINE_F16 and kdt == DT_E4M3:
+    if rows and engine == ENGINE_F16 and kdt == DT_E4M3 and not FP8_KEYS_IN_REGISTERS:
         copy = _f16_keys(k, stream, em)
         if copy is not None:
             return copy
@@ -900,7 +912,7 @@ def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
     qdt, kdt = _dt_code(q), _dt_code(keys)
     engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], shared_keys)
     if rows:
-        smem = _wgmma_smem(engine, H, D, rows)
+        smem = _wgmma_smem(engine, H, D, rows, kdt=kdt)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
         name += f", {rows}>" if shared_keys else ">"
         return name, smem, rows
@@ -934,7 +946,7 @@ _plans: dict = {}
 def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
-            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING)
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, FP8_KEYS_IN_REGISTERS)
 
 
 def _keep_plan(key, plan):
@@ -975,7 +987,7 @@ def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
     facts = _device_facts(_device_id())
     qdt, kdt = _dt_code(q), _dt_code(skeys)
     engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
-    smem = _wgmma_smem(engine, H, D, 2, m)  # the union path's (grows with m)
+    smem = _wgmma_smem(engine, H, D, 2, m, kdt=kdt)  # the union path's (grows with m)
     pairs = (pairs_ok and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
              and smem <= facts["smem_optin"])
     if pairs:

@@ -83,16 +83,30 @@ def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8):
     return out
 
 
-def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
+@pytest.mark.parametrize("in_registers", [True, False])
+def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch, in_registers):
+    # default: the f16 engine reads the e4m3 keys as they are (converted in registers); the knob
+    # off: an f16 copy of the keys first (convert.cu), scored from shared memory
     fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
     _hisa(T=65)
+    kdt = cb.DT_E4M3 if in_registers else cb.DT_F16
+    copy = [] if in_registers else ["e4m3_to_f16_kernel"]
     assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                            "block_topm_kernel", "e4m3_to_f16_kernel",
-                            "refine_union_wgmma_kernel<2, 0, 2, 64, 128>", "refine_topk_kernel"]
-    union = fake.launches[4]
+                            "block_topm_kernel"] + copy + [
+                            f"refine_union_wgmma_kernel<2, 0, {kdt}, 64, 128>", "refine_topk_kernel"]
+    union = fake.launches[3 + len(copy)]
     assert union.grid == (1, 33) and union.block == (cb.SCORE_THREADS,)  # 65 rows in pairs
-    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8) > 48 * 1024
+    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=kdt) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
+
+
+def test_fp8_key_tiles_take_half_the_shared_memory():
+    # the register-A path keeps e4m3 key tiles (128 x D bytes each, 2 buffers) beside the f16 q
+    f16 = cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 64, kdt=cb.DT_F16)
+    fp8 = cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 64, kdt=cb.DT_E4M3)
+    assert f16 - fp8 == 2 * cb.SCORE_TILE * 128
+    assert 3 * (fp8 + 1024) <= 228 * 1024  # three union CTAs fit on an H100 / H200 SM
 
 
 def test_fp8_tensor_accumulate_keeps_fp8_operands(monkeypatch):
@@ -118,18 +132,22 @@ def test_wgmma_needs_d128(monkeypatch):
     assert "refine_score_kernel<3, 0, 0, 64, 64>" in fake.names()
 
 
-def test_large_f16_copy_falls_back_to_mma_sync(monkeypatch):
+@pytest.mark.parametrize("in_registers", [True, False])
+def test_large_f16_copy_falls_back_to_mma_sync(monkeypatch, in_registers):
+    # the cap on the f16 copy only matters where a copy is made
     fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
     monkeypatch.setattr(cb, "F16_KEYS_MAX_BYTES", 4096 * 128 * 2 - 1)  # one byte short of the copy
     _hisa(S=4096)
     assert "e4m3_to_f16_kernel" not in fake.names()
-    assert "refine_score_kernel<3, 0, 0, 64, 128>" in fake.names()
+    assert ("refine_score_kernel<3, 0, 0, 64, 128>" in fake.names()) != in_registers
+    assert ("refine_union_wgmma_kernel<2, 0, 0, 64, 128>" in fake.names()) == in_registers
 
 
 def test_union_only_where_its_shared_memory_fits(monkeypatch):
-    fake = _Fake(monkeypatch, cc=90, smem_optin=cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8) - 1)
+    fake = _Fake(monkeypatch, cc=90, smem_optin=cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=cb.DT_E4M3) - 1)
     _hisa(m=8)
-    assert "refine_score_wgmma_kernel<2, 0, 2, 64, 128>" in fake.names()
+    assert "refine_score_wgmma_kernel<2, 0, 0, 64, 128>" in fake.names()
     assert not any("union" in n for n in fake.names())
 
 
@@ -151,15 +169,21 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
     assert cb._workspaces[(0, 0)]._bufs["cand_keys"].nbytes == 16 * n * 4
 
 
-def test_dense_uses_the_f16_copy_on_hopper(monkeypatch):
+@pytest.mark.parametrize("in_registers", [True, False])
+def test_dense_fp8_on_the_f16_wgmma_engine(monkeypatch, in_registers):
     fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
     T, S = 8, 1000
     q, k = _arr((T, 64, 128), np.uint8), _arr((S, 128), np.uint8)
     out = _arr((T, 64), np.int32)
     cb.dense_select(q, k, _arr((T, 64), np.float32), None, None, None, topk=64, index_base="relative",
                     order="position", out=out, stream=0)
-    assert fake.names() == ["e4m3_to_f16_kernel", "dense_score_wgmma_kernel<2, 0, 2, 64, 128, 2>",
-                            "dense_topk_kernel"]
+    if in_registers:
+        assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_kernel"]
+        assert fake.launches[0].smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, kdt=cb.DT_E4M3)
+    else:
+        assert fake.names() == ["e4m3_to_f16_kernel", "dense_score_wgmma_kernel<2, 0, 2, 64, 128, 2>",
+                                "dense_topk_kernel"]
 
 
 def test_target_arch():
@@ -193,8 +217,9 @@ def test_launch_arguments_are_cupy_c_values(monkeypatch):
         assert all(isinstance(a, CPointer) for a in launch.args), launch.name
     pool = fake.launches[0]
     assert [_value(a) for a in pool.args] == [k.data.ptr, ksc.data.ptr, S, 128, 128, _value(pool.args[5]), 0]
-    union = fake.launches[4]
-    assert [_value(a) for a in union.args[:3]] == [q.data.ptr, _value(union.args[1]), w.data.ptr]
+    union = fake.launches[3]
+    assert union.name.startswith("refine_union")
+    assert [_value(a) for a in union.args[:3]] == [q.data.ptr, k.data.ptr, w.data.ptr]  # e4m3 keys as they are
     assert [_value(a) for a in union.args[7:13]] == [T, S, 128, 8, 0, T]  # T, S, B, m, row0, rows
 
 
@@ -284,9 +309,9 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
         assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                                "block_topm_kernel", "e4m3_to_f16_kernel",
-                                "refine_union_wgmma_kernel<2, 0, 2, 64, 128>", "refine_topk_kernel"]
-        pool, union, topk = fake.launches[0], fake.launches[4], fake.launches[5]
+                                "block_topm_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                "refine_topk_kernel"]
+        pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
         assert _value(pool.args[0]) == k.data_ptr() and _value(pool.args[1]) == ksc.data_ptr()
         assert [_value(a) for a in union.args[:6:2]] == [q.data_ptr(), w.data_ptr(), ks.data_ptr()]
         assert _value(union.args[5]) == ke.data_ptr()

@@ -40,20 +40,26 @@ template <int ENGINE, int KDT, int H, int D, int ROWS, int ITEMS>
 struct WgmmaShape {
     static constexpr int N = ROWS * H;                         // MMA N: (query row, head) pairs
     static constexpr int EB = EngineElem<ENGINE>::bytes;       // 1 (e4m3) or 2 (bf16, f16)
-    static constexpr int ROWB = D * EB;                        // bytes per operand row
-    static constexpr int CHUNKS = ROWB / 16;                   // 16-byte chunks per row
+    static constexpr int ROWB = D * EB;                        // bytes per q operand row
+    static constexpr int CHUNKS = ROWB / 16;                   // 16-byte chunks per q row
     static constexpr int KSTEPS = ROWB / 32;                   // MMA k-steps (32 bytes of K each)
-    // key tile buffers (H200: 3 for the fp8 union path; 16-bit tiles are twice the size)
+    // fp8 keys on the f16 engine: the key tiles stay e4m3 in shared memory and each warp converts
+    // its rows to f16 in registers (exact), the MMA's A operand; q is the f16 B operand
+    static constexpr bool FP8A = ENGINE == ENGINE_F16 && KDT == DT_E4M3;
+    static constexpr int KROWB = FP8A ? D : ROWB;              // bytes per key row in a tile
+    static constexpr int KCHUNKS = KROWB / 16;
+    // key tile buffers (H200: 3 for the fp8 union path; 16-bit tiles are twice the size; the
+    // register-A path keeps 2 so that three CTAs fit on an SM)
     static constexpr int NBUF = (ITEMS == ITEMS_UNION && EB == 1) ? 3 : 2;
     static constexpr int Q_BYTES = N * ROWB;
-    static constexpr int K_BYTES = SCORE_TILE * ROWB;
+    static constexpr int K_BYTES = SCORE_TILE * KROWB;
     // flags and key scales, and on the union path output columns (the block lists and the union,
     // 8 m + 32 ints, come on top: cupy_backend._wgmma_smem)
     static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS + (ITEMS == ITEMS_UNION ? ROWS : 0));
     // + 1024 bytes of slack to align the operand tiles to the 1024-byte swizzle pattern
     static constexpr int SMEM = 1024 + Q_BYTES + NBUF * K_BYTES + META;
     static constexpr bool supported = (ENGINE == ENGINE_E4M3 || ENGINE == ENGINE_BF16 || ENGINE == ENGINE_F16) &&
-                                      KeyPath<ENGINE, KDT>::async && D == 128 && (N == 64 || N == 128) &&
+                                      (KeyPath<ENGINE, KDT>::async || FP8A) && D == 128 && (N == 64 || N == 128) &&
                                       H % 8 == 0;
 };
 
@@ -113,6 +119,41 @@ HISA_WGMMA_N64(ENGINE_BF16, "m64n64k16.f32.bf16.bf16", ", 0, 0")
 HISA_WGMMA_N128(ENGINE_BF16, "m64n128k16.f32.bf16.bf16", ", 0, 0")
 HISA_WGMMA_N64(ENGINE_F16, "m64n64k16.f32.f16.f16", ", 0, 0")
 HISA_WGMMA_N128(ENGINE_F16, "m64n128k16.f32.f16.f16", ", 0, 0")
+
+// The same with A from registers (f16 only: the fp8-key path): a[4] is the thread's fragment of
+// the 64 x 16 A slice (rows 16 warp + lane / 4 (+ 8), columns 2 (lane % 4) + {0, 1} (+ 8)), B from
+// shared memory (descriptor low word b_lo), B K-major (imm-trans-b = 0)
+template <int N> struct WgmmaRS;
+template <> struct WgmmaRS<64> {
+    static __device__ __forceinline__ void run(float (&d)[32], const u32 (&a)[4], u32 b_lo, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\nmov.b64 db, {%36, %38};\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, db, p, 1, 1, 0;\n}\n"
+            : HISA_WGMMA_OUT32
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
+    }
+};
+template <> struct WgmmaRS<128> {
+    static __device__ __forceinline__ void run(float (&d)[64], const u32 (&a)[4], u32 b_lo, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %69, 0;\nmov.b64 db, {%68, %70};\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, db, p, 1, 1, 0;\n}\n"
+            : HISA_WGMMA_OUT64
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(acc), "n"(WGMMA_DESC_HI));
+    }
+};
+
+// two e4m3 values (low byte, high byte of v) -> f16x2 (low half, high half), exact
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
+    u32 r;
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v));
+    return r;
+}
+__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 v) {
+    u32 r;
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(r) : "r"(v));
+    return r;
+}
 #endif  // HISA_HAS_WGMMA
 
 // fp8 -> 16-bit engine operands (exact: e4m3 values are representable in bf16 and f16)
@@ -312,7 +353,20 @@ __device__ __forceinline__ void score_tile_wgmma(
         const char* src = reinterpret_cast<const char*>(q) +
                           ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (QB == EB) {
+        if constexpr (Shape::FP8A) {
+            // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds element
+            // 32 p + 2 c + {0, 1}. fp8 q goes through the same conversion instruction as the keys.
+            if (live[r]) {
+                u32 o[4];
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    const int d0 = 32 * p + 2 * c;
+                    if (QB == 1) o[p] = e4m3x2_to_f16x2(*reinterpret_cast<const u16*>(src + d0));
+                    else o[p] = *reinterpret_cast<const u32*>(src + 2 * d0);
+                }
+                v = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+        } else if (QB == EB) {
             if (live[r]) v = reinterpret_cast<const uint4*>(src)[c];
         } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
             if (live[r]) {
@@ -367,10 +421,10 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
-            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::ROWB + sub * 16 : 0);
+            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub * 16 : 0);
             const u32 dst = dst_slot + h * 16 * 128;
 #pragma unroll
-            for (int i = 0; i < CHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
+            for (int i = 0; i < Shape::KCHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
                 cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, rw >= 0);
         }
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
@@ -432,6 +486,37 @@ __device__ __forceinline__ void score_tile_wgmma(
                                   q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
         wgmma_commit();
     };
+    // register-A path (FP8A): the thread's A fragments of one 64-item half, converted from the
+    // e4m3 tile. Rows g = 16 warp + lane / 4 and g + 8 of the half; the thread reads bytes
+    // [32 c, 32 c + 32) of each (c = lane % 4: two 16-byte chunks, swizzled like the wgmma tiles,
+    // conflict-free), and k-step s takes bytes 32 c + 4 s + {0..3}: the first two as MMA columns
+    // 2 c + {0, 1}, the last two as 2 c + 8 + {0, 1}. The MMA thus sums over a permutation of D;
+    // q's B tile is staged in the same permuted order.
+    auto load_a = [&](u32 (&af)[KSTEPS][4], int slot, int half) {
+        const char* tile = sK + slot * Shape::K_BYTES;
+        const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = half * 64 + warp * 16 + g + 8 * rr;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const uint4 v = *reinterpret_cast<const uint4*>(tile + r * Shape::KROWB + (((2 * c + e) ^ g) << 4));
+                const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    af[4 * e + i][rr] = e4m3x2_to_f16x2(w[i]);
+                    af[4 * e + i][2 + rr] = e4m3x2_hi_to_f16x2(w[i]);
+                }
+            }
+        }
+    };
+    auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
+        wgmma_fence();  // the A registers were just written
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
+        wgmma_commit();
+    };
 
     int slot = 0;
     for (int j = j_first; j < j_stop; ++j) {
@@ -443,6 +528,21 @@ __device__ __forceinline__ void score_tile_wgmma(
         int next = slot + NBUF - 1;
         if (next >= NBUF) next -= NBUF;
         float s0[ROWS][2], s1[ROWS][2];
+        if constexpr (Shape::FP8A) {
+            u32 af[KSTEPS][4];
+            load_a(af, slot, 0);
+            issue_rs(acc[0], af);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<0>();
+            head_sums(acc[0], s0);
+            load_a(af, slot, 1);
+            issue_rs(acc[0], af);
+            wgmma_wait<0>();
+            head_sums(acc[0], s1);
+            write_keys(s0, s1, n0, slot);
+            slot = slot + 1 == NBUF ? 0 : slot + 1;
+            continue;
+        }
         wgmma_fence();
         if constexpr (INFLIGHT == 2) {
             issue(acc[0], slot, 0);

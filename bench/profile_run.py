@@ -1,0 +1,84 @@
+"""Run one configuration a few times, for a profiler to attach to (ncu / nsys).
+
+    ncu -k regex:refine_union -s 2 -c 1 python bench/profile_run.py --op hisa --S 131072 --T 4096
+    python bench/profile_run.py --op topk --rows 4096 --cols 8192 --times
+
+fp8 inputs from ``hisa_cupy.workloads`` (``--kind segments`` or ``random``), H=64, D=128, B=128,
+k=2048, torch CUDA tensors, validate=False. ``--times`` also prints the median CUDA-event time of
+the call (no L2 flush: a quick look, not a benchmark -- bench/kernels.py is the protocol).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=("hisa", "dense", "topk"), default="hisa")
+    p.add_argument("--kind", choices=("segments", "random"), default="segments")
+    p.add_argument("--S", type=int, default=131072)
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--m", type=int, default=64)
+    p.add_argument("--rows", type=int, default=4096, help="topk: rows")
+    p.add_argument("--cols", type=int, default=8192, help="topk: row length")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--times", action="store_true", help="print the median CUDA-event time per call")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a cupy_backend module knob first, e.g. FP8_KEYS_IN_REGISTERS=0 (repeatable)")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    import hisa_cupy
+    from hisa_cupy.kernels import cupy_backend
+
+    for knob in args.knob:
+        name, _, value = knob.partition("=")
+        if not hasattr(cupy_backend, name):
+            p.error(f"--knob: cupy_backend has no setting {name!r}")
+        old = getattr(cupy_backend, name)
+        setattr(cupy_backend, name, type(old)(int(value)) if isinstance(old, (bool, int)) else type(old)(value))
+    dev = torch.device("cuda")
+    if args.op == "topk":
+        g = torch.Generator(device=dev).manual_seed(0)
+        scores = torch.randn(args.rows, args.cols, device=dev, generator=g)
+
+        def call():
+            return hisa_cupy.topk(scores, 2048)
+    else:
+        from hisa_cupy.workloads import make_workload
+
+        wl = make_workload(args.kind, seq_len=args.S, num_queries=args.T, seed=0)
+        q = torch.from_numpy(wl.q.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
+        k = torch.from_numpy(wl.k.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
+        w, ksc = torch.from_numpy(wl.weights).to(dev), torch.from_numpy(wl.k_scale).to(dev)
+        out = torch.empty(args.T, 2048, dtype=torch.int32, device=dev)
+        kw = dict(k_scale=ksc, topk=2048, out=out, validate=False)
+        if args.op == "hisa":
+            def call():
+                return hisa_cupy.hisa_select(q, k, w, block_topk=args.m, **kw)
+        else:
+            def call():
+                return hisa_cupy.dense_select(q, k, w, **kw)
+    times = []
+    for _ in range(args.reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        call()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    if args.times:
+        print(f"{torch.cuda.get_device_name()} {args.op} {args.kind} S={args.S} T={args.T} m={args.m} {' '.join(args.knob)} "
+              f"rows={args.rows} cols={args.cols}: median {statistics.median(times[1:] or times):.3f} ms "
+              f"over {max(1, len(times) - 1)} calls (first call excluded)")
+
+
+if __name__ == "__main__":
+    main()
