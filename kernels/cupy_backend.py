@@ -650,13 +650,19 @@ class _Binder:
     def __init__(self, arrays):
         self.arrays = tuple(arrays)  # alive while recording, so their ids stay unique
         self._index = {id(a): i for i, a in enumerate(self.arrays) if a is not None}
+        self._spans = [(a.data.ptr, a.data.ptr + a.nbytes) for a in self.arrays if a is not None]
         self.launches = []
 
     def ptr(self, a, offset=0):
         if a is None:
             return _Fixed(0)
         i = self._index.get(id(a))
-        return _Fixed(a.data.ptr + offset) if i is None else _Var(i, offset)
+        if i is not None:
+            return _Var(i, offset)
+        p = a.data.ptr + offset
+        if any(lo <= p < hi for lo, hi in self._spans):  # a view of a call-time array: its address
+            raise _Unbindable  # would change from call to call, pass the array itself and an offset
+        return _Fixed(p)
 
     def launch(self, fn, grid, block, args, smem=0):
         if not isinstance(fn, _bindable_functions()):  # e.g. a stand-in that records calls

@@ -685,3 +685,22 @@ def test_host_and_other_framework_calls_never_enter_the_cache(gpu):
     hisa_cupy.hisa_select(host["q"], host["k"], host["weights"], k_scale=host["k_scale"], block_size=128,
                           block_topk=4, topk=64, validate=False)
     assert not select._calls
+
+
+def test_a_view_of_a_call_time_array_is_never_bound_as_fixed(monkeypatch):
+    # a stage that passed a view (out[r0:], q[1:]) would hand the binder a new object whose
+    # address changes with every call: binding refuses it instead of freezing a stale address
+    _Fake(monkeypatch)
+    a = _inputs(16, 4096)
+    b = cb._Binder((a["q"], None, a["out"]))
+    var = b.ptr(a["out"], 4096)
+    assert isinstance(var, cb._Var) and (var.index, var.offset) == (2, 4096)
+    for view in (a["q"][1:], a["out"][3:], a["out"][:, 5:]):
+        with pytest.raises(cb._Unbindable):
+            b.ptr(view)
+    assert b.ptr(_arr((4,), np.float32)).value != 0 and b.ptr(None).value == 0  # other memory: fixed
+    p = _run_hisa(a)
+    assert _bind_hisa(a, **p) is not None
+    # the refinement's top-k handed a view of out (the block top-m's view of workspace memory is fine)
+    monkeypatch.setattr(cb, "_launch_select", lambda *args, out_idx, out_off=0, em=None, **kw: em.ptr(out_idx[1:]))
+    assert _bind_hisa(a, **p) is None
