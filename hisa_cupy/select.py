@@ -26,6 +26,12 @@ result     [T, topk]       int32 positions (minus ks unless index_base="absolute
 ``NUMBA_ENABLE_CUDASIM=1``), "numpy" (the normative reference), or "auto" (cupy for device
 arrays, numpy for host arrays). A backend living elsewhere than the inputs gets a copy, and the
 result comes back where the inputs were.
+
+Repeated ``validate=False`` calls of :func:`hisa_select` / :func:`dense_select` with torch CUDA
+tensors are served from a call cache ("the call cache" below): the first call of a signature
+(shapes, dtypes, layouts, device, stream, parameters) takes the full path and records the
+backend's bound launches; equal later calls only read the array addresses, allocate the result
+and launch. ``FAST_PATH = False`` sends every call down the full path.
 """
 from __future__ import annotations
 

@@ -16,6 +16,10 @@ too.
 Workspace: intermediate buffers (pooled keys, block ranking keys, candidate ranking keys, block
 ids) come from a per-(device, stream) workspace that only grows. Calls on one stream reuse it and
 allocate nothing after the first call of a given size, which is what CUDA-graph capture needs.
+
+Bound plans (``bind_hisa_select``, ``bind_dense_select``; "emitters and bound plans" below): the
+launches of one call, recorded once per shape, device and stream as cuLaunchKernel parameter
+buffers, so that a repeated call only writes its array addresses and launches through the driver.
 """
 from __future__ import annotations
 
