@@ -460,6 +460,8 @@ def release_workspace() -> None:
     that use them are void from then on."""
     for ws in list(_workspaces.values()):
         ws.gen += 1
+        ws._bufs.clear()  # a bound plan may still hold the workspace object, never its memory
+        ws._views.clear()
     _workspaces.clear()
 
 

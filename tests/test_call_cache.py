@@ -704,3 +704,21 @@ def test_a_view_of_a_call_time_array_is_never_bound_as_fixed(monkeypatch):
     # the refinement's top-k handed a view of out (the block top-m's view of workspace memory is fine)
     monkeypatch.setattr(cb, "_launch_select", lambda *args, out_idx, out_off=0, em=None, **kw: em.ptr(out_idx[1:]))
     assert _bind_hisa(a, **p) is None
+
+
+def test_released_workspace_memory_is_not_kept_by_bound_plans(monkeypatch):
+    import gc
+    import weakref
+
+    _Fake(monkeypatch)
+    a = _inputs(16, 4096)
+    p = _run_hisa(a)
+    bound = _bind_hisa(a, **p)
+    ws = cb.workspace(0)
+    refs = [weakref.ref(buf) for buf in ws._bufs.values()]
+    assert refs and all(r() is not None for r in refs)
+    del ws
+    cb.release_workspace()
+    gc.collect()
+    assert all(r() is None for r in refs)  # the plan is alive, its scratch memory is not
+    assert bound(_ptrs(a)) is False
