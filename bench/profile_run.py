@@ -30,6 +30,9 @@ def main(argv=None):
     p.add_argument("--times", action="store_true", help="print the median CUDA-event time per call")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                    help="set a cupy_backend module knob first, e.g. FP8_KEYS_IN_REGISTERS=0 (repeatable)")
+    p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                   help="time the call once per value of one cupy_backend knob (implies --times)")
+    p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of one call")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -38,12 +41,14 @@ def main(argv=None):
     import hisa_cupy
     from hisa_cupy.kernels import cupy_backend
 
-    for knob in args.knob:
-        name, _, value = knob.partition("=")
+    def set_knob(name, value):
         if not hasattr(cupy_backend, name):
-            p.error(f"--knob: cupy_backend has no setting {name!r}")
+            p.error(f"cupy_backend has no setting {name!r}")
         old = getattr(cupy_backend, name)
         setattr(cupy_backend, name, type(old)(int(value)) if isinstance(old, (bool, int)) else type(old)(value))
+
+    for knob in args.knob:
+        set_knob(*knob.partition("=")[::2])
     dev = torch.device("cuda")
     if args.op == "topk":
         g = torch.Generator(device=dev).manual_seed(0)
@@ -66,18 +71,35 @@ def main(argv=None):
         else:
             def call():
                 return hisa_cupy.dense_select(q, k, w, **kw)
-    times = []
-    for _ in range(args.reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        call()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    if args.times:
-        print(f"{torch.cuda.get_device_name()} {args.op} {args.kind} S={args.S} T={args.T} m={args.m} {' '.join(args.knob)} "
-              f"rows={args.rows} cols={args.cols}: median {statistics.median(times[1:] or times):.3f} ms "
-              f"over {max(1, len(times) - 1)} calls (first call excluded)")
+    def run(label):
+        times = []
+        for _ in range(args.reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        if args.times or args.sweep:
+            shape = f"S={args.S} T={args.T} m={args.m}" if args.op != "topk" else f"{args.rows}x{args.cols}"
+            print(f"{torch.cuda.get_device_name()} {args.op} {args.kind} {shape} {label}: median "
+                  f"{statistics.median(times[1:] or times):.3f} ms over {max(1, len(times) - 1)} calls "
+                  f"(first call excluded)", flush=True)
+
+    if args.sweep:
+        name, _, values = args.sweep.partition("=")
+        for value in values.split(","):
+            set_knob(name, value)
+            run(" ".join(args.knob + [f"{name}={value}"]))
+    else:
+        run(" ".join(args.knob))
+    if args.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

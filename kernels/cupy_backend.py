@@ -77,6 +77,9 @@ REFINE_WORKSPACE_BYTES = 64 << 20
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
+#: CTAs per pair of rows on the union path, each scoring an even share of the union's key tiles
+#: (more, shorter CTAs: a shorter tail when few pairs fill the GPU; a knob for bench/)
+UNION_SPLITS = 2
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 
@@ -958,7 +961,8 @@ _plans: dict = {}
 def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
-            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, FP8_KEYS_IN_REGISTERS)
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, FP8_KEYS_IN_REGISTERS,
+            UNION_SPLITS)
 
 
 def _keep_plan(key, plan):
@@ -1004,7 +1008,7 @@ def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
              and smem <= facts["smem_optin"])
     if pairs:
         name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>"
-        tpc, per_cta, grid_x = 0, 2, 1
+        tpc, per_cta, grid_x = 0, 2, max(1, int(UNION_SPLITS))
     else:
         name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, skeys, H, D, False)
         ntiles = -(-n // SCORE_TILE)

@@ -96,7 +96,8 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch, in_registers
                             "block_topm_kernel"] + copy + [
                             f"refine_union_wgmma_kernel<2, 0, {kdt}, 64, 128>", "refine_topk_kernel"]
     union = fake.launches[3 + len(copy)]
-    assert union.grid == (1, 33) and union.block == (cb.SCORE_THREADS,)  # 65 rows in pairs
+    # 65 rows in pairs, each pair's union split over UNION_SPLITS CTAs
+    assert union.grid == (cb.UNION_SPLITS, 33) and union.block == (cb.SCORE_THREADS,)
     assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=kdt) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
 

@@ -1,7 +1,8 @@
 // pool.cu — stage 1a: mean-pooled keys per block (SPEC §5.2).
 //
 // One CTA per block b, one thread per dimension d: pooled[b, d] = (sum over the block's tokens of
-// k[s, d] * k_scale[s]) / count, accumulated in fp32 in token order, then stored as fp32, bf16
+// k[s, d] * k_scale[s]) / count, accumulated in fp32 in token order (loads batched 16 tokens at a
+// time so that they overlap), then stored as fp32, bf16
 // (round to nearest even) or e4m3 with a per-block scale max(amax / 448, 1e-10) (NaN propagates).
 #include "common.cuh"
 #include "score_tile.cuh"
@@ -9,6 +10,7 @@
 #define POOL_F32 0
 #define POOL_BF16 1
 #define POOL_E4M3 2
+#define POOL_BATCH 16
 
 template <int KDT>
 __device__ __forceinline__ float load_scalar(const void* p, long long i) {
@@ -27,7 +29,19 @@ __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, c
     const int s0 = b * B, s1 = min(s0 + B, S);
     float sum = 0.0f;
     if (d < D) {
-        for (int s = s0; s < s1; ++s) {
+        // POOL_BATCH tokens' loads in flight at once, then summed in token order
+        int s = s0;
+        for (; s + POOL_BATCH <= s1; s += POOL_BATCH) {
+            float v[POOL_BATCH], c[POOL_BATCH];
+#pragma unroll
+            for (int i = 0; i < POOL_BATCH; ++i) {
+                v[i] = load_scalar<KDT>(k, (long long)(s + i) * D + d);
+                c[i] = kscale ? kscale[s + i] : 1.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < POOL_BATCH; ++i) sum += kscale ? v[i] * c[i] : v[i];
+        }
+        for (; s < s1; ++s) {
             const float v = load_scalar<KDT>(k, (long long)s * D + d);
             sum += kscale ? v * kscale[s] : v;
         }

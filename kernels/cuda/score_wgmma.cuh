@@ -20,9 +20,14 @@
 // chunk c ^ (r % 8)), 1024-byte aligned; a wgmma descriptor addresses 8-row groups 1024 bytes
 // apart and the k-th 32-byte slice by advancing its start address. Keys stream through NBUF
 // buffers with cp.async (lane pairs copy 32 contiguous bytes of a key row, a full sector), the
-// tensor core works on tile j while tile j + NBUF - 1 loads, and with N = 64 the two 64-item
-// halves are committed as separate groups so the epilogue of the first overlaps the MMA of the
-// second (N = 128 runs them one after the other: one accumulator set).
+// tensor core works on tile j while tile j + NBUF - 1 loads, and the two 64-item halves are
+// committed as separate groups so the epilogue of the first overlaps the MMA of the second.
+//
+// fp8 keys on the f16 engine (FP8A, the default for fp8 inputs): the key tiles stay e4m3 in
+// shared memory (half the bytes from L2, half the tile memory: three union CTAs per SM), and each
+// warp converts its A fragments to f16 in registers (wgmma with A from registers, B = q from
+// shared memory). The fragments are read in a permuted order of D that makes every thread's
+// bytes contiguous; q's tile is staged in the same order, so the dot products are unchanged.
 //
 // Only compiled for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a trap and the host
 // never launches it there (kernels/cupy_backend.py: _select_engine, _wgmma_rows).
@@ -156,13 +161,18 @@ __device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 v) {
 }
 #endif  // HISA_HAS_WGMMA
 
-// fp8 -> 16-bit engine operands (exact: e4m3 values are representable in bf16 and f16)
+#if HISA_HAS_WGMMA
+// two fp8 values (the low 16 bits of v) -> two 16-bit engine operands, exact (e4m3 values are
+// representable in f16 and bf16; bf16 through f32, whose low 16 bits are then zero)
 template <int ENGINE>
-__device__ __forceinline__ u16 e4m3_to_engine(u32 v) {
-    const float f = e4m3_to_f32(v);
-    if (ENGINE == ENGINE_BF16) return (u16)(__float_as_uint(f) >> 16);
-    return f32_to_f16(f);
+__device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
+    const u32 h = e4m3x2_to_f16x2(v);
+    if (ENGINE != ENGINE_BF16) return h;
+    const u32 lo = __float_as_uint(f16_to_f32((u16)(h & 0xFFFFu)));
+    const u32 hi = __float_as_uint(f16_to_f32((u16)(h >> 16)));
+    return (lo >> 16) | (hi & 0xFFFF0000u);
 }
+#endif
 
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
 __device__ __forceinline__ void score_tile_wgmma(
@@ -305,12 +315,15 @@ __device__ __forceinline__ void score_tile_wgmma(
         // list entries past a row's valid blocks hold no candidates
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            if (live[r])
+            if (live[r] && blockIdx.x == 0)
                 for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
         __syncthreads();
-        j_first = 0;
-        j_stop = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
-        if (j_stop == 0) return;
+        // the union's tiles split evenly over the gridDim.x CTAs of the pair (shorter tail)
+        const int total = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
+        const int per = (total + (int)gridDim.x - 1) / (int)gridDim.x;
+        j_first = (int)blockIdx.x * per;
+        j_stop = min(total, j_first + per);
+        if (j_first >= j_stop) return;
     } else {
         // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
         // tile in between is scored: a per-tile skip would put the wgmma under a branch, and ptxas
@@ -374,10 +387,7 @@ __device__ __forceinline__ void score_tile_wgmma(
                 const u32 w[2] = {x.x, x.y};
                 u32 o[4];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const u32 b = w[e >> 1] >> ((e & 1) * 16);
-                    o[e] = (u32)e4m3_to_engine<ENGINE>(b & 0xFFu) | ((u32)e4m3_to_engine<ENGINE>((b >> 8) & 0xFFu) << 16);
-                }
+                for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(w[e >> 1] >> ((e & 1) * 16));
                 v = make_uint4(o[0], o[1], o[2], o[3]);
             }
         }
@@ -433,9 +443,11 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
     for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
 
-    // N = 64: both 64-item halves in flight (two accumulator sets); N = 128: one at a time
-    constexpr int INFLIGHT = N == 64 ? 2 : 1;
-    float acc[INFLIGHT][N / 2];
+    // one accumulator set per 64-item half: with both operands in shared memory both halves are
+    // in flight at once (the epilogue of the first overlaps the MMA of the second); the
+    // register-A path runs them one after the other with one set (its A fragments take the
+    // registers, and three CTAs per SM overlap each other's epilogues instead)
+    float acc[2][N / 2];
     // head sums of one half: sum[r][e] = item 16 warp + lane / 4 + 8 e of the half, query row r
     // (weights applied, relu'd), reduced over the 4 lanes that share the item (all 4 hold it)
     auto head_sums = [&](const float (&a)[N / 2], float (&sum)[ROWS][2]) {
@@ -544,24 +556,13 @@ __device__ __forceinline__ void score_tile_wgmma(
             continue;
         }
         wgmma_fence();
-        if constexpr (INFLIGHT == 2) {
-            issue(acc[0], slot, 0);
-            issue(acc[INFLIGHT - 1], slot, 1);
-            stage(j + NBUF - 1, next);
-            wgmma_wait<1>();
-            head_sums(acc[0], s0);
-            wgmma_wait<0>();
-            head_sums(acc[INFLIGHT - 1], s1);
-        } else {
-            issue(acc[0], slot, 0);
-            stage(j + NBUF - 1, next);
-            wgmma_wait<0>();
-            head_sums(acc[0], s0);
-            wgmma_fence();
-            issue(acc[0], slot, 1);
-            wgmma_wait<0>();
-            head_sums(acc[0], s1);
-        }
+        issue(acc[0], slot, 0);
+        issue(acc[1], slot, 1);
+        stage(j + NBUF - 1, next);
+        wgmma_wait<1>();
+        head_sums(acc[0], s0);
+        wgmma_wait<0>();
+        head_sums(acc[1], s1);
         write_keys(s0, s1, n0, slot);
         slot = slot + 1 == NBUF ? 0 : slot + 1;
     }
