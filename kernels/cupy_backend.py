@@ -72,14 +72,16 @@ FP8_TENSOR_ACCUMULATE = False
 FP8_KEYS_IN_REGISTERS = True
 #: largest f16 copy of fp8 keys made for the f16 wgmma path (above it: the mma.sync engine)
 F16_KEYS_MAX_BYTES = 32 << 20
-#: refinement processes row chunks whose candidate keys stay within this many bytes
-REFINE_WORKSPACE_BYTES = 64 << 20
+#: refinement processes row chunks whose candidate keys stay within this many bytes (128 MB: all
+#: 4096 rows of m = 64 blocks of 128 in one launch, one tail instead of two)
+REFINE_WORKSPACE_BYTES = 128 << 20
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
 #: CTAs per pair of rows on the union path, each scoring an even share of the union's key tiles
-#: (more, shorter CTAs: a shorter tail when few pairs fill the GPU; a knob for bench/)
-UNION_SPLITS = 2
+#: (more, shorter CTAs: a shorter tail when few pairs fill the GPU). 0: chosen per launch
+#: (_union_splits); a knob for bench/
+UNION_SPLITS = 0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 
@@ -1008,7 +1010,7 @@ def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
              and smem <= facts["smem_optin"])
     if pairs:
         name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>"
-        tpc, per_cta, grid_x = 0, 2, max(1, int(UNION_SPLITS))
+        tpc, per_cta, grid_x = 0, 2, None
     else:
         name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, skeys, H, D, False)
         ntiles = -(-n // SCORE_TILE)
@@ -1022,8 +1024,18 @@ def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
     launches = []
     for r0 in range(0, T, chunk):
         nr = min(chunk, T - r0)
-        launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail))
+        gx = grid_x if grid_x is not None else _union_splits(-(-nr // 2), facts["sms"])
+        launches.append((r0, nr, (gx, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail))
     return name, smem, n, chunk, tuple(launches)
+
+
+def _union_splits(pairs: int, sms: int) -> int:
+    """CTAs per pair of the union launch: UNION_SPLITS, or where it is 0 about 12 CTAs per SM
+    (4 waves at 3 CTAs per SM), 2 to 4 per pair. H200, 128K keys: 2 splits at 2048 pairs
+    (1 -> 2: -2%), 3 at 512 pairs (1 -> 3: -16%), bench/profile_run.py --sweep UNION_SPLITS."""
+    if UNION_SPLITS:
+        return max(1, int(UNION_SPLITS))
+    return min(4, max(2, round(12 * sms / max(1, pairs))))
 
 
 def _dense_plan(q, skeys, T, H, D, S):

@@ -96,10 +96,18 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch, in_registers
                             "block_topm_kernel"] + copy + [
                             f"refine_union_wgmma_kernel<2, 0, {kdt}, 64, 128>", "refine_topk_kernel"]
     union = fake.launches[3 + len(copy)]
-    # 65 rows in pairs, each pair's union split over UNION_SPLITS CTAs
-    assert union.grid == (cb.UNION_SPLITS, 33) and union.block == (cb.SCORE_THREADS,)
+    # 65 rows in pairs, each pair's union split over a few CTAs (few pairs here: 4)
+    assert union.grid == (4, 33) and union.block == (cb.SCORE_THREADS,)
     assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=kdt) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
+
+
+def test_union_splits(monkeypatch):
+    # about 12 CTAs per SM, 2 to 4 per pair; a set knob wins
+    assert [cb._union_splits(p, 132) for p in (2048, 1024, 512, 256, 8)] == [2, 2, 3, 4, 4]
+    assert cb._union_splits(4096, 132) == 2
+    monkeypatch.setattr(cb, "UNION_SPLITS", 1)
+    assert cb._union_splits(8, 132) == 1
 
 
 def test_fp8_key_tiles_take_half_the_shared_memory():

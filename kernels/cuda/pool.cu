@@ -12,12 +12,20 @@
 #define POOL_E4M3 2
 #define POOL_BATCH 16
 
+// element i of a key array: its raw bits, then their value (separate, so that a batch of loads is
+// issued before the decoders' branches)
 template <int KDT>
-__device__ __forceinline__ float load_scalar(const void* p, long long i) {
-    if (KDT == DT_E4M3) return e4m3_to_f32(reinterpret_cast<const u8*>(p)[i]);
-    if (KDT == DT_BF16) return bf16_to_f32(reinterpret_cast<const u16*>(p)[i]);
-    if (KDT == DT_F16) return f16_to_f32(reinterpret_cast<const u16*>(p)[i]);
-    return reinterpret_cast<const float*>(p)[i];
+__device__ __forceinline__ u32 load_bits(const void* p, long long i) {
+    if (KDT == DT_E4M3) return reinterpret_cast<const u8*>(p)[i];
+    if (KDT == DT_BF16 || KDT == DT_F16) return reinterpret_cast<const u16*>(p)[i];
+    return reinterpret_cast<const u32*>(p)[i];
+}
+template <int KDT>
+__device__ __forceinline__ float bits_value(u32 v) {
+    if (KDT == DT_E4M3) return e4m3_to_f32(v);
+    if (KDT == DT_BF16) return bf16_to_f32(v);
+    if (KDT == DT_F16) return f16_to_f32((u16)v);
+    return __uint_as_float(v);
 }
 
 template <int KDT, int POOL>
@@ -32,17 +40,21 @@ __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, c
         // POOL_BATCH tokens' loads in flight at once, then summed in token order
         int s = s0;
         for (; s + POOL_BATCH <= s1; s += POOL_BATCH) {
-            float v[POOL_BATCH], c[POOL_BATCH];
+            u32 bits[POOL_BATCH];
+            float c[POOL_BATCH];
 #pragma unroll
             for (int i = 0; i < POOL_BATCH; ++i) {
-                v[i] = load_scalar<KDT>(k, (long long)(s + i) * D + d);
+                bits[i] = load_bits<KDT>(k, (long long)(s + i) * D + d);
                 c[i] = kscale ? kscale[s + i] : 1.0f;
             }
 #pragma unroll
-            for (int i = 0; i < POOL_BATCH; ++i) sum += kscale ? v[i] * c[i] : v[i];
+            for (int i = 0; i < POOL_BATCH; ++i) {
+                const float v = bits_value<KDT>(bits[i]);
+                sum += kscale ? v * c[i] : v;
+            }
         }
         for (; s < s1; ++s) {
-            const float v = load_scalar<KDT>(k, (long long)s * D + d);
+            const float v = bits_value<KDT>(load_bits<KDT>(k, (long long)s * D + d));
             sum += kscale ? v * kscale[s] : v;
         }
     }
