@@ -68,6 +68,23 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def to_torch(x, device="cuda"):
+    """torch tensor on ``device`` holding NumPy array ``x`` (None stays None), in the same logical
+    dtype: ``ml_dtypes`` bf16 / fp8 become ``torch.bfloat16`` / ``torch.float8_e4m3fn`` (bit
+    patterns copied, never converted)."""
+    import torch
+
+    if x is None:
+        return None
+    x = np.ascontiguousarray(x)
+    name = str(x.dtype)
+    if name == "float8_e4m3fn":
+        return torch.from_numpy(x.view(np.uint8)).to(device).view(torch.float8_e4m3fn)
+    if name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).to(device).view(torch.bfloat16)
+    return torch.from_numpy(x).to(device)
+
+
 # --------------------------------------------------------------------------------------------
 # SPEC §9 exact-arithmetic inputs
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 
 from hisa_cupy import metrics
 from hisa_cupy.testing import (assert_selection_equal, assert_selection_equivalent, exact_inputs,
-                               to_numpy)
+                               to_numpy, to_torch)
 
 I32 = np.int32
 
@@ -81,6 +81,21 @@ def test_to_numpy_torch():
     assert f8.astype(np.float32).tolist() == [448.0, -0.25, 0.0]
     i = to_numpy(torch.arange(4, dtype=torch.int32)[::2])
     assert i.dtype == np.int32 and i.tolist() == [0, 2]
+
+
+def test_to_torch_keeps_logical_dtypes_and_bits():
+    torch = pytest.importorskip("torch")
+    f8 = np.array([448.0, -0.25, 0.0, 2.0 ** -9], dtype=ml_dtypes.float8_e4m3fn)
+    t = to_torch(f8[::-1], device="cpu")  # a strided view: copied contiguous
+    assert t.dtype == torch.float8_e4m3fn and t.view(torch.uint8).tolist() == f8[::-1].view(np.uint8).tolist()
+    b = np.array([[1.0, -3.5]], dtype=ml_dtypes.bfloat16)
+    t = to_torch(b, device="cpu")
+    assert t.dtype == torch.bfloat16 and t.shape == (1, 2) and t.float().tolist() == [[1.0, -3.5]]
+    t = to_torch(np.arange(3, dtype=np.int32), device="cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [0, 1, 2]
+    assert to_torch(None) is None
+    for x in (f8, b):  # and back
+        assert to_numpy(to_torch(x, device="cpu")).tobytes() == x.tobytes()
 
 
 def test_to_numpy_jax():

@@ -7,25 +7,13 @@ import pytest
 
 import hisa_cupy
 from hisa_cupy import reference, testing, workloads
+from hisa_cupy.testing import to_torch
 
 pytestmark = pytest.mark.gpu
 
 torch = pytest.importorskip("torch")
 
 DTYPES = ["float8_e4m3fn", "bfloat16", "float16", "float32"]
-_TORCH_DT = {"float8_e4m3fn": "float8_e4m3fn", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-
-
-def to_torch(x, device="cuda"):
-    """NumPy (ml_dtypes logical) -> torch CUDA tensor of the same logical dtype."""
-    if x is None:
-        return None
-    name = str(x.dtype)
-    if name == "float8_e4m3fn":
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint8)).to(device).view(torch.float8_e4m3fn)
-    if name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).to(device).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
 
 def to_np(x):
