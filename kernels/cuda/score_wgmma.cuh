@@ -551,18 +551,16 @@ __device__ __forceinline__ void score_tile_wgmma(
             issue_rs(acc[0], af);
             wgmma_wait<0>();
             head_sums(acc[0], s1);
-            write_keys(s0, s1, n0, slot);
-            slot = slot + 1 == NBUF ? 0 : slot + 1;
-            continue;
+        } else {
+            wgmma_fence();
+            issue(acc[0], slot, 0);
+            issue(acc[1], slot, 1);
+            stage(j + NBUF - 1, next);
+            wgmma_wait<1>();
+            head_sums(acc[0], s0);
+            wgmma_wait<0>();
+            head_sums(acc[1], s1);
         }
-        wgmma_fence();
-        issue(acc[0], slot, 0);
-        issue(acc[1], slot, 1);
-        stage(j + NBUF - 1, next);
-        wgmma_wait<1>();
-        head_sums(acc[0], s0);
-        wgmma_wait<0>();
-        head_sums(acc[1], s1);
         write_keys(s0, s1, n0, slot);
         slot = slot + 1 == NBUF ? 0 : slot + 1;
     }
