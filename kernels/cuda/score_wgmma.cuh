@@ -328,16 +328,21 @@ __device__ __forceinline__ void score_tile_wgmma(
         // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
         // tile in between is scored: a per-tile skip would put the wgmma under a branch, and ptxas
         // then serialises the MMAs (candidates of a row are contiguous on the dense and block paths).
-        j_first = j_end;
-        int j_last = j_begin - 1;
-        for (int j = j_begin; j < j_end; ++j) {
-            u32 f[ROWS];
+        // whether tile j holds a candidate of any row (CTA-wide); f: each row's flags of this
+        // thread's item
+        auto tile_has_candidate = [&](int j, u32 (&f)[ROWS]) {
             int col[ROWS];
             map_item(j * SCORE_TILE + tid, f, col);
             bool mine = false;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
-            if (__syncthreads_or(mine)) {
+            return __syncthreads_or(mine) != 0;
+        };
+        j_first = j_end;
+        int j_last = j_begin - 1;
+        for (int j = j_begin; j < j_end; ++j) {
+            u32 f[ROWS];
+            if (tile_has_candidate(j, f)) {
                 j_first = j;
                 break;
             }
@@ -346,12 +351,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         if (j_first == j_end) return;
         for (int j = j_end - 1; j >= j_first; --j) {
             u32 f[ROWS];
-            int col[ROWS];
-            map_item(j * SCORE_TILE + tid, f, col);
-            bool mine = false;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) mine |= f[r] == 1u;
-            if (__syncthreads_or(mine)) {
+            if (tile_has_candidate(j, f)) {
                 j_last = j;
                 break;
             }
