@@ -279,6 +279,16 @@ def _cached(call, out):
     return entry(call[1], out)
 
 
+def _look_up(validate, kind, arrays, ints, strs, extra, out):
+    """(call key, cached result) of a call: the key is None where the cache does not apply
+    (validate not False, FAST_PATH off, or what _call_key turns down), the result None where the
+    full path must run."""
+    if validate is not False or not FAST_PATH:
+        return None, None
+    call = _call_key(kind, arrays, ints, strs, extra)
+    return call, (None if call is None else _cached(call, out))
+
+
 def _remember(call, ex, out_t, shape, bind):
     """After a full-path device call: record its signature with what the backend binds for it."""
     if ex.backend != "cupy" or ex.host or ex.stream != call[2] or bind is None:
@@ -340,14 +350,10 @@ def hisa_select(q, k, weights, *, k_scale=None, ks=None, ke=None, block_size=128
     Returns:
         [T, topk] int32 indices, the caller's array type on the caller's device.
     """
-    call = None
-    if validate is False and FAST_PATH:
-        call = _call_key("hisa", (q, k, weights, k_scale, ks, ke, out), (block_size, block_topk, topk),
-                         (pool_dtype, index_base, order, backend), dtype)
-        if call is not None:
-            res = _cached(call, out)
-            if res is not None:
-                return res
+    call, res = _look_up(validate, "hisa", (q, k, weights, k_scale, ks, ke, out), (block_size, block_topk, topk),
+                         (pool_dtype, index_base, order, backend), dtype, out)
+    if res is not None:
+        return res
     p = v.selection_params(block_size=block_size, block_topk=block_topk, topk=topk)
     v.choice(pool_dtype, "pool_dtype", v.POOL_DTYPES)
     inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
@@ -377,14 +383,10 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
     backend processes query rows in chunks so its workspace stays bounded (never a [T, S] buffer
     for long S).
     """
-    call = None
-    if validate is False and FAST_PATH:
-        call = _call_key("dense", (q, k, weights, k_scale, ks, ke, out), (topk,), (index_base, order, backend),
-                         dtype)
-        if call is not None:
-            res = _cached(call, out)
-            if res is not None:
-                return res
+    call, res = _look_up(validate, "dense", (q, k, weights, k_scale, ks, ke, out), (topk,),
+                         (index_base, order, backend), dtype, out)
+    if res is not None:
+        return res
     p = v.selection_params(topk=topk)
     inp, out_t, ex = _prepare_selection(q, k, weights, k_scale, ks, ke, dtype, out, p["topk"], index_base, order,
                                         backend, validate)
