@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,20 +70,15 @@ def main(argv=None):
         else:
             def call():
                 return hisa_cupy.dense_select(q, k, w, **kw)
+    from stage_times import timed  # bench/ is this script's directory
+
     def run(label):
-        times = []
-        for _ in range(args.reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
+        reps = max(1, args.reps - 1)
+        ms = timed(call, reps=reps)  # a first call, then the timed ones (no L2 flush)
         if args.times or args.sweep:
             shape = f"S={args.S} T={args.T} m={args.m}" if args.op != "topk" else f"{args.rows}x{args.cols}"
             print(f"{torch.cuda.get_device_name()} {args.op} {args.kind} {shape} {label}: median "
-                  f"{statistics.median(times[1:] or times):.3f} ms over {max(1, len(times) - 1)} calls "
-                  f"(first call excluded)", flush=True)
+                  f"{ms:.3f} ms over {reps} calls (first call excluded)", flush=True)
 
     if args.sweep:
         name, _, values = args.sweep.partition("=")
