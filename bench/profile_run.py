@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--times", action="store_true", help="print the median CUDA-event time per call")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a cupy_backend module knob first, e.g. FP8_KEYS_IN_REGISTERS=0 (repeatable)")
+                   help="set a cupy_backend module knob first, e.g. USE_UNION_PAIRS=0 (repeatable)")
     p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
                    help="time the call once per value of one cupy_backend knob (implies --times)")
     p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of one call")

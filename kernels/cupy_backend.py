@@ -66,12 +66,6 @@ USE_WGMMA = True
 #: with a ~22-bit accumulator (score errors up to ~4e-4 of sum_h |w_h relu(q_h . k)|, measured
 #: by bench/precision.py), which breaks the tolerance-aware checks of SPEC §9
 FP8_TENSOR_ACCUMULATE = False
-#: fp8 keys on the f16 wgmma path stay e4m3 in memory: the engine converts each key tile to f16
-#: in registers (score_wgmma.cuh, FP8A; exact), so no f16 copy is made and half the bytes cross L2.
-#: False: one f16 copy of the keys per call (convert.cu), scored with both operands in shared memory
-FP8_KEYS_IN_REGISTERS = True
-#: largest f16 copy of fp8 keys made for the f16 wgmma path (above it: the mma.sync engine)
-F16_KEYS_MAX_BYTES = 32 << 20
 #: refinement processes row chunks whose candidate keys stay within this many bytes (128 MB: all
 #: 4096 rows of m = 64 blocks of 128 in one launch, one tail instead of two)
 REFINE_WORKSPACE_BYTES = 128 << 20
@@ -260,7 +254,6 @@ def kernel_instances():
                 if rows * h == 128 and h == 64:
                     out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}>"))
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
-    out.append(("convert.cu", "e4m3_to_f16_kernel"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
     return out
@@ -329,7 +322,7 @@ def _rows_per_cta(engine: int, kdt: int, H: int, shared_keys: bool) -> int:
 def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool) -> int:
     """Query rows per CTA of the wgmma engine, or 0 where it does not apply: it needs Hopper
     (sm_90a), D = 128, keys already in the engine's type and rows * H in {64, 128}."""
-    keys_ok = (engine, kdt) in _ASYNC_KEYS or (FP8_KEYS_IN_REGISTERS and (engine, kdt) == _FP8A_KEYS)
+    keys_ok = (engine, kdt) in _ASYNC_KEYS or (engine, kdt) == _FP8A_KEYS
     if not USE_WGMMA or cc != 90 or D != 128 or not keys_ok or H % 8:
         return 0
     rows = max(1, min(MAX_ROWS_PER_CTA, 128 // H)) if shared_keys else 1
@@ -348,50 +341,18 @@ def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0, kdt: i
     return 1024 + rows * H * rowb + nbuf * SCORE_TILE * krowb + meta + lists
 
 
-def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool, *, f16_copy_ok=False):
+def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool):
     """(engine, query rows per CTA of the wgmma engine, or 0 for the mma.sync / SIMT engine).
 
-    fp8 q and keys on Hopper go to the f16 wgmma engine when the caller can give it an f16 copy
-    of the keys (f16_copy_ok, _f16_keys), to the fp8 wgmma engine only with FP8_TENSOR_ACCUMULATE,
-    else to the mma.sync engine (which ptxas runs on the f16 tensor cores there)."""
+    fp8 q and keys on Hopper go to the f16 wgmma engine, which reads the e4m3 keys as they are
+    and converts them in registers (score_wgmma.cuh, FP8A); to the fp8 wgmma engine only with
+    FP8_TENSOR_ACCUMULATE; elsewhere to the mma.sync engine (which ptxas runs on the f16 tensor
+    cores on sm_90)."""
     engine = choose_engine(qdt, kdt, cc)
     if engine == ENGINE_E4M3 and not FP8_TENSOR_ACCUMULATE:
-        if FP8_KEYS_IN_REGISTERS:  # the f16 engine reads the e4m3 keys as they are
-            rows16 = _wgmma_rows(ENGINE_F16, kdt, H, D, cc, shared_keys)
-            return (ENGINE_F16, rows16) if rows16 else (engine, 0)
-        rows16 = _wgmma_rows(ENGINE_F16, DT_F16, H, D, cc, shared_keys) if f16_copy_ok else 0
+        rows16 = _wgmma_rows(ENGINE_F16, kdt, H, D, cc, shared_keys)
         return (ENGINE_F16, rows16) if rows16 else (engine, 0)
     return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
-
-
-def _f16_keys(k, stream, em=None):
-    """fp8 e4m3 keys [S, D] (uint8) as f16 [S, D] in the workspace (exact), or None when the copy
-    would exceed F16_KEYS_MAX_BYTES; the wgmma engine then scores fp8 inputs on the f16 tensor
-    cores, each key converted once per call."""
-    em = em or _DIRECT
-    S, D = k.shape
-    if S * D * 2 > F16_KEYS_MAX_BYTES:
-        return None
-    out = workspace(stream).get("keys_f16", (S, D), np.float16)
-    n8 = S * D // 8
-    if n8:
-        fn = _kernel("convert.cu", "e4m3_to_f16_kernel", 0)
-        sms = _device_facts(_device_id())["sms"]
-        em.launch(fn, (max(1, min(-(-n8 // 256), sms * 8)),), (256,), (em.ptr(k), em.ptr(out), _i64(n8)))
-    return out
-
-
-def _scoring_keys(q, k, H, D, stream, em=None):
-    """The keys the score kernels read: an f16 copy of fp8 keys where the Hopper wgmma engine
-    scores fp8 on the f16 tensor cores (_select_engine), else k itself."""
-    qdt, kdt = _dt_code(q), _dt_code(k)
-    cc = _device_facts(_device_id())["cc"]
-    engine, rows = _select_engine(qdt, kdt, H, D, cc, False, f16_copy_ok=True)
-    if rows and engine == ENGINE_F16 and kdt == DT_E4M3 and not FP8_KEYS_IN_REGISTERS:
-        copy = _f16_keys(k, stream, em)
-        if copy is not None:
-            return copy
-    return k
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
@@ -963,8 +924,7 @@ _plans: dict = {}
 def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
-            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, FP8_KEYS_IN_REGISTERS,
-            UNION_SPLITS)
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS)
 
 
 def _keep_plan(key, plan):
@@ -996,14 +956,14 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
     return name, smem, tuple(launches)
 
 
-def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
+def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
     keys, after), ...)) of the candidate-score launches: pairs of rows over their blocks' union
     where it applies (pairs_ok: the blocks come from select_blocks), else one row per CTA; rows in
     chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES."""
     n = m * block_size
     facts = _device_facts(_device_id())
-    qdt, kdt = _dt_code(q), _dt_code(skeys)
+    qdt, kdt = _dt_code(q), _dt_code(k)
     engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], True)
     smem = _wgmma_smem(engine, H, D, 2, m, kdt=kdt)  # the union path's (grows with m)
     pairs = (pairs_ok and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
@@ -1012,7 +972,7 @@ def _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok):
         name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>"
         tpc, per_cta, grid_x = 0, 2, None
     else:
-        name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, skeys, H, D, False)
+        name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, k, H, D, False)
         ntiles = -(-n // SCORE_TILE)
         tpc, per_cta = _tiles_per_cta(ntiles, T), 1
         grid_x = -(-ntiles // tpc)
@@ -1038,12 +998,12 @@ def _union_splits(pairs: int, sms: int) -> int:
     return min(4, max(2, round(12 * sms / max(1, pairs))))
 
 
-def _dense_plan(q, skeys, T, H, D, S):
+def _dense_plan(q, k, T, H, D, S):
     """(name, smem, rows per chunk, ((row0, rows, grid, int arguments before the keys, after),
     ...)) of the dense score launches: row chunks whose [rows, S] ranking keys stay within
     DENSE_WORKSPACE_BYTES."""
     rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
-    name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, skeys, H, D, True)
+    name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)
     ntiles = -(-S // SCORE_TILE)
     launches = []
     for r0 in range(0, T, rows):
@@ -1153,17 +1113,16 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     if S == 0 or m * block_size == 0:
         em.fill(out, -1)
         return out
-    skeys = _scoring_keys(q, k, H, D, stream, em)
     pairs_ok = bool(blocks_from_select)
-    key = ("refine", T, H, D, S, m, block_size, q.dtype, skeys.dtype, pairs_ok, ctx)
+    key = ("refine", T, H, D, S, m, block_size, q.dtype, k.dtype, pairs_ok, ctx)
     plan = _plans.get(key)
     if plan is None:
-        plan = _keep_plan(key, _refine_plan(q, skeys, T, H, D, S, m, block_size, pairs_ok))
+        plan = _keep_plan(key, _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok))
     name, smem, n, chunk, launches = plan
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
     ptr = em.ptr
-    ptrs = (ptr(q), ptr(skeys), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), ptr(blocks))
+    ptrs = (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), ptr(blocks))
     kp = (ptr(keys),)
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:
@@ -1218,16 +1177,15 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
     if S == 0:
         em.fill(out, -1)
         return
-    skeys = _scoring_keys(q, k, H, D, stream, em)
-    key = ("dense", T, H, D, S, q.dtype, skeys.dtype, _plan_context())
+    key = ("dense", T, H, D, S, q.dtype, k.dtype, _plan_context())
     plan = _plans.get(key)
     if plan is None:
-        plan = _keep_plan(key, _dense_plan(q, skeys, T, H, D, S))
+        plan = _keep_plan(key, _dense_plan(q, k, T, H, D, S))
     name, smem, rows, launches = plan
     keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
     fn = _kernel("dense.cu", name, smem)
     ptr = em.ptr
-    ptrs = (ptr(q), ptr(skeys), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke))
+    ptrs = (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke))
     kp = (ptr(keys),)
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:

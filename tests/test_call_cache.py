@@ -192,7 +192,6 @@ def _bind_hisa(a, stream=0, **p):
 
 HISA_CASES = [
     dict(cc=90, T=65, S=4096),  # wgmma, union pairs, odd T
-    dict(cc=90, T=64, S=4096, f16_copy=True),  # fp8 keys copied to f16 once per call (where that path is on)
     dict(cc=90, T=70, S=4096, chunk_rows=16),  # refinement in 5 row chunks: out addresses with offsets
     dict(cc=90, T=33, S=3000, ranges=True, scale=False, order="score", index_base="absolute"),
     dict(cc=90, T=40, S=4096, pool_dtype="float8_e4m3fn"),  # pooled scale from the workspace
@@ -206,8 +205,6 @@ HISA_CASES = [
 def test_bound_hisa_launches_equal_the_ordinary_path(monkeypatch, case):
     case = dict(case)
     fake = _Fake(monkeypatch, cc=case.pop("cc"))
-    if case.pop("f16_copy", False):
-        monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", False, raising=False)
     chunk = case.pop("chunk_rows", None)
     if chunk:
         monkeypatch.setattr(cb, "REFINE_WORKSPACE_BYTES", chunk * 8 * 128 * 4 + 8)

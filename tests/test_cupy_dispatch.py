@@ -83,22 +83,17 @@ def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8):
     return out
 
 
-@pytest.mark.parametrize("in_registers", [True, False])
-def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch, in_registers):
-    # default: the f16 engine reads the e4m3 keys as they are (converted in registers); the knob
-    # off: an f16 copy of the keys first (convert.cu), scored from shared memory
+def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
+    # the f16 engine reads the e4m3 keys as they are (converted in registers: no copy launched)
     fake = _Fake(monkeypatch, cc=90)
-    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
     _hisa(T=65)
-    kdt = cb.DT_E4M3 if in_registers else cb.DT_F16
-    copy = [] if in_registers else ["e4m3_to_f16_kernel"]
     assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                            "block_topm_kernel"] + copy + [
-                            f"refine_union_wgmma_kernel<2, 0, {kdt}, 64, 128>", "refine_topk_kernel"]
-    union = fake.launches[3 + len(copy)]
+                            "block_topm_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                            "refine_topk_kernel"]
+    union = fake.launches[3]
     # 65 rows in pairs, each pair's union split over a few CTAs (few pairs here: 4)
     assert union.grid == (4, 33) and union.block == (cb.SCORE_THREADS,)
-    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=kdt) > 48 * 1024
+    assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=cb.DT_E4M3) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
 
 
@@ -122,7 +117,6 @@ def test_fp8_tensor_accumulate_keeps_fp8_operands(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     monkeypatch.setattr(cb, "FP8_TENSOR_ACCUMULATE", True)
     _hisa()
-    assert "e4m3_to_f16_kernel" not in fake.names()
     assert "refine_union_wgmma_kernel<3, 0, 0, 64, 128>" in fake.names()
 
 
@@ -130,27 +124,16 @@ def test_fp8_tensor_accumulate_keeps_fp8_operands(monkeypatch):
 def test_other_architectures_use_mma_sync(monkeypatch, cc, engine):
     fake = _Fake(monkeypatch, cc=cc)
     _hisa()
-    assert not any("wgmma" in n or "e4m3_to_f16" in n for n in fake.names())
+    assert not any("wgmma" in n for n in fake.names())
     assert f"refine_score_kernel<{engine}, 0, 0, 64, 128>" in fake.names()
 
 
 def test_wgmma_needs_d128(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(D=64)
-    assert not any("wgmma" in n or "e4m3_to_f16" in n for n in fake.names())
+    assert not any("wgmma" in n for n in fake.names())
     assert "refine_score_kernel<3, 0, 0, 64, 64>" in fake.names()
 
-
-@pytest.mark.parametrize("in_registers", [True, False])
-def test_large_f16_copy_falls_back_to_mma_sync(monkeypatch, in_registers):
-    # the cap on the f16 copy only matters where a copy is made
-    fake = _Fake(monkeypatch, cc=90)
-    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
-    monkeypatch.setattr(cb, "F16_KEYS_MAX_BYTES", 4096 * 128 * 2 - 1)  # one byte short of the copy
-    _hisa(S=4096)
-    assert "e4m3_to_f16_kernel" not in fake.names()
-    assert ("refine_score_kernel<3, 0, 0, 64, 128>" in fake.names()) != in_registers
-    assert ("refine_union_wgmma_kernel<2, 0, 0, 64, 128>" in fake.names()) == in_registers
 
 
 def test_union_only_where_its_shared_memory_fits(monkeypatch):
@@ -178,21 +161,15 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
     assert cb._workspaces[(0, 0)]._bufs["cand_keys"].nbytes == 16 * n * 4
 
 
-@pytest.mark.parametrize("in_registers", [True, False])
-def test_dense_fp8_on_the_f16_wgmma_engine(monkeypatch, in_registers):
+def test_dense_fp8_on_the_f16_wgmma_engine(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
-    monkeypatch.setattr(cb, "FP8_KEYS_IN_REGISTERS", in_registers)
     T, S = 8, 1000
     q, k = _arr((T, 64, 128), np.uint8), _arr((S, 128), np.uint8)
     out = _arr((T, 64), np.int32)
     cb.dense_select(q, k, _arr((T, 64), np.float32), None, None, None, topk=64, index_base="relative",
                     order="position", out=out, stream=0)
-    if in_registers:
-        assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_kernel"]
-        assert fake.launches[0].smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, kdt=cb.DT_E4M3)
-    else:
-        assert fake.names() == ["e4m3_to_f16_kernel", "dense_score_wgmma_kernel<2, 0, 2, 64, 128, 2>",
-                                "dense_topk_kernel"]
+    assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_kernel"]
+    assert fake.launches[0].smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, kdt=cb.DT_E4M3)
 
 
 def test_target_arch():

@@ -1,12 +1,12 @@
-// score_wgmma.cuh — the Hopper scoring engine (sm_90a): warpgroup MMA (wgmma) with both
-// operands in shared memory.
+// score_wgmma.cuh — the Hopper scoring engine (sm_90a): warpgroup MMA (wgmma), operands in
+// shared memory (fp8 keys on the f16 engine: A from registers, see FP8A below).
 //
 // Same contract as score_tile (score_tile.cuh): one CTA (128 threads = one warpgroup) scores
 // ROWS query rows against key tiles of SCORE_TILE = 128 items and writes one ranking key per
 // (row, item). Why a second engine: on sm_90 the fp8 form of mma.sync is not native (ptxas
 // emulates it by converting both operands to f16 for every instruction), which left the v1-v3
-// engine bound by integer/ALU work; wgmma runs e4m3, bf16 and f16 natively. The host sends fp8
-// inputs here as f16 by default (an exact copy of the keys, q converted while staged): the fp8
+// engine bound by integer/ALU work; wgmma runs e4m3, bf16 and f16 natively. The host scores fp8
+// inputs on the f16 engine by default (both converted exactly on the way to the MMA): the fp8
 // tensor cores accumulate in ~22 bits, too coarse for SPEC §9's tolerance (docs/internals.md).
 //
 // Orientation: the MMA's M dimension is the key items (64 per instruction, two halves per

@@ -274,14 +274,14 @@ def test_large_block_topk_and_topk(cuda_device):
     testing.assert_selection_equal(got, ref)
 
 
-@pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "wgmma-f16copy", "wgmma-fp8acc", "mma.sync"])
+@pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "wgmma-fp8acc", "mma.sync"])
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
 @pytest.mark.parametrize("H", [64, 128])
 def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     # Every scoring path on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) with and
-    # without the paired-row union refinement (fp8 keys converted to f16 in registers), with an
-    # f16 copy of fp8 keys instead (FP8_KEYS_IN_REGISTERS off), with fp8 operands on the fp8 tensor
-    # cores (FP8_TENSOR_ACCUMULATE: exact here, the products and sums need few bits), and the mma.sync
+    # without the paired-row union refinement (fp8 keys converted to f16 in registers), with fp8
+    # operands on the fp8 tensor cores (FP8_TENSOR_ACCUMULATE: exact here, the products and sums
+    # need few bits), and the mma.sync
     # engine it replaces on Hopper. An odd T leaves the second row of a 2-row CTA empty; ragged
     # rows give pairs with different block counts. The kernels this test launches are recorded,
     # so each parameter is checked to take its own path.
@@ -289,7 +289,6 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
 
     monkeypatch.setattr(cupy_backend, "USE_WGMMA", engine != "mma.sync")
     monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", engine == "wgmma+union")
-    monkeypatch.setattr(cupy_backend, "FP8_KEYS_IN_REGISTERS", engine != "wgmma-f16copy")
     monkeypatch.setattr(cupy_backend, "FP8_TENSOR_ACCUMULATE", engine == "wgmma-fp8acc")
     launched = []
     kernel = cupy_backend._kernel
@@ -313,7 +312,6 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     assert any("wgmma" in name for name in launched) == wgmma
     assert any("refine_union" in name for name in launched) == (wgmma and engine == "wgmma+union" and H == 64)
     fp8 = dtype == "float8_e4m3fn"
-    assert ("e4m3_to_f16_kernel" in launched) == (wgmma and fp8 and engine == "wgmma-f16copy")
     # the register-A path: f16 engine (2) on e4m3 q and keys (0, 0), in refinement and dense
     in_registers = [n for n in launched if "wgmma_kernel<2, 0, 0," in n]
     assert bool(in_registers) == (wgmma and fp8 and engine in ("wgmma+union", "wgmma"))
