@@ -72,6 +72,12 @@ REFINE_WORKSPACE_BYTES = 128 << 20
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
+#: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
+#: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
+WARP_SELECT = True
+#: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
+WARP_SELECT_ITEMS = 1024
+WARP_SELECT_ROWS = 4
 #: CTAs per pair of rows on the union path, each scoring an even share of the union's key tiles
 #: (more, shorter CTAs: a shorter tail when few pairs fill the GPU). 0: chosen per launch
 #: (_union_splits); a knob for bench/
@@ -256,6 +262,8 @@ def kernel_instances():
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
+    out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
+            ("dense.cu", "dense_topk_warp_kernel")]
     return out
 
 
@@ -864,24 +872,44 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     plan = _plans.get(key)
     if plan is None:
         facts = _device_facts(ctx[0])
-        lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
-                                                                        rows, facts["sms"])
+        warp = _warp_select(kernel, keys is not None, ncols, by_score)
+        if warp:
+            kernel = kernel[:-len("_kernel")] + "_warp_kernel"
+            lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
+            per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
+        else:
+            lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
+                                                                            rows, facts["sms"])
+            per_cta, block = 1, (SELECT_THREADS,)
         launches = []
-        for r0 in range(0, rows, MAX_ROWS_PER_LAUNCH):
-            nr = min(MAX_ROWS_PER_LAUNCH, rows - r0)
-            launches.append(((nr,), r0 * ld * 4, r0 * out_ld * 4, (_i64(ld), _i32(ncols)),
+        step = MAX_ROWS_PER_LAUNCH * per_cta
+        for r0 in range(0, rows, step):
+            nr = min(step, rows - r0)
+            launches.append(((-(-nr // per_cta),), r0 * ld * 4, r0 * out_ld * 4, (_i64(ld), _i32(ncols)),
                              (_i32(k), _i32(cache_cap), _i32(row0 + r0), _i32(T), _i32(S)),
                              (_i32(m), _i32(B), _i32(0), _i32(int(relative)), _i32(int(by_score)),
                               _i32(sort_cap), _i32(int(lists)), _i32(cand_cap), _i32(int(ring))),
-                             (_i64(out_ld),)))
-        plan = _keep_plan(key, (smem, tuple(launches)))
-    smem, launches = plan
+                             (_i64(out_ld),) + ((_i32(nr),) if warp else ())))
+        plan = _keep_plan(key, (kernel, block, smem, tuple(launches)))
+    kernel, block, smem, launches = plan
     fn = _kernel(filename, kernel, smem)
     ptr = em.ptr
     side = (ptr(ks), ptr(ke), ptr(blocks))
     for grid, koff, ooff, a, b, c, d in launches:
-        em.launch(fn, grid, (SELECT_THREADS,), (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
-                  + side + c + (ptr(out_idx, out_off + ooff),) + d + (ptr(out_val, out_off + ooff),), smem)
+        em.launch(fn, grid, block, (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
+                  + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:],
+                  smem)
+
+
+#: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
+_WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
+
+
+def _warp_select(kernel: str, u32_keys: bool, ncols: int, by_score: bool) -> bool:
+    """Whether a row top-k launch takes warp mode: precomputed keys, position order, rows of at
+    most WARP_SELECT_ITEMS items, and a kernel that has the warp twin."""
+    return (WARP_SELECT and u32_keys and not by_score and 0 < ncols <= WARP_SELECT_ITEMS
+            and kernel in _WARP_SELECT_KERNELS)
 
 
 def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
@@ -924,7 +952,7 @@ _plans: dict = {}
 def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
-            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS)
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT)
 
 
 def _keep_plan(key, plan):

@@ -88,8 +88,8 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                            "block_topm_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
-                            "refine_topk_kernel"]
+                            "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                            "refine_topk_warp_kernel"]
     union = fake.launches[3]
     # 65 rows in pairs, each pair's union split over a few CTAs (few pairs here: 4)
     assert union.grid == (4, 33) and union.block == (cb.SCORE_THREADS,)
@@ -148,6 +148,7 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
     T, m = 70, 8
     n = m * 128
     monkeypatch.setattr(cb, "REFINE_WORKSPACE_BYTES", 16 * n * 4 + 8)  # 16 rows of candidates
+    monkeypatch.setattr(cb, "WARP_SELECT", False)  # one top-k CTA per row (warp mode: 4 rows per CTA)
     _hisa(T=T, m=m)
     scores = [x for x in fake.launches if x.name.startswith("refine_union")]
     topks = [x for x in fake.launches if x.name == "refine_topk_kernel"]
@@ -168,7 +169,7 @@ def test_dense_fp8_on_the_f16_wgmma_engine(monkeypatch):
     out = _arr((T, 64), np.int32)
     cb.dense_select(q, k, _arr((T, 64), np.float32), None, None, None, topk=64, index_base="relative",
                     order="position", out=out, stream=0)
-    assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_kernel"]
+    assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_warp_kernel"]
     assert fake.launches[0].smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, kdt=cb.DT_E4M3)
 
 
@@ -295,10 +296,36 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
         assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                                "block_topm_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
-                                "refine_topk_kernel"]
+                                "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
         assert _value(pool.args[0]) == k.data_ptr() and _value(pool.args[1]) == ksc.data_ptr()
         assert [_value(a) for a in union.args[:6:2]] == [q.data_ptr(), w.data_ptr(), ks.data_ptr()]
         assert _value(union.args[5]) == ke.data_ptr()
         assert res.data_ptr() in {_value(a) for a in topk.args}  # the top-k writes the returned tensor
+
+
+def test_warp_select_where_rows_are_short_and_in_position_order():
+    assert cb._warp_select("block_topm_kernel", True, cb.WARP_SELECT_ITEMS, False)
+    assert cb._warp_select("refine_topk_kernel", True, 1, False)
+    assert not cb._warp_select("block_topm_kernel", True, cb.WARP_SELECT_ITEMS + 1, False)  # too long
+    assert not cb._warp_select("refine_topk_kernel", True, 512, True)  # order by score
+    assert not cb._warp_select("topk_kernel", False, 512, False)  # fp32 scores (hisa_cupy.topk)
+    assert not cb._warp_select("dense_topk_kernel", True, 0, False)
+
+
+def test_warp_select_launch(monkeypatch):
+    # T = 65 rows of 32 blocks: 17 CTAs of 4 warps, the row count appended after out_val, no
+    # shared memory; with the knob off the 512-thread kernel, one CTA per row
+    fake = _Fake(monkeypatch, cc=90)
+    _hisa(T=65)
+    topm = fake.launches[2]
+    assert topm.name == "block_topm_warp_kernel" and topm.grid == (17,) and topm.block == (128,)
+    assert topm.smem == 0 and len(topm.args) == 26 and _value(topm.args[-1]) == 65
+    assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "WARP_SELECT", False)
+    _hisa(T=65)
+    topm = fake.launches[2]
+    assert topm.name == "block_topm_kernel" and topm.grid == (65,) and topm.block == (cb.SELECT_THREADS,)
+    assert len(topm.args) == 25

@@ -26,3 +26,8 @@ __global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
 __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAMS) {
     row_select<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS);
 }
+
+// short rows in position order: one warp per row (row_select_warp), WARP_SELECT_ROWS rows per CTA
+__global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows) {
+    row_select_warp<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS, rows);
+}

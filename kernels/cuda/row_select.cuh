@@ -771,6 +771,83 @@ __device__ void row_select(const SelectArgs& a) {
     else row_select_inorder<SRC, MAP>(a);
 }
 
+// ----------------------------------------------------------------------------------------------
+// Warp mode: short rows in position order (the block top-m: about S / B items per row), one warp
+// per row, WARP_SELECT_ROWS rows per CTA. Item n of the row sits in lane n % 32, register n / 32
+// (coalesced loads, no shared memory). The k-th key is built bit by bit from the top: the largest
+// threshold with at least k keys at or above it (32 counting passes over the registers, each a
+// warp sum). Then one in-order pass over the registers keeps the keys above the threshold and the
+// lowest-index keys equal to it (ballots give every item its slot), so positions come out
+// ascending. Only for precomputed keys (KEYS_U32) and position order; the host falls back to
+// row_select elsewhere.
+
+#define WARP_SELECT_ITEMS 1024  // longest row of warp mode
+#define WARP_SELECT_ROWS 4      // rows (warps) per CTA
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+template <int SRC, int MAP>
+__device__ void row_select_warp(const SelectArgs& a, int rows) {
+    static_assert(SRC == KEYS_U32, "warp mode: precomputed ranking keys only");
+    constexpr int R = WARP_SELECT_ITEMS / 32;  // registers per lane
+    const int lane = threadIdx.x & 31;
+    const int r_in = (int)(blockIdx.x * WARP_SELECT_ROWS + (threadIdx.x >> 5));
+    if (r_in >= rows) return;  // whole warps leave: the collectives below stay full-warp
+    const long long row = r_in;
+    const int t = a.row0 + r_in;
+    const int ncols = a.ncols, k = a.k;
+    u32 key[R];
+    int n_valid = 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const int n = 32 * j + lane;
+        key[j] = n < ncols ? __ldg(a.keys + row * a.ld + n) : HISA_KEY_NONE;
+        n_valid += key[j] != HISA_KEY_NONE;
+    }
+    n_valid = warp_sum(n_valid);
+
+    u32 thr = 1u;            // smallest non-empty key: with n_valid <= k every candidate is kept
+    int need = 0x7FFFFFFF;   // how many items equal to thr to keep
+    if (n_valid > k && k > 0) {
+        u32 prefix = 0u;     // largest threshold with >= k keys at or above it, built from the top bit
+        for (int bit = 31; bit >= 0; --bit) {
+            const u32 cand = prefix | (1u << bit);
+            int c = 0;
+#pragma unroll
+            for (int j = 0; j < R; ++j) c += key[j] >= cand;
+            if (warp_sum(c) >= k) prefix = cand;
+        }
+        int above = 0;
+#pragma unroll
+        for (int j = 0; j < R; ++j) above += key[j] > prefix;
+        thr = prefix;
+        need = k - warp_sum(above);
+    }
+
+    // in-order pass: slots by ballot, ties at thr to the lowest indices
+    const int n_out = min(k, n_valid);
+    const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+    const u32 lower = (1u << lane) - 1u;
+    int base = 0, eq_before = 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const u32 kj = key[j];
+        const bool eq = kj == thr && kj != HISA_KEY_NONE;
+        const u32 eq_mask = __ballot_sync(0xFFFFFFFFu, eq);
+        const bool sel = kj != HISA_KEY_NONE && (kj > thr || (eq && eq_before + __popc(eq_mask & lower) < need));
+        const u32 sel_mask = __ballot_sync(0xFFFFFFFFu, sel);
+        const int slot = base + __popc(sel_mask & lower);
+        if (sel && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, 32 * j + lane);
+        base += __popc(sel_mask);
+        eq_before += __popc(eq_mask);
+    }
+    for (int i = n_out + lane; i < k; i += 32) a.out_idx[row * a.out_ld + i] = -1;
+}
+
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.
 #define SELECT_PARAMS                                                                          \
     const u32 *keys, const float *scores, long long ld, int ncols, const int *lengths, int k,  \

@@ -2,8 +2,8 @@
 reference: list mode with the candidate list, with the candidate list overflowing (radix levels
 over the whole row), ties split at the threshold, the bitonic fallback of the bucket sort, rows
 cached in shared memory and rows read from global memory (through the ring of asynchronous
-copies, or with plain loads where a row is not 16-byte aligned), and the in-order mode for
-large k.
+copies, or with plain loads where a row is not 16-byte aligned), the in-order mode for
+large k, and warp mode (one warp per short row in position order: the block top-m).
 Run with ``pytest -m gpu``.
 """
 import numpy as np
@@ -89,3 +89,45 @@ def test_long_rows_dense_and_hisa(cuda_device, order):
                                        .view(torch.float8_e4m3fn) for n in ("q", "k")),
                                      torch.from_numpy(inp["weights"]).cuda(), order=order, backend="cupy", **kw)
         testing.assert_selection_equal(got, ref, err_msg=fn)
+
+
+@pytest.mark.parametrize("S", [128, 3968, 4096, 4224, 128000, 131072, 131200])
+def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, S):
+    # rows of 1, 31, 32, 33, 1000, 1024 blocks (warp mode) and 1025 (the CTA kernel); exact inputs
+    # have many equal block scores (ties at the threshold) and ragged rows have fewer eligible
+    # blocks than m (-1 padding). The same selections with warp mode off, and on short dense /
+    # refinement rows in position order.
+    from hisa_cupy.kernels import cupy_backend
+
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def recording_kernel(filename, name, smem):
+        launched.append(name)
+        return kernel(filename, name, smem)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
+    T, m = 12, 8
+    inp = testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=S % 997, ragged=True)
+    q, k, w = (testing.to_torch(inp[n]) for n in ("q", "k", "weights"))
+    ks, ke = testing.to_torch(inp["ks"]), testing.to_torch(inp["ke"])
+    rp, _ = reference.pool_keys(inp["k"])
+    rb = reference.select_blocks(inp["q"], rp, inp["weights"], ks=inp["ks"], ke=inp["ke"], block_topk=m,
+                                 seq_len=S)
+    pooled, _ = hisa_cupy.pool_keys(k, backend="cupy")
+    for warp in (True, False):
+        monkeypatch.setattr(cupy_backend, "WARP_SELECT", warp)
+        launched.clear()
+        got = hisa_cupy.select_blocks(q, pooled, w, ks=ks, ke=ke, block_topk=m, seq_len=S, backend="cupy")
+        testing.assert_selection_equal(got, rb, err_msg=f"select_blocks warp={warp}")
+        nb = -(-S // 128)
+        assert ("block_topm_warp_kernel" in launched) == (warp and nb <= cupy_backend.WARP_SELECT_ITEMS)
+        if S <= 4224:  # rows of S keys, and m * B = 1024 candidates, in position order
+            got = hisa_cupy.dense_select(q, k, w, ks=ks, ke=ke, topk=200, backend="cupy")
+            ref = reference.dense_select(inp["q"], inp["k"], inp["weights"], ks=inp["ks"], ke=inp["ke"], topk=200)
+            testing.assert_selection_equal(got, ref, err_msg=f"dense warp={warp}")
+            got = hisa_cupy.refine(q, k, w, testing.to_torch(rb), ks=ks, ke=ke, topk=300, backend="cupy")
+            ref = reference.refine(inp["q"], inp["k"], inp["weights"], rb, ks=inp["ks"], ke=inp["ke"], topk=300)
+            testing.assert_selection_equal(got, ref, err_msg=f"refine warp={warp}")
+            assert ("refine_topk_warp_kernel" in launched) == warp
+            assert ("dense_topk_warp_kernel" in launched) == (warp and S <= cupy_backend.WARP_SELECT_ITEMS)
