@@ -106,32 +106,6 @@ struct KeyPath {
     static constexpr int buffers = async ? 2 : 1;
 };
 
-// What one score CTA (score_tile and score_tile_wgmma) works on: its ROWS query rows (local row
-// blockIdx.y * ROWS + r of the launch, live below nrows, query row row0 + that, with its clamped
-// key range), the block count and block-size divider, and its range [j_begin, j_end) of
-// SCORE_TILE-item tiles (tiles_per_cta from tile blockIdx.x * tiles_per_cta).
-template <int ROWS>
-struct ScoreCta {
-    int local0;
-    int trow[ROWS];
-    bool live[ROWS];
-    RowRange rr[ROWS];
-    int nb;
-    FastDiv Bd;
-    int j_begin, j_end;
-    __device__ __forceinline__ ScoreCta(const int* ks, const int* ke, int T, int S, int B, int nitems, int row0,
-                                        int nrows, int tiles_per_cta)
-        : local0(blockIdx.y * ROWS), nb((S + B - 1) / B), Bd(B), j_begin(blockIdx.x * tiles_per_cta) {
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            live[r] = local0 + r < nrows;
-            trow[r] = row0 + local0 + r;
-            rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
-        }
-        j_end = min((nitems + SCORE_TILE - 1) / SCORE_TILE, j_begin + tiles_per_cta);
-    }
-};
-
 // shared memory: Q [ROWS*H][PITCH], K buffers [buffers][TILE][PITCH], weights [ROWS*H], item
 // rows [buffers][TILE], flags [buffers][ROWS][TILE] and key scales [buffers][TILE]
 // (cupy_backend._score_smem mirrors this)
@@ -279,12 +253,21 @@ __device__ __forceinline__ void score_tile(
     float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
 
     const int tid = threadIdx.x;
-    const ScoreCta<ROWS> cta(ks, ke, T, S, B, nitems, row0, nrows, tiles_per_cta);
-    const int local0 = cta.local0, nb = cta.nb, j_begin = cta.j_begin, j_end = cta.j_end;
-    const int(&trow)[ROWS] = cta.trow;
-    const bool(&live)[ROWS] = cta.live;
-    const RowRange(&rr)[ROWS] = cta.rr;
-    const FastDiv& Bd = cta.Bd;
+    const int local0 = blockIdx.y * ROWS;
+    int trow[ROWS];
+    bool live[ROWS];
+    RowRange rr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        live[r] = local0 + r < nrows;
+        trow[r] = row0 + local0 + r;
+        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
+    }
+    const int nb = (S + B - 1) / B;
+    const FastDiv Bd(B);
+    const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
+    const int j_begin = blockIdx.x * tiles_per_cta;
+    const int j_end = min(ntiles, j_begin + tiles_per_cta);
     const char* kbase = reinterpret_cast<const char*>(keys);
     auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
 

@@ -205,12 +205,21 @@ __device__ __forceinline__ void score_tile_wgmma(
     int* sScan = sUnion + 6 * m;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const ScoreCta<ROWS> cta(ks, ke, T, S, B, nitems, row0, nrows, tiles_per_cta);
-    const int local0 = cta.local0, nb = cta.nb, j_begin = cta.j_begin, j_end = cta.j_end;
-    const int(&trow)[ROWS] = cta.trow;
-    const bool(&live)[ROWS] = cta.live;
-    const RowRange(&rr)[ROWS] = cta.rr;
-    const FastDiv& Bd = cta.Bd;
+    const int local0 = blockIdx.y * ROWS;
+    int trow[ROWS];
+    bool live[ROWS];
+    RowRange rr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        live[r] = local0 + r < nrows;
+        trow[r] = row0 + local0 + r;
+        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
+    }
+    const int nb = (S + B - 1) / B;
+    const FastDiv Bd(B);
+    const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
+    const int j_begin = blockIdx.x * tiles_per_cta;
+    const int j_end = min(ntiles, j_begin + tiles_per_cta);
     const char* kbase = reinterpret_cast<const char*>(keys);
     auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
     int j_first, j_stop, n_union = 0;
