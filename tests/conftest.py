@@ -39,3 +39,20 @@ def cuda_device():
     import cupy
 
     return cupy.cuda.Device(0)
+
+
+@pytest.fixture
+def launched_kernels(monkeypatch):
+    """The names of the CuPy backend's kernels fetched during the test, in launch order (a list
+    that fills as they launch): tests check which path a parameter took."""
+    from hisa_cupy.kernels import cupy_backend
+
+    launched = []
+    kernel = cupy_backend._kernel
+
+    def recording_kernel(filename, name, smem):
+        launched.append(name)
+        return kernel(filename, name, smem)
+
+    monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
+    return launched

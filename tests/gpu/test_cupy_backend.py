@@ -304,7 +304,7 @@ def test_large_block_topk_and_topk(cuda_device):
 @pytest.mark.parametrize("engine", ["wgmma+union", "wgmma", "wgmma-fp8acc", "mma.sync"])
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
 @pytest.mark.parametrize("H", [64, 128])
-def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
+def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engine, dtype, H):
     # Every scoring path on the same GPU: the wgmma engine (score_wgmma.cuh, sm_90a) with and
     # without the paired-row union refinement (fp8 keys converted to f16 in registers), with fp8
     # operands on the fp8 tensor cores (FP8_TENSOR_ACCUMULATE: exact here, the products and sums
@@ -317,14 +317,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, engine, dtype, H):
     monkeypatch.setattr(cupy_backend, "USE_WGMMA", engine != "mma.sync")
     monkeypatch.setattr(cupy_backend, "USE_UNION_PAIRS", engine == "wgmma+union")
     monkeypatch.setattr(cupy_backend, "FP8_TENSOR_ACCUMULATE", engine == "wgmma-fp8acc")
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def recording_kernel(filename, name, smem):
-        launched.append(name)
-        return kernel(filename, name, smem)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
+    launched = launched_kernels
     inp = testing.exact_inputs(37, 4096, H, 128, dtype=dtype, seed=H + 61, ragged=True)
     for pool in ("bfloat16", "float32"):
         for order in ("position", "score"):

@@ -92,21 +92,14 @@ def test_long_rows_dense_and_hisa(cuda_device, order):
 
 
 @pytest.mark.parametrize("S", [128, 3968, 4096, 4224, 128000, 131072, 131200])
-def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, S):
+def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_kernels, S):
     # rows of 1, 31, 32, 33, 1000, 1024 blocks (warp mode) and 1025 (the CTA kernel); exact inputs
     # have many equal block scores (ties at the threshold) and ragged rows have fewer eligible
     # blocks than m (-1 padding). The same selections with warp mode off, and on short dense /
     # refinement rows in position order.
     from hisa_cupy.kernels import cupy_backend
 
-    launched = []
-    kernel = cupy_backend._kernel
-
-    def recording_kernel(filename, name, smem):
-        launched.append(name)
-        return kernel(filename, name, smem)
-
-    monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
+    launched = launched_kernels
     T, m = 12, 8
     inp = testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=S % 997, ragged=True)
     q, k, w = (testing.to_torch(inp[n]) for n in ("q", "k", "weights"))
