@@ -129,3 +129,17 @@ def test_kernels_host_time_is_measured_before_the_profiler(monkeypatch):
     with pytest.raises(Exception):
         kernels.run_targets(args, timer, [])
     assert calls[:3] == ["host", "host", "profile"]
+
+
+def test_device_session_script(tmp_path):
+    # bench/device_session.sh parses, insists on $OUT, and refuses an unknown step before running
+    # anything (the GPU steps themselves only run on the device)
+    script = str(ROOT / "bench" / "device_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "set OUT" in r.stderr
+    r = subprocess.run(["bash", script], env={**env, "OUT": str(tmp_path), "STEPS": "tests-typo"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown step tests-typo" in r.stderr
+    assert "steps: tests-typo" in (tmp_path / "gpu.txt").read_text()
