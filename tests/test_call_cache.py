@@ -30,24 +30,14 @@ from hisa_cupy import select
 from hisa_cupy.adapters import arrays
 from hisa_cupy.kernels import cupy_backend as cb
 
+from fake_arrays import pointer_array  # tests/fake_arrays.py
+
 torch = pytest.importorskip("torch")
 cupy = pytest.importorskip("cupy")
 
 
 # ---------------------------------------------------------------------------------------------
 # a recording stand-in for CuPy, the compiled kernels and cuLaunchKernel
-
-class _Arr(np.ndarray):
-    """NumPy array with CuPy's ``.data.ptr``."""
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-
-def _arr(shape, dtype):
-    return np.zeros(shape, dtype).view(_Arr)
-
 
 _ids = itertools.count(0x1000)
 
@@ -112,7 +102,7 @@ class _Fake:
                                      get_current_stream=lambda: types.SimpleNamespace(ptr=state.stream),
                                      Stream=Stream, UnownedMemory=cupy.cuda.UnownedMemory,
                                      MemoryPointer=cupy.cuda.MemoryPointer)
-        self.cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: _arr(shape, dtype),
+        self.cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype),
                                           ndarray=cupy.ndarray)
         monkeypatch.setattr(cb, "_cupy", lambda: self.cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin, "sms": 132})
@@ -163,10 +153,10 @@ def _same_launches(bound, direct):
 
 
 def _inputs(T, S, H=64, D=128, qdt=np.uint8, scale=True, ranges=False, topk=512):
-    arrs = dict(q=_arr((T, H, D), qdt), k=_arr((S, D), qdt), weights=_arr((T, H), np.float32),
-                k_scale=_arr((S,), np.float32) if scale else None,
-                ks=_arr((T,), np.int32) if ranges else None, ke=_arr((T,), np.int32) if ranges else None,
-                out=_arr((T, topk), np.int32))
+    arrs = dict(q=pointer_array((T, H, D), qdt), k=pointer_array((S, D), qdt), weights=pointer_array((T, H), np.float32),
+                k_scale=pointer_array((S,), np.float32) if scale else None,
+                ks=pointer_array((T,), np.int32) if ranges else None, ke=pointer_array((T,), np.int32) if ranges else None,
+                out=pointer_array((T, topk), np.int32))
     return arrs
 
 
@@ -695,7 +685,7 @@ def test_a_view_of_a_call_time_array_is_never_bound_as_fixed(monkeypatch):
     for view in (a["q"][1:], a["out"][3:], a["out"][:, 5:]):
         with pytest.raises(cb._Unbindable):
             b.ptr(view)
-    assert b.ptr(_arr((4,), np.float32)).value != 0 and b.ptr(None).value == 0  # other memory: fixed
+    assert b.ptr(pointer_array((4,), np.float32)).value != 0 and b.ptr(None).value == 0  # other memory: fixed
     p = _run_hisa(a)
     assert _bind_hisa(a, **p) is not None
     # the refinement's top-k handed a view of out (the block top-m's view of workspace memory is fine)

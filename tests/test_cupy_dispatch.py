@@ -14,6 +14,8 @@ import pytest
 
 from hisa_cupy.kernels import cupy_backend as cb
 
+from fake_arrays import pointer_array  # tests/fake_arrays.py
+
 
 def _value(arg):
     """The integer a launch argument holds: NumPy scalar, CuPy CScalar or CIntptr (an address)."""
@@ -22,18 +24,6 @@ def _value(arg):
     if hasattr(arg, "value"):  # CScalar
         return int(arg.value)
     return ctypes.c_int64.from_address(arg.ptr).value  # CIntptr: ptr is the address of its intptr_t
-
-
-class _Arr(np.ndarray):
-    """NumPy array with CuPy's ``.data.ptr``."""
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-
-def _arr(shape, dtype):
-    return np.zeros(shape, dtype).view(_Arr)
 
 
 class _Fake:
@@ -46,7 +36,7 @@ class _Fake:
         cuda = types.SimpleNamespace(Device=lambda *a: device,
                                      runtime=types.SimpleNamespace(getDevice=lambda: 0),
                                      get_current_stream=lambda: types.SimpleNamespace(ptr=0))
-        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: _arr(shape, dtype))
+        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype))
         self.cupy = fake_cupy
         monkeypatch.setattr(cb, "_cupy", lambda: fake_cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin,
@@ -76,8 +66,8 @@ class _Fake:
 
 
 def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8):
-    q, k = _arr((T, H, D), qdt), _arr((S, D), kdt)
-    w, ksc, out = _arr((T, H), np.float32), _arr((S,), np.float32), _arr((T, topk), np.int32)
+    q, k = pointer_array((T, H, D), qdt), pointer_array((S, D), kdt)
+    w, ksc, out = pointer_array((T, H), np.float32), pointer_array((S,), np.float32), pointer_array((T, topk), np.int32)
     cb.hisa_select(q, k, w, ksc, None, None, block_size=128, block_topk=m, topk=topk, pool_dtype="bfloat16",
                    index_base="relative", order="position", out=out, stream=0)
     return out
@@ -165,9 +155,9 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
 def test_dense_fp8_on_the_f16_wgmma_engine(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     T, S = 8, 1000
-    q, k = _arr((T, 64, 128), np.uint8), _arr((S, 128), np.uint8)
-    out = _arr((T, 64), np.int32)
-    cb.dense_select(q, k, _arr((T, 64), np.float32), None, None, None, topk=64, index_base="relative",
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    out = pointer_array((T, 64), np.int32)
+    cb.dense_select(q, k, pointer_array((T, 64), np.float32), None, None, None, topk=64, index_base="relative",
                     order="position", out=out, stream=0)
     assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_topk_warp_kernel"]
     assert fake.launches[0].smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, kdt=cb.DT_E4M3)
@@ -196,8 +186,8 @@ def test_launch_arguments_are_cupy_c_values(monkeypatch):
     CPointer = pytest.importorskip("cupy.cuda.function").CPointer
     fake = _Fake(monkeypatch, cc=90)
     T, S = 65, 4096
-    q, k = _arr((T, 64, 128), np.uint8), _arr((S, 128), np.uint8)
-    w, ksc, out = _arr((T, 64), np.float32), _arr((S,), np.float32), _arr((T, 512), np.int32)
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 512), np.int32)
     cb.hisa_select(q, k, w, ksc, None, None, block_size=128, block_topk=8, topk=512, pool_dtype="bfloat16",
                    index_base="relative", order="position", out=out, stream=0)
     for launch in fake.launches:
@@ -215,7 +205,7 @@ def test_int_and_pointer_arguments():
     assert _value(cb._i32(-3)) == -3 and _value(cb._i64(1 << 40)) == 1 << 40
     with pytest.raises(OverflowError):
         cb._i32(1 << 31)
-    a = _arr((4, 4), np.float32)
+    a = pointer_array((4, 4), np.float32)
     assert _value(cb._ptr(a)) == a.data.ptr and _value(cb._ptr(None)) == 0
     assert _value(cb._ptr_at(a, 8)) == a.data.ptr + 8 and _value(cb._ptr_at(None, 8)) == 0
     assert _value(cb._addr(np.uint64(a.data.ptr))) == a.data.ptr
