@@ -143,3 +143,26 @@ def test_device_session_script(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown step tests-typo" in r.stderr
     assert "steps: tests-typo" in (tmp_path / "gpu.txt").read_text()
+
+
+def test_ncu_hotspots_summary(tmp_path):
+    # a tiny SASS export: the kernel-name line, the header, three instructions (one predicated)
+    hot = _load("ncu_hotspots")
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_barrier", "stall_wait", "stall_wait (Not Issued)"]
+    rows = [["0x0", "      IMAD R1, R2, R3, RZ", "6", "300", "0", "6", "6"],
+            ["0x10", "      @!P0 ATOMS.ADD RZ, [R4], R5", "3", "100", "1", "2", "2"],
+            ["0x20", "      BAR.SYNC.DEFER_BLOCKING 0x0", "1", "100", "1", "0", "0"]]
+    path = tmp_path / "k.csv"
+    with open(path, "w", newline="") as f:
+        w = __import__("csv").writer(f)
+        w.writerow(["Kernel Name", "k(int)"])
+        w.writerow(header)
+        w.writerows(rows)
+    h, r = hot.load(path)
+    assert h == header and len(r) == 3
+    out = hot.summarize(h, r, per_row=10, window=2, top=3)
+    assert out[0] == "3 SASS instructions, 500 warp instructions executed (50 per row), 10 stall samples"
+    assert out[2].split() == ["IMAD", "60.0%", "60.0%"] and out[3].split() == ["ATOMS", "20.0%", "30.0%"]
+    assert out[5] == "stalls: wait 80.0%, barrier 20.0%"  # "(Not Issued)" columns are not counted twice
+    assert out[7].startswith("  [0:2]  90.0%  80.0%") and "30.0 per row" in out[7]
