@@ -69,6 +69,9 @@ FP8_TENSOR_ACCUMULATE = False
 #: refinement processes row chunks whose candidate keys stay within this many bytes (128 MB: all
 #: 4096 rows of m = 64 blocks of 128 in one launch, one tail instead of two)
 REFINE_WORKSPACE_BYTES = 128 << 20
+#: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
+#: and more q staging; the block stage at T = 1024 gets 3 tiles per CTA with 8. A knob for bench/
+SCORE_CTAS_PER_SM = 8
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -364,9 +367,10 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
 
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
-    """Key tiles per CTA of score_tile: enough CTAs for several waves, q staged as rarely as possible."""
+    """Key tiles per CTA of score_tile: enough CTAs for SCORE_CTAS_PER_SM per SM, q staged as rarely
+    as possible (at most 32 tiles per CTA)."""
     sms = _device_facts(_device_id())["sms"]
-    return max(1, min(32, ntiles, (ntiles * rows) // (sms * 8)))
+    return max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
 
 
 def check_supported(H: int, D: int, *arrays) -> None:
@@ -952,7 +956,8 @@ _plans: dict = {}
 def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
-            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT)
+            DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
+            SCORE_CTAS_PER_SM)
 
 
 def _keep_plan(key, plan):

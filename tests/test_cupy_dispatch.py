@@ -243,6 +243,19 @@ def test_plans_follow_the_knobs(monkeypatch):
     assert not any("wgmma" in n for n in fake.names())
 
 
+def test_score_ctas_per_sm_sets_the_block_stage_split(monkeypatch):
+    # 128K keys = 1024 blocks = 8 tiles per pair of rows, T = 1024 (512 pairs) on 132 SMs: aiming
+    # at 8 CTAs per SM gives 3 tiles per CTA (3 CTAs per pair); at 1, one CTA takes all 8
+    fake = _Fake(monkeypatch, cc=90)
+    for per_sm, grid, tpc in ((8, (3, 512), 3), (1, (1, 512), 8)):
+        monkeypatch.setattr(cb, "SCORE_CTAS_PER_SM", per_sm)
+        fake.launches.clear()
+        _hisa(T=1024, S=131072, m=64, topk=2048)
+        blocks = fake.launches[1]
+        assert blocks.name.startswith("block_score_wgmma_kernel") and blocks.grid == grid
+        assert _value(blocks.args[-1]) == tpc
+
+
 def test_device_follows_the_current_device(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     monkeypatch.setattr(fake.cupy.cuda.runtime, "getDevice", lambda: 3)
