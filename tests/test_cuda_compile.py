@@ -44,3 +44,17 @@ def test_compiles(tmp_path, filename, arch):
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "unit.o").stat().st_size > 0
+
+
+def test_host_constants_match_the_kernels():
+    # sizes written both in cupy_backend (launch shapes, shared memory) and as #defines in the CUDA
+    # sources; a mismatch would launch kernels with the wrong block or send warp mode rows longer
+    # than it holds (items silently dropped)
+    import re
+
+    defines = {}
+    for f in os.listdir(cupy_backend.CUDA_DIR):
+        with open(os.path.join(cupy_backend.CUDA_DIR, f)) as src:
+            defines.update(re.findall(r"^#define (\w+) (\d+)\b", src.read(), flags=re.M))
+    for name in ("SCORE_TILE", "SCORE_THREADS", "SELECT_THREADS", "WARP_SELECT_ITEMS", "WARP_SELECT_ROWS"):
+        assert int(defines[name]) == getattr(cupy_backend, name), name
