@@ -78,6 +78,11 @@ USE_UNION_PAIRS = True
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True
+#: rows of at most REG_SELECT_ITEMS items (REG_SELECT_ITEMS in row_select.cuh) that warp mode does
+#: not take get one CTA each with the keys in registers (register mode, row_select_regs): the
+#: refinement top-k and hisa_cupy.topk over 8192 columns. False: list / in-order mode (row_select)
+REG_SELECT = True
+REG_SELECT_ITEMS = 8192
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -267,6 +272,8 @@ def kernel_instances():
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
+    out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
+            ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel")]
     return out
 
 
@@ -877,10 +884,15 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     if plan is None:
         facts = _device_facts(ctx[0])
         warp = _warp_select(kernel, keys is not None, ncols, by_score)
+        regs = not warp and _reg_select_plan(k, ncols, by_score, facts["smem_optin"])
         if warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
+        elif regs:
+            kernel = kernel[:-len("_kernel")] + "_regs_kernel"
+            (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
+            per_cta, block = 1, (SELECT_THREADS,)
         else:
             lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
                                                                             rows, facts["sms"])
@@ -907,6 +919,17 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
+
+
+def _reg_select_plan(k: int, ncols: int, by_score: bool, smem_optin: int):
+    """(sort_cap, smem) of a register-mode launch (row_select_regs: one CTA per row, the row's keys
+    in registers), or None where register mode does not apply: REG_SELECT off, rows longer than
+    REG_SELECT_ITEMS, or (order by score) a selected list and sort scratch that do not fit."""
+    if not (REG_SELECT and 0 < ncols <= REG_SELECT_ITEMS):
+        return None
+    sort_cap = max(SELECT_LIST_MIN, 1 << max(0, int(math.ceil(math.log2(max(k, 1)))))) if by_score else 0
+    smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
+    return (sort_cap, smem) if smem <= smem_optin - 1024 else None
 
 
 def _warp_select(kernel: str, u32_keys: bool, ncols: int, by_score: bool) -> bool:
@@ -957,7 +980,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM)
+            SCORE_CTAS_PER_SM, REG_SELECT)
 
 
 def _keep_plan(key, plan):

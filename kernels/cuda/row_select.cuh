@@ -848,6 +848,166 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
     for (int i = n_out + lane; i < k; i += 32) a.out_idx[row * a.out_ld + i] = -1;
 }
 
+// ----------------------------------------------------------------------------------------------
+// Register mode: rows of at most REG_SELECT_ITEMS items (the refinement's m * B candidates, the
+// standalone top-k over 8192 columns), one CTA of SELECT_THREADS per row, every key read once from
+// global memory into registers. Warp w holds items [w * 32R, (w + 1) * 32R): lane l, register j is
+// item w * 32R + 32j + l (coalesced loads; a warp's items in register-then-lane order are in
+// position order).
+//
+// The threshold: the group [lo, hi] of keys that holds the k-th largest starts as the row's range
+// of keys (one reduction) and narrows by levels over the registers. A level spreads the group's
+// range over at most 2048 equal bins ((key - lo) >> sh, so a row whose keys share their top bits
+// still fills many bins and its histogram atomics rarely collide), finds the bin holding the
+// remaining-th largest, and makes it the group. It ends when the bin is needed whole or is one key
+// (sh = 0: ties at the threshold); three levels at most. One in-order pass then gives every
+// selected item its slot by ballots and a scan of the per-warp counts, so ties go to the lowest
+// positions; position order writes the output directly, score order fills the selected list for
+// list mode's sort.
+
+#define REG_SELECT_R 16                                     // keys per thread
+#define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
+#define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
+
+template <int SRC, int MAP>
+__device__ void row_select_regs(const SelectArgs& a) {
+    constexpr int R = REG_SELECT_R;
+    extern __shared__ __align__(16) char smem[];
+    int* sHist = reinterpret_cast<int*>(smem);           // [SORT_BINS] (REG_SELECT_BINS for the levels)
+    int* sScan = sHist + SORT_BINS;                      // [32]
+    int* sMisc = sScan + 32;                             // [32]
+    u64* sSel = reinterpret_cast<u64*>(sMisc + 32);      // [sort_cap] selected entries (by_score)
+    u64* sAux = sSel + a.sort_cap;                       // [sort_cap] the sort's scratch (by_score)
+    u32* sRed = reinterpret_cast<u32*>(sHist);           // [3][SELECT_WARPS] the first reduction
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = blockIdx.x;
+    const int t = a.row0 + (int)row;
+    const int len = (SRC == KEYS_F32 && a.lengths) ? max(0, min(a.lengths[t], a.ncols)) : a.ncols;
+    const int n_items = (SRC == KEYS_F32) ? len : a.ncols;
+    const int k = a.k;
+    const int base0 = warp * 32 * R;  // item of register 0, lane 0 of this warp
+
+    u32 key[R];
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
+    int cnt = 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const int n = base0 + 32 * j + lane;
+        key[j] = n < n_items ? load_key<SRC>(a, row, n, len) : HISA_KEY_NONE;
+        const bool valid = key[j] != HISA_KEY_NONE;
+        mn = valid ? min(mn, key[j]) : mn;
+        mx = max(mx, key[j]);
+        cnt += valid;
+    }
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    cnt = (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)cnt);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[SELECT_WARPS + warp] = mx;
+        sRed[2 * SELECT_WARPS + warp] = (u32)cnt;
+    }
+    __syncthreads();
+    u32 lo = 0xFFFFFFFFu, hi = 0u;
+    int n_valid = 0;
+#pragma unroll
+    for (int w = 0; w < SELECT_WARPS; ++w) {
+        lo = min(lo, sRed[w]);
+        hi = max(hi, sRed[SELECT_WARPS + w]);
+        n_valid += (int)sRed[2 * SELECT_WARPS + w];
+    }
+    __syncthreads();  // sRed is read before the first level clears sHist
+
+    // selected: key >= cut (cut >= 1 excludes HISA_KEY_NONE), plus, when ties, the first `need`
+    // keys equal to `tie` in position order
+    u64 cut = 1u;
+    bool ties = false;
+    u32 tie = 0u;
+    int need = 0;
+    if (n_valid > k && k > 0) {
+        int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
+        for (;;) {
+            const u32 span = hi - lo;
+            const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
+            const int nb = (int)(span >> sh) + 1;
+            for (int i = tid; i < nb; i += SELECT_THREADS) sHist[i] = 0;
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+                if (key[j] >= lo && key[j] <= hi) atomicAdd(&sHist[(key[j] - lo) >> sh], 1);
+            __syncthreads();
+            find_bin(sHist, nb, remaining, sScan, sMisc);
+            const int b = sMisc[MISC_BIN];
+            const int in_bin = sHist[b];
+            remaining -= sMisc[MISC_ABOVE];
+            __syncthreads();  // sHist / sMisc are read before the next level clears them
+            const u32 blo = lo + ((u32)b << sh);
+            const u32 top = blo + (((u32)1u << sh) - 1u);  // the bin's last key (wrapped: past hi)
+            const u32 bhi = top < blo ? hi : min(hi, top);
+            if (in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
+                cut = blo;
+                break;
+            }
+            if (sh == 0) {  // one key value, more items than needed: ties at it
+                cut = (u64)blo + 1u;
+                ties = true;
+                tie = blo;
+                need = remaining;
+                break;
+            }
+            lo = blo;
+            hi = bhi;
+        }
+    }
+
+    const u32 lower = (1u << lane) - 1u;
+    auto above = [&](u32 x) { return (u64)x >= cut; };
+    auto equal = [&](u32 x) { return ties && x == tie; };  // tie >= 1 when ties
+    int c_sel = 0, c_eq = 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        c_sel += __popc(__ballot_sync(0xFFFFFFFFu, above(key[j])));
+        c_eq += __popc(__ballot_sync(0xFFFFFFFFu, equal(key[j])));
+    }
+    if (lane == 0) sScan[warp] = c_sel | (c_eq << 16);  // each at most 32 R < 65536
+    __syncthreads();
+    int base = 0, eq_before = 0;
+    for (int w = 0; w < warp; ++w) {
+        const int v = sScan[w];
+        base += v & 0xFFFF;
+        eq_before += v >> 16;
+    }
+    base += min(need, eq_before);  // ties kept in the warps before this one
+
+    const int n_out = min(k, n_valid);
+    const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const u32 kj = key[j];
+        const bool eq = equal(kj);
+        const u32 eq_mask = __ballot_sync(0xFFFFFFFFu, eq);
+        const bool sel = above(kj) || (eq && eq_before + __popc(eq_mask & lower) < need);
+        const u32 sel_mask = __ballot_sync(0xFFFFFFFFu, sel);
+        const int slot = base + __popc(sel_mask & lower);
+        if (sel && slot < n_out) {
+            const int n = base0 + 32 * j + lane;
+            if (a.by_score) sSel[slot] = list_entry(kj, n);
+            else emit_item<SRC, MAP>(a, row, t, rel, slot, n);
+        }
+        base += __popc(sel_mask);
+        eq_before += __popc(eq_mask);
+    }
+    if (a.by_score) {
+        __syncthreads();
+        sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
+    }
+    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
+        a.out_idx[row * a.out_ld + i] = -1;
+        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
+    }
+}
+
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.
 #define SELECT_PARAMS                                                                          \
     const u32 *keys, const float *scores, long long ld, int ncols, const int *lengths, int k,  \

@@ -6,3 +6,7 @@
 __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
     row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
+
+__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_regs_kernel(SELECT_PARAMS) {
+    row_select_regs<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
+}
