@@ -851,19 +851,18 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
 // ----------------------------------------------------------------------------------------------
 // Register mode: rows of at most REG_SELECT_ITEMS items (the refinement's m * B candidates, the
 // standalone top-k over 8192 columns), one CTA of SELECT_THREADS per row, every key read once from
-// global memory into registers. Warp w holds items [w * 32R, (w + 1) * 32R): lane l, register j is
-// item w * 32R + 32j + l (coalesced loads; a warp's items in register-then-lane order are in
-// position order).
+// global memory into registers. Thread i holds items [16i, 16i + 16) (four 16-byte loads where
+// the row is aligned), so thread order then register order is position order.
 //
 // The threshold: the group [lo, hi] of keys that holds the k-th largest starts as the row's range
 // of keys (one reduction) and narrows by levels over the registers. A level spreads the group's
 // range over at most 2048 equal bins ((key - lo) >> sh, so a row whose keys share their top bits
 // still fills many bins and its histogram atomics rarely collide), finds the bin holding the
 // remaining-th largest, and makes it the group. It ends when the bin is needed whole or is one key
-// (sh = 0: ties at the threshold); three levels at most. One in-order pass then gives every
-// selected item its slot by ballots and a scan of the per-warp counts, so ties go to the lowest
-// positions; position order writes the output directly, score order fills the selected list for
-// list mode's sort.
+// (sh = 0: ties at the threshold); three levels at most. Then each thread counts its selected
+// items, one block scan of the counts gives every thread its first slot, and each thread writes
+// its items in order; ties go to the lowest positions. Position order writes the output
+// directly, score order fills the selected list for list mode's sort.
 
 #define REG_SELECT_R 16                                     // keys per thread
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
@@ -886,15 +885,29 @@ __device__ void row_select_regs(const SelectArgs& a) {
     const int len = (SRC == KEYS_F32 && a.lengths) ? max(0, min(a.lengths[t], a.ncols)) : a.ncols;
     const int n_items = (SRC == KEYS_F32) ? len : a.ncols;
     const int k = a.k;
-    const int base0 = warp * 32 * R;  // item of register 0, lane 0 of this warp
+    const int first = tid * R;  // this thread's items [first, first + R)
 
     u32 key[R];
+    const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
+    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first + R <= n_items) {
+        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
+#pragma unroll
+        for (int u = 0; u < R / 4; ++u) {
+            const uint4 x = __ldg(vec + u);
+            key[4 * u] = word_key<SRC>(x.x);
+            key[4 * u + 1] = word_key<SRC>(x.y);
+            key[4 * u + 2] = word_key<SRC>(x.z);
+            key[4 * u + 3] = word_key<SRC>(x.w);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j)
+            key[j] = first + j < n_items ? word_key<SRC>(__ldg(words + first + j)) : HISA_KEY_NONE;
+    }
     u32 mn = 0xFFFFFFFFu, mx = 0u;
     int cnt = 0;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        const int n = base0 + 32 * j + lane;
-        key[j] = n < n_items ? load_key<SRC>(a, row, n, len) : HISA_KEY_NONE;
         const bool valid = key[j] != HISA_KEY_NONE;
         mn = valid ? min(mn, key[j]) : mn;
         mx = max(mx, key[j]);
@@ -961,42 +974,39 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
     }
 
-    const u32 lower = (1u << lane) - 1u;
-    auto above = [&](u32 x) { return (u64)x >= cut; };
-    auto equal = [&](u32 x) { return ties && x == tie; };  // tie >= 1 when ties
-    int c_sel = 0, c_eq = 0;
+    // this thread's selected items as bits (item first + j), then the tied ones it keeps
+    u32 sel = 0u, eq = 0u;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        c_sel += __popc(__ballot_sync(0xFFFFFFFFu, above(key[j])));
-        c_eq += __popc(__ballot_sync(0xFFFFFFFFu, equal(key[j])));
+        sel |= (u32)((u64)key[j] >= cut) << j;
+        eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
-    if (lane == 0) sScan[warp] = c_sel | (c_eq << 16);  // each at most 32 R < 65536
-    __syncthreads();
-    int base = 0, eq_before = 0;
-    for (int w = 0; w < warp; ++w) {
-        const int v = sScan[w];
-        base += v & 0xFFFF;
-        eq_before += v >> 16;
+    int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
+    const int before = block_exclusive_scan(__popc(sel) | (__popc(eq) << 16), sScan, &total);
+    const int eq_before = before >> 16;
+    int slot = (before & 0xFFFF) + min(need, eq_before);  // ties kept by the threads before this one
+    if (ties) {
+        int r = eq_before;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            if ((eq >> j) & 1u) {
+                sel |= (u32)(r < need) << j;
+                ++r;
+            }
+        }
     }
-    base += min(need, eq_before);  // ties kept in the warps before this one
 
     const int n_out = min(k, n_valid);
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        const u32 kj = key[j];
-        const bool eq = equal(kj);
-        const u32 eq_mask = __ballot_sync(0xFFFFFFFFu, eq);
-        const bool sel = above(kj) || (eq && eq_before + __popc(eq_mask & lower) < need);
-        const u32 sel_mask = __ballot_sync(0xFFFFFFFFu, sel);
-        const int slot = base + __popc(sel_mask & lower);
-        if (sel && slot < n_out) {
-            const int n = base0 + 32 * j + lane;
-            if (a.by_score) sSel[slot] = list_entry(kj, n);
-            else emit_item<SRC, MAP>(a, row, t, rel, slot, n);
+        if ((sel >> j) & 1u) {
+            if (slot < n_out) {
+                if (a.by_score) sSel[slot] = list_entry(key[j], first + j);
+                else emit_item<SRC, MAP>(a, row, t, rel, slot, first + j);
+            }
+            ++slot;
         }
-        base += __popc(sel_mask);
-        eq_before += __popc(eq_mask);
     }
     if (a.by_score) {
         __syncthreads();
