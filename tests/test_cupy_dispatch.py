@@ -361,7 +361,7 @@ def test_reg_select_launches(monkeypatch):
     for n, reg, name in ((8192, True, "topk_regs_kernel"), (8193, True, "topk_kernel"), (8192, False, "topk_kernel")):
         monkeypatch.setattr(cb, "REG_SELECT", reg)
         fake.launches.clear()
-        cb.topk(_arr((3, n), np.float32), None, k=2048, out_values=_arr((3, 2048), np.float32),
-                out_indices=_arr((3, 2048), np.int32), stream=0)
+        cb.topk(pointer_array((3, n), np.float32), None, k=2048, out_values=pointer_array((3, 2048), np.float32),
+                out_indices=pointer_array((3, 2048), np.int32), stream=0)
         assert fake.names() == [name] and fake.launches[0].grid == (3,)
         assert (fake.launches[0].smem == reg_smem) == (name != "topk_kernel")
