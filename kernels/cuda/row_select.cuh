@@ -774,11 +774,12 @@ __device__ void row_select(const SelectArgs& a) {
 // ----------------------------------------------------------------------------------------------
 // Warp mode: short rows in position order (the block top-m: about S / B items per row), one warp
 // per row, WARP_SELECT_ROWS rows per CTA. Item n of the row sits in lane n % 32, register n / 32
-// (coalesced loads, no shared memory). The k-th key is built bit by bit from the top: the largest
-// threshold with at least k keys at or above it (32 counting passes over the registers, each a
-// warp sum). Then one in-order pass over the registers keeps the keys above the threshold and the
-// lowest-index keys equal to it (ballots give every item its slot), so positions come out
-// ascending. Only for precomputed keys (KEYS_U32) and position order; the host falls back to
+// (coalesced loads, no shared memory). The k-th key is built bit by bit: the largest threshold
+// with at least k keys at or above it (a counting pass over the registers and a warp sum per bit,
+// from the highest bit where the row's smallest and largest keys differ, stopping early when
+// exactly k keys lie at or above the candidate). Then one in-order pass over the registers keeps
+// the keys above the threshold and the lowest-index keys equal to it (ballots give every item its
+// slot), so positions come out ascending. Only for precomputed keys (KEYS_U32) and position order; the host falls back to
 // row_select elsewhere.
 
 #define WARP_SELECT_ITEMS 1024  // longest row of warp mode
@@ -802,30 +803,59 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
     const int ncols = a.ncols, k = a.k;
     u32 key[R];
     int n_valid = 0;
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         const int n = 32 * j + lane;
         key[j] = n < ncols ? __ldg(a.keys + row * a.ld + n) : HISA_KEY_NONE;
-        n_valid += key[j] != HISA_KEY_NONE;
+        const bool valid = key[j] != HISA_KEY_NONE;
+        n_valid += valid;
+        mn = valid ? min(mn, key[j]) : mn;
+        mx = max(mx, key[j]);
     }
     n_valid = warp_sum(n_valid);
 
     u32 thr = 1u;            // smallest non-empty key: with n_valid <= k every candidate is kept
     int need = 0x7FFFFFFF;   // how many items equal to thr to keep
     if (n_valid > k && k > 0) {
-        u32 prefix = 0u;     // largest threshold with >= k keys at or above it, built from the top bit
-        for (int bit = 31; bit >= 0; --bit) {
-            const u32 cand = prefix | (1u << bit);
-            int c = 0;
+        // bits the smallest and largest valid keys share are the threshold's too: the search
+        // starts below them, and stops as soon as exactly k keys lie at or above a candidate
+        mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+        mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+        const u32 diff = mn ^ mx;
+        if (diff == 0u) {  // every valid key is equal: the first k of them
+            thr = mn;
+            need = k;
+        } else {
+            const int top = 31 - __clz((int)diff);
+            u32 prefix = mn & ~((2u << top) - 1u);  // (2u << 31) wraps to 0: no shared bits
+            bool exact = false;
+            for (int bit = top; bit >= 0; --bit) {
+                const u32 cand = prefix | (1u << bit);
+                int c = 0;
 #pragma unroll
-            for (int j = 0; j < R; ++j) c += key[j] >= cand;
-            if (warp_sum(c) >= k) prefix = cand;
+                for (int j = 0; j < R; ++j) c += key[j] >= cand;
+                c = warp_sum(c);
+                if (c >= k) {
+                    prefix = cand;
+                    if (c == k) {  // the k keys >= cand are the selection: thr = the least of them
+                        u32 least = 0xFFFFFFFFu;
+#pragma unroll
+                        for (int j = 0; j < R; ++j) least = key[j] >= cand ? min(least, key[j]) : least;
+                        thr = __reduce_min_sync(0xFFFFFFFFu, least);
+                        exact = true;
+                        break;
+                    }
+                }
+            }
+            if (!exact) {
+                int above = 0;
+#pragma unroll
+                for (int j = 0; j < R; ++j) above += key[j] > prefix;
+                thr = prefix;
+                need = k - warp_sum(above);
+            }
         }
-        int above = 0;
-#pragma unroll
-        for (int j = 0; j < R; ++j) above += key[j] > prefix;
-        thr = prefix;
-        need = k - warp_sum(above);
     }
 
     // in-order pass: slots by ballot, ties at thr to the lowest indices

@@ -173,3 +173,17 @@ def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_
             dense_short = warp and S <= cupy_backend.WARP_SELECT_ITEMS
             assert ("dense_topk_warp_kernel" in launched) == dense_short
             assert ("dense_topk_regs_kernel" in launched) == (not dense_short and reg)
+
+
+def test_warp_mode_all_keys_equal(cuda_device, launched_kernels):
+    # zero weights: every score is 0, so a row's smallest and largest keys are equal and warp
+    # mode's search ends before its first step; ties keep the lowest positions
+    inp = testing.exact_inputs(9, 1000, 64, 128, dtype="float8_e4m3fn", seed=11, ragged=True)
+    w = np.zeros_like(inp["weights"])
+    q, k = testing.to_torch(inp["q"]), testing.to_torch(inp["k"])
+    ks, ke = testing.to_torch(inp["ks"]), testing.to_torch(inp["ke"])
+    for topk in (1, 100, 999):
+        got = hisa_cupy.dense_select(q, k, testing.to_torch(w), ks=ks, ke=ke, topk=topk, backend="cupy")
+        ref = reference.dense_select(inp["q"], inp["k"], w, ks=inp["ks"], ke=inp["ke"], topk=topk)
+        testing.assert_selection_equal(got, ref, err_msg=f"topk={topk}")
+    assert set(launched_kernels) >= {"dense_topk_warp_kernel"}
