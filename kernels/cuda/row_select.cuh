@@ -36,6 +36,7 @@
 #define MAP_IDENTITY 0  // position = item
 #define MAP_TOKENS 1    // position = col0 + item
 #define MAP_GATHER 2    // position = blocks[t, item / B] * B + item % B
+#define MAP_CHUNKS 3    // position = (t % m) * B + item: row t is chunk t % m (B items each) of a longer row
 
 #define SELECT_THREADS 512
 #define SELECT_WARPS (SELECT_THREADS / 32)
@@ -85,6 +86,7 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
     int pos;
     if (MAP == MAP_IDENTITY) pos = n;
     else if (MAP == MAP_TOKENS) pos = a.col0 + n;
+    else if (MAP == MAP_CHUNKS) pos = (t % a.m) * a.B + n;
     else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
     a.out_idx[row * a.out_ld + slot] = pos - rel;
     if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];

@@ -3,8 +3,9 @@ reference: list mode with the candidate list, with the candidate list overflowin
 over the whole row), ties split at the threshold, the bitonic fallback of the bucket sort, rows
 cached in shared memory and rows read from global memory (through the ring of asynchronous
 copies, or with plain loads where a row is not 16-byte aligned), the in-order mode for
-large k, warp mode (one warp per short row in position order: the block top-m) and register
-mode (one CTA per row of at most 8192 items, the keys in registers).
+large k, warp mode (one warp per short row in position order: the block top-m), register
+mode (one CTA per row of at most 8192 items, the keys in registers), and few long rows
+split into chunks whose top k are merged.
 Run with ``pytest -m gpu``.
 """
 import numpy as np
@@ -187,3 +188,30 @@ def test_warp_mode_all_keys_equal(cuda_device, launched_kernels):
         ref = reference.dense_select(inp["q"], inp["k"], w, ks=inp["ks"], ke=inp["ke"], topk=topk)
         testing.assert_selection_equal(got, ref, err_msg=f"topk={topk}")
     assert set(launched_kernels) >= {"dense_topk_warp_kernel"}
+
+
+def _rounded_nan_inf(rng, R, N):
+    x = _rounded(rng, R, N)
+    for v in (np.nan, np.inf, -np.inf):
+        x[rng.random((R, N)) < 0.01] = v
+    return x
+
+
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded_nan_inf])
+def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen):
+    # few long rows: each row's chunks keep their top k in position order, then a merge ranks
+    # the kept items (cupy_backend._topk_split): exact, ties to the lower column across chunks;
+    # also a forced split of short chunks (8 chunks of 5000 columns, k = 3000)
+    from hisa_cupy.kernels import cupy_backend
+
+    rng = np.random.default_rng(7)
+    for R, N, ks, split in ((64, 131072, (1, 2048, 8192), 0), (3, 40000, (3000,), 8)):
+        monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", split)
+        scores = gen(rng, R, N)
+        for k in ks:
+            launched_kernels.clear()
+            vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k, backend="cupy")
+            rv, ri = reference.topk(scores, k)
+            testing.assert_selection_equal(idx, ri, err_msg=f"{gen.__name__} {R}x{N} k={k}")
+            np.testing.assert_array_equal(testing.to_numpy(vals), rv)
+            assert launched_kernels == ["topk_chunks_kernel", "topk_merge_kernel"]
