@@ -75,12 +75,22 @@ def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N,
     scores = gen(rng, R, N)
     lengths = rng.integers(0, N + 1, size=R).astype(np.int32)
     lengths[0] = N
+    # few long rows are split into chunks by default (TOPK_SPLIT = 0): the same rows unsplit too
+    sms = cupy_backend._device_facts(cupy_backend._device_id())["sms"]
     for reg in (True, False) if N <= cupy_backend.REG_SELECT_ITEMS else (True,):
         monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
-        for lens in (None, lengths):
-            launched.clear()
-            _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg}")
-            assert launched == ["topk_regs_kernel" if reg and N <= cupy_backend.REG_SELECT_ITEMS else "topk_kernel"]
+        for split in (0, 1):
+            monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", split)
+            for lens in (None, lengths):
+                launched.clear()
+                _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg} split={split}")
+                if cupy_backend._topk_split(R, N, k, lens is not None, sms) > 1:
+                    expected = ["topk_chunks_kernel", "topk_merge_kernel"]
+                elif reg and N <= cupy_backend.REG_SELECT_ITEMS:
+                    expected = ["topk_regs_kernel"]
+                else:
+                    expected = ["topk_kernel"]
+                assert launched == expected
 
 
 def _all_equal(rng, R, N):
