@@ -78,6 +78,14 @@ USE_UNION_PAIRS = True
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True
+#: rows of at most REG_SELECT_ITEMS items (REG_SELECT_ITEMS in row_select.cuh) that warp mode does
+#: not take get one CTA each with the keys in registers (register mode, row_select_regs): the
+#: refinement top-k and hisa_cupy.topk over 8192 columns. False: list / in-order mode (row_select)
+REG_SELECT = True
+REG_SELECT_ITEMS = 8192
+#: hisa_cupy.topk over few long rows: chunks per row, each scored by its own CTA and merged after
+#: (_topk_split). 0: chosen per call, 1: never split, P > 1: P chunks where the shape allows
+TOPK_SPLIT = 0
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -264,9 +272,12 @@ def kernel_instances():
                     out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}>"))
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
-            ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel")]
+            ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel"), ("topk.cu", "topk_chunks_kernel"),
+            ("topk.cu", "topk_merge_kernel")]
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
+    out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
+            ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel")]
     return out
 
 
@@ -877,10 +888,16 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     if plan is None:
         facts = _device_facts(ctx[0])
         warp = _warp_select(kernel, keys is not None, ncols, by_score)
+        regs = not warp and kernel in _REG_SELECT_KERNELS and _reg_select_plan(k, ncols, by_score,
+                                                                                facts["smem_optin"])
         if warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
+        elif regs:
+            kernel = kernel[:-len("_kernel")] + "_regs_kernel"
+            (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
+            per_cta, block = 1, (SELECT_THREADS,)
         else:
             lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
                                                                             rows, facts["sms"])
@@ -905,8 +922,21 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
                   smem)
 
 
+#: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
+_REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
+
+
+def _reg_select_plan(k: int, ncols: int, by_score: bool, smem_optin: int):
+    """(sort_cap, smem) of a register-mode launch (row_select_regs: one CTA per row, the row's keys
+    in registers), or None where register mode does not apply: REG_SELECT off, rows longer than
+    REG_SELECT_ITEMS, or (order by score) a selected list and sort scratch that do not fit."""
+    if not (REG_SELECT and 0 < ncols <= REG_SELECT_ITEMS):
+        return None
+    sort_cap = max(SELECT_LIST_MIN, 1 << max(0, int(math.ceil(math.log2(max(k, 1)))))) if by_score else 0
+    smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
+    return (sort_cap, smem) if smem <= smem_optin - 1024 else None
 
 
 def _warp_select(kernel: str, u32_keys: bool, ncols: int, by_score: bool) -> bool:
@@ -957,7 +987,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM)
+            SCORE_CTAS_PER_SM, REG_SELECT)
 
 
 def _keep_plan(key, plan):
@@ -1255,12 +1285,46 @@ def bind_dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order
                  arrays, stream, (0, 1))
 
 
+def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
+    """Chunks per row for hisa_cupy.topk (1: one CTA per row). Few long rows leave most SMs idle
+    with one CTA each, so each row is split into P chunks of N / P columns (one CTA each, at most
+    two CTAs per SM in all) whose top k are then merged (topk.cu). Only without lengths (every
+    chunk full, so no padding among the kept items), for N a multiple of 4P (aligned chunks) and
+    chunks of at least max(4k, 8192) columns. TOPK_SPLIT > 1 forces that many chunks where N
+    allows it; 1 turns the split off."""
+    if TOPK_SPLIT == 1 or has_lengths:
+        return 1
+    if TOPK_SPLIT > 1:
+        P = TOPK_SPLIT
+        return P if N % (4 * P) == 0 and N // P >= k else 1
+    best = 1
+    for P in (2, 4, 8, 16):
+        if R * P > 2 * sms or N % (4 * P) or N // P < max(4 * k, 8192):
+            break
+        best = P
+    return best
+
+
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
     """Exact row top-k of fp32 ``scores`` [R, N] (SPEC §3 ranking), values and indices in rank order."""
     R, N = scores.shape
     with _on_stream(stream):
         if R == 0 or k == 0:
             return out_values, out_indices
-        _launch_select("topk.cu", "topk_kernel", rows=R, scores=scores, ld=N, ncols=N, lengths=lengths, k=k,
-                       T=R, S=N, by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values)
+        P = _topk_split(R, N, k, lengths is not None, _device_facts(_device_id())["sms"])
+        if P == 1:
+            _launch_select("topk.cu", "topk_kernel", rows=R, scores=scores, ld=N, ncols=N, lengths=lengths, k=k,
+                           T=R, S=N, by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values)
+            return out_values, out_indices
+        # each chunk's top k in position order (row r, chunk c is row r * P + c of [R * P, N / P]),
+        # then the top k of each row's P * k kept items
+        ws = workspace(stream)
+        kept_values = ws.get("topk_kept_values", (R * P, k), np.float32)
+        kept_indices = ws.get("topk_kept_indices", (R * P, k), np.int32)
+        C = N // P
+        _launch_select("topk.cu", "topk_chunks_kernel", rows=R * P, scores=scores, ld=C, ncols=C, k=k, T=R * P,
+                       S=N, m=P, B=C, out_idx=kept_indices, out_ld=k, out_val=kept_values)
+        _launch_select("topk.cu", "topk_merge_kernel", rows=R, scores=kept_values, ld=P * k, ncols=P * k, k=k, T=R,
+                       S=N, blocks=kept_indices, m=P * k, B=1, by_score=True, out_idx=out_indices, out_ld=k,
+                       out_val=out_values)
     return out_values, out_indices

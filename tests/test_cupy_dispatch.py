@@ -141,7 +141,7 @@ def test_refine_row_chunks_bound_the_candidate_workspace(monkeypatch):
     monkeypatch.setattr(cb, "WARP_SELECT", False)  # one top-k CTA per row (warp mode: 4 rows per CTA)
     _hisa(T=T, m=m)
     scores = [x for x in fake.launches if x.name.startswith("refine_union")]
-    topks = [x for x in fake.launches if x.name == "refine_topk_kernel"]
+    topks = [x for x in fake.launches if x.name == "refine_topk_regs_kernel"]  # rows of 1024 <= 8192 items
     assert len(scores) == len(topks) == 5  # 16 + 16 + 16 + 16 + 6 rows
     row0 = [_value(x.args[11]) for x in scores]
     nrows = [_value(x.args[12]) for x in scores]
@@ -327,8 +327,80 @@ def test_warp_select_launch(monkeypatch):
     assert topm.smem == 0 and len(topm.args) == 26 and _value(topm.args[-1]) == 65
     assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
     fake.launches.clear()
-    monkeypatch.setattr(cb, "WARP_SELECT", False)
+    monkeypatch.setattr(cb, "WARP_SELECT", False)  # register mode: one CTA per row, no row count
+    _hisa(T=65)
+    topm = fake.launches[2]
+    assert topm.name == "block_topm_regs_kernel" and topm.grid == (65,) and topm.block == (cb.SELECT_THREADS,)
+    assert len(topm.args) == 25 and topm.smem == cb._reg_select_plan(8, 32, False, 232448)[1]
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "REG_SELECT", False)
     _hisa(T=65)
     topm = fake.launches[2]
     assert topm.name == "block_topm_kernel" and topm.grid == (65,) and topm.block == (cb.SELECT_THREADS,)
     assert len(topm.args) == 25
+
+
+def test_reg_select_plan():
+    # (sort_cap, smem): position order needs no lists; by score, the selected list and the sort's
+    # scratch hold the next power of two >= k entries (at least SELECT_LIST_MIN)
+    fixed = cb.SELECT_LIST_FIXED_SMEM
+    assert cb._reg_select_plan(2048, 8192, False, 232448) == (0, fixed)
+    assert cb._reg_select_plan(2048, 8192, True, 232448) == (2048, fixed + 16 * 2048)
+    assert cb._reg_select_plan(3000, 5000, True, 232448) == (4096, fixed + 16 * 4096)
+    assert cb._reg_select_plan(100, 1025, True, 232448) == (512, fixed + 16 * 512)
+    assert cb._reg_select_plan(2048, cb.REG_SELECT_ITEMS + 1, False, 232448) is None  # row too long
+    assert cb._reg_select_plan(8192, 8192, True, 101376) is None  # the lists do not fit
+    assert cb._reg_select_plan(9000, 8192, False, 101376) == (0, fixed)  # any k in position order
+
+
+def test_reg_select_launches(monkeypatch):
+    # hisa_cupy.topk over 8192 columns: topk_regs_kernel, one CTA per row, with register mode's
+    # shared memory; over 8193 columns, or with the knob off: list mode
+    fake = _Fake(monkeypatch, cc=90)
+    reg_smem = cb._reg_select_plan(2048, 8192, True, 232448)[1]
+    for n, reg, name in ((8192, True, "topk_regs_kernel"), (8193, True, "topk_kernel"), (8192, False, "topk_kernel")):
+        monkeypatch.setattr(cb, "REG_SELECT", reg)
+        fake.launches.clear()
+        cb.topk(pointer_array((3, n), np.float32), None, k=2048, out_values=pointer_array((3, 2048), np.float32),
+                out_indices=pointer_array((3, 2048), np.int32), stream=0)
+        assert fake.names() == [name] and fake.launches[0].grid == (3,)
+        assert (fake.launches[0].smem == reg_smem) == (name != "topk_kernel")
+
+
+def test_topk_split_choice():
+    # few long rows: as many chunks as keep R * P <= 2 * SMs with chunks of >= max(4k, 8192)
+    # columns (a multiple of 4 each); never with lengths
+    assert cb._topk_split(64, 131072, 2048, False, 132) == 4
+    assert cb._topk_split(4096, 8192, 2048, False, 132) == 1  # many rows fill the GPU already
+    assert cb._topk_split(8, 131072, 2048, False, 132) == 16
+    assert cb._topk_split(8, 131072, 8192, False, 132) == 4  # chunks of >= 4k columns
+    assert cb._topk_split(64, 131072 + 4, 2048, False, 132) == 1  # 4P does not divide N
+    assert cb._topk_split(64, 131072, 2048, True, 132) == 1  # lengths
+
+
+def test_topk_split_launches(monkeypatch):
+    # [64 x 131072], k = 2048: 256 chunk rows of 32768 columns in position order into the kept
+    # buffers (positions in the whole row: MAP_CHUNKS with m = 4 chunks of B = 32768), then one
+    # merge row per input row over its 4 * 2048 kept values, the kept columns read back through
+    # them (MAP_GATHER with m = 8192, B = 1), by score into the outputs
+    fake = _Fake(monkeypatch, cc=90)
+    scores = pointer_array((64, 131072), np.float32)
+    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
+    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+    assert fake.names() == ["topk_chunks_kernel", "topk_merge_kernel"]
+    chunks, merge = fake.launches
+    kept_v = cb._workspaces[(0, 0)]._bufs["topk_kept_values"]
+    kept_i = cb._workspaces[(0, 0)]._bufs["topk_kept_indices"]
+    a = [_value(x) for x in chunks.args]
+    # SELECT_PARAMS: keys, scores, ld, ncols, lengths, k, cache_cap, row0, T, S, ks, ke, blocks, m, B,
+    # col0, relative, by_score, sort_cap, lists, cand_cap, ring, out_idx, out_ld, out_val
+    assert chunks.grid == (256,) and a[1] == scores.data.ptr and a[2:4] == [32768, 32768] and a[5] == 2048
+    assert a[13:15] == [4, 32768] and a[17] == 0 and a[22] == kept_i.data.ptr and a[24] == kept_v.data.ptr
+    b = [_value(x) for x in merge.args]
+    assert merge.grid == (64,) and b[1] == kept_v.data.ptr and b[2:4] == [8192, 8192] and b[12] == kept_i.data.ptr
+    assert b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr and b[24] == vals.data.ptr
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "TOPK_SPLIT", 1)
+    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+    assert fake.names() == ["topk_kernel"]
+

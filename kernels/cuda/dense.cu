@@ -31,3 +31,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) dense_topk_kernel(SELECT_PARAM
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_topk_warp_kernel(SELECT_PARAMS, int rows) {
     row_select_warp<KEYS_U32, MAP_TOKENS>(SELECT_ARGS, rows);
 }
+
+__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_topk_regs_kernel(SELECT_PARAMS) {
+    row_select_regs<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
+}

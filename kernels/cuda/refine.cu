@@ -42,3 +42,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARA
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel(SELECT_PARAMS, int rows) {
     row_select_warp<KEYS_U32, MAP_GATHER>(SELECT_ARGS, rows);
 }
+
+__global__ void __launch_bounds__(SELECT_THREADS, 2) refine_topk_regs_kernel(SELECT_PARAMS) {
+    row_select_regs<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
+}

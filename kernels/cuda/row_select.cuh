@@ -36,6 +36,7 @@
 #define MAP_IDENTITY 0  // position = item
 #define MAP_TOKENS 1    // position = col0 + item
 #define MAP_GATHER 2    // position = blocks[t, item / B] * B + item % B
+#define MAP_CHUNKS 3    // position = (t % m) * B + item: row t is chunk t % m (B items each) of a longer row
 
 #define SELECT_THREADS 512
 #define SELECT_WARPS (SELECT_THREADS / 32)
@@ -85,6 +86,7 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
     int pos;
     if (MAP == MAP_IDENTITY) pos = n;
     else if (MAP == MAP_TOKENS) pos = a.col0 + n;
+    else if (MAP == MAP_CHUNKS) pos = (t % a.m) * a.B + n;
     else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
     a.out_idx[row * a.out_ld + slot] = pos - rel;
     if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
@@ -774,11 +776,12 @@ __device__ void row_select(const SelectArgs& a) {
 // ----------------------------------------------------------------------------------------------
 // Warp mode: short rows in position order (the block top-m: about S / B items per row), one warp
 // per row, WARP_SELECT_ROWS rows per CTA. Item n of the row sits in lane n % 32, register n / 32
-// (coalesced loads, no shared memory). The k-th key is built bit by bit from the top: the largest
-// threshold with at least k keys at or above it (32 counting passes over the registers, each a
-// warp sum). Then one in-order pass over the registers keeps the keys above the threshold and the
-// lowest-index keys equal to it (ballots give every item its slot), so positions come out
-// ascending. Only for precomputed keys (KEYS_U32) and position order; the host falls back to
+// (coalesced loads, no shared memory). The k-th key is built bit by bit: the largest threshold
+// with at least k keys at or above it (a counting pass over the registers and a warp sum per bit,
+// from the highest bit where the row's smallest and largest keys differ, stopping early when
+// exactly k keys lie at or above the candidate). Then one in-order pass over the registers keeps
+// the keys above the threshold and the lowest-index keys equal to it (ballots give every item its
+// slot), so positions come out ascending. Only for precomputed keys (KEYS_U32) and position order; the host falls back to
 // row_select elsewhere.
 
 #define WARP_SELECT_ITEMS 1024  // longest row of warp mode
@@ -802,30 +805,59 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
     const int ncols = a.ncols, k = a.k;
     u32 key[R];
     int n_valid = 0;
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         const int n = 32 * j + lane;
         key[j] = n < ncols ? __ldg(a.keys + row * a.ld + n) : HISA_KEY_NONE;
-        n_valid += key[j] != HISA_KEY_NONE;
+        const bool valid = key[j] != HISA_KEY_NONE;
+        n_valid += valid;
+        mn = valid ? min(mn, key[j]) : mn;
+        mx = max(mx, key[j]);
     }
     n_valid = warp_sum(n_valid);
 
     u32 thr = 1u;            // smallest non-empty key: with n_valid <= k every candidate is kept
     int need = 0x7FFFFFFF;   // how many items equal to thr to keep
     if (n_valid > k && k > 0) {
-        u32 prefix = 0u;     // largest threshold with >= k keys at or above it, built from the top bit
-        for (int bit = 31; bit >= 0; --bit) {
-            const u32 cand = prefix | (1u << bit);
-            int c = 0;
+        // bits the smallest and largest valid keys share are the threshold's too: the search
+        // starts below them, and stops as soon as exactly k keys lie at or above a candidate
+        mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+        mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+        const u32 diff = mn ^ mx;
+        if (diff == 0u) {  // every valid key is equal: the first k of them
+            thr = mn;
+            need = k;
+        } else {
+            const int top = 31 - __clz((int)diff);
+            u32 prefix = mn & ~((2u << top) - 1u);  // (2u << 31) wraps to 0: no shared bits
+            bool exact = false;
+            for (int bit = top; bit >= 0; --bit) {
+                const u32 cand = prefix | (1u << bit);
+                int c = 0;
 #pragma unroll
-            for (int j = 0; j < R; ++j) c += key[j] >= cand;
-            if (warp_sum(c) >= k) prefix = cand;
+                for (int j = 0; j < R; ++j) c += key[j] >= cand;
+                c = warp_sum(c);
+                if (c >= k) {
+                    prefix = cand;
+                    if (c == k) {  // the k keys >= cand are the selection: thr = the least of them
+                        u32 least = 0xFFFFFFFFu;
+#pragma unroll
+                        for (int j = 0; j < R; ++j) least = key[j] >= cand ? min(least, key[j]) : least;
+                        thr = __reduce_min_sync(0xFFFFFFFFu, least);
+                        exact = true;
+                        break;
+                    }
+                }
+            }
+            if (!exact) {
+                int above = 0;
+#pragma unroll
+                for (int j = 0; j < R; ++j) above += key[j] > prefix;
+                thr = prefix;
+                need = k - warp_sum(above);
+            }
         }
-        int above = 0;
-#pragma unroll
-        for (int j = 0; j < R; ++j) above += key[j] > prefix;
-        thr = prefix;
-        need = k - warp_sum(above);
     }
 
     // in-order pass: slots by ballot, ties at thr to the lowest indices
@@ -846,6 +878,176 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
         eq_before += __popc(eq_mask);
     }
     for (int i = n_out + lane; i < k; i += 32) a.out_idx[row * a.out_ld + i] = -1;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Register mode: rows of at most REG_SELECT_ITEMS items (the refinement's m * B candidates, the
+// standalone top-k over 8192 columns), one CTA of SELECT_THREADS per row, every key read once from
+// global memory into registers. Thread i holds items [16i, 16i + 16) (four 16-byte loads where
+// the row is aligned), so thread order then register order is position order.
+//
+// The threshold: the group [lo, hi] of keys that holds the k-th largest starts as the row's range
+// of keys (one reduction) and narrows by levels over the registers. A level spreads the group's
+// range over at most 2048 equal bins ((key - lo) >> sh, so a row whose keys share their top bits
+// still fills many bins and its histogram atomics rarely collide), finds the bin holding the
+// remaining-th largest, and makes it the group. It ends when the bin is needed whole or is one key
+// (sh = 0: ties at the threshold); three levels at most. Then each thread counts its selected
+// items, one block scan of the counts gives every thread its first slot, and each thread writes
+// its items in order; ties go to the lowest positions. Position order writes the output
+// directly, score order fills the selected list for list mode's sort.
+
+#define REG_SELECT_R 16                                     // keys per thread
+#define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
+#define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
+
+template <int SRC, int MAP>
+__device__ void row_select_regs(const SelectArgs& a) {
+    constexpr int R = REG_SELECT_R;
+    extern __shared__ __align__(16) char smem[];
+    int* sHist = reinterpret_cast<int*>(smem);           // [SORT_BINS] (REG_SELECT_BINS for the levels)
+    int* sScan = sHist + SORT_BINS;                      // [32]
+    int* sMisc = sScan + 32;                             // [32]
+    u64* sSel = reinterpret_cast<u64*>(sMisc + 32);      // [sort_cap] selected entries (by_score)
+    u64* sAux = sSel + a.sort_cap;                       // [sort_cap] the sort's scratch (by_score)
+    u32* sRed = reinterpret_cast<u32*>(sHist);           // [3][SELECT_WARPS] the first reduction
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = blockIdx.x;
+    const int t = a.row0 + (int)row;
+    const int len = (SRC == KEYS_F32 && a.lengths) ? max(0, min(a.lengths[t], a.ncols)) : a.ncols;
+    const int n_items = (SRC == KEYS_F32) ? len : a.ncols;
+    const int k = a.k;
+    const int first = tid * R;  // this thread's items [first, first + R)
+
+    u32 key[R];
+    const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
+    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first + R <= n_items) {
+        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
+#pragma unroll
+        for (int u = 0; u < R / 4; ++u) {
+            const uint4 x = __ldg(vec + u);
+            key[4 * u] = word_key<SRC>(x.x);
+            key[4 * u + 1] = word_key<SRC>(x.y);
+            key[4 * u + 2] = word_key<SRC>(x.z);
+            key[4 * u + 3] = word_key<SRC>(x.w);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j)
+            key[j] = first + j < n_items ? word_key<SRC>(__ldg(words + first + j)) : HISA_KEY_NONE;
+    }
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
+    int cnt = 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const bool valid = key[j] != HISA_KEY_NONE;
+        mn = valid ? min(mn, key[j]) : mn;
+        mx = max(mx, key[j]);
+        cnt += valid;
+    }
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    cnt = (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)cnt);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[SELECT_WARPS + warp] = mx;
+        sRed[2 * SELECT_WARPS + warp] = (u32)cnt;
+    }
+    __syncthreads();
+    u32 lo = 0xFFFFFFFFu, hi = 0u;
+    int n_valid = 0;
+#pragma unroll
+    for (int w = 0; w < SELECT_WARPS; ++w) {
+        lo = min(lo, sRed[w]);
+        hi = max(hi, sRed[SELECT_WARPS + w]);
+        n_valid += (int)sRed[2 * SELECT_WARPS + w];
+    }
+    __syncthreads();  // sRed is read before the first level clears sHist
+
+    // selected: key >= cut (cut >= 1 excludes HISA_KEY_NONE), plus, when ties, the first `need`
+    // keys equal to `tie` in position order
+    u64 cut = 1u;
+    bool ties = false;
+    u32 tie = 0u;
+    int need = 0;
+    if (n_valid > k && k > 0) {
+        int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
+        for (;;) {
+            const u32 span = hi - lo;
+            const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
+            const int nb = (int)(span >> sh) + 1;
+            for (int i = tid; i < nb; i += SELECT_THREADS) sHist[i] = 0;
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+                if (key[j] >= lo && key[j] <= hi) atomicAdd(&sHist[(key[j] - lo) >> sh], 1);
+            __syncthreads();
+            find_bin(sHist, nb, remaining, sScan, sMisc);
+            const int b = sMisc[MISC_BIN];
+            const int in_bin = sHist[b];
+            remaining -= sMisc[MISC_ABOVE];
+            __syncthreads();  // sHist / sMisc are read before the next level clears them
+            const u32 blo = lo + ((u32)b << sh);
+            const u32 top = blo + (((u32)1u << sh) - 1u);  // the bin's last key (wrapped: past hi)
+            const u32 bhi = top < blo ? hi : min(hi, top);
+            if (in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
+                cut = blo;
+                break;
+            }
+            if (sh == 0) {  // one key value, more items than needed: ties at it
+                cut = (u64)blo + 1u;
+                ties = true;
+                tie = blo;
+                need = remaining;
+                break;
+            }
+            lo = blo;
+            hi = bhi;
+        }
+    }
+
+    // this thread's selected items as bits (item first + j), then the tied ones it keeps
+    u32 sel = 0u, eq = 0u;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        sel |= (u32)((u64)key[j] >= cut) << j;
+        eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
+    }
+    int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
+    const int before = block_exclusive_scan(__popc(sel) | (__popc(eq) << 16), sScan, &total);
+    const int eq_before = before >> 16;
+    int slot = (before & 0xFFFF) + min(need, eq_before);  // ties kept by the threads before this one
+    if (ties) {
+        int r = eq_before;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            if ((eq >> j) & 1u) {
+                sel |= (u32)(r < need) << j;
+                ++r;
+            }
+        }
+    }
+
+    const int n_out = min(k, n_valid);
+    const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        if ((sel >> j) & 1u) {
+            if (slot < n_out) {
+                if (a.by_score) sSel[slot] = list_entry(key[j], first + j);
+                else emit_item<SRC, MAP>(a, row, t, rel, slot, first + j);
+            }
+            ++slot;
+        }
+    }
+    if (a.by_score) {
+        __syncthreads();
+        sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
+    }
+    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
+        a.out_idx[row * a.out_ld + i] = -1;
+        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
+    }
 }
 
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.

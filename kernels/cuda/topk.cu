@@ -6,3 +6,21 @@
 __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
     row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
+
+__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_regs_kernel(SELECT_PARAMS) {
+    row_select_regs<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
+}
+
+// Few long rows, split (cupy_backend._topk_split): each row is m chunks of B columns, one CTA per
+// chunk keeps the chunk's top k in position order with their values (MAP_CHUNKS: positions in the
+// whole row); then one CTA per row ranks the m * k kept values, whose order by chunk then position
+// is the row's position order, so ties still go to the lower column (MAP_GATHER with B = 1 reads
+// each kept item's column back). The row's top k are among the chunks' top k: an item that fewer
+// than k items of the row outrank has fewer than k outranking it in its chunk.
+__global__ void __launch_bounds__(SELECT_THREADS) topk_chunks_kernel(SELECT_PARAMS) {
+    row_select<KEYS_F32, MAP_CHUNKS>(SELECT_ARGS);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) topk_merge_kernel(SELECT_PARAMS) {
+    row_select<KEYS_F32, MAP_GATHER>(SELECT_ARGS);
+}

@@ -3,7 +3,9 @@ reference: list mode with the candidate list, with the candidate list overflowin
 over the whole row), ties split at the threshold, the bitonic fallback of the bucket sort, rows
 cached in shared memory and rows read from global memory (through the ring of asynchronous
 copies, or with plain loads where a row is not 16-byte aligned), the in-order mode for
-large k, and warp mode (one warp per short row in position order: the block top-m).
+large k, warp mode (one warp per short row in position order: the block top-m), register
+mode (one CTA per row of at most 8192 items, the keys in registers), and few long rows
+split into chunks whose top k are merged.
 Run with ``pytest -m gpu``.
 """
 import numpy as np
@@ -23,7 +25,8 @@ def _randn(rng, R, N):
 
 def _one_bin(rng, R, N):
     # every value in [1, 1.2): one bin of the first 11-bit histogram, so the candidate list
-    # (at most max(512, k) entries) overflows and the radix levels run over the whole row
+    # (at most max(512, k) entries) overflows and the radix levels run over the whole row (list
+    # mode); a narrow range of keys for register mode's levels
     return (1.0 + 0.2 * rng.random((R, N))).astype(np.float32)
 
 
@@ -54,19 +57,69 @@ CASES = [
 ]
 
 
+def _check_topk(scores, k, lengths, err_msg):
+    vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k,
+                               lengths=None if lengths is None else torch.from_numpy(lengths).cuda(), backend="cupy")
+    rv, ri = reference.topk(scores, k, lengths=lengths)
+    testing.assert_selection_equal(idx, ri, err_msg=err_msg)
+    np.testing.assert_array_equal(testing.to_numpy(vals), rv, err_msg=err_msg)
+
+
 @pytest.mark.parametrize("name,gen,R,N,k", CASES, ids=[f"{c[0]}-{c[2]}x{c[3]}-k{c[4]}" for c in CASES])
-def test_topk_paths(cuda_device, name, gen, R, N, k):
+def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N, k):
+    # rows of at most 8192 columns take register mode by default: the same rows with it off
+    from hisa_cupy.kernels import cupy_backend
+
+    launched = launched_kernels
     rng = np.random.default_rng(N + k)
     scores = gen(rng, R, N)
     lengths = rng.integers(0, N + 1, size=R).astype(np.int32)
     lengths[0] = N
-    for lens in (None, lengths):
-        vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k,
-                                   lengths=None if lens is None else torch.from_numpy(lens).cuda(),
-                                   backend="cupy")
-        rv, ri = reference.topk(scores, k, lengths=lens)
-        testing.assert_selection_equal(idx, ri, err_msg=f"{name} lengths={lens is not None}")
-        np.testing.assert_array_equal(testing.to_numpy(vals), rv)
+    # few long rows are split into chunks by default (TOPK_SPLIT = 0): the same rows unsplit too
+    sms = cupy_backend._device_facts(cupy_backend._device_id())["sms"]
+    for reg in (True, False) if N <= cupy_backend.REG_SELECT_ITEMS else (True,):
+        monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
+        for split in (0, 1):
+            monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", split)
+            for lens in (None, lengths):
+                launched.clear()
+                _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg} split={split}")
+                if cupy_backend._topk_split(R, N, k, lens is not None, sms) > 1:
+                    expected = ["topk_chunks_kernel", "topk_merge_kernel"]
+                elif reg and N <= cupy_backend.REG_SELECT_ITEMS:
+                    expected = ["topk_regs_kernel"]
+                else:
+                    expected = ["topk_kernel"]
+                assert launched == expected
+
+
+def _all_equal(rng, R, N):
+    return np.full((R, N), 0.5, np.float32)  # every item ties with the k-th
+
+
+def _specials(rng, R, N):
+    x = _rounded(rng, R, N)
+    for v in (np.nan, np.inf, -np.inf, -0.0):  # NaN ranks last, -0.0 and 0.0 are equal scores
+        x[rng.random((R, N)) < 0.05] = v
+    return x
+
+
+@pytest.mark.parametrize("N", [1025, 2047, 4097, 8191, 8192])
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials])
+def test_register_mode_topk(cuda_device, launched_kernels, gen, N):
+    # register mode alone, by score: rows not a multiple of the 512 x 16 register layout, k from 1
+    # to more than the row, NaN / inf / signed zeros, ragged lengths (empty rows included); the
+    # threshold levels on wide (randn) and narrow (one_bin) key ranges, ties split at the
+    # threshold (rounded, all_equal: in position order across warps) and the sort's bitonic
+    # fallback (skewed)
+    launched = launched_kernels
+    rng = np.random.default_rng(N)
+    scores = gen(rng, 6, N)
+    lengths = np.array([N, 0, 1, N // 2, N - 1, 600], np.int32)
+    for k in (1, 100, 2048, 4096):  # k > N: padding
+        for lens in (None, lengths):
+            _check_topk(scores, k, lens, f"{gen.__name__} N={N} k={k} lengths={lens is not None}")
+    assert set(launched) == {"topk_regs_kernel"}
 
 
 def test_topk_matches_torch_on_distinct_values(cuda_device):
@@ -108,19 +161,67 @@ def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_
     rb = reference.select_blocks(inp["q"], rp, inp["weights"], ks=inp["ks"], ke=inp["ke"], block_topk=m,
                                  seq_len=S)
     pooled, _ = hisa_cupy.pool_keys(k, backend="cupy")
-    for warp in (True, False):
+    nb = -(-S // 128)
+    for warp, reg in ((True, True), (False, True), (False, False)):
         monkeypatch.setattr(cupy_backend, "WARP_SELECT", warp)
+        monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
+        mode = f"warp={warp} reg={reg}"
         launched.clear()
         got = hisa_cupy.select_blocks(q, pooled, w, ks=ks, ke=ke, block_topk=m, seq_len=S, backend="cupy")
-        testing.assert_selection_equal(got, rb, err_msg=f"select_blocks warp={warp}")
-        nb = -(-S // 128)
-        assert ("block_topm_warp_kernel" in launched) == (warp and nb <= cupy_backend.WARP_SELECT_ITEMS)
+        testing.assert_selection_equal(got, rb, err_msg=f"select_blocks {mode}")
+        short = warp and nb <= cupy_backend.WARP_SELECT_ITEMS
+        assert ("block_topm_warp_kernel" in launched) == short
+        assert ("block_topm_regs_kernel" in launched) == (not short and reg)
         if S <= 4224:  # rows of S keys, and m * B = 1024 candidates, in position order
             got = hisa_cupy.dense_select(q, k, w, ks=ks, ke=ke, topk=200, backend="cupy")
             ref = reference.dense_select(inp["q"], inp["k"], inp["weights"], ks=inp["ks"], ke=inp["ke"], topk=200)
-            testing.assert_selection_equal(got, ref, err_msg=f"dense warp={warp}")
+            testing.assert_selection_equal(got, ref, err_msg=f"dense {mode}")
             got = hisa_cupy.refine(q, k, w, testing.to_torch(rb), ks=ks, ke=ke, topk=300, backend="cupy")
             ref = reference.refine(inp["q"], inp["k"], inp["weights"], rb, ks=inp["ks"], ke=inp["ke"], topk=300)
-            testing.assert_selection_equal(got, ref, err_msg=f"refine warp={warp}")
+            testing.assert_selection_equal(got, ref, err_msg=f"refine {mode}")
             assert ("refine_topk_warp_kernel" in launched) == warp
-            assert ("dense_topk_warp_kernel" in launched) == (warp and S <= cupy_backend.WARP_SELECT_ITEMS)
+            assert ("refine_topk_regs_kernel" in launched) == (not warp and reg)
+            dense_short = warp and S <= cupy_backend.WARP_SELECT_ITEMS
+            assert ("dense_topk_warp_kernel" in launched) == dense_short
+            assert ("dense_topk_regs_kernel" in launched) == (not dense_short and reg)
+
+
+def test_warp_mode_all_keys_equal(cuda_device, launched_kernels):
+    # zero weights: every score is 0, so a row's smallest and largest keys are equal and warp
+    # mode's search ends before its first step; ties keep the lowest positions
+    inp = testing.exact_inputs(9, 1000, 64, 128, dtype="float8_e4m3fn", seed=11, ragged=True)
+    w = np.zeros_like(inp["weights"])
+    q, k = testing.to_torch(inp["q"]), testing.to_torch(inp["k"])
+    ks, ke = testing.to_torch(inp["ks"]), testing.to_torch(inp["ke"])
+    for topk in (1, 100, 999):
+        got = hisa_cupy.dense_select(q, k, testing.to_torch(w), ks=ks, ke=ke, topk=topk, backend="cupy")
+        ref = reference.dense_select(inp["q"], inp["k"], w, ks=inp["ks"], ke=inp["ke"], topk=topk)
+        testing.assert_selection_equal(got, ref, err_msg=f"topk={topk}")
+    assert set(launched_kernels) >= {"dense_topk_warp_kernel"}
+
+
+def _rounded_nan_inf(rng, R, N):
+    x = _rounded(rng, R, N)
+    for v in (np.nan, np.inf, -np.inf):
+        x[rng.random((R, N)) < 0.01] = v
+    return x
+
+
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded_nan_inf])
+def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen):
+    # few long rows: each row's chunks keep their top k in position order, then a merge ranks
+    # the kept items (cupy_backend._topk_split): exact, ties to the lower column across chunks;
+    # also a forced split of short chunks (8 chunks of 5000 columns, k = 3000)
+    from hisa_cupy.kernels import cupy_backend
+
+    rng = np.random.default_rng(7)
+    for R, N, ks, split in ((64, 131072, (1, 2048, 8192), 0), (3, 40000, (3000,), 8)):
+        monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", split)
+        scores = gen(rng, R, N)
+        for k in ks:
+            launched_kernels.clear()
+            vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k, backend="cupy")
+            rv, ri = reference.topk(scores, k)
+            testing.assert_selection_equal(idx, ri, err_msg=f"{gen.__name__} {R}x{N} k={k}")
+            np.testing.assert_array_equal(testing.to_numpy(vals), rv)
+            assert launched_kernels == ["topk_chunks_kernel", "topk_merge_kernel"]
