@@ -70,8 +70,10 @@ FP8_TENSOR_ACCUMULATE = False
 #: 4096 rows of m = 64 blocks of 128 in one launch, one tail instead of two)
 REFINE_WORKSPACE_BYTES = 128 << 20
 #: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
-#: and more q staging; the block stage at T = 1024 gets 3 tiles per CTA with 8. A knob for bench/
-SCORE_CTAS_PER_SM = 8
+#: and more q staging. 1 (whole pairs per CTA at T = 1024) measured best on an H200: hisa at T =
+#: 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K) against 8, the same
+#: at T = 4096 (bench/NOTES.md, v9). A knob for bench/
+SCORE_CTAS_PER_SM = 1
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -277,7 +279,8 @@ def kernel_instances():
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
-            ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel")]
+            ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
+            ("topk.cu", "topk_merge_regs_kernel")]
     return out
 
 
@@ -923,7 +926,8 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 
 
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
-_REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel")
+_REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
+                       "topk_merge_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1288,7 +1292,8 @@ def bind_dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order
 def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
     """Chunks per row for hisa_cupy.topk (1: one CTA per row). Few long rows leave most SMs idle
     with one CTA each, so each row is split into P chunks of N / P columns (one CTA each, at most
-    two CTAs per SM in all) whose top k are then merged (topk.cu). Only without lengths (every
+    one CTA per SM in all: a chunk CTA's cache or ring of its row takes most of an SM's shared
+    memory) whose top k are then merged (topk.cu). Only without lengths (every
     chunk full, so no padding among the kept items), for N a multiple of 4P (aligned chunks) and
     chunks of at least max(4k, 8192) columns. TOPK_SPLIT > 1 forces that many chunks where N
     allows it; 1 turns the split off."""
@@ -1299,7 +1304,7 @@ def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
         return P if N % (4 * P) == 0 and N // P >= k else 1
     best = 1
     for P in (2, 4, 8, 16):
-        if R * P > 2 * sms or N % (4 * P) or N // P < max(4 * k, 8192):
+        if R * P > sms or N % (4 * P) or N // P < max(4 * k, 8192):
             break
         best = P
     return best

@@ -370,7 +370,7 @@ def test_reg_select_launches(monkeypatch):
 def test_topk_split_choice():
     # few long rows: as many chunks as keep R * P <= 2 * SMs with chunks of >= max(4k, 8192)
     # columns (a multiple of 4 each); never with lengths
-    assert cb._topk_split(64, 131072, 2048, False, 132) == 4
+    assert cb._topk_split(64, 131072, 2048, False, 132) == 2  # one chunk CTA per SM at most
     assert cb._topk_split(4096, 8192, 2048, False, 132) == 1  # many rows fill the GPU already
     assert cb._topk_split(8, 131072, 2048, False, 132) == 16
     assert cb._topk_split(8, 131072, 8192, False, 132) == 4  # chunks of >= 4k columns
@@ -379,26 +379,30 @@ def test_topk_split_choice():
 
 
 def test_topk_split_launches(monkeypatch):
-    # [64 x 131072], k = 2048: 256 chunk rows of 32768 columns in position order into the kept
-    # buffers (positions in the whole row: MAP_CHUNKS with m = 4 chunks of B = 32768), then one
-    # merge row per input row over its 4 * 2048 kept values, the kept columns read back through
-    # them (MAP_GATHER with m = 8192, B = 1), by score into the outputs
+    # [64 x 131072], k = 2048 on 132 SMs: 128 chunk rows of 65536 columns in position order into
+    # the kept buffers (positions in the whole row: MAP_CHUNKS with m = 2 chunks of B = 65536), then
+    # one merge row per input row over its 2 * 2048 kept values, the kept columns read back through
+    # them (MAP_GATHER with m = 4096, B = 1), by score into the outputs; 4096 kept items fit
+    # register mode (its merge twin), or list mode with REG_SELECT off
     fake = _Fake(monkeypatch, cc=90)
     scores = pointer_array((64, 131072), np.float32)
     vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
-    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-    assert fake.names() == ["topk_chunks_kernel", "topk_merge_kernel"]
-    chunks, merge = fake.launches
-    kept_v = cb._workspaces[(0, 0)]._bufs["topk_kept_values"]
-    kept_i = cb._workspaces[(0, 0)]._bufs["topk_kept_indices"]
-    a = [_value(x) for x in chunks.args]
-    # SELECT_PARAMS: keys, scores, ld, ncols, lengths, k, cache_cap, row0, T, S, ks, ke, blocks, m, B,
-    # col0, relative, by_score, sort_cap, lists, cand_cap, ring, out_idx, out_ld, out_val
-    assert chunks.grid == (256,) and a[1] == scores.data.ptr and a[2:4] == [32768, 32768] and a[5] == 2048
-    assert a[13:15] == [4, 32768] and a[17] == 0 and a[22] == kept_i.data.ptr and a[24] == kept_v.data.ptr
-    b = [_value(x) for x in merge.args]
-    assert merge.grid == (64,) and b[1] == kept_v.data.ptr and b[2:4] == [8192, 8192] and b[12] == kept_i.data.ptr
-    assert b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr and b[24] == vals.data.ptr
+    for reg, merge_name in ((True, "topk_merge_regs_kernel"), (False, "topk_merge_kernel")):
+        monkeypatch.setattr(cb, "REG_SELECT", reg)
+        fake.launches.clear()
+        cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+        assert fake.names() == ["topk_chunks_kernel", merge_name]
+        chunks, merge = fake.launches
+        kept_v = cb._workspaces[(0, 0)]._bufs["topk_kept_values"]
+        kept_i = cb._workspaces[(0, 0)]._bufs["topk_kept_indices"]
+        a = [_value(x) for x in chunks.args]
+        # SELECT_PARAMS: keys, scores, ld, ncols, lengths, k, cache_cap, row0, T, S, ks, ke, blocks, m, B,
+        # col0, relative, by_score, sort_cap, lists, cand_cap, ring, out_idx, out_ld, out_val
+        assert chunks.grid == (128,) and a[1] == scores.data.ptr and a[2:4] == [65536, 65536] and a[5] == 2048
+        assert a[13:15] == [2, 65536] and a[17] == 0 and a[22] == kept_i.data.ptr and a[24] == kept_v.data.ptr
+        b = [_value(x) for x in merge.args]
+        assert merge.grid == (64,) and b[1] == kept_v.data.ptr and b[2:4] == [4096, 4096] and b[12] == kept_i.data.ptr
+        assert b[13:15] == [4096, 1] and b[17] == 1 and b[22] == idx.data.ptr and b[24] == vals.data.ptr
     fake.launches.clear()
     monkeypatch.setattr(cb, "TOPK_SPLIT", 1)
     cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)

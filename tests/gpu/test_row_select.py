@@ -57,6 +57,14 @@ CASES = [
 ]
 
 
+def _merge_kernel(kept):
+    # the split top-k's merge of `kept` items per row: register mode where they fit
+    from hisa_cupy.kernels import cupy_backend
+
+    regs = cupy_backend.REG_SELECT and kept <= cupy_backend.REG_SELECT_ITEMS
+    return "topk_merge_regs_kernel" if regs else "topk_merge_kernel"
+
+
 def _check_topk(scores, k, lengths, err_msg):
     vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k,
                                lengths=None if lengths is None else torch.from_numpy(lengths).cuda(), backend="cupy")
@@ -84,8 +92,9 @@ def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N,
             for lens in (None, lengths):
                 launched.clear()
                 _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg} split={split}")
-                if cupy_backend._topk_split(R, N, k, lens is not None, sms) > 1:
-                    expected = ["topk_chunks_kernel", "topk_merge_kernel"]
+                P = cupy_backend._topk_split(R, N, k, lens is not None, sms)
+                if P > 1:
+                    expected = ["topk_chunks_kernel", _merge_kernel(P * k)]
                 elif reg and N <= cupy_backend.REG_SELECT_ITEMS:
                     expected = ["topk_regs_kernel"]
                 else:
@@ -224,4 +233,5 @@ def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen)
             rv, ri = reference.topk(scores, k)
             testing.assert_selection_equal(idx, ri, err_msg=f"{gen.__name__} {R}x{N} k={k}")
             np.testing.assert_array_equal(testing.to_numpy(vals), rv)
-            assert launched_kernels == ["topk_chunks_kernel", "topk_merge_kernel"]
+            P = cupy_backend._topk_split(R, N, k, False, cupy_backend._device_facts(cupy_backend._device_id())["sms"])
+            assert launched_kernels == ["topk_chunks_kernel", _merge_kernel(P * k)]
