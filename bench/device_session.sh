@@ -5,49 +5,80 @@
 #
 #   STEPS="tests kernels" bash bench/device_session.sh   # GPU suite, then per-kernel times
 #   STEPS=bench HISA_COMMIT=abc1234 bash bench/device_session.sh   # the run of record
+#   STEPS=ab AB_TREES=".snap/main .snap/wip" bash bench/device_session.sh   # A/B of two trees
 #
 # Steps, in the order given:
-#   tests    pytest -m gpu tests/gpu                -> $OUT/gpu_tests.txt  (~330 s on an H200)
-#   kernels  bench/profile_run.py --kernels at 128K/4096, 128K/1024 and 32K/4096, and both
-#            hisa_cupy.topk shapes                  -> $OUT/kernels.txt    (~60 s)
+#   tests    pytest -m gpu $TEST_PATHS (default tests/gpu) -> $OUT/gpu_tests.txt  (~370 s on an H200)
+#   kernels  bench/profile_run.py --kernels at 128K/4096, 128K/1024 and 32K/4096, dense at
+#            128K/4096, and both hisa_cupy.topk shapes      -> $OUT/kernels.txt    (~80 s)
+#   ab       the same configurations once per tree of AB_TREES (directories holding a snapshot
+#            of the package, e.g. from bench/snapshots.sh), interleaved configuration by
+#            configuration so that both trees see the same machine state -> $OUT/ab.txt
 #   bench    bench/kernels.py --targets, the grid of the README table -> $OUT/bench/ (~130 s)
 #   host     bench/host_profile.py                  -> $OUT/host/          (~30 s)
-# One call may run for at most 600 s: `tests` and `bench` do not fit together. Each step has its
-# own time limit (TESTS_TIMEOUT, BENCH_TIMEOUT), so a slow step cannot swallow the ones after it.
+# One call may run for at most 600 s: the whole suite and `bench` do not fit together (run part
+# of the suite with TEST_PATHS). Each step has its own time limit (TESTS_TIMEOUT, BENCH_TIMEOUT,
+# PROFILE_TIMEOUT per configuration), so a slow step cannot swallow the ones after it.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${OUT:?set OUT to the directory that comes back (the device tool sets it)}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ROOT=$PWD
 STEPS=${STEPS:-"tests kernels"}
 PY=${PY:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 echo "commit ${HISA_COMMIT:-unknown}, steps: $STEPS, $(date -u +%FT%TZ)" >> "$OUT/gpu.txt"
 
+CONFIGS=(
+  "--op hisa --S 131072 --T 4096"
+  "--op hisa --S 131072 --T 1024"
+  "--op hisa --S 32768 --T 4096"
+  "--op dense --S 131072 --T 4096"
+  "--op topk --rows 4096 --cols 8192"
+  "--op topk --rows 64 --cols 131072"
+)
+
+# one profile_run configuration of the package tree $1 (its median and per-kernel GPU times,
+# the profiler's table reduced to name and time), each line prefixed with $2
+profile() {
+  local tree=$1 label=$2; shift 2
+  (cd "$tree" && PYTHONPATH="$PWD" timeout "${PROFILE_TIMEOUT:-60}" $PY "$ROOT/bench/profile_run.py" "$@" \
+     --times --kernels --reps 5 2>&1) \
+    | grep -E "median|_kernel|Error|error|Traceback" \
+    | sed -E -e 's/( +[0-9.]+%)? +0\.000us( +0\.00%)?//g' -e "s|^|$label $* : |"
+}
+
 for step in $STEPS; do
   case $step in
     tests)
-      timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu tests/gpu -q -rf -p no:cacheprovider \
-        > "$OUT/gpu_tests.txt" 2>&1
-      echo "tests: exit $?" >> "$OUT/gpu.txt" ;;
+      # shellcheck disable=SC2086
+      PYTHONPATH="$ROOT" timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu ${TEST_PATHS:-tests/gpu} -q -rf \
+        -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+      echo "tests (${TEST_PATHS:-tests/gpu}): exit $?" >> "$OUT/gpu.txt" ;;
     kernels)
-      {
-        for cfg in "--S 131072 --T 4096" "--S 131072 --T 1024" "--S 32768 --T 4096"; do
-          $PY bench/profile_run.py --op hisa $cfg --times --kernels --reps 5
-        done
-        $PY bench/profile_run.py --op topk --rows 4096 --cols 8192 --times --kernels --reps 5
-        $PY bench/profile_run.py --op topk --rows 64 --cols 131072 --times --kernels --reps 5
-      } 2>&1 | grep -E "median|_kernel|Error|error" > "$OUT/kernels.txt"
+      for cfg in "${CONFIGS[@]}"; do
+        # shellcheck disable=SC2086
+        profile "$ROOT" "" $cfg
+      done > "$OUT/kernels.txt"
       echo "kernels: done" >> "$OUT/gpu.txt" ;;
+    ab)
+      : "${AB_TREES:?set AB_TREES to the snapshot directories to compare}"
+      for cfg in "${CONFIGS[@]}"; do
+        for tree in $AB_TREES; do
+          # shellcheck disable=SC2086
+          profile "$tree" "$(basename "$tree")" $cfg
+        done
+      done > "$OUT/ab.txt"
+      echo "ab ($AB_TREES): done" >> "$OUT/gpu.txt" ;;
     bench)
-      timeout -s TERM "${BENCH_TIMEOUT:-200}" $PY bench/kernels.py --kinds segments --backends cupy \
-        --seq-lens 16384,32768,65536,131072 --targets --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+      PYTHONPATH="$ROOT" timeout -s TERM "${BENCH_TIMEOUT:-200}" $PY bench/kernels.py --kinds segments \
+        --backends cupy --seq-lens 16384,32768,65536,131072 --targets --out "$OUT/bench" > "$OUT/bench.log" 2>&1
       echo "bench: exit $?" >> "$OUT/gpu.txt" ;;
     host)
-      timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
+      PYTHONPATH="$ROOT" timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
     *)
-      echo "unknown step $step (tests, kernels, bench, host)" >&2
+      echo "unknown step $step (tests, kernels, ab, bench, host)" >&2
       exit 2 ;;
   esac
 done

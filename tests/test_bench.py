@@ -2,6 +2,7 @@
 no-GPU exit and its report formatting (the GPU measurements themselves run on the device)."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,29 @@ def test_device_session_script(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown step tests-typo" in r.stderr
     assert "steps: tests-typo" in (tmp_path / "gpu.txt").read_text()
+    r = subprocess.run(["bash", script], env={**env, "OUT": str(tmp_path), "STEPS": "ab"},
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "AB_TREES" in r.stderr
+
+
+def test_snapshots_script(tmp_path):
+    # bench/snapshots.sh unpacks `git archive REV` under .snap/NAME of its own checkout (here a
+    # clone, so the test leaves this checkout alone) and refuses a revision that is not a commit
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    script = str(clone / "bench" / "snapshots.sh")
+    shutil.copy(ROOT / "bench" / "snapshots.sh", script)  # this checkout's version of the script
+    r = subprocess.run(["bash", script, "HEAD"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    snap = clone / ".snap" / "HEAD"
+    assert r.stdout.startswith(".snap/HEAD ")
+    assert (snap / "bench" / "device_session.sh").read_text() == (clone / "bench" / "device_session.sh").read_text()
+    assert ".snap/" in (clone / ".git" / "info" / "exclude").read_text().split()
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and ".snap" not in r.stdout  # the snapshots are ignored
+    r = subprocess.run(["bash", script, "no-such-rev"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no commit no-such-rev" in r.stderr
 
 
 def test_ncu_hotspots_summary(tmp_path):
