@@ -38,11 +38,12 @@ CONFIGS=(
   "--op topk --rows 64 --cols 131072"
 )
 
-# one profile_run configuration of the package tree $1 (its median and per-kernel GPU times,
-# the profiler's table reduced to name and time), each line prefixed with $2
+# one configuration through the tree $1's own bench/profile_run.py (which puts its tree first on
+# sys.path): the median and the per-kernel GPU times (the profiler's table reduced to name and
+# times), each line prefixed with $2
 profile() {
   local tree=$1 label=$2; shift 2
-  (cd "$tree" && PYTHONPATH="$PWD" timeout "${PROFILE_TIMEOUT:-60}" $PY "$ROOT/bench/profile_run.py" "$@" \
+  (cd "$tree" && PYTHONPATH="$PWD" timeout "${PROFILE_TIMEOUT:-60}" $PY bench/profile_run.py "$@" \
      --times --kernels --reps 5 2>&1) \
     | grep -E "median|_kernel|Error|error|Traceback" \
     | sed -E -e 's/( +[0-9.]+%)? +0\.000us( +0\.00%)?//g' -e "s|^|$label $* : |"

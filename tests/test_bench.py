@@ -149,6 +149,32 @@ def test_device_session_script(tmp_path):
     assert r.returncode != 0 and "AB_TREES" in r.stderr
 
 
+def test_device_session_ab_step(tmp_path):
+    # the ab step runs each tree's own bench/profile_run.py from inside that tree (PYTHONPATH = the
+    # tree), configuration by configuration, and keeps its median and kernel lines, labelled
+    script = str(ROOT / "bench" / "device_session.sh")
+    for name in ("old", "new"):
+        (tmp_path / name / "bench").mkdir(parents=True)
+        (tmp_path / name / "bench" / "profile_run.py").write_text(
+            "import os, sys\n"
+            "print('H200 ' + os.path.basename(os.getcwd()) + ' ' + os.environ['PYTHONPATH'] + ' ' + sys.argv[2] + ': median 1.0 ms')\n"
+            "print('noise')\n"
+            "print('k_kernel(int)   0.00%   0.000us   0.00%   0.000us   0.000us   1.095ms   67.37%   1.095ms')\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    trees = f"{tmp_path / 'old'} {tmp_path / 'new'}"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "STEPS": "ab", "AB_TREES": trees,
+           "PY": sys.executable}
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = (out / "ab.txt").read_text().splitlines()
+    assert len(lines) == 6 * 2 * 2  # 6 configurations x 2 trees x (median, kernel)
+    assert lines[0] == f"old --op hisa --S 131072 --T 4096 : H200 old {tmp_path / 'old'} hisa: median 1.0 ms"
+    assert lines[1] == "old --op hisa --S 131072 --T 4096 : k_kernel(int)   1.095ms   67.37%   1.095ms"
+    assert lines[2].startswith("new --op hisa --S 131072 --T 4096 : H200 new ")
+    assert lines[-2].startswith("new --op topk --rows 64 --cols 131072 : H200 new ")
+
+
 def test_snapshots_script(tmp_path):
     # bench/snapshots.sh unpacks `git archive REV` under .snap/NAME of its own checkout (here a
     # clone, so the test leaves this checkout alone) and refuses a revision that is not a commit
