@@ -24,7 +24,10 @@ that launches and waits sees (``wall_median_ms``); see ``Timer``.
 ``--targets`` also measures the issue-5 targets (hisa at 128K/4096, 128K/1024, 32K/4096 with
 m = 64; hisa faster than dense at every S >= 16K; dense at 128K/4096 and its score-stage
 TFLOP/s from a kernel profile; hisa_cupy.topk vs torch.topk; host overhead of one call; peak
-workspace) and writes a targets table with the measured value and pass/fail.
+workspace) and writes a targets table with the measured value and pass/fail. Informational rows
+beside targets 1 and 3: the f16 and fp8 tensor-core rates torch reaches on this GPU, each target's
+scoring FLOPs at the f16 rate (the floor of exact scoring, see ``floor_rows``) and the share of
+that rate its goal asks for end to end.
 ``--targets-only`` skips the grid.
 
 Outputs go to ``--out`` (default bench/results/): ``<gpu-slug>_<date>.json`` (all rows and the
@@ -294,6 +297,13 @@ class Inputs:
     def causal_pairs(self):
         return int(np.sum(self.ke_host))  # ks = 0
 
+    def hisa_pairs(self, m):
+        """(block-stage, token-stage) scored pairs of hisa_select with block_topk m: every eligible
+        block of each row (its pooled key), then m blocks of B candidates (all eligible blocks where
+        fewer); the counts of bench/NOTES.md's floor table."""
+        eligible = -(-self.ke_host // B)  # ks = 0
+        return int(np.sum(eligible)), int(np.sum(np.minimum(m, eligible) * B))
+
 
 def block_topk_values(S):
     return sorted({64, max(S // (4 * B), K // B)})
@@ -459,6 +469,36 @@ def profile_kernels(fn, calls=3):
     return kernels
 
 
+def tensor_core_tflops(kind, n=8192, reps=10):
+    """The best matrix-product rate torch reaches on this GPU, TFLOP/s (median of ``reps`` [n x n] @
+    [n x n] products timed with CUDA events): ``kind`` "f16" (torch.matmul, fp32 accumulation: the
+    engine exact scoring runs on) or "fp8" (torch._scaled_mm on e4m3, for comparison only: the fp8
+    tensor cores' ~22-bit accumulation misses SPEC §9's tolerance)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    if kind == "f16":
+        fn = lambda: torch.matmul(a, b)  # noqa: E731
+    elif kind == "fp8":
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
+        one = torch.ones((), device="cuda")
+        fn = lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        raise ValueError(f"kind must be 'f16' or 'fp8', got {kind!r}")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2.0 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+
+
 def host_overhead_us(fn, calls=50, trials=7, busy=True):
     """Host time of one call with the GPU busy (a queued torch.cuda._sleep), so that the host
     never waits for the device: median over trials of (wall time of ``calls`` calls) / calls.
@@ -479,6 +519,27 @@ def host_overhead_us(fn, calls=50, trials=7, busy=True):
         torch.cuda.synchronize()
         per_call.append((t1 - t0) / calls * 1e6)
     return statistics.median(per_call), per_call
+
+
+def rate_rows(target, rates, tid):
+    """Informational target rows: the tensor-core rates measured on this GPU."""
+    target(tid, "f16 tensor-core rate, torch.matmul [8192 x 8192]^2 (informational: the engine of exact "
+           "scoring)", "this GPU", rates.get("f16"), "-", None, "TFLOP/s")
+    target(tid, "fp8 tensor-core rate, torch._scaled_mm (informational: its ~22-bit accumulation misses "
+           "SPEC §9's tolerance)", "this GPU", rates.get("fp8"), "-", None, "TFLOP/s")
+
+
+def floor_rows(target, rates, tid, config, flops, goal_ms):
+    """Informational target rows: the time of ``flops`` at the measured f16 rate (the floor of exact
+    scoring: nothing else counted, nothing overlapped) and the share of that rate which the goal
+    asks for end to end."""
+    rate = rates.get("f16")
+    floor = None if not rate else flops / (rate * 1e12) * 1e3
+    share = None if not rate else 100.0 * flops / (goal_ms * 1e-3) / (rate * 1e12)
+    target(tid, "scoring FLOPs at the measured f16 rate (informational: the exact-scoring floor)", config,
+           floor, "-", None, "ms", flops=flops, f16_tflops=rate)
+    target(tid, f"share of the measured f16 rate that {goal_ms} ms asks for end to end (informational)", config,
+           share, "-", None, "%")
 
 
 def run_targets(args, timer, rows):
@@ -539,11 +600,20 @@ def run_targets(args, timer, rows):
     except Exception as exc:
         log(f"  host overhead: {type(exc).__name__}: {exc}")
 
+    # the tensor-core rates of this GPU, for the exact-scoring floors of targets 1 and 3
+    rates = {}
+    for kind_ in ("f16", "fp8"):
+        try:
+            rates[kind_] = tensor_core_tflops(kind_)
+        except Exception as exc:
+            log(f"  {kind_} tensor-core rate: {type(exc).__name__}: {exc}")
+
     # 1 + 2: hisa end to end; hisa faster than dense at every S >= 16K
-    hisa_ms, dense_ms = {}, {}
+    hisa_ms, dense_ms, pairs = {}, {}, {}
     for S in (16384, 32768, 65536, 131072):
         for T in (1024, 4096):
             inp = inputs(S, T)
+            pairs[S, T] = inp.hisa_pairs(64)
             hisa_ms[S, T] = timed(f"hisa S={S} T={T}", hisa_fn(inp))
             dense_ms[S, T] = timed(f"dense S={S} T={T}", dense_fn(inp))
             rows.append(dict(kind=kind, S=S, T=T, m=64, backend="cupy", op="hisa_select", targets=True,
@@ -559,6 +629,10 @@ def run_targets(args, timer, rows):
         w = walls.get(f"hisa S={S} T={T}")
         target("1", "hisa_select as a synchronous caller sees it (informational: host overhead included)",
                f"S={S // 1024}K T={T} m=64", w, "-", None, "ms")
+    rate_rows(target, rates, "1")
+    for S, T, goal in TARGET_HISA:
+        blocks, tokens = pairs[S, T]
+        floor_rows(target, rates, "1", f"S={S // 1024}K T={T} m=64", (blocks + tokens) * H * D * 2, goal)
     for (S, T), h in sorted(hisa_ms.items()):
         d = dense_ms.get((S, T))
         ok = None if h is None or d is None else h < d
@@ -571,6 +645,7 @@ def run_targets(args, timer, rows):
     target("3", "dense_select end to end", "S=128K T=4096", d, f"<= {TARGET_DENSE_MS} ms",
            None if d is None else d <= TARGET_DENSE_MS, "ms")
     flops = inp.causal_pairs() * H * D * 2
+    floor_rows(target, rates, "3", "S=128K T=4096", flops, TARGET_DENSE_MS)
     try:
         kernels = profile_kernels(dense_fn(inp))
         pattern = re.compile(args.score_kernel_regex)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,11 @@ def test_kernels_host_time_is_measured_before_the_profiler(monkeypatch):
         def causal_pairs(self):
             return 1
 
+        def hisa_pairs(self, m):
+            return 1, 1
+
     monkeypatch.setattr(kernels, "Inputs", FakeInputs)
+    monkeypatch.setattr(kernels, "tensor_core_tflops", lambda kind: calls.append(f"rate {kind}") or 500.0)
     monkeypatch.setattr("hisa_cupy.workloads.make_workload", lambda *a, **kw: None)
     monkeypatch.setattr(kernels, "host_overhead_us", lambda fn, **kw: calls.append("host") or (10.0, [10.0]))
     monkeypatch.setattr(kernels, "profile_kernels", lambda fn, **kw: calls.append("profile") or {"score": 1.0})
@@ -129,7 +134,22 @@ def test_kernels_host_time_is_measured_before_the_profiler(monkeypatch):
     args = types.SimpleNamespace(kinds=["segments"], seed=0, score_kernel_regex="score")
     with pytest.raises(Exception):
         kernels.run_targets(args, timer, [])
-    assert calls[:3] == ["host", "host", "profile"]
+    assert calls[:5] == ["host", "host", "rate f16", "rate fp8", "profile"]
+
+
+def test_exact_scoring_floor_rows():
+    # the floor of a target's scoring FLOPs at the measured f16 rate, and the share of that rate
+    # its goal asks for: 600 GFLOP at 750 TFLOP/s is 0.8 ms, and a 1.0 ms goal asks for 80%
+    kernels = _load("kernels")
+    rows = []
+    target = lambda *a, **kw: rows.append(a)  # noqa: E731
+    kernels.floor_rows(target, {"f16": 750.0}, "1", "cfg", 600e9, 1.0)
+    assert [r[0] for r in rows] == ["1", "1"] and rows[0][2] == "cfg"
+    assert rows[0][3] == pytest.approx(0.8) and rows[0][6] == "ms"
+    assert rows[1][3] == pytest.approx(80.0) and rows[1][6] == "%"
+    rows.clear()
+    kernels.floor_rows(target, {}, "3", "cfg", 600e9, 14.0)  # rate not measured: no values
+    assert [r[3] for r in rows] == [None, None]
 
 
 def test_device_session_script(tmp_path):
@@ -216,3 +236,15 @@ def test_ncu_hotspots_summary(tmp_path):
     assert out[2].split() == ["IMAD", "60.0%", "60.0%"] and out[3].split() == ["ATOMS", "20.0%", "30.0%"]
     assert out[5] == "stalls: wait 80.0%, barrier 20.0%"  # "(Not Issued)" columns are not counted twice
     assert out[7].startswith("  [0:2]  90.0%  80.0%") and "30.0 per row" in out[7]
+
+
+def test_hisa_pairs_match_the_floor_table():
+    # bench/NOTES.md's floor table: 128K/4096 with m = 64 has 67.7 GFLOP of block scores and
+    # 549.8 GFLOP of token scores (2 H D = 16384 FLOP per pair); 8K/1024 with m = 64: 1.0 and 129.9
+    kernels = _load("kernels")
+    inp = kernels.Inputs.__new__(kernels.Inputs)
+    for S, T, block_gflop, token_gflop in ((131072, 4096, 67.7, 549.8), (8192, 1024, 1.0, 129.9)):
+        inp.ke_host = np.arange(S - T + 1, S + 1, dtype=np.int64)  # the last T positions, causal
+        blocks, tokens = inp.hisa_pairs(64)
+        assert round(blocks * 16384 / 1e9, 1) == block_gflop
+        assert round(tokens * 16384 / 1e9, 1) == token_gflop
