@@ -53,7 +53,7 @@ for step in $STEPS; do
   case $step in
     tests)
       # shellcheck disable=SC2086
-      PYTHONPATH="$ROOT" timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu ${TEST_PATHS:-tests/gpu} -q -rf \
+      PYTHONPATH="$ROOT" timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu ${TEST_PATHS:-tests/gpu} -q -rf --durations=15 \
         -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
       echo "tests (${TEST_PATHS:-tests/gpu}): exit $?" >> "$OUT/gpu.txt" ;;
     kernels)
