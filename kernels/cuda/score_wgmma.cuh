@@ -360,49 +360,6 @@ __device__ __forceinline__ void score_tile_wgmma(
         j_stop = j_last + 1;
     }
 
-    // q rows -> operand rows r * H + h, converted to the engine type
-    for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
-        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
-        const char* src = reinterpret_cast<const char*>(q) +
-                          ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (Shape::FP8A) {
-            // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds element
-            // 32 p + 2 c + {0, 1}. fp8 q goes through the same conversion instruction as the keys.
-            if (live[r]) {
-                u32 o[4];
-#pragma unroll
-                for (int p = 0; p < 4; ++p) {
-                    const int d0 = 32 * p + 2 * c;
-                    if (QB == 1) o[p] = e4m3x2_to_f16x2(*reinterpret_cast<const u16*>(src + d0));
-                    else o[p] = *reinterpret_cast<const u32*>(src + 2 * d0);
-                }
-                v = make_uint4(o[0], o[1], o[2], o[3]);
-            }
-        } else if (QB == EB) {
-            if (live[r]) v = reinterpret_cast<const uint4*>(src)[c];
-        } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
-            if (live[r]) {
-                const uint2 x = reinterpret_cast<const uint2*>(src)[c];
-                const u32 w[2] = {x.x, x.y};
-                u32 o[4];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(w[e >> 1] >> ((e & 1) * 16));
-                v = make_uint4(o[0], o[1], o[2], o[3]);
-            }
-        }
-        *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
-    }
-    // the lane's weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}
-    float wt[N / 8][2];
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
-            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
-        }
-    fence_async_smem();  // q was written by the generic proxy, wgmma reads through the async one
 
     // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows
     // with lane pairs on one row (2 x 16 contiguous bytes: every request is a full 32-byte
@@ -442,6 +399,78 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
 #pragma unroll
     for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
+
+    // q is staged while the first key tiles' copies are in flight
+    // q rows -> operand rows r * H + h, converted to the engine type. Each thread's chunks go in
+    // batches of QBATCH: every load of a batch is issued before any is converted, so a CTA waits
+    // for q's latency once per batch instead of once per chunk (ncu, block scores at 128K/4096:
+    // the one-chunk-at-a-time loop held a quarter of the kernel's stall samples)
+    constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
+    static_assert(N * CHUNKS % SCORE_THREADS == 0, "q tile: the same number of chunks per thread");
+    constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
+    static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
+#pragma unroll 1
+    for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
+        u32 raw[QBATCH][4];
+#pragma unroll
+        for (int b = 0; b < QBATCH; ++b) {
+            const int i = (it0 + b) * SCORE_THREADS + tid;
+            const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+            const char* src = reinterpret_cast<const char*>(q) +
+                              ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
+            raw[b][0] = raw[b][1] = raw[b][2] = raw[b][3] = 0u;
+            if (live[r]) {
+                if constexpr (Shape::FP8A) {
+                    // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds
+                    // element 32 p + 2 c + {0, 1}
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        const int d0 = 32 * p + 2 * c;
+                        if (QB == 1) raw[b][p] = *reinterpret_cast<const u16*>(src + d0);
+                        else raw[b][p] = *reinterpret_cast<const u32*>(src + 2 * d0);
+                    }
+                } else if constexpr (QB == EB) {
+                    const uint4 v = reinterpret_cast<const uint4*>(src)[c];
+                    raw[b][0] = v.x, raw[b][1] = v.y, raw[b][2] = v.z, raw[b][3] = v.w;
+                } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
+                    const uint2 x = reinterpret_cast<const uint2*>(src)[c];
+                    raw[b][0] = x.x, raw[b][1] = x.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < QBATCH; ++b) {
+            const int i = (it0 + b) * SCORE_THREADS + tid;
+            const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (live[r]) {
+                u32 o[4];
+                if constexpr (Shape::FP8A) {
+                    // fp8 q goes through the same conversion instruction as the keys
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) o[p] = QB == 1 ? e4m3x2_to_f16x2(raw[b][p]) : raw[b][p];
+                } else if constexpr (QB == EB) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[e] = raw[b][e];
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(raw[b][e >> 1] >> ((e & 1) * 16));
+                }
+                v = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+            *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
+        }
+    }
+    // the lane's weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}
+    float wt[N / 8][2];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
+            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
+        }
+    fence_async_smem();  // q was written by the generic proxy, wgmma reads through the async one
 
     // one accumulator set per 64-item half: with both operands in shared memory both halves are
     // in flight at once (the epilogue of the first overlaps the MMA of the second); the
