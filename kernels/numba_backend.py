@@ -34,7 +34,6 @@ at run time. Numba compiles each kernel on first use (a few seconds) and caches 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -44,6 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._numba_compat import SIMULATOR, cuda, numba
+from .cupy_backend import _on_stream
 
 # Two decorators for device functions (identical on a GPU: ``cuda.jit(device=True)``):
 #   @device        per-element arithmetic that never touches ``cuda.*`` (decoders, encoders,
@@ -730,21 +730,10 @@ class _Call:
             self.cupy = cupy
         self._stream_handle = int(stream or 0)
 
-    @contextlib.contextmanager
     def _cupy_stream(self):
-        """Make ``stream`` CuPy's current stream, so its pool orders our buffers on it."""
-        cp = self.cupy
-        if cp.cuda.get_current_stream().ptr == self._stream_handle:  # the usual case (public API)
-            yield
-            return
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream (for from_external)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            s = cp.cuda.ExternalStream(self._stream_handle) if self._stream_handle else cp.cuda.Stream.null
-            s.__enter__()
-        try:
-            yield
-        finally:
-            s.__exit__(None, None, None)
+        """Make ``stream`` CuPy's current stream, so its pool orders our buffers on it (the CuPy
+        backend's context: a no-op when it already is, stream objects made once per handle)."""
+        return _on_stream(self._stream_handle)
 
     def empty(self, shape, dtype):
         shape = tuple(int(x) for x in shape)
