@@ -215,6 +215,64 @@ __device__ __forceinline__ void score_tile_wgmma(
         trow[r] = row0 + local0 + r;
         rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
     }
+    // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk i = it *
+    // SCORE_THREADS + tid is operand row i / CHUNKS, chunk i % CHUNKS. q_load reads a chunk's
+    // source as QW raw words, q_store converts them and writes the chunk (zeros for a row past
+    // the end).
+    constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
+    static_assert(N * CHUNKS % SCORE_THREADS == 0, "q tile: the same number of chunks per thread");
+    constexpr int QW = (Shape::FP8A && QB == 1) || (!Shape::FP8A && QB != EB) ? 2 : 4;
+    auto q_load = [&](int it, u32 (&w)[QW]) {
+        const int i = it * SCORE_THREADS + tid;
+        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+        const char* src = reinterpret_cast<const char*>(q) +
+                          ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
+#pragma unroll
+        for (int e = 0; e < QW; ++e) w[e] = 0u;
+        if (!live[r]) return;
+        if constexpr (Shape::FP8A) {
+            // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds element
+            // 32 p + 2 c + {0, 1}; fp8: two 2-byte pieces per word
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int d0 = 32 * p + 2 * c;
+                if constexpr (QB == 1) w[p >> 1] |= (u32)*reinterpret_cast<const u16*>(src + d0) << ((p & 1) * 16);
+                else w[p] = *reinterpret_cast<const u32*>(src + 2 * d0);
+            }
+        } else if constexpr (QB == EB) {
+            const uint4 v = reinterpret_cast<const uint4*>(src)[c];
+            w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+        } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
+            const uint2 x = reinterpret_cast<const uint2*>(src)[c];
+            w[0] = x.x, w[1] = x.y;
+        }
+    };
+    auto q_store = [&](int it, const u32 (&w)[QW]) {
+        const int i = it * SCORE_THREADS + tid;
+        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+        u32 o[4];
+        if constexpr (Shape::FP8A && QB == 1) {  // fp8 q: the keys' conversion instruction
+            o[0] = e4m3x2_to_f16x2(w[0]);
+            o[1] = e4m3x2_hi_to_f16x2(w[0]);
+            o[2] = e4m3x2_to_f16x2(w[1]);
+            o[3] = e4m3x2_hi_to_f16x2(w[1]);
+        } else if constexpr (QW == 4) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[e] = w[e];
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(w[e >> 1] >> ((e & 1) * 16));
+        }
+        const uint4 v = live[r] ? make_uint4(o[0], o[1], o[2], o[3]) : make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
+    };
+    // the union path loads all of q now: its latency passes while the union of the two block
+    // lists is built (QITERS x QW registers, free until the accumulators are live)
+    u32 qraw[UNION ? QITERS : 1][QW];
+    if constexpr (UNION) {
+#pragma unroll
+        for (int it = 0; it < QITERS; ++it) q_load(it, qraw[it]);
+    }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
@@ -401,64 +459,23 @@ __device__ __forceinline__ void score_tile_wgmma(
     for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
 
     // q is staged while the first key tiles' copies are in flight
-    // q rows -> operand rows r * H + h, converted to the engine type. Each thread's chunks go in
-    // batches of QBATCH: every load of a batch is issued before any is converted, so a CTA waits
-    // for q's latency once per batch instead of once per chunk (ncu, block scores at 128K/4096:
-    // the one-chunk-at-a-time loop held a quarter of the kernel's stall samples)
-    constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
-    static_assert(N * CHUNKS % SCORE_THREADS == 0, "q tile: the same number of chunks per thread");
-    constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
-    static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
+    // q rows -> operand rows r * H + h, converted to the engine type: every load of a batch is
+    // issued before any is converted, so a CTA waits for q's latency once per batch, not once per
+    // chunk (ncu, block scores at 128K/4096: the chunk-at-a-time loop held a quarter of the
+    // kernel's stall samples). The union path loaded all of its chunks at the start.
+    if constexpr (UNION) {
+#pragma unroll
+        for (int it = 0; it < QITERS; ++it) q_store(it, qraw[it]);
+    } else {
+        constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
+        static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
 #pragma unroll 1
-    for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
-        u32 raw[QBATCH][4];
+        for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
+            u32 w[QBATCH][QW];
 #pragma unroll
-        for (int b = 0; b < QBATCH; ++b) {
-            const int i = (it0 + b) * SCORE_THREADS + tid;
-            const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
-            const char* src = reinterpret_cast<const char*>(q) +
-                              ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
-            raw[b][0] = raw[b][1] = raw[b][2] = raw[b][3] = 0u;
-            if (live[r]) {
-                if constexpr (Shape::FP8A) {
-                    // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds
-                    // element 32 p + 2 c + {0, 1}
+            for (int b = 0; b < QBATCH; ++b) q_load(it0 + b, w[b]);
 #pragma unroll
-                    for (int p = 0; p < 4; ++p) {
-                        const int d0 = 32 * p + 2 * c;
-                        if (QB == 1) raw[b][p] = *reinterpret_cast<const u16*>(src + d0);
-                        else raw[b][p] = *reinterpret_cast<const u32*>(src + 2 * d0);
-                    }
-                } else if constexpr (QB == EB) {
-                    const uint4 v = reinterpret_cast<const uint4*>(src)[c];
-                    raw[b][0] = v.x, raw[b][1] = v.y, raw[b][2] = v.z, raw[b][3] = v.w;
-                } else {  // e4m3 q, 16-bit engine: 8 source bytes per chunk
-                    const uint2 x = reinterpret_cast<const uint2*>(src)[c];
-                    raw[b][0] = x.x, raw[b][1] = x.y;
-                }
-            }
-        }
-#pragma unroll
-        for (int b = 0; b < QBATCH; ++b) {
-            const int i = (it0 + b) * SCORE_THREADS + tid;
-            const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (live[r]) {
-                u32 o[4];
-                if constexpr (Shape::FP8A) {
-                    // fp8 q goes through the same conversion instruction as the keys
-#pragma unroll
-                    for (int p = 0; p < 4; ++p) o[p] = QB == 1 ? e4m3x2_to_f16x2(raw[b][p]) : raw[b][p];
-                } else if constexpr (QB == EB) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[e] = raw[b][e];
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(raw[b][e >> 1] >> ((e & 1) * 16));
-                }
-                v = make_uint4(o[0], o[1], o[2], o[3]);
-            }
-            *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
+            for (int b = 0; b < QBATCH; ++b) q_store(it0 + b, w[b]);
         }
     }
     // the lane's weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}
