@@ -26,7 +26,7 @@ ROOT=$PWD
 STEPS=${STEPS:-"tests kernels"}
 PY=${PY:-python3}
 
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$OUT/gpu.txt" 2>&1  # appended: several runs may share one $OUT
 echo "commit ${HISA_COMMIT:-unknown}, steps: $STEPS, $(date -u +%FT%TZ)" >> "$OUT/gpu.txt"
 
 CONFIGS=(
