@@ -54,6 +54,11 @@ SELECT_RING_BYTES = 8 * 2 * SELECT_THREADS * 16
 #: stream uncached rows through that ring of cp.async copies where shared memory allows (a knob
 #: for bench/ and the GPU tests; False reads them with plain 16-byte loads)
 SELECT_RING = True
+#: cache a row's keys in shared memory where they fit (list / in-order mode). False reads every
+#: row from global memory (through the ring where it fits): fewer bytes of shared memory per CTA,
+#: so more CTAs per SM, e.g. the split top-k's chunk CTAs (180 KB cached at P = 4: one per SM).
+#: A knob for bench/ (--sweep SELECT_CACHE_ROWS=1,0) and the GPU tests
+SELECT_CACHE_ROWS = True
 #: dense path: bytes of ranking keys kept per row chunk (the [rows, S] workspace never exceeds this)
 DENSE_WORKSPACE_BYTES = 256 << 20
 #: query rows per score CTA where rows share their keys (1 or 2; a tuning knob for bench/)
@@ -861,7 +866,7 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
         if fixed > budget:
             raise ValueError(f"topk={k} too large for order='score' on this GPU "
                              f"(at most {(budget - SELECT_FIXED_SMEM) // 8})")
-    cache_cap = max(0, (budget - fixed) // 4)
+    cache_cap = max(0, (budget - fixed) // 4) if SELECT_CACHE_ROWS else 0
     if ncols <= cache_cap:
         smem = fixed + ncols * 4
         cand_cap = sort_cap if lists else 0
@@ -991,7 +996,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS)
 
 
 def _keep_plan(key, plan):

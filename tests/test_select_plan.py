@@ -86,3 +86,18 @@ def test_gpu_test_cases_take_the_paths_they_name(case, expected):
     k, N, R = case
     lists, _, _, ring, cache_cap, _ = cb._select_plan(k, N, True, HOPPER_OPTIN, rows=R, sms=132)
     assert (lists, N <= cache_cap, ring) == expected
+
+
+def test_rows_are_not_cached_with_the_knob_off(monkeypatch):
+    # SELECT_CACHE_ROWS = False reads every row from global memory: the split top-k's chunk rows
+    # ([64 x 131072] at P = 4: 256 rows of 32768) then take two CTAs per SM instead of one
+    cached = cb._select_plan(2048, 32768, False, HOPPER_OPTIN, rows=256, sms=132)
+    assert cached[4] >= 32768 and cached[5] > HOPPER_OPTIN // 2  # the chunk cached: one CTA per SM
+    monkeypatch.setattr(cb, "SELECT_CACHE_ROWS", False)
+    lists, cap, cand_cap, ring, cache_cap, smem = cb._select_plan(2048, 32768, False, HOPPER_OPTIN, rows=256,
+                                                                  sms=132)
+    assert lists and cache_cap == 0 and not ring and cand_cap > cap
+    assert 2 * (smem + 1024) <= HOPPER_OPTIN + 1024
+    # few rows still stream through the ring; the knob is part of every plan key
+    assert cb._select_plan(2048, 8192, True, HOPPER_OPTIN, rows=1)[3]
+    assert cb._knobs()[-1] is False

@@ -235,3 +235,26 @@ def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen)
             np.testing.assert_array_equal(testing.to_numpy(vals), rv)
             P = cupy_backend._topk_split(R, N, k, False, cupy_backend._device_facts(cupy_backend._device_id())["sms"])
             assert launched_kernels == ["topk_chunks_kernel", _merge_kernel(P * k)]
+
+
+def test_uncached_rows(cuda_device, monkeypatch, launched_kernels):
+    # SELECT_CACHE_ROWS off: rows list mode would cache in shared memory are read from global
+    # memory instead (the ring for few rows, plain loads for many), and the split top-k's chunks
+    # at P = 4 run two CTAs per SM; the same exact results
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "SELECT_CACHE_ROWS", False)
+    monkeypatch.setattr(cupy_backend, "REG_SELECT", False)
+    rng = np.random.default_rng(11)
+    for name, gen, R, N, k in [c for c in CASES if c[3] <= 8192] + [("rounded", _rounded, 300, 8192, 2048)]:
+        scores = gen(rng, R, N)
+        lengths = rng.integers(0, N + 1, size=R).astype(np.int32)
+        for lens in (None, lengths):
+            launched_kernels.clear()
+            _check_topk(scores, k, lens, f"uncached {name} {R}x{N} k={k} lengths={lens is not None}")
+            assert launched_kernels == ["topk_kernel"]
+    monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", 4)
+    scores = _rounded_nan_inf(rng, 64, 131072)
+    launched_kernels.clear()
+    _check_topk(scores, 2048, None, "uncached split P = 4")
+    assert launched_kernels == ["topk_chunks_kernel", "topk_merge_kernel"]
