@@ -458,11 +458,11 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
     for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
 
-    // q is staged while the first key tiles' copies are in flight
-    // q rows -> operand rows r * H + h, converted to the engine type: every load of a batch is
-    // issued before any is converted, so a CTA waits for q's latency once per batch, not once per
-    // chunk (ncu, block scores at 128K/4096: the chunk-at-a-time loop held a quarter of the
-    // kernel's stall samples). The union path loaded all of its chunks at the start.
+    // q rows -> operand rows r * H + h, converted to the engine type, while the first key tiles'
+    // copies are in flight. Every load of a batch is issued before any is converted, so a CTA
+    // waits for q's latency once per batch, not once per chunk (ncu, block scores at 128K/4096:
+    // the chunk-at-a-time loop held a quarter of the kernel's stall samples); the union path
+    // loaded all of its chunks at the start.
     if constexpr (UNION) {
 #pragma unroll
         for (int it = 0; it < QITERS; ++it) q_store(it, qraw[it]);
