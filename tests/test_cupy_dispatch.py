@@ -77,7 +77,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     # the f16 engine reads the e4m3 keys as they are (converted in registers: no copy launched)
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
-    assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+    assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                             "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
@@ -298,7 +298,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
         res = hisa_cupy.hisa_select(q, k, w, k_scale=ksc, ks=ks, ke=ke, block_size=128, block_topk=8, topk=512,
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
-        assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+        assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                                 "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
@@ -408,3 +408,18 @@ def test_topk_split_launches(monkeypatch):
     cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
     assert fake.names() == ["topk_kernel"]
 
+
+
+def test_pool_batch_knob_picks_the_instance(monkeypatch):
+    # POOL_BATCH selects pool.cu's BATCH template argument (every allowed value is compiled by
+    # tests/test_cuda_compile.py); it is part of the plan keys, and other values are refused
+    fake = _Fake(monkeypatch, cc=90)
+    for batch in cb.POOL_BATCHES:
+        monkeypatch.setattr(cb, "POOL_BATCH", batch)
+        fake.launches.clear()
+        _hisa()
+        assert fake.names()[0] == f"pool_kernel<0, 1, {batch}>"
+    assert ("pool.cu", "pool_kernel<2, 2, 64>") in cb.kernel_instances()
+    monkeypatch.setattr(cb, "POOL_BATCH", 24)
+    with pytest.raises(ValueError, match="POOL_BATCH must be one of"):
+        _hisa()
