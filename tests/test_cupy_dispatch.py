@@ -7,6 +7,7 @@ docs/internals.md ("Engine choice") on every architecture; the kernels themselve
 GPU (tests/gpu).
 """
 import ctypes
+import pathlib
 import types
 
 import numpy as np
@@ -423,3 +424,21 @@ def test_pool_batch_knob_picks_the_instance(monkeypatch):
     monkeypatch.setattr(cb, "POOL_BATCH", 24)
     with pytest.raises(ValueError, match="POOL_BATCH must be one of"):
         _hisa()
+
+
+def test_every_knob_is_documented():
+    # docs/internals.md's table of tuning knobs names every setting the plans depend on (and the
+    # per-call TOPK_SPLIT), with its current default
+    import inspect
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "internals.md").read_text()
+    table = doc[doc.index("**Tuning knobs.**"):doc.index("Intermediate ranking keys")]
+    names = re.findall(r"\b[A-Z][A-Z0-9_]+\b", inspect.getsource(cb._knobs).split("return", 1)[1])
+    for name in [n for n in names if n != "SCORE_TILE"] + ["TOPK_SPLIT"]:
+        row = next((line for line in table.splitlines() if f"`{name}`" in line), None)
+        assert row is not None, f"{name} missing from the knob table of docs/internals.md"
+        value = getattr(cb, name)
+        if isinstance(value, bool) or name in ("UNION_SPLITS", "TOPK_SPLIT", "SCORE_CTAS_PER_SM", "POOL_BATCH",
+                                                 "MAX_ROWS_PER_CTA", "MAX_ROWS_PER_LAUNCH"):
+            assert f"| {value}" in row, f"{name}: default {value} not in {row!r}"
