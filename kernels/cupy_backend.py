@@ -80,10 +80,11 @@ REFINE_WORKSPACE_BYTES = 128 << 20
 POOL_BATCH = 16
 POOL_BATCHES = (16, 32, 64)
 #: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
-#: and more q staging. 1 (whole pairs per CTA at T = 1024) measured best on an H200: hisa at T =
-#: 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K) against 8, the same
-#: at T = 4096 (bench/NOTES.md, v9). A knob for bench/
-SCORE_CTAS_PER_SM = 1
+#: and more q staging. Whole pairs per CTA at T = 1024 measured best on an H200 (1 and 2 give them
+#: there): hisa at T = 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K)
+#: against 8, the same at T = 4096 (bench/NOTES.md, v9). 2 rather than 1: the same launches on
+#: that grid, and two CTAs per SM (what the score kernels fit) for mid-sized T. A knob for bench/
+SCORE_CTAS_PER_SM = 2
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -392,9 +393,12 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
     """Key tiles per CTA of score_tile: enough CTAs for SCORE_CTAS_PER_SM per SM, q staged as rarely
-    as possible (at most 32 tiles per CTA)."""
+    as possible (at most 32 tiles per CTA), and a row's tiles spread evenly over its CTAs (8 tiles
+    in 2 CTAs: 4 + 4, not 7 + 1)."""
     sms = _device_facts(_device_id())["sms"]
-    return max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
+    tpc = max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
+    ctas = -(-ntiles // tpc)
+    return -(-ntiles // ctas)
 
 
 def check_supported(H: int, D: int, *arrays) -> None:

@@ -246,9 +246,11 @@ def test_plans_follow_the_knobs(monkeypatch):
 
 def test_score_ctas_per_sm_sets_the_block_stage_split(monkeypatch):
     # 128K keys = 1024 blocks = 8 tiles per pair of rows, T = 1024 (512 pairs) on 132 SMs: aiming
-    # at 8 CTAs per SM gives 3 tiles per CTA (3 CTAs per pair); at 1, one CTA takes all 8
+    # at 8 CTAs per SM gives 3 tiles per CTA (3 CTAs per pair); at 1 or 2 (the default), one CTA
+    # takes all 8; at 4 the 7 tiles a CTA could take become 4 + 4 (two CTAs, evenly)
     fake = _Fake(monkeypatch, cc=90)
-    for per_sm, grid, tpc in ((8, (3, 512), 3), (1, (1, 512), 8)):
+    assert cb.SCORE_CTAS_PER_SM == 2
+    for per_sm, grid, tpc in ((8, (3, 512), 3), (4, (2, 512), 4), (2, (1, 512), 8), (1, (1, 512), 8)):
         monkeypatch.setattr(cb, "SCORE_CTAS_PER_SM", per_sm)
         fake.launches.clear()
         _hisa(T=1024, S=131072, m=64, topk=2048)
