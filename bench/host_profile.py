@@ -315,7 +315,7 @@ def main(argv=None):
             except TypeError as e:  # its signature changed
                 rows.append(("  _launch_select (block top-m, 1 launch)", float("nan"), float("nan"), 1,
                              str(e)[:40]))
-            fn = cb._kernel("pool.cu", f"pool_kernel<{cb._dt_code(a[1])}, 1>", 0)
+            fn = cb._kernel("pool.cu", f"pool_kernel<{cb._dt_code(a[1])}, 1, {cb.POOL_BATCH}>", 0)
             pre = (cb._ptr(a[1]), cb._ptr(a[3]), cb._i32(S), cb._i32(a[1].shape[1]), cb._i32(B), cb._ptr(pooled),
                    cb._ptr(None))
             grid, block = (nb,), (max(32, a[1].shape[1]),)

@@ -74,11 +74,17 @@ FP8_TENSOR_ACCUMULATE = False
 #: refinement processes row chunks whose candidate keys stay within this many bytes (128 MB: all
 #: 4096 rows of m = 64 blocks of 128 in one launch, one tail instead of two)
 REFINE_WORKSPACE_BYTES = 128 << 20
+#: pooling: tokens whose key loads each thread issues before summing them (pool.cu's BATCH; one
+#: of POOL_BATCHES). More means fewer round trips per block (B = 128: 8 batches of 16) and more
+#: registers. A knob for bench/ (--sweep POOL_BATCH=16,32,64) and the GPU tests
+POOL_BATCH = 16
+POOL_BATCHES = (16, 32, 64)
 #: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
-#: and more q staging. 1 (whole pairs per CTA at T = 1024) measured best on an H200: hisa at T =
-#: 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K) against 8, the same
-#: at T = 4096 (bench/NOTES.md, v9). A knob for bench/
-SCORE_CTAS_PER_SM = 1
+#: and more q staging. Whole pairs per CTA at T = 1024 measured best on an H200 (1 and 2 give them
+#: there): hisa at T = 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K)
+#: against 8, the same at T = 4096 (bench/NOTES.md, v9). 2 rather than 1: the same launches on
+#: that grid, and two CTAs per SM (what the score kernels fit) for mid-sized T. A knob for bench/
+SCORE_CTAS_PER_SM = 2
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -254,7 +260,7 @@ def kernel_instances():
 
     Used by the CPU test that compiles every source with nvcc for sm_80, sm_90 and sm_90a.
     """
-    out = [("pool.cu", f"pool_kernel<{dt}, {p}>") for dt in range(4) for p in range(3)]
+    out = [("pool.cu", f"pool_kernel<{dt}, {p}, {b}>") for dt in range(4) for p in range(3) for b in POOL_BATCHES]
     for engine, qdt, kdt in [(ENGINE_SIMT, DT_F32, DT_F32), (ENGINE_BF16, DT_BF16, DT_BF16),
                              (ENGINE_F16, DT_F16, DT_F16), (ENGINE_E4M3, DT_E4M3, DT_E4M3),
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_SIMT, DT_F16, DT_BF16)]:
@@ -387,9 +393,12 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
 
 def _tiles_per_cta(ntiles: int, rows: int) -> int:
     """Key tiles per CTA of score_tile: enough CTAs for SCORE_CTAS_PER_SM per SM, q staged as rarely
-    as possible (at most 32 tiles per CTA)."""
+    as possible (at most 32 tiles per CTA), and a row's tiles spread evenly over its CTAs (8 tiles
+    in 2 CTAs: 4 + 4, not 7 + 1)."""
     sms = _device_facts(_device_id())["sms"]
-    return max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
+    tpc = max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
+    ctas = -(-ntiles // tpc)
+    return -(-ntiles // ctas)
 
 
 def check_supported(H: int, D: int, *arrays) -> None:
@@ -996,7 +1005,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH)
 
 
 def _keep_plan(key, plan):
@@ -1009,7 +1018,9 @@ def _keep_plan(key, plan):
 def _pool_plan(k, pool_dtype, S, D, block_size):
     """(name, grid, block, (S, D, B) as arguments) of the pooling launch."""
     nb = -(-S // block_size)
-    name = f"pool_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}>"
+    if POOL_BATCH not in POOL_BATCHES:
+        raise ValueError(f"cupy backend: POOL_BATCH must be one of {POOL_BATCHES}, got {POOL_BATCH}")
+    name = f"pool_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}, {POOL_BATCH}>"
     return name, (nb,), (max(32, -(-D // 32) * 32),), (_i32(S), _i32(D), _i32(block_size))
 
 
@@ -1107,7 +1118,7 @@ def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale, em=None):
         pscale = out_scale if out_scale is not None else _cupy().empty((nb,), dtype=np.float32)
     if nb == 0:
         return pooled, pscale
-    key = ("pool", k.dtype, pool_dtype, S, D, block_size)
+    key = ("pool", k.dtype, pool_dtype, S, D, block_size, POOL_BATCH)
     plan = _plans.get(key)
     if plan is None:
         plan = _keep_plan(key, _pool_plan(k, pool_dtype, S, D, block_size))

@@ -7,6 +7,7 @@ docs/internals.md ("Engine choice") on every architecture; the kernels themselve
 GPU (tests/gpu).
 """
 import ctypes
+import pathlib
 import types
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     # the f16 engine reads the e4m3 keys as they are (converted in registers: no copy launched)
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
-    assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+    assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                             "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
@@ -245,9 +246,11 @@ def test_plans_follow_the_knobs(monkeypatch):
 
 def test_score_ctas_per_sm_sets_the_block_stage_split(monkeypatch):
     # 128K keys = 1024 blocks = 8 tiles per pair of rows, T = 1024 (512 pairs) on 132 SMs: aiming
-    # at 8 CTAs per SM gives 3 tiles per CTA (3 CTAs per pair); at 1, one CTA takes all 8
+    # at 8 CTAs per SM gives 3 tiles per CTA (3 CTAs per pair); at 1 or 2 (the default), one CTA
+    # takes all 8; at 4 the 7 tiles a CTA could take become 4 + 4 (two CTAs, evenly)
     fake = _Fake(monkeypatch, cc=90)
-    for per_sm, grid, tpc in ((8, (3, 512), 3), (1, (1, 512), 8)):
+    assert cb.SCORE_CTAS_PER_SM == 2
+    for per_sm, grid, tpc in ((8, (3, 512), 3), (4, (2, 512), 4), (2, (1, 512), 8), (1, (1, 512), 8)):
         monkeypatch.setattr(cb, "SCORE_CTAS_PER_SM", per_sm)
         fake.launches.clear()
         _hisa(T=1024, S=131072, m=64, topk=2048)
@@ -298,7 +301,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
         res = hisa_cupy.hisa_select(q, k, w, k_scale=ksc, ks=ks, ke=ke, block_size=128, block_topk=8, topk=512,
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
-        assert fake.names() == ["pool_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+        assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                                 "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
@@ -408,3 +411,36 @@ def test_topk_split_launches(monkeypatch):
     cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
     assert fake.names() == ["topk_kernel"]
 
+
+
+def test_pool_batch_knob_picks_the_instance(monkeypatch):
+    # POOL_BATCH selects pool.cu's BATCH template argument (every allowed value is compiled by
+    # tests/test_cuda_compile.py); it is part of the plan keys, and other values are refused
+    fake = _Fake(monkeypatch, cc=90)
+    for batch in cb.POOL_BATCHES:
+        monkeypatch.setattr(cb, "POOL_BATCH", batch)
+        fake.launches.clear()
+        _hisa()
+        assert fake.names()[0] == f"pool_kernel<0, 1, {batch}>"
+    assert ("pool.cu", "pool_kernel<2, 2, 64>") in cb.kernel_instances()
+    monkeypatch.setattr(cb, "POOL_BATCH", 24)
+    with pytest.raises(ValueError, match="POOL_BATCH must be one of"):
+        _hisa()
+
+
+def test_every_knob_is_documented():
+    # docs/internals.md's table of tuning knobs names every setting the plans depend on (and the
+    # per-call TOPK_SPLIT), with its current default
+    import inspect
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "internals.md").read_text()
+    table = doc[doc.index("**Tuning knobs.**"):doc.index("Intermediate ranking keys")]
+    names = re.findall(r"\b[A-Z][A-Z0-9_]+\b", inspect.getsource(cb._knobs).split("return", 1)[1])
+    for name in [n for n in names if n != "SCORE_TILE"] + ["TOPK_SPLIT"]:
+        row = next((line for line in table.splitlines() if f"`{name}`" in line), None)
+        assert row is not None, f"{name} missing from the knob table of docs/internals.md"
+        value = getattr(cb, name)
+        if isinstance(value, bool) or name in ("UNION_SPLITS", "TOPK_SPLIT", "SCORE_CTAS_PER_SM", "POOL_BATCH",
+                                                 "MAX_ROWS_PER_CTA", "MAX_ROWS_PER_LAUNCH"):
+            assert f"| {value}" in row, f"{name}: default {value} not in {row!r}"

@@ -1,8 +1,8 @@
 // pool.cu — stage 1a: mean-pooled keys per block (SPEC §5.2).
 //
 // One CTA per block b, one thread per dimension d: pooled[b, d] = (sum over the block's tokens of
-// k[s, d] * k_scale[s]) / count, accumulated in fp32 in token order (loads batched 16 tokens at a
-// time so that they overlap), then stored as fp32, bf16
+// k[s, d] * k_scale[s]) / count, accumulated in fp32 in token order (loads batched BATCH tokens at
+// a time so that they overlap; cupy_backend.POOL_BATCH), then stored as fp32, bf16
 // (round to nearest even) or e4m3 with a per-block scale max(amax / 448, 1e-10) (NaN propagates).
 #include "common.cuh"
 #include "score_tile.cuh"
@@ -10,7 +10,6 @@
 #define POOL_F32 0
 #define POOL_BF16 1
 #define POOL_E4M3 2
-#define POOL_BATCH 16
 
 // element i of a key array: its raw bits, then their value (separate, so that a batch of loads is
 // issued before the decoders' branches)
@@ -28,7 +27,7 @@ __device__ __forceinline__ float bits_value(u32 v) {
     return __uint_as_float(v);
 }
 
-template <int KDT, int POOL>
+template <int KDT, int POOL, int BATCH>
 __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, const float* __restrict__ kscale,
                                                    int S, int D, int B, void* __restrict__ pooled,
                                                    float* __restrict__ pscale) {
@@ -37,18 +36,18 @@ __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, c
     const int s0 = b * B, s1 = min(s0 + B, S);
     float sum = 0.0f;
     if (d < D) {
-        // POOL_BATCH tokens' loads in flight at once, then summed in token order
+        // BATCH tokens' loads in flight at once, then summed in token order
         int s = s0;
-        for (; s + POOL_BATCH <= s1; s += POOL_BATCH) {
-            u32 bits[POOL_BATCH];
-            float c[POOL_BATCH];
+        for (; s + BATCH <= s1; s += BATCH) {
+            u32 bits[BATCH];
+            float c[BATCH];
 #pragma unroll
-            for (int i = 0; i < POOL_BATCH; ++i) {
+            for (int i = 0; i < BATCH; ++i) {
                 bits[i] = load_bits<KDT>(k, (long long)(s + i) * D + d);
                 c[i] = kscale ? kscale[s + i] : 1.0f;
             }
 #pragma unroll
-            for (int i = 0; i < POOL_BATCH; ++i) {
+            for (int i = 0; i < BATCH; ++i) {
                 const float v = bits_value<KDT>(bits[i]);
                 sum += kscale ? v * c[i] : v;
             }

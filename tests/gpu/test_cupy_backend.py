@@ -73,6 +73,30 @@ def test_block_sparse_exact(cuda_device, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_batches_exact(cuda_device, monkeypatch, launched_kernels, dtype):
+    # every POOL_BATCH (tokens loaded per batch before they are summed in token order) gives the
+    # reference's pooled keys bit for bit, for blocks shorter than, equal to and not a multiple of
+    # the batch, and a partial last block
+    from hisa_cupy.kernels import cupy_backend
+
+    inp = testing.exact_inputs(8, 1000, 32, 64, dtype=dtype, seed=3, ragged=True)
+    kt, ksc = to_torch(inp["k"]), to_torch(inp["k_scale"])
+    for batch in cupy_backend.POOL_BATCHES:
+        monkeypatch.setattr(cupy_backend, "POOL_BATCH", batch)
+        for block_size in (40, 64, 100, 128):
+            for pool in ("bfloat16", "float32", "float8_e4m3fn"):
+                launched_kernels.clear()
+                pooled, pscale = hisa_cupy.pool_keys(kt, k_scale=ksc, block_size=block_size, pool_dtype=pool,
+                                                     backend="cupy")
+                rp, rs = reference.pool_keys(inp["k"], inp["k_scale"], block_size=block_size, pool_dtype=pool)
+                msg = f"batch={batch} B={block_size} {pool}"
+                np.testing.assert_array_equal(to_np(pooled).view(np.uint8), rp.view(np.uint8), err_msg=msg)
+                if pool == "float8_e4m3fn":
+                    np.testing.assert_array_equal(to_np(pscale), rs, err_msg=msg)
+                assert len(launched_kernels) == 1 and launched_kernels[0].endswith(f", {batch}>")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pool", ["bfloat16", "float32", "float8_e4m3fn"])
 def test_stages_exact(cuda_device, dtype, pool):
     inp = testing.exact_inputs(32, 1000, 32, 64, dtype=dtype, seed=7, ragged=True)  # partial last block
