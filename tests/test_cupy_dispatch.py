@@ -371,8 +371,8 @@ def test_reg_select_launches(monkeypatch):
 
 
 def test_topk_split_choice():
-    # few long rows: as many chunks as keep R * P <= 2 * SMs with chunks of >= max(4k, 8192)
-    # columns (a multiple of 4 each); never with lengths
+    # few long rows: as many chunks as keep R * P <= SMs (one chunk CTA per SM) with chunks of
+    # >= max(4k, 8192) columns (a multiple of 4 each); never with lengths
     assert cb._topk_split(64, 131072, 2048, False, 132) == 2  # one chunk CTA per SM at most
     assert cb._topk_split(4096, 8192, 2048, False, 132) == 1  # many rows fill the GPU already
     assert cb._topk_split(8, 131072, 2048, False, 132) == 16
