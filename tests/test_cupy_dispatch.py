@@ -444,3 +444,20 @@ def test_every_knob_is_documented():
         if isinstance(value, bool) or name in ("UNION_SPLITS", "TOPK_SPLIT", "SCORE_CTAS_PER_SM", "POOL_BATCH",
                                                  "MAX_ROWS_PER_CTA", "MAX_ROWS_PER_LAUNCH"):
             assert f"| {value}" in row, f"{name}: default {value} not in {row!r}"
+
+
+def test_tile_split_is_even_and_adds_no_ctas(monkeypatch):
+    # _tiles_per_cta spreads a row's tiles evenly: the same number of CTAs per row as the plain
+    # split (ntiles / the target tile count, rounded up), none of them empty, at most 32 tiles each,
+    # and the longest CTA as short as that many CTAs allow (each takes tpc consecutive tiles)
+    _Fake(monkeypatch, cc=90)  # 132 SMs
+    for per_sm in (1, 2, 8):
+        monkeypatch.setattr(cb, "SCORE_CTAS_PER_SM", per_sm)
+        for ntiles in range(1, 200, 3):
+            for rows in (1, 7, 64, 512, 4096):
+                plain = max(1, min(32, ntiles, ntiles * rows // (132 * per_sm)))
+                tpc = cb._tiles_per_cta(ntiles, rows)
+                ctas = -(-ntiles // tpc)
+                assert ctas == -(-ntiles // plain) and tpc <= plain <= 32
+                assert (ctas - 1) * tpc < ntiles <= ctas * tpc  # the last CTA is not empty
+                assert tpc == -(-ntiles // ctas)
