@@ -271,16 +271,11 @@ class Inputs:
     """One workload on the GPU as torch tensors (fp8 via torch.float8_e4m3fn)."""
 
     def __init__(self, wl):
-        import torch
+        from hisa_cupy.testing import to_torch
 
-        dev = "cuda"
         self.S, self.T = wl.seq_len, wl.num_queries
-        self.q = torch.from_numpy(wl.q.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
-        self.k = torch.from_numpy(wl.k.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
-        self.w = torch.from_numpy(wl.weights).to(dev)
-        self.k_scale = torch.from_numpy(wl.k_scale).to(dev)
-        self.ks = torch.from_numpy(wl.ks).to(dev)
-        self.ke = torch.from_numpy(wl.ke).to(dev)
+        self.q, self.k, self.w, self.k_scale, self.ks, self.ke = (
+            to_torch(x) for x in (wl.q, wl.k, wl.weights, wl.k_scale, wl.ks, wl.ke))
         self.ke_host = wl.ke.astype(np.int64)
         self.kind = wl.kind
 

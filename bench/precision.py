@@ -18,14 +18,7 @@ import torch
 import hisa_cupy
 from hisa_cupy import reference, workloads
 from hisa_cupy.kernels import cupy_backend
-
-
-def to_torch(x):
-    if x is None:
-        return None
-    if str(x.dtype) == "float8_e4m3fn":
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint8)).cuda().view(torch.float8_e4m3fn)
-    return torch.from_numpy(np.ascontiguousarray(x)).cuda()
+from hisa_cupy.testing import to_torch
 
 
 def decode(keys):

@@ -34,7 +34,6 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of one call")
     args = p.parse_args(argv)
 
-    import numpy as np
     import torch
 
     import hisa_cupy
@@ -58,10 +57,10 @@ def main(argv=None):
     else:
         from hisa_cupy.workloads import make_workload
 
+        from hisa_cupy.testing import to_torch
+
         wl = make_workload(args.kind, seq_len=args.S, num_queries=args.T, seed=0)
-        q = torch.from_numpy(wl.q.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
-        k = torch.from_numpy(wl.k.view(np.uint8)).to(dev).view(torch.float8_e4m3fn)
-        w, ksc = torch.from_numpy(wl.weights).to(dev), torch.from_numpy(wl.k_scale).to(dev)
+        q, k, w, ksc = (to_torch(x) for x in (wl.q, wl.k, wl.weights, wl.k_scale))
         out = torch.empty(args.T, 2048, dtype=torch.int32, device=dev)
         kw = dict(k_scale=ksc, topk=2048, out=out, validate=False)
         if args.op == "hisa":

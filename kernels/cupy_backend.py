@@ -852,6 +852,12 @@ def _bind(run, arrays, stream, align):
 # ----------------------------------------------------------------------------------------------
 # generic launches
 
+def _list_cap(k: int) -> int:
+    """Entries of list mode's selected list (and of register mode's, by score): the next power of
+    two >= k, at least SELECT_LIST_MIN."""
+    return max(SELECT_LIST_MIN, 1 << max(0, int(math.ceil(math.log2(max(k, 1))))))
+
+
 def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int = 1, sms: int = 132):
     """(lists, sort_cap, cand_cap, ring, cache_cap, smem) of one row_select launch (row_select.cuh).
 
@@ -864,7 +870,7 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
     SELECT_RING_BYTES) and with a longer candidate list (fewer passes over the row)."""
     p2 = 1 << max(0, int(math.ceil(math.log2(max(k, 1)))))
     budget = smem_optin - 1024
-    cap = max(SELECT_LIST_MIN, p2)
+    cap = _list_cap(k)
     lists = SELECT_LIST_FIXED_SMEM + 16 * cap <= budget
     cand_cap, ring = 0, False
     if lists:
@@ -952,7 +958,7 @@ def _reg_select_plan(k: int, ncols: int, by_score: bool, smem_optin: int):
     REG_SELECT_ITEMS, or (order by score) a selected list and sort scratch that do not fit."""
     if not (REG_SELECT and 0 < ncols <= REG_SELECT_ITEMS):
         return None
-    sort_cap = max(SELECT_LIST_MIN, 1 << max(0, int(math.ceil(math.log2(max(k, 1)))))) if by_score else 0
+    sort_cap = _list_cap(k) if by_score else 0
     smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
     return (sort_cap, smem) if smem <= smem_optin - 1024 else None
 

@@ -92,6 +92,15 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
     if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
 }
 
+// slots [from, k) of the row past its candidates, `step` apart per thread: index -1, value -inf
+template <int SRC>
+__device__ __forceinline__ void pad_row(const SelectArgs& a, long long row, int from, int step) {
+    for (int i = from; i < a.k; i += step) {
+        a.out_idx[row * a.out_ld + i] = -1;
+        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
+    }
+}
+
 // Bitonic sort of v[0, P) descending (P a power of two); the whole CTA takes part, ends synced.
 __device__ __forceinline__ void bitonic_sort_desc(u64* v, int P) {
     for (int size = 2; size <= P; size <<= 1) {
@@ -228,7 +237,6 @@ __device__ void row_select_inorder(const SelectArgs& a) {
     const int n_out = min(k, n_valid);
     int base_sel = 0, base_eq = 0;
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
-    int* out = a.out_idx + row * a.out_ld;
     auto emit = [&](int slot, int n) { emit_item<SRC, MAP>(a, row, t, rel, slot, n); };
     for (int c0 = 0; c0 < n_items && base_sel < n_out; c0 += SELECT_THREADS) {
         const int n = c0 + tid;
@@ -260,10 +268,7 @@ __device__ void row_select_inorder(const SelectArgs& a) {
             emit(i, (int)(0xFFFFFFFFu - (u32)(sSort[i] & 0xFFFFFFFFull)));
         }
     }
-    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
-        out[i] = -1;
-        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
-    }
+    pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -761,10 +766,7 @@ __device__ void row_select_lists(const SelectArgs& a) {
     const int n_out = min(k, n_valid);
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
     sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
-    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
-        a.out_idx[row * a.out_ld + i] = -1;
-        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
-    }
+    pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
 }
 
 template <int SRC, int MAP>
@@ -787,11 +789,7 @@ __device__ void row_select(const SelectArgs& a) {
 #define WARP_SELECT_ITEMS 1024  // longest row of warp mode
 #define WARP_SELECT_ROWS 4      // rows (warps) per CTA
 
-__device__ __forceinline__ int warp_sum(int v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-    return v;
-}
+__device__ __forceinline__ int warp_sum(int v) { return (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)v); }
 
 template <int SRC, int MAP>
 __device__ void row_select_warp(const SelectArgs& a, int rows) {
@@ -877,7 +875,7 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
         base += __popc(sel_mask);
         eq_before += __popc(eq_mask);
     }
-    for (int i = n_out + lane; i < k; i += 32) a.out_idx[row * a.out_ld + i] = -1;
+    pad_row<SRC>(a, row, n_out + lane, 32);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1044,10 +1042,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         __syncthreads();
         sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
     }
-    for (int i = n_out + tid; i < k; i += SELECT_THREADS) {
-        a.out_idx[row * a.out_ld + i] = -1;
-        if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + i] = __int_as_float(0xFF800000);
-    }
+    pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
 }
 
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.

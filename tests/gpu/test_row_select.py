@@ -147,9 +147,8 @@ def test_long_rows_dense_and_hisa(cuda_device, order):
     for fn, kw in (("dense_select", dict(topk=2048)),
                    ("hisa_select", dict(block_size=128, block_topk=512, topk=2048))):
         ref = getattr(reference, fn)(inp["q"], inp["k"], inp["weights"], order=order, **kw)
-        got = getattr(hisa_cupy, fn)(*(torch.from_numpy(np.ascontiguousarray(inp[n]).view(np.uint8)).cuda()
-                                       .view(torch.float8_e4m3fn) for n in ("q", "k")),
-                                     torch.from_numpy(inp["weights"]).cuda(), order=order, backend="cupy", **kw)
+        got = getattr(hisa_cupy, fn)(*(testing.to_torch(inp[n]) for n in ("q", "k", "weights")), order=order,
+                                     backend="cupy", **kw)
         testing.assert_selection_equal(got, ref, err_msg=fn)
 
 
