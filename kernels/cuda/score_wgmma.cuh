@@ -467,7 +467,10 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
         for (int it = 0; it < QITERS; ++it) q_store(it, qraw[it]);
     } else {
-        constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
+        // dense keeps one chunk per step: its q is staged once per many key tiles, and a batch's
+        // registers (174 with 8) would cost it its third CTA per SM (<= 170 registers), 17%
+        // slower on an H200
+        constexpr int QBATCH = ITEMS == ITEMS_TOKENS ? 1 : QITERS < 8 ? QITERS : 8;
         static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
 #pragma unroll 1
         for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
