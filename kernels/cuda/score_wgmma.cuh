@@ -174,6 +174,21 @@ __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
 }
 #endif
 
+// The lane's head weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}, i.e. query row
+// n / H, head n % H (0 for a row past the end). A function of its own so that the pointer keeps
+// its __restrict__ (read-only loads with folded offsets; a lambda's capture loses it).
+template <int N, int H, int ROWS>
+__device__ __forceinline__ void head_weights(const float* __restrict__ weights, const bool (&live)[ROWS],
+                                             const int (&trow)[ROWS], int lane, float (&wt)[N / 8][2]) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
+            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
+        }
+}
+
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
@@ -223,8 +238,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
     static_assert(N * CHUNKS % SCORE_THREADS == 0, "q tile: the same number of chunks per thread");
     constexpr int QW = (Shape::FP8A && QB == 1) || (!Shape::FP8A && QB != EB) ? 2 : 4;
-    auto q_load = [&](int it, u32 (&w)[QW]) {
-        const int i = it * SCORE_THREADS + tid;
+    auto q_load = [&](int i, u32 (&w)[QW]) {
         const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
         const char* src = reinterpret_cast<const char*>(q) +
                           ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
@@ -248,8 +262,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             w[0] = x.x, w[1] = x.y;
         }
     };
-    auto q_store = [&](int it, const u32 (&w)[QW]) {
-        const int i = it * SCORE_THREADS + tid;
+    auto q_store = [&](int i, const u32 (&w)[QW]) {
         const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
         u32 o[4];
         if constexpr (Shape::FP8A && QB == 1) {  // fp8 q: the keys' conversion instruction
@@ -272,7 +285,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     u32 qraw[UNION ? QITERS : 1][QW];
     if constexpr (UNION) {
 #pragma unroll
-        for (int it = 0; it < QITERS; ++it) q_load(it, qraw[it]);
+        for (int it = 0; it < QITERS; ++it) q_load(it * SCORE_THREADS + tid, qraw[it]);
     }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);
@@ -420,28 +433,21 @@ __device__ __forceinline__ void score_tile_wgmma(
     }
 
 
-    // the lane's weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}; then the fence that
-    // makes q (written by the generic proxy) visible to wgmma (the async proxy)
+    // the lane's weights (head_weights), then the fence that makes q (written by the generic
+    // proxy) visible to wgmma (the async proxy)
     float wt[N / 8][2];
     auto load_weights = [&]() {
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
-                wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
-            }
+        head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
         fence_async_smem();
     };
     // dense stages q here, one chunk per step, before its first key tiles (its q is staged once
     // per many key tiles; with the batches below and after the first copies it ran 17% slower
     // on an H200, 14.3 -> 16.9 ms of score kernel at 128K/4096)
     if constexpr (DENSE) {
-#pragma unroll 1
-        for (int it = 0; it < QITERS; ++it) {
+        for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
             u32 w[QW];
-            q_load(it, w);
-            q_store(it, w);
+            q_load(i, w);
+            q_store(i, w);
         }
         load_weights();
     }
@@ -492,7 +498,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     // loaded all of its chunks at the start.
     if constexpr (UNION) {
 #pragma unroll
-        for (int it = 0; it < QITERS; ++it) q_store(it, qraw[it]);
+        for (int it = 0; it < QITERS; ++it) q_store(it * SCORE_THREADS + tid, qraw[it]);
     } else if constexpr (!DENSE) {
         constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
         static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
@@ -500,9 +506,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
             u32 w[QBATCH][QW];
 #pragma unroll
-            for (int b = 0; b < QBATCH; ++b) q_load(it0 + b, w[b]);
+            for (int b = 0; b < QBATCH; ++b) q_load((it0 + b) * SCORE_THREADS + tid, w[b]);
 #pragma unroll
-            for (int b = 0; b < QBATCH; ++b) q_store(it0 + b, w[b]);
+            for (int b = 0; b < QBATCH; ++b) q_store((it0 + b) * SCORE_THREADS + tid, w[b]);
         }
     }
     if constexpr (!DENSE) load_weights();
