@@ -432,7 +432,6 @@ __device__ __forceinline__ void score_tile_wgmma(
         j_stop = j_last + 1;
     }
 
-
     // the lane's weights (head_weights), then the fence that makes q (written by the generic
     // proxy) visible to wgmma (the async proxy)
     float wt[N / 8][2];
@@ -440,9 +439,10 @@ __device__ __forceinline__ void score_tile_wgmma(
         head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
         fence_async_smem();
     };
-    // dense stages q here, one chunk per step, before its first key tiles (its q is staged once
-    // per many key tiles; with the batches below and after the first copies it ran 17% slower
-    // on an H200, 14.3 -> 16.9 ms of score kernel at 128K/4096)
+    // dense stages q here, before its first key tiles, in a strided loop over the chunks (its
+    // q is staged once per many key tiles). Staged like the block scores below, after the first
+    // copies, it ran 17% slower on an H200 (16.9 vs 14.3 ms of score kernel at 128K/4096); this
+    // form gives the same PTX as before that change outside the staging block.
     if constexpr (DENSE) {
         for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
             u32 w[QW];
