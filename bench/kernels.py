@@ -98,6 +98,31 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+def source_commit(root):
+    """The commit of the code under ``root`` as git sees it, or None where git cannot say.
+
+    HISA_COMMIT (the caller's word) comes first in the run's metadata, because git's answer can be
+    wrong on the device machine: its copy of the tree may carry a stale .git (a run there once
+    reported the previous session's commit), and a snapshot under .snap/ has no .git of its own,
+    so git would answer for the repository around it. Hence None unless ``root`` is the top of
+    its own repository, and "+modified" when tracked files differ from that commit (a stale .git
+    under a newer tree shows up that way)."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=root, text=True, capture_output=True, timeout=10)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+            return None
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not head:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head + ("+modified" if dirty else "")
+    except Exception:
+        return None
+
+
 def run_meta(args):
     import cupy
     import torch
@@ -105,15 +130,7 @@ def run_meta(args):
     import hisa_cupy
 
     props = torch.cuda.get_device_properties(0)
-    # HISA_COMMIT first: the device machine's copy of the tree may carry a stale .git (a run
-    # there once reported the previous session's commit), so the caller says what it measures
-    commit = os.environ.get("HISA_COMMIT") or None
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                    capture_output=True, timeout=10).stdout.strip() or None
-        except Exception:
-            commit = None
+    commit = os.environ.get("HISA_COMMIT") or source_commit(ROOT)
     return dict(
         gpu=torch.cuda.get_device_name(0), sm=f"sm_{props.major}{props.minor}",
         sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),

@@ -248,3 +248,34 @@ def test_hisa_pairs_match_the_floor_table():
         blocks, tokens = inp.hisa_pairs(64)
         assert round(blocks * 16384 / 1e9, 1) == block_gflop
         assert round(tokens * 16384 / 1e9, 1) == token_gflop
+
+
+def test_source_commit_only_answers_for_its_own_repository(tmp_path):
+    # the run's metadata takes git's commit only for the top of a repository, marks modified
+    # tracked files, and gives None for a snapshot inside another repository (the device copy's
+    # .snap/ trees, where git would answer for the repository around them)
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    kernels = _load("kernels")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*cmd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (repo / "a.txt").write_text("one\n")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    assert kernels.source_commit(repo) == head
+    (repo / "new.txt").write_text("untracked files do not count\n")
+    assert kernels.source_commit(repo) == head
+    (repo / "a.txt").write_text("two\n")
+    assert kernels.source_commit(repo) == head + "+modified"
+    snap = repo / ".snap" / "main"
+    snap.mkdir(parents=True)
+    assert kernels.source_commit(snap) is None
+    assert kernels.source_commit(tmp_path / "not-a-repo") is None
