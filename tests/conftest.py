@@ -56,3 +56,42 @@ def launched_kernels(monkeypatch):
 
     monkeypatch.setattr(cupy_backend, "_kernel", recording_kernel)
     return launched
+
+
+@pytest.fixture
+def graph_case(cuda_device):
+    """One hisa_select call to capture in a CUDA graph (GPU tests of the backend and of the call
+    cache): torch CUDA tensors, fp8 SPEC §9 inputs with T = 64, S = 4096, block_topk 8, topk 512.
+
+    ``.static`` (q, k, weights) and ``.out`` [64, 512] int32 are the graph's fixed tensors, ``.kw``
+    the call's keywords (validate=False, out=.out), ``.stream`` a side stream ordered after the
+    current one (capture needs a non-default stream). ``.replay_matches_reference(graph)`` copies
+    two other input sets into ``.static`` in turn, replays the graph and checks ``.out`` against
+    the reference each time (so a graph that kept its first inputs' results fails)."""
+    import torch
+
+    from hisa_cupy import reference, testing
+
+    inputs = [testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=s) for s in (31, 32)]
+    names = ("q", "k", "weights")
+    ref_kw = dict(block_size=128, block_topk=8, topk=512)
+
+    class Case:
+        static = [testing.to_torch(inputs[0][n]) for n in names]
+        out = torch.empty((64, 512), dtype=torch.int32, device="cuda")
+        kw = dict(ref_kw, validate=False, out=out)
+        stream = torch.cuda.Stream()
+
+        @staticmethod
+        def replay_matches_reference(graph):
+            for data in (inputs[1], inputs[0]):
+                for t, n in zip(Case.static, names):
+                    t.copy_(testing.to_torch(data[n]))
+                Case.out.fill_(-7)
+                graph.replay()
+                torch.cuda.synchronize()
+                ref = reference.hisa_select(data["q"], data["k"], data["weights"], **ref_kw)
+                testing.assert_selection_equal(Case.out, ref)
+
+    Case.stream.wait_stream(torch.cuda.current_stream())
+    return Case

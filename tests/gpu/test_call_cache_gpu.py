@@ -89,32 +89,19 @@ def test_cached_calls_equal_the_full_path(cuda_device, bound_launches, kind, dty
     testing.assert_selection_equal(got, ref2)
 
 
-def test_out_argument_and_graph_capture(cuda_device, bound_launches):
-    inp = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=31)
-    inp2 = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=32)
-    static = [to_torch(inp[n]) for n in ("q", "k", "weights")]
-    out = torch.empty((64, 512), dtype=torch.int32, device="cuda")
-    kw = dict(block_size=128, block_topk=8, topk=512, validate=False, out=out)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        assert hisa_cupy.hisa_select(*static, **kw) is out  # full path: records the signature
-        assert hisa_cupy.hisa_select(*static, **kw) is out  # a hit, outside capture
-    torch.cuda.current_stream().wait_stream(s)
+def test_out_argument_and_graph_capture(graph_case, bound_launches):
+    c = graph_case
+    with torch.cuda.stream(c.stream):
+        assert hisa_cupy.hisa_select(*c.static, **c.kw) is c.out  # full path: records the signature
+        assert hisa_cupy.hisa_select(*c.static, **c.kw) is c.out  # a hit, outside capture
+    torch.cuda.current_stream().wait_stream(c.stream)
     hits = bound_launches[0]
     assert hits > 0
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        hisa_cupy.hisa_select(*static, **kw)  # captured from the bound plan
+    with torch.cuda.graph(g, stream=c.stream):
+        hisa_cupy.hisa_select(*c.static, **c.kw)  # captured from the bound plan
     assert bound_launches[0] > hits
-    for data in (inp2, inp):
-        for t, n in zip(static, ("q", "k", "weights")):
-            t.copy_(to_torch(data[n]))
-        out.fill_(-7)
-        g.replay()
-        torch.cuda.synchronize()
-        ref = reference.hisa_select(data["q"], data["k"], data["weights"], block_size=128, block_topk=8, topk=512)
-        testing.assert_selection_equal(out, ref)
+    c.replay_matches_reference(g)
 
 
 def test_two_streams_one_shape_keep_their_workspaces(cuda_device, bound_launches):

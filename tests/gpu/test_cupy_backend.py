@@ -270,28 +270,15 @@ def test_workspace_bound(cuda_device):
     assert 0 < peak <= bound, (peak, bound)
 
 
-def test_cuda_graph_capture(cuda_device):
-    inp = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=31)
-    inp2 = testing.exact_inputs(64, 4096, 64, 128, dtype="float8_e4m3fn", seed=32)
-    static = [to_torch(inp[n]) for n in ("q", "k", "weights")]
-    out = torch.empty((64, 512), dtype=torch.int32, device="cuda")
-    kw = dict(block_size=128, block_topk=8, topk=512, validate=False, out=out)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        hisa_cupy.hisa_select(*static, **kw)  # warm-up: compiles, sizes the workspace
-    torch.cuda.current_stream().wait_stream(s)
+def test_cuda_graph_capture(graph_case):
+    c = graph_case
+    with torch.cuda.stream(c.stream):
+        hisa_cupy.hisa_select(*c.static, **c.kw)  # warm-up: compiles, sizes the workspace
+    torch.cuda.current_stream().wait_stream(c.stream)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        hisa_cupy.hisa_select(*static, **kw)
-    for data in (inp2, inp):
-        for t, n in zip(static, ("q", "k", "weights")):
-            t.copy_(to_torch(data[n]))
-        out.fill_(-7)
-        g.replay()
-        torch.cuda.synchronize()
-        ref = reference.hisa_select(data["q"], data["k"], data["weights"], block_size=128, block_topk=8, topk=512)
-        testing.assert_selection_equal(out, ref)
+    with torch.cuda.graph(g, stream=c.stream):
+        hisa_cupy.hisa_select(*c.static, **c.kw)
+    c.replay_matches_reference(g)
 
 
 def test_validate_false_clamps(cuda_device):
