@@ -6,6 +6,9 @@
 #   STEPS="tests kernels" bash bench/device_session.sh   # GPU suite, then per-kernel times
 #   STEPS=bench HISA_COMMIT=abc1234 bash bench/device_session.sh   # the run of record
 #   STEPS=ab AB_TREES=".snap/main .snap/wip" bash bench/device_session.sh   # A/B of two trees
+#   KCACHE_SAVE=1 KCACHE_IN=.kcache/kernels.tgz STEPS=tests bash bench/device_session.sh
+#       # the compiled kernels come back as $OUT/kernels.tgz; copy it to .kcache/ (ignored) and
+#       # carry .kcache in the next call, which then skips compiling what has not changed
 #
 # Steps, in the order given:
 #   tests    pytest -m gpu $TEST_PATHS (default tests/gpu) -> $OUT/gpu_tests.txt  (~370 s on an H200)
@@ -28,6 +31,33 @@ PY=${PY:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$OUT/gpu.txt" 2>&1  # appended: several runs may share one $OUT
 echo "commit ${HISA_COMMIT:-unknown}, steps: $STEPS, $(date -u +%FT%TZ)" >> "$OUT/gpu.txt"
+
+# Compiled kernels: one on-disk cache for every step and tree (cupy_backend keys it by a hash of
+# the source, so trees share only identical kernels). A fresh machine starts empty, and compiling
+# is most of the GPU tests' time, so the cache can travel between calls: KCACHE_IN (a tarball
+# from an earlier call, carried, e.g. .kcache/kernels.tgz) seeds it, and KCACHE_SAVE=1 packs it
+# into $OUT/kernels.tgz at the end (skipped above the 16 MiB a returned file may have).
+export HISA_CUPY_CACHE_DIR=${HISA_CUPY_CACHE_DIR:-/tmp/hisa_kernel_cache}
+mkdir -p "$HISA_CUPY_CACHE_DIR"
+if [ -n "${KCACHE_IN:-}" ]; then
+  if tar -xzf "$KCACHE_IN" -C "$HISA_CUPY_CACHE_DIR"; then
+    echo "kernel cache: $(find "$HISA_CUPY_CACHE_DIR" -name '*.bin' | wc -l) kernels from $KCACHE_IN" >> "$OUT/gpu.txt"
+  else
+    echo "kernel cache: could not unpack $KCACHE_IN" >> "$OUT/gpu.txt"
+  fi
+fi
+save_kernel_cache() {
+  [ "${KCACHE_SAVE:-0}" = 1 ] || return 0
+  tar -czf "$OUT/kernels.tgz" -C "$HISA_CUPY_CACHE_DIR" .
+  local bytes
+  bytes=$(wc -c < "$OUT/kernels.tgz")
+  if [ "$bytes" -gt $((16 << 20)) ]; then
+    rm -f "$OUT/kernels.tgz"
+    echo "kernel cache: $bytes bytes packed, over 16 MiB: not saved" >> "$OUT/gpu.txt"
+  else
+    echo "kernel cache: $(find "$HISA_CUPY_CACHE_DIR" -name '*.bin' | wc -l) kernels saved to kernels.tgz ($bytes bytes)" >> "$OUT/gpu.txt"
+  fi
+}
 
 CONFIGS=(
   "--op hisa --S 131072 --T 4096"
@@ -83,4 +113,5 @@ for step in $STEPS; do
       exit 2 ;;
   esac
 done
+save_kernel_cache
 cat "$OUT/gpu.txt"

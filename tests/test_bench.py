@@ -279,3 +279,41 @@ def test_source_commit_only_answers_for_its_own_repository(tmp_path):
     snap.mkdir(parents=True)
     assert kernels.source_commit(snap) is None
     assert kernels.source_commit(tmp_path / "not-a-repo") is None
+
+
+def test_device_session_kernel_cache(tmp_path):
+    # device_session.sh gives every step one kernel cache directory, seeds it from KCACHE_IN and,
+    # with KCACHE_SAVE=1, packs it into $OUT/kernels.tgz: what the seed held plus what the steps
+    # compiled (here a stand-in "python" that writes one cache entry where the backend would)
+    import tarfile
+
+    script = str(ROOT / "bench" / "device_session.sh")
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    (seed_dir / "old.bin").write_bytes(b"cubin")
+    (seed_dir / "old.name").write_text("k_old")
+    seed = tmp_path / "kernels.tgz"
+    with tarfile.open(seed, "w:gz") as tar:
+        for f in sorted(seed_dir.iterdir()):
+            tar.add(f, arcname=f.name)
+    fake_py = tmp_path / "fake_python"
+    fake_py.write_text('#!/bin/sh\necho compiled > "$HISA_CUPY_CACHE_DIR/new.bin"\n')
+    fake_py.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    cache = tmp_path / "cache"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "STEPS": "host",
+           "PY": str(fake_py), "KCACHE_IN": str(seed), "KCACHE_SAVE": "1", "HISA_CUPY_CACHE_DIR": str(cache)}
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["new.bin", "old.bin", "old.name"]
+    with tarfile.open(out / "kernels.tgz") as tar:
+        assert sorted(n.lstrip("./") for n in tar.getnames() if n not in (".", "./")) == \
+            ["new.bin", "old.bin", "old.name"]
+    log = (out / "gpu.txt").read_text()
+    assert f"kernel cache: 1 kernels from {seed}" in log
+    assert "kernel cache: 2 kernels saved to kernels.tgz" in log
+    # without KCACHE_SAVE nothing is packed
+    (out / "kernels.tgz").unlink()
+    r = subprocess.run(["bash", script], env={**env, "KCACHE_SAVE": "0"}, capture_output=True, text=True)
+    assert r.returncode == 0 and not (out / "kernels.tgz").exists()
