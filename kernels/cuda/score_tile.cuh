@@ -229,6 +229,20 @@ __device__ __forceinline__ u32 item_key(u32 flag, float score, bool scaled, floa
 // weights are staged once; key tiles stream through shared memory (double-buffered with cp.async
 // when no conversion is needed) and, with ROWS > 1, each tile serves several query rows (dense
 // path and block scores, whose rows share their keys).
+// The query rows of a score CTA (both engines): local rows local0 .. local0 + ROWS - 1 of the
+// launch's nrows, i.e. rows row0 + local0 + r; live[r] says whether the row exists, rr[r] is its
+// clamped key range (empty for a row past the end).
+template <int ROWS>
+__device__ __forceinline__ void cta_rows(int local0, int nrows, int row0, const int* ks, const int* ke, int T, int S,
+                                         int (&trow)[ROWS], bool (&live)[ROWS], RowRange (&rr)[ROWS]) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        live[r] = local0 + r < nrows;
+        trow[r] = row0 + local0 + r;
+        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
+    }
+}
+
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
 __device__ __forceinline__ void score_tile(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
@@ -257,12 +271,7 @@ __device__ __forceinline__ void score_tile(
     int trow[ROWS];
     bool live[ROWS];
     RowRange rr[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        live[r] = local0 + r < nrows;
-        trow[r] = row0 + local0 + r;
-        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
-    }
+    cta_rows<ROWS>(local0, nrows, row0, ks, ke, T, S, trow, live, rr);
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;

@@ -225,12 +225,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     int trow[ROWS];
     bool live[ROWS];
     RowRange rr[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        live[r] = local0 + r < nrows;
-        trow[r] = row0 + local0 + r;
-        rr[r] = live[r] ? row_range(ks, ke, trow[r], T, S) : RowRange{0, 0};
-    }
+    cta_rows<ROWS>(local0, nrows, row0, ks, ke, T, S, trow, live, rr);
     // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk i = it *
     // SCORE_THREADS + tid is operand row i / CHUNKS, chunk i % CHUNKS. q_load reads a chunk's
     // source as QW raw words, q_store converts them and writes the chunk (zeros for a row past
