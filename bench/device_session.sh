@@ -19,6 +19,8 @@
 #            configuration so that both trees see the same machine state -> $OUT/ab.txt
 #   bench    bench/kernels.py --targets, the grid of the README table -> $OUT/bench/ (~130 s)
 #   host     bench/host_profile.py                  -> $OUT/host/          (~30 s)
+#   ncu      Nsight Compute source profiles (NCU_SPECS below, or one NCU_SPEC="kernel|args") of
+#            kernels built with -lineinfo                        -> $OUT/ncu.tgz (~40 s each)
 # One call may run for at most 600 s: the whole suite and `bench` do not fit together (run part
 # of the suite with TEST_PATHS). Each step has its own time limit (TESTS_TIMEOUT, BENCH_TIMEOUT,
 # PROFILE_TIMEOUT per configuration), so a slow step cannot swallow the ones after it.
@@ -68,6 +70,13 @@ CONFIGS=(
   "--op topk --rows 64 --cols 131072"
 )
 
+# the ncu step: "kernel name|profile_run.py arguments"
+NCU_SPECS=(
+  "topk_regs_kernel|--op topk --rows 4096 --cols 8192"
+  "topk_chunks_kernel|--op topk --rows 64 --cols 131072"
+)
+if [ -n "${NCU_SPEC:-}" ]; then NCU_SPECS=("$NCU_SPEC"); fi
+
 # one configuration through the tree $1's own bench/profile_run.py (which puts its tree first on
 # sys.path): the median and the per-kernel GPU times (the profiler's table reduced to name and
 # times), each line prefixed with $2
@@ -108,8 +117,34 @@ for step in $STEPS; do
     host)
       PYTHONPATH="$ROOT" timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
+    ncu)
+      # kernels compiled with -lineinfo (their own cache entries), one launch each under
+      # `ncu --set full`; per kernel its SASS with source lines and counters (CSV), a disassembly
+      # with line info where nvdisasm exists, and bench/ncu_hotspots.py's summary, all packed
+      # into $OUT/ncu.tgz (the reports themselves stay: they are large)
+      mkdir -p /tmp/ncu_out
+      for spec in "${NCU_SPECS[@]}"; do
+        name=${spec%%|*}; args=${spec#*|}
+        # shellcheck disable=SC2086
+        HISA_CUPY_LINEINFO=1 PYTHONPATH="$ROOT" timeout "${NCU_TIMEOUT:-150}" ncu --set full --import-source yes \
+          -k "regex:^${name}" -s 1 -c 1 -o "/tmp/ncu_out/$name" -f $PY bench/profile_run.py $args --reps 2 \
+          > "/tmp/ncu_out/$name.log" 2>&1
+        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page source --csv --print-source cuda,sass \
+          > "/tmp/ncu_out/${name}_source.csv" 2>&1
+        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu_out/${name}_sass.csv" 2>&1
+        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page details > "/tmp/ncu_out/${name}_details.txt" 2>&1
+        $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_sass.csv" > "/tmp/ncu_out/${name}_hotspots.txt" 2>&1
+      done
+      if command -v nvdisasm > /dev/null; then
+        find "$HISA_CUPY_CACHE_DIR/lineinfo" -name '*.cu' | while read -r src; do
+          key=$(basename "$(dirname "$src")")
+          nvdisasm -g -c "$HISA_CUPY_CACHE_DIR/$key.bin" > "/tmp/ncu_out/$(basename "$src" .cu)_$key.sass" 2>&1
+        done
+      fi
+      tar -czf "$OUT/ncu.tgz" -C /tmp/ncu_out --exclude='*.ncu-rep' .
+      echo "ncu (${#NCU_SPECS[@]} kernels): done" >> "$OUT/gpu.txt" ;;
     *)
-      echo "unknown step $step (tests, kernels, ab, bench, host)" >&2
+      echo "unknown step $step (tests, kernels, ab, bench, host, ncu)" >&2
       exit 2 ;;
   esac
 done

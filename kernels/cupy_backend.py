@@ -163,15 +163,35 @@ def cache_dir() -> str:
     return os.environ.get("HISA_CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hisa_cupy")
 
 
+def _keep_source(source: str, key: str, program: str) -> str:
+    """Absolute path of a copy of ``source`` under the cache (``lineinfo/<key>/<program>``), the
+    program name that ``-lineinfo`` records, so that Nsight Compute can show source lines; the
+    plain name when the copy cannot be written."""
+    path = os.path.join(cache_dir(), "lineinfo", key, program)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source)
+    except OSError:
+        return program
+    return path
+
+
 def _nvrtc_compile(source: str, name_expr: str, arch: str):
     """(binary, lowered name) of one kernel instance; cached on disk by a hash of everything that
-    determines the binary (source after include expansion, instance, options, target, NVRTC)."""
+    determines the binary (source after include expansion, instance, options, target, NVRTC).
+    ``HISA_CUPY_LINEINFO=1`` adds ``-lineinfo`` (source lines for a profiler; bench/device_session.sh's
+    ``ncu`` step), a different cache entry."""
     from cupy_backends.cuda.libs import nvrtc
 
-    options = _COMPILE_OPTIONS + (f"-arch={arch}",)
+    lineinfo = os.environ.get("HISA_CUPY_LINEINFO") == "1"
+    options = _COMPILE_OPTIONS + (f"-arch={arch}",) + (("-lineinfo",) if lineinfo else ())
     key = hashlib.sha256("\0".join((source, name_expr, " ".join(options), repr(nvrtc.getVersion())))
                          .encode()).hexdigest()[:40]
     path = os.path.join(cache_dir(), key)
+    program = name_expr.split("<")[0] + ".cu"
+    if lineinfo:  # a profiler maps the line table to this file: the expanded source, kept on disk
+        program = _keep_source(source, key, program)
     try:
         with open(path + ".name", encoding="utf-8") as f:
             lowered = f.read()
@@ -179,7 +199,7 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
             return f.read(), lowered
     except OSError:
         pass
-    prog = nvrtc.createProgram(source, name_expr.split("<")[0] + ".cu", [], [])
+    prog = nvrtc.createProgram(source, program, [], [])
     try:
         nvrtc.addNameExpression(prog, name_expr)
         try:
