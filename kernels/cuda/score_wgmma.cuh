@@ -275,12 +275,17 @@ __device__ __forceinline__ void score_tile_wgmma(
         const uint4 v = live[r] ? make_uint4(o[0], o[1], o[2], o[3]) : make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
     };
-    // the union path loads all of q now: its latency passes while the union of the two block
-    // lists is built (QITERS x QW registers, free until the accumulators are live)
-    u32 qraw[UNION ? QITERS : 1][QW];
-    if constexpr (UNION) {
+    // every path but dense loads all of q and its head weights now, beside the row ranges: their
+    // latency passes while the tile range (and the union of the two block lists) is worked out
+    // and the first key tiles are requested (QITERS x QW registers, free again before the
+    // accumulators are live)
+    constexpr bool PREFETCH = !DENSE;
+    u32 qraw[PREFETCH ? QITERS : 1][QW];
+    float wt[N / 8][2];
+    if constexpr (PREFETCH) {
 #pragma unroll
         for (int it = 0; it < QITERS; ++it) q_load(it * SCORE_THREADS + tid, qraw[it]);
+        head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
     }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);
@@ -427,24 +432,20 @@ __device__ __forceinline__ void score_tile_wgmma(
         j_stop = j_last + 1;
     }
 
-    // the lane's weights (head_weights), then the fence that makes q (written by the generic
-    // proxy) visible to wgmma (the async proxy)
-    float wt[N / 8][2];
-    auto load_weights = [&]() {
-        head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
-        fence_async_smem();
-    };
     // dense stages q here, before its first key tiles, in a strided loop over the chunks (its
-    // q is staged once per many key tiles). Staged like the block scores below, after the first
-    // copies, it ran 17% slower on an H200 (16.9 vs 14.3 ms of score kernel at 128K/4096); this
-    // form gives the same PTX as before that change outside the staging block.
+    // q is staged once per many key tiles), then loads the lane's head weights and fences (q
+    // was written by the generic proxy, wgmma reads it through the async one). Staged like the
+    // other paths, after the first copies, it ran 17% slower on an H200 (16.9 vs 14.3 ms of
+    // score kernel at 128K/4096); this form gives the same PTX as before that change outside
+    // the staging block.
     if constexpr (DENSE) {
         for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
             u32 w[QW];
             q_load(i, w);
             q_store(i, w);
         }
-        load_weights();
+        head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
+        fence_async_smem();
     }
 
     // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows
@@ -486,27 +487,14 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
     for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
 
-    // q rows -> operand rows r * H + h, converted to the engine type, while the first key tiles'
-    // copies are in flight. Every load of a batch is issued before any is converted, so a CTA
-    // waits for q's latency once per batch, not once per chunk (ncu, block scores at 128K/4096:
-    // the chunk-at-a-time loop held a quarter of the kernel's stall samples); the union path
-    // loaded all of its chunks at the start.
-    if constexpr (UNION) {
+    // the other paths convert their prefetched q into the operand rows r * H + h while the first
+    // key tiles' copies are in flight (ncu, block scores at 128K/4096, before any prefetch: the
+    // chunk-at-a-time staging loop held a quarter of the kernel's stall samples), then fence
+    if constexpr (PREFETCH) {
 #pragma unroll
         for (int it = 0; it < QITERS; ++it) q_store(it * SCORE_THREADS + tid, qraw[it]);
-    } else if constexpr (!DENSE) {
-        constexpr int QBATCH = QITERS < 8 ? QITERS : 8;
-        static_assert(QITERS % QBATCH == 0, "q tile: whole batches");
-#pragma unroll 1
-        for (int it0 = 0; it0 < QITERS; it0 += QBATCH) {
-            u32 w[QBATCH][QW];
-#pragma unroll
-            for (int b = 0; b < QBATCH; ++b) q_load((it0 + b) * SCORE_THREADS + tid, w[b]);
-#pragma unroll
-            for (int b = 0; b < QBATCH; ++b) q_store((it0 + b) * SCORE_THREADS + tid, w[b]);
-        }
+        fence_async_smem();
     }
-    if constexpr (!DENSE) load_weights();
 
     // one accumulator set per 64-item half: with both operands in shared memory both halves are
     // in flight at once (the epilogue of the first overlaps the MMA of the second); the
