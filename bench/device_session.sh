@@ -76,6 +76,8 @@ NCU_SPECS=(
   "topk_chunks_kernel|--op topk --rows 64 --cols 131072"
 )
 if [ -n "${NCU_SPEC:-}" ]; then NCU_SPECS=("$NCU_SPEC"); fi
+# PROFILE_CONFIGS="cfg1;cfg2" replaces CONFIGS (the kernels and ab steps)
+if [ -n "${PROFILE_CONFIGS:-}" ]; then IFS=';' read -r -a CONFIGS <<< "$PROFILE_CONFIGS"; fi
 
 # one configuration through the tree $1's own bench/profile_run.py (which puts its tree first on
 # sys.path): the median and the per-kernel GPU times (the profiler's table reduced to name and
@@ -119,9 +121,9 @@ for step in $STEPS; do
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
     ncu)
       # kernels compiled with -lineinfo (their own cache entries), one launch each under
-      # `ncu --set full`; per kernel its SASS with source lines and counters (CSV), a disassembly
-      # with line info where nvdisasm exists, and bench/ncu_hotspots.py's summary, all packed
-      # into $OUT/ncu.tgz (the reports themselves stay: they are large)
+      # `ncu --set full`; per kernel its CUDA source lines with their SASS and counters (CSV:
+      # bench/ncu_hotspots.py --lines), the SASS alone (ncu_hotspots.py's summary), and the
+      # details page, packed into $OUT/ncu.tgz (the reports themselves stay: they are large)
       mkdir -p /tmp/ncu_out
       for spec in "${NCU_SPECS[@]}"; do
         name=${spec%%|*}; args=${spec#*|}
@@ -133,14 +135,9 @@ for step in $STEPS; do
           > "/tmp/ncu_out/${name}_source.csv" 2>&1
         ncu -i "/tmp/ncu_out/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu_out/${name}_sass.csv" 2>&1
         ncu -i "/tmp/ncu_out/$name.ncu-rep" --page details > "/tmp/ncu_out/${name}_details.txt" 2>&1
-        $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_sass.csv" > "/tmp/ncu_out/${name}_hotspots.txt" 2>&1
+        { $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_sass.csv"
+          $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_source.csv" --lines --top 40; } > "/tmp/ncu_out/${name}_hotspots.txt" 2>&1
       done
-      if command -v nvdisasm > /dev/null; then
-        find "$HISA_CUPY_CACHE_DIR/lineinfo" -name '*.cu' | while read -r src; do
-          key=$(basename "$(dirname "$src")")
-          nvdisasm -g -c "$HISA_CUPY_CACHE_DIR/$key.bin" > "/tmp/ncu_out/$(basename "$src" .cu)_$key.sass" 2>&1
-        done
-      fi
       tar -czf "$OUT/ncu.tgz" -C /tmp/ncu_out --exclude='*.ncu-rep' .
       echo "ncu (${#NCU_SPECS[@]} kernels): done" >> "$OUT/gpu.txt" ;;
     *)

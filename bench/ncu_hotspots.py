@@ -6,6 +6,10 @@ On the device machine (any profile_run configuration; ``-c 1`` profiles one laun
     ncu -i topk.ncu-rep --page source --csv --print-source sass > topk_sass.csv
     python3 bench/ncu_hotspots.py topk_sass.csv --rows 4096
 
+With a build carrying line info (``HISA_CUPY_LINEINFO=1``, as bench/device_session.sh's ``ncu``
+step does), ``--print-source cuda,sass`` exports each CUDA source line with its instructions, and
+``--lines`` ranks the lines instead (``python3 bench/ncu_hotspots.py topk_source.csv --lines``).
+
 Prints the executed warp instructions (in all, and per row when ``--rows`` is given), the share
 of instructions and of stall samples per opcode, the stall reasons, and the hottest windows of
 consecutive instructions. These are what told list mode's passes apart in bench/NOTES.md (v8).
@@ -68,13 +72,43 @@ def summarize(header, rows, *, per_row=None, window=48, top=10):
     return out
 
 
+def source_lines(path):
+    """[(line, source text, executed, samples)] of a ``--print-source cuda,sass`` export (kernels
+    built with -lineinfo: HISA_CUPY_LINEINFO=1): the rows that name a source line carry the
+    counts of that line's instructions."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    start = next(i for i, r in enumerate(rows) if r and r[0] == "Line No")
+    col = {name: i for i, name in enumerate(rows[start])}
+    ix, isamp = col["Instructions Executed"], col["Warp Stall Sampling (All Samples)"]
+    return [(int(r[0]), r[1].strip(), int(r[ix] or 0), int(r[isamp] or 0))
+            for r in rows[start + 1:] if r and r[0].isdigit()]
+
+
+def summarize_lines(lines, *, per_row=None, top=25):
+    """The report of source_lines(): the lines that execute the most warp instructions."""
+    total_x = max(1, sum(x for _, _, x, _ in lines))
+    total_s = max(1, sum(s for _, _, _, s in lines))
+    out = [f"{len(lines)} source lines, {total_x} warp instructions executed"
+           + (f" ({total_x / per_row:.0f} per row)" if per_row else "")]
+    out.append(" line  executed  samples" + ("  per row" if per_row else "") + "  source")
+    for line, text, x, s in sorted(lines, key=lambda r: -r[2])[:top]:
+        reps = f"  {x / per_row:7.0f}" if per_row else ""
+        out.append(f"{line:5d}  {100 * x / total_x:7.1f}%  {100 * s / total_s:6.1f}%{reps}  {text[:100]}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", help="ncu --page source --csv --print-source sass export")
+    p.add_argument("csv", help="ncu --page source --csv --print-source sass export (cuda,sass with --lines)")
+    p.add_argument("--lines", action="store_true", help="per source line (a cuda,sass export of a -lineinfo build)")
     p.add_argument("--rows", type=int, default=None, help="rows the kernel processed (per-row counts)")
     p.add_argument("--window", type=int, default=48)
     p.add_argument("--top", type=int, default=10)
     args = p.parse_args(argv)
+    if args.lines:
+        print("\n".join(summarize_lines(source_lines(args.csv), per_row=args.rows, top=args.top)))
+        return 0
     header, rows = load(args.csv)
     print("\n".join(summarize(header, rows, per_row=args.rows, window=args.window, top=args.top)))
     return 0

@@ -238,6 +238,29 @@ def test_ncu_hotspots_summary(tmp_path):
     assert out[7].startswith("  [0:2]  90.0%  80.0%") and "30.0 per row" in out[7]
 
 
+def test_ncu_hotspots_source_lines(tmp_path):
+    # a cuda,sass export: file and function lines, the header, source lines (with their counts)
+    # each followed by their SASS rows, which carry no line number
+    hot = _load("ncu_hotspots")
+    header = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed"]
+    rows = [["12", "  x += y;", "-", "-", "1", "40"], ["", "", "0x0", "IADD3 R1, R1, R2, RZ", "1", "40"],
+            ["30", "for (;;) atomicAdd(p, 1);", "-", "-", "3", "160"], ["", "", "0x10", "ATOMS.ADD", "3", "160"],
+            ["31", "// nothing", "-", "-", "0", "0"]]
+    path = tmp_path / "k_source.csv"
+    with open(path, "w", newline="") as f:
+        w = __import__("csv").writer(f)
+        w.writerow(["File Path", "/tmp/k.cu"])
+        w.writerow(["Function Name", "k(int)"])
+        w.writerow(header)
+        w.writerows(rows)
+    lines = hot.source_lines(path)
+    assert lines == [(12, "x += y;", 40, 1), (30, "for (;;) atomicAdd(p, 1);", 160, 3), (31, "// nothing", 0, 0)]
+    out = hot.summarize_lines(lines, per_row=4, top=2)
+    assert out[0] == "3 source lines, 200 warp instructions executed (50 per row)"
+    assert out[2].split()[:4] == ["30", "80.0%", "75.0%", "40"] and out[3].split()[0] == "12"
+    assert len(out) == 4
+
+
 def test_hisa_pairs_match_the_floor_table():
     # bench/NOTES.md's floor table: 128K/4096 with m = 64 has 67.7 GFLOP of block scores and
     # 549.8 GFLOP of token scores (2 H D = 16384 FLOP per pair); 8K/1024 with m = 64: 1.0 and 129.9
