@@ -282,6 +282,9 @@ __device__ void row_select_inorder(const SelectArgs& a) {
 #define MISC_CAND 4      // candidate-list cursor
 #define MISC_MAXB 5      // largest bucket of the sort
 #define MISC_PMIN 6      // [6, 7]: range of the sort's primary values
+#define MISC_RED_LO 8    // register mode: the row's smallest candidate key,
+#define MISC_RED_HI 9    // its largest,
+#define MISC_RED_N 10    // and the number of candidates
 
 #define SEL_G 8          // items per thread per chunk (held in registers)
 #define RING_STAGES 8    // rows read from global memory: copy groups in flight (16 KB each)
@@ -291,6 +294,15 @@ __device__ __forceinline__ u64 list_entry(u32 key, int n) {
     return ((u64)key << 32) | (u64)(0xFFFFFFFFu - (u32)n);
 }
 __device__ __forceinline__ int entry_item(u64 e) { return (int)(0xFFFFFFFFu - (u32)e); }
+
+// *p += 1 where pred holds: one predicated shared-memory reduction, no branch around it (the
+// compiler's branch costs more instructions than the reduction where most lanes take part)
+__device__ __forceinline__ void shared_inc_if(int* p, bool pred) {
+    asm volatile(
+        "{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %1, 0;\n\t@q red.shared.add.u32 [%0], 1;\n\t}\n" ::"r"(smem_addr(p)),
+        "r"((u32)pred)
+        : "memory");
+}
 
 // Finds, counting from the top of hist[0, nbins) (nbins <= 4 * SELECT_THREADS), the bin b with
 // above(b) < r <= above(b) + hist[b], where above(b) is the count in the bins above b. Writes
@@ -593,10 +605,11 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
 // Sorts the n_out selected entries by sort value (score order: the entry; position order: its
 // low word, i.e. ascending item) descending and writes the output row. Bucket sort over
 // SORT_BINS equal ranges of the value; each item's slot is its bucket's start plus the number
-// of larger values in its bucket.
+// of larger values in its bucket. [range_lo, range_hi], when given (range_lo <= range_hi),
+// holds every entry's primary part (the caller knows it), which saves a pass over the entries.
 template <int SRC, int MAP>
 __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
-                              int* sHist, int* sScan, int* sMisc) {
+                              int* sHist, int* sScan, int* sMisc, u32 range_lo = 1u, u32 range_hi = 0u) {
     constexpr int PER = SORT_BINS / SELECT_THREADS;  // buckets per thread in the scan
     const int tid = threadIdx.x, lane = tid & 31;
     const bool by_score = a.by_score != 0;
@@ -610,22 +623,26 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
         sRange[1] = 0u;
         sMisc[MISC_MAXB] = 0;
     }
-    for (int i = tid; i < SORT_BINS; i += SELECT_THREADS) sHist[i] = 0;
-    __syncthreads();
-    u32 lo = 0xFFFFFFFFu, hi = 0u;
-    for (int i = tid; i < n_out; i += SELECT_THREADS) {
-        const u32 p = primary(sSel[i]);
-        lo = min(lo, p);
-        hi = max(hi, p);
+#pragma unroll
+    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    const bool known = range_lo <= range_hi;
+    if (!known) {
+        __syncthreads();
+        u32 lo = 0xFFFFFFFFu, hi = 0u;
+        for (int i = tid; i < n_out; i += SELECT_THREADS) {
+            const u32 p = primary(sSel[i]);
+            lo = min(lo, p);
+            hi = max(hi, p);
+        }
+        lo = __reduce_min_sync(0xFFFFFFFFu, lo);
+        hi = __reduce_max_sync(0xFFFFFFFFu, hi);
+        if (lane == 0) {
+            atomicMin(&sRange[0], lo);
+            atomicMax(&sRange[1], hi);
+        }
     }
-    lo = __reduce_min_sync(0xFFFFFFFFu, lo);
-    hi = __reduce_max_sync(0xFFFFFFFFu, hi);
-    if (lane == 0) {
-        atomicMin(&sRange[0], lo);
-        atomicMax(&sRange[1], hi);
-    }
     __syncthreads();
-    const u32 pmin = sRange[0], span = sRange[1] - pmin;
+    const u32 pmin = known ? range_lo : sRange[0], span = (known ? range_hi : sRange[1]) - pmin;
     // bucket = (primary - pmin) >> sh lies in [0, SORT_BINS): sh keeps the top SORT_BITS bits of the span
     const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - SORT_BITS);
     auto bucket = [&](u64 e) -> int { return (int)((primary(e) - pmin) >> sh); };
@@ -666,11 +683,20 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
     }
     __syncthreads();
     for (int p = tid; p < n_out; p += SELECT_THREADS) {
-        const u64 e = sAux[p], v = value(e);
+        const u64 e = sAux[p];
         const int b = bucket(e);
         const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        // rank in the bucket: most buckets hold one or two entries, so a plain loop (unrolling
+        // it costs more in set-up than it saves), one compare per entry
         int rank = 0;
-        for (int j = start; j < end; ++j) rank += value(sAux[j]) > v;
+        if (by_score) {
+#pragma unroll 1
+            for (int j = start; j < end; ++j) rank += sAux[j] > e;
+        } else {
+            const u32 v = (u32)e;
+#pragma unroll 1
+            for (int j = start; j < end; ++j) rank += (u32)sAux[j] > v;
+        }
         emit_item<SRC, MAP>(a, row, t, rel, start + rank, entry_item(e));
     }
 }
@@ -952,15 +978,22 @@ __device__ void row_select_regs(const SelectArgs& a) {
         sRed[2 * SELECT_WARPS + warp] = (u32)cnt;
     }
     __syncthreads();
-    u32 lo = 0xFFFFFFFFu, hi = 0u;
-    int n_valid = 0;
-#pragma unroll
-    for (int w = 0; w < SELECT_WARPS; ++w) {
-        lo = min(lo, sRed[w]);
-        hi = max(hi, sRed[SELECT_WARPS + w]);
-        n_valid += (int)sRed[2 * SELECT_WARPS + w];
+    if (warp == 0) {  // one warp combines the warps' values (SELECT_WARPS <= 32)
+        const bool has = lane < SELECT_WARPS;
+        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[SELECT_WARPS + lane] : 0u);
+        const u32 wcnt = __reduce_add_sync(0xFFFFFFFFu, has ? sRed[2 * SELECT_WARPS + lane] : 0u);
+        if (lane == 0) {
+            sMisc[MISC_RED_LO] = (int)wmn;
+            sMisc[MISC_RED_HI] = (int)wmx;
+            sMisc[MISC_RED_N] = (int)wcnt;
+        }
     }
-    __syncthreads();  // sRed is read before the first level clears sHist
+    __syncthreads();
+    u32 lo = (u32)sMisc[MISC_RED_LO], hi = (u32)sMisc[MISC_RED_HI];
+    const int n_valid = sMisc[MISC_RED_N];
+    const u32 key_lo = lo, key_hi = hi;  // the row's range of candidate keys
+    __syncthreads();  // sRed / sMisc are read before the first level clears sHist
 
     // selected: key >= cut (cut >= 1 excludes HISA_KEY_NONE), plus, when ties, the first `need`
     // keys equal to `tie` in position order
@@ -974,11 +1007,15 @@ __device__ void row_select_regs(const SelectArgs& a) {
             const u32 span = hi - lo;
             const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
             const int nb = (int)(span >> sh) + 1;
-            for (int i = tid; i < nb; i += SELECT_THREADS) sHist[i] = 0;
+#pragma unroll
+            for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u)
+                if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
             __syncthreads();
 #pragma unroll
-            for (int j = 0; j < R; ++j)
-                if (key[j] >= lo && key[j] <= hi) atomicAdd(&sHist[(key[j] - lo) >> sh], 1);
+            for (int j = 0; j < R; ++j) {
+                const u32 d = key[j] - lo;  // in the group: d <= span (one unsigned compare)
+                shared_inc_if(&sHist[d <= span ? d >> sh : 0], d <= span);
+            }
             __syncthreads();
             find_bin(sHist, nb, remaining, sScan, sMisc);
             const int b = sMisc[MISC_BIN];
@@ -1005,10 +1042,11 @@ __device__ void row_select_regs(const SelectArgs& a) {
     }
 
     // this thread's selected items as bits (item first + j), then the tied ones it keeps
+    const u32 above = (u32)(cut - 1u);  // cut in [1, 2^32]: key >= cut is key > above
     u32 sel = 0u, eq = 0u;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        sel |= (u32)((u64)key[j] >= cut) << j;
+        sel |= (u32)(key[j] > above) << j;
         eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
     int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
@@ -1028,19 +1066,25 @@ __device__ void row_select_regs(const SelectArgs& a) {
 
     const int n_out = min(k, n_valid);
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+    if (a.by_score) {  // straight-line: a predicated store per item
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
-        if ((sel >> j) & 1u) {
-            if (slot < n_out) {
-                if (a.by_score) sSel[slot] = list_entry(key[j], first + j);
-                else emit_item<SRC, MAP>(a, row, t, rel, slot, first + j);
-            }
-            ++slot;
+        for (int j = 0; j < R; ++j) {
+            const int s = (sel >> j) & 1u;
+            if (s && slot < n_out) sSel[slot] = list_entry(key[j], first + j);
+            slot += s;
         }
-    }
-    if (a.by_score) {
         __syncthreads();
-        sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
+        // every selected key lies in [lowest, key_hi]: the threshold's key (or the row's lowest
+        // key when all are selected) up to the row's largest
+        const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
+        sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int s = (sel >> j) & 1u;
+            if (s && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, first + j);
+            slot += s;
+        }
     }
     pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
 }
