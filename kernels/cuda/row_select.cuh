@@ -960,14 +960,16 @@ __device__ void row_select_regs(const SelectArgs& a) {
         for (int j = 0; j < R; ++j)
             key[j] = first + j < n_items ? word_key<SRC>(__ldg(words + first + j)) : HISA_KEY_NONE;
     }
+    // mn: the smallest key minus one, so that HISA_KEY_NONE (0) wraps to the largest value and
+    // never wins; every fp32 score has a key >= 1, so the float path counts its valid items
+    // from the row length alone
     u32 mn = 0xFFFFFFFFu, mx = 0u;
-    int cnt = 0;
+    int cnt = SRC == KEYS_F32 ? max(0, min(R, n_items - first)) : 0;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        const bool valid = key[j] != HISA_KEY_NONE;
-        mn = valid ? min(mn, key[j]) : mn;
+        mn = min(mn, key[j] - 1u);
         mx = max(mx, key[j]);
-        cnt += valid;
+        if (SRC == KEYS_U32) cnt += key[j] != HISA_KEY_NONE;
     }
     mn = __reduce_min_sync(0xFFFFFFFFu, mn);
     mx = __reduce_max_sync(0xFFFFFFFFu, mx);
@@ -990,7 +992,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
     }
     __syncthreads();
-    u32 lo = (u32)sMisc[MISC_RED_LO], hi = (u32)sMisc[MISC_RED_HI];
+    u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];  // lo: 0 when no candidates
     const int n_valid = sMisc[MISC_RED_N];
     const u32 key_lo = lo, key_hi = hi;  // the row's range of candidate keys
     __syncthreads();  // sRed / sMisc are read before the first level clears sHist
