@@ -81,7 +81,10 @@ def source_lines(path):
     start = next(i for i, r in enumerate(rows) if r and r[0] == "Line No")
     col = {name: i for i, name in enumerate(rows[start])}
     ix, isamp = col["Instructions Executed"], col["Warp Stall Sampling (All Samples)"]
-    return [(int(r[0]), r[1].strip(), int(r[ix] or 0), int(r[isamp] or 0))
+    def count(v):  # "-" where a line has no instructions of its own
+        return int(v) if v.strip().isdigit() else 0
+
+    return [(int(r[0]), r[1].strip(), count(r[ix]), count(r[isamp]))
             for r in rows[start + 1:] if r and r[0].isdigit()]
 
 

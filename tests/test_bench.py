@@ -245,7 +245,7 @@ def test_ncu_hotspots_source_lines(tmp_path):
     header = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed"]
     rows = [["12", "  x += y;", "-", "-", "1", "40"], ["", "", "0x0", "IADD3 R1, R1, R2, RZ", "1", "40"],
             ["30", "for (;;) atomicAdd(p, 1);", "-", "-", "3", "160"], ["", "", "0x10", "ATOMS.ADD", "3", "160"],
-            ["31", "// nothing", "-", "-", "0", "0"]]
+            ["31", "// nothing", "-", "-", "-", "-"]]
     path = tmp_path / "k_source.csv"
     with open(path, "w", newline="") as f:
         w = __import__("csv").writer(f)

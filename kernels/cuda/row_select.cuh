@@ -295,12 +295,15 @@ __device__ __forceinline__ u64 list_entry(u32 key, int n) {
 }
 __device__ __forceinline__ int entry_item(u64 e) { return (int)(0xFFFFFFFFu - (u32)e); }
 
-// *p += 1 where pred holds: one predicated shared-memory reduction, no branch around it (the
-// compiler's branch costs more instructions than the reduction where most lanes take part)
-__device__ __forceinline__ void shared_inc_if(int* p, bool pred) {
+// hist[(key - lo) >> sh] += 1 where lo <= key <= lo + span: one unsigned compare and one
+// predicated shared-memory reduction, no branch (a branch around an atomic, or a select of a
+// dummy bin, costs more instructions than the reduction where most keys take part)
+__device__ __forceinline__ void hist_inc_in_range(int* hist, u32 key, u32 lo, u32 span, int sh) {
     asm volatile(
-        "{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %1, 0;\n\t@q red.shared.add.u32 [%0], 1;\n\t}\n" ::"r"(smem_addr(p)),
-        "r"((u32)pred)
+        "{\n\t.reg .pred q;\n\t.reg .u32 d, a;\n\t"
+        "sub.u32 d, %1, %2;\n\tsetp.le.u32 q, d, %3;\n\tshr.b32 a, d, %4;\n\t"
+        "shl.b32 a, a, 2;\n\tadd.u32 a, a, %0;\n\t@q red.shared.add.u32 [a], 1;\n\t}\n" ::"r"(smem_addr(hist)),
+        "r"(key), "r"(lo), "r"(span), "r"((u32)sh)
         : "memory");
 }
 
@@ -1014,10 +1017,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
                 if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
             __syncthreads();
 #pragma unroll
-            for (int j = 0; j < R; ++j) {
-                const u32 d = key[j] - lo;  // in the group: d <= span (one unsigned compare)
-                shared_inc_if(&sHist[d <= span ? d >> sh : 0], d <= span);
-            }
+            for (int j = 0; j < R; ++j) hist_inc_in_range(sHist, key[j], lo, span, sh);
             __syncthreads();
             find_bin(sHist, nb, remaining, sScan, sMisc);
             const int b = sMisc[MISC_BIN];
