@@ -124,21 +124,22 @@ for step in $STEPS; do
       # `ncu --set full`; per kernel its CUDA source lines with their SASS and counters (CSV:
       # bench/ncu_hotspots.py --lines), the SASS alone (ncu_hotspots.py's summary), and the
       # details page, packed into $OUT/ncu.tgz (the reports themselves stay: they are large)
-      mkdir -p /tmp/ncu_out
+      NCU_DIR=${NCU_DIR:-/tmp/ncu_out}
+      rm -rf "$NCU_DIR" && mkdir -p "$NCU_DIR"
       for spec in "${NCU_SPECS[@]}"; do
         name=${spec%%|*}; args=${spec#*|}
         # shellcheck disable=SC2086
         HISA_CUPY_LINEINFO=1 PYTHONPATH="$ROOT" timeout "${NCU_TIMEOUT:-150}" ncu --set full --import-source yes \
-          -k "regex:^${name}" -s 1 -c 1 -o "/tmp/ncu_out/$name" -f $PY bench/profile_run.py $args --reps 2 \
-          > "/tmp/ncu_out/$name.log" 2>&1
-        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page source --csv --print-source cuda,sass \
-          > "/tmp/ncu_out/${name}_source.csv" 2>&1
-        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu_out/${name}_sass.csv" 2>&1
-        ncu -i "/tmp/ncu_out/$name.ncu-rep" --page details > "/tmp/ncu_out/${name}_details.txt" 2>&1
-        { $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_sass.csv"
-          $PY bench/ncu_hotspots.py "/tmp/ncu_out/${name}_source.csv" --lines --top 40; } > "/tmp/ncu_out/${name}_hotspots.txt" 2>&1
+          -k "regex:^${name}" -s 1 -c 1 -o "$NCU_DIR/$name" -f $PY bench/profile_run.py $args --reps 2 \
+          > "$NCU_DIR/$name.log" 2>&1
+        ncu -i "$NCU_DIR/$name.ncu-rep" --page source --csv --print-source cuda,sass \
+          > "$NCU_DIR/${name}_source.csv" 2>&1
+        ncu -i "$NCU_DIR/$name.ncu-rep" --page source --csv --print-source sass > "$NCU_DIR/${name}_sass.csv" 2>&1
+        ncu -i "$NCU_DIR/$name.ncu-rep" --page details > "$NCU_DIR/${name}_details.txt" 2>&1
+        { $PY bench/ncu_hotspots.py "$NCU_DIR/${name}_sass.csv"
+          $PY bench/ncu_hotspots.py "$NCU_DIR/${name}_source.csv" --lines --top 40; } > "$NCU_DIR/${name}_hotspots.txt" 2>&1
       done
-      tar -czf "$OUT/ncu.tgz" -C /tmp/ncu_out --exclude='*.ncu-rep' .
+      tar -czf "$OUT/ncu.tgz" -C "$NCU_DIR" --exclude='*.ncu-rep' .
       echo "ncu (${#NCU_SPECS[@]} kernels): done" >> "$OUT/gpu.txt" ;;
     *)
       echo "unknown step $step (tests, kernels, ab, bench, host, ncu)" >&2

@@ -340,3 +340,49 @@ def test_device_session_kernel_cache(tmp_path):
     (out / "kernels.tgz").unlink()
     r = subprocess.run(["bash", script], env={**env, "KCACHE_SAVE": "0"}, capture_output=True, text=True)
     assert r.returncode == 0 and not (out / "kernels.tgz").exists()
+
+
+def test_device_session_ncu_step(tmp_path):
+    # the ncu step profiles each NCU_SPEC kernel with -lineinfo builds (HISA_CUPY_LINEINFO=1), exports
+    # its source and SASS pages and details, summarises both with ncu_hotspots.py and packs it all
+    # into $OUT/ncu.tgz, starting from an empty folder (a stand-in ncu prints tiny exports)
+    import sys
+    import tarfile
+
+    script = str(ROOT / "bench" / "device_session.sh")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    ncu = bindir / "ncu"
+    ncu.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in\n'
+        '  *" -i "*)\n'
+        '    case " $* " in\n'
+        '      *"cuda,sass"*) printf \'"File Path","/x.cu"\\n"Line No","Source","Address","Source",'
+        '"Warp Stall Sampling (All Samples)","Instructions Executed"\\n"7","x += 1;","-","-","2","64"\\n\' ;;\n'
+        '      *"print-source sass"*) printf \'"Kernel Name","k"\\n"Address","Source",'
+        '"Warp Stall Sampling (All Samples)","Instructions Executed"\\n"0x0","IADD3 R1, R1, R2, RZ","2","64"\\n\' ;;\n'
+        '      *) echo "details page" ;;\n'
+        "    esac ;;\n"
+        '  *) echo "profiled: HISA_CUPY_LINEINFO=$HISA_CUPY_LINEINFO $*" ;;\n'
+        "esac\n")
+    ncu.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "ncu_work"
+    out.mkdir()
+    work.mkdir()
+    (work / "stale.txt").write_text("from an earlier step")
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "STEPS": "ncu",
+           "PY": sys.executable, "NCU_SPEC": "k_regs|--op topk --rows 8", "NCU_DIR": str(work),
+           "HISA_CUPY_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out / "ncu.tgz") as tar:
+        names = sorted(n.lstrip("./") for n in tar.getnames() if n not in (".", "./"))
+        assert names == ["k_regs.log", "k_regs_details.txt", "k_regs_hotspots.txt", "k_regs_sass.csv",
+                         "k_regs_source.csv"]
+        log = tar.extractfile("./k_regs.log").read().decode()
+        hot = tar.extractfile("./k_regs_hotspots.txt").read().decode()
+    assert "HISA_CUPY_LINEINFO=1" in log and "regex:^k_regs" in log and "--op topk --rows 8" in log
+    assert "1 SASS instructions, 64 warp instructions executed" in hot
+    assert "1 source lines, 64 warp instructions executed" in hot and "x += 1;" in hot
+    assert "ncu (1 kernels): done" in (out / "gpu.txt").read_text()
