@@ -224,11 +224,6 @@ __device__ __forceinline__ u32 item_key(u32 flag, float score, bool scaled, floa
     return score_key(scaled ? score * scale : score);
 }
 
-// One CTA: query rows t = row0 + blockIdx.y * ROWS + r (r < ROWS, local index < nrows), key
-// tiles [blockIdx.x * tiles_per_cta, +tiles_per_cta) of SCORE_TILE items each. The q rows and
-// weights are staged once; key tiles stream through shared memory (double-buffered with cp.async
-// when no conversion is needed) and, with ROWS > 1, each tile serves several query rows (dense
-// path and block scores, whose rows share their keys).
 // The query rows of a score CTA (both engines): local rows local0 .. local0 + ROWS - 1 of the
 // launch's nrows, i.e. rows row0 + local0 + r; live[r] says whether the row exists, rr[r] is its
 // clamped key range (empty for a row past the end).
@@ -243,6 +238,11 @@ __device__ __forceinline__ void cta_rows(int local0, int nrows, int row0, const 
     }
 }
 
+// One CTA: query rows t = row0 + blockIdx.y * ROWS + r (r < ROWS, local index < nrows), key
+// tiles [blockIdx.x * tiles_per_cta, +tiles_per_cta) of SCORE_TILE items each. The q rows and
+// weights are staged once; key tiles stream through shared memory (double-buffered with cp.async
+// when no conversion is needed) and, with ROWS > 1, each tile serves several query rows (dense
+// path and block scores, whose rows share their keys).
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
 __device__ __forceinline__ void score_tile(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
