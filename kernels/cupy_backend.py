@@ -189,9 +189,6 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
     key = hashlib.sha256("\0".join((source, name_expr, " ".join(options), repr(nvrtc.getVersion())))
                          .encode()).hexdigest()[:40]
     path = os.path.join(cache_dir(), key)
-    program = name_expr.split("<")[0] + ".cu"
-    if lineinfo:  # a profiler maps the line table to this file: the expanded source, kept on disk
-        program = _keep_source(source, key, program)
     try:
         with open(path + ".name", encoding="utf-8") as f:
             lowered = f.read()
@@ -199,6 +196,9 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
             return f.read(), lowered
     except OSError:
         pass
+    program = name_expr.split("<")[0] + ".cu"
+    if lineinfo:  # a profiler maps the line table to this file: the expanded source, kept on disk
+        program = _keep_source(source, key, program)
     prog = nvrtc.createProgram(source, program, [], [])
     try:
         nvrtc.addNameExpression(prog, name_expr)
