@@ -99,6 +99,9 @@ REG_SELECT_ITEMS = 8192
 #: hisa_cupy.topk over few long rows: chunks per row, each scored by its own CTA and merged after
 #: (_topk_split). 0: chosen per call, 1: never split, P > 1: P chunks where the shape allows
 TOPK_SPLIT = 0
+#: hisa_cupy.topk over long rows with k small against N (_topk_filter): a sampled threshold keeps
+#: about 2k candidates per row, whose top k is exact (rows where it is not are redone whole)
+TOPK_FILTER = True
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -306,12 +309,13 @@ def kernel_instances():
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel"), ("topk.cu", "topk_chunks_kernel"),
-            ("topk.cu", "topk_merge_kernel")]
+            ("topk.cu", "topk_merge_kernel"), ("topk.cu", "topk_filter_kernel"), ("topk.cu", "topk_filtered_kernel"),
+            ("topk.cu", "topk_rescue_kernel")]
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
-            ("topk.cu", "topk_merge_regs_kernel")]
+            ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel")]
     return out
 
 
@@ -919,9 +923,11 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
 
 def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
                    row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
-                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None):
+                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None, extra=()):
     """Row top-k launches (row_select.cuh) of ``rows`` rows of ``keys`` / ``scores`` (row stride
-    ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in."""
+    ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in.
+    ``extra``: arguments after the select parameters (arrays as pointers, ints as int32), for
+    the kernels that take more (topk.cu's filtered path)."""
     em = em or _DIRECT
     if rows == 0:
         return
@@ -959,15 +965,16 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     fn = _kernel(filename, kernel, smem)
     ptr = em.ptr
     side = (ptr(ks), ptr(ke), ptr(blocks))
+    tail = tuple(_i32(x) if isinstance(x, int) else ptr(x) for x in extra)
     for grid, koff, ooff, a, b, c, d in launches:
         em.launch(fn, grid, block, (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
-                  + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:],
-                  smem)
+                  + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:]
+                  + tail, smem)
 
 
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
 _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
-                       "topk_merge_kernel")
+                       "topk_merge_kernel", "topk_filtered_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1352,11 +1359,45 @@ def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
     return best
 
 
+#: columns per CTA of the filtered top-k (FILTER_CHUNK in topk.cu) and the sampled keys per row
+TOPK_FILTER_CHUNK = 8192
+TOPK_FILTER_SAMPLES = 2048
+
+
+def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
+    """(P, cap, ks) of the filtered top-k (topk.cu: a threshold from sampled keys, candidates,
+    the exact top k of the candidates, rows whose candidates miss it redone whole), or None.
+
+    P chunks of TOPK_FILTER_CHUNK columns per row, each with ``cap`` candidate slots (P * cap <=
+    REG_SELECT_ITEMS, the register-mode select of step 2); ks: the rank in the sample of the
+    threshold, so that about 2k columns lie at or above it, or more for small k (up to half the
+    slots; k <= P * cap / 4 leaves room for twice k). Taken for rows without lengths, N >= max(32k, 4 * TOPK_FILTER_CHUNK) (at least
+    16 columns per candidate), at most 1024 rows (workspace: 64 KiB per row), cap >= 64 and
+    ks >= 32 (N up to 262144 for k = 2048)."""
+    if not TOPK_FILTER or has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
+        return None
+    if N < max(32 * k, 4 * TOPK_FILTER_CHUNK):
+        return None
+    P = -(-N // TOPK_FILTER_CHUNK)
+    cap = REG_SELECT_ITEMS // P
+    if cap < 64:
+        return None
+    # at least 2k columns expected above t; for small k more (up to half the slots), since a
+    # threshold of sample rank ks is off by ~1/sqrt(ks): rank 64 misses k by 4 sigma at 2k
+    half = TOPK_FILTER_SAMPLES * (REG_SELECT_ITEMS // 2) // N
+    ks = max(1, -(-2 * k * TOPK_FILTER_SAMPLES // N), min(64, half))
+    return (P, cap, ks) if ks >= 32 else None  # rows so long that the sample is too thin
+
+
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
     """Exact row top-k of fp32 ``scores`` [R, N] (SPEC §3 ranking), values and indices in rank order."""
     R, N = scores.shape
     with _on_stream(stream):
         if R == 0 or k == 0:
+            return out_values, out_indices
+        plan = _topk_filter(R, N, k, lengths is not None)
+        if plan is not None:
+            _topk_filtered(scores, k, plan, out_values, out_indices, workspace(stream))
             return out_values, out_indices
         P = _topk_split(R, N, k, lengths is not None, _device_facts(_device_id())["sms"])
         if P == 1:
@@ -1375,3 +1416,26 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
                        S=N, blocks=kept_indices, m=P * k, B=1, by_score=True, out_idx=out_indices, out_ld=k,
                        out_val=out_values)
     return out_values, out_indices
+
+
+def _topk_filtered(scores, k, plan, out_values, out_indices, ws):
+    """The filtered top-k of topk.cu's three launches (plan from _topk_filter)."""
+    R, N = scores.shape
+    P, cap, ks = plan
+    n = P * cap
+    cand_values = ws.get("topk_cand_values", (R, n), np.float32)
+    cand_indices = ws.get("topk_cand_indices", (R, n), np.int32)
+    counts = ws.get("topk_cand_counts", (R, P), np.int32)
+    failed = ws.get("topk_failed_rows", (R,), np.int32)
+    # CTAs per row: about two per SM in all (one wave), each taking P / ctas chunks
+    per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // R))
+    per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
+    ptr = _DIRECT.ptr
+    _DIRECT.launch(_kernel("topk.cu", "topk_filter_kernel", 0), (per_row, R), (SELECT_THREADS,),
+                   (ptr(scores), _i64(N), _i32(N), _i32(P), _i32(ks), _i32(cap), ptr(cand_values),
+                    ptr(cand_indices), ptr(counts)))
+    _launch_select("topk.cu", "topk_filtered_kernel", rows=R, scores=cand_values, ld=n, ncols=n, k=k, T=R, S=N,
+                   blocks=cand_indices, m=n, B=1, by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values,
+                   extra=(counts, P, cap, failed))
+    _launch_select("topk.cu", "topk_rescue_kernel", rows=R, scores=scores, ld=N, ncols=N, k=k, T=R, S=N,
+                   by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values, extra=(failed,))

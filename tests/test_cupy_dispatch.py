@@ -388,6 +388,7 @@ def test_topk_split_launches(monkeypatch):
     # them (MAP_GATHER with m = 4096, B = 1), by score into the outputs; 4096 kept items fit
     # register mode (its merge twin), or list mode with REG_SELECT off
     fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "TOPK_FILTER", False)  # which takes these rows first
     scores = pointer_array((64, 131072), np.float32)
     vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
     for reg, merge_name in ((True, "topk_merge_regs_kernel"), (False, "topk_merge_kernel")):
@@ -522,3 +523,54 @@ def test_nvrtc_compile_cache_and_lineinfo(monkeypatch, tmp_path):
     assert kept.is_absolute() and kept.name == "k.cu" and kept.read_text() == src
     assert kept.parent.parent == tmp_path / "lineinfo"
     assert cb._nvrtc_compile(src, "k", "sm_90a") == (binary, lowered) and len(fake.programs) == 2
+
+
+def test_topk_filter_choice():
+    # long rows with k small against N, no lengths, at most 1024 rows: P chunks of 8192 columns with
+    # cap = 8192 // P candidate slots each; the sample rank ks puts ~2k columns above the
+    # threshold, or up to half the slots for small k, and must be >= 32
+    assert cb._topk_filter(64, 131072, 2048, False) == (16, 512, 64)
+    assert cb._topk_filter(64, 131072, 1, False) == (16, 512, 64)  # small k: 4096 expected candidates
+    assert cb._topk_filter(8, 65536, 2048, False) == (8, 1024, 128)
+    assert cb._topk_filter(5, 100003, 700, False) == (13, 630, 64)  # a partial last chunk
+    assert cb._topk_filter(4, 262144, 2048, False) == (32, 256, 32)
+    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # ks = 8: the sample is too thin
+    assert cb._topk_filter(64, 131072, 4096, False) is None  # k > 8192 / 4
+    assert cb._topk_filter(64, 131072, 2048, True) is None  # lengths
+    assert cb._topk_filter(2000, 131072, 2048, False) is None  # workspace
+    assert cb._topk_filter(64, 32767, 512, False) is None  # short rows
+    assert cb._topk_filter(64, 40000, 2048, False) is None  # N < 32k
+
+
+def test_topk_filter_launches(monkeypatch):
+    # [64 x 131072], k = 2048 on 132 SMs: topk_filter_kernel on a (4, 64) grid (16 chunks per row,
+    # 4 CTAs per row: one wave of 256 CTAs), writing 16 x 512 candidate slots and 16 counts per
+    # row; then the candidates' select (register mode, MAP_GATHER over the candidate columns, by
+    # score, with counts / P / cap / failed after the select parameters) and the rescue of the
+    # marked rows over the whole row (list mode, failed last)
+    fake = _Fake(monkeypatch, cc=90)
+    scores = pointer_array((64, 131072), np.float32)
+    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
+    for reg, name in ((True, "topk_filtered_regs_kernel"), (False, "topk_filtered_kernel")):
+        monkeypatch.setattr(cb, "REG_SELECT", reg)
+        fake.launches.clear()
+        cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+        assert fake.names() == ["topk_filter_kernel", name, "topk_rescue_kernel"]
+        filt, sel, rescue = fake.launches
+        bufs = cb._workspaces[(0, 0)]._bufs
+        cv, ci = bufs["topk_cand_values"], bufs["topk_cand_indices"]
+        counts, failed = bufs["topk_cand_counts"], bufs["topk_failed_rows"]
+        assert filt.grid == (4, 64) and filt.block == (512,)
+        assert [_value(x) for x in filt.args] == [scores.data.ptr, 131072, 131072, 16, 64, 512, cv.data.ptr,
+                                                  ci.data.ptr, counts.data.ptr]
+        b = [_value(x) for x in sel.args]
+        assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
+        assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
+        assert b[24] == vals.data.ptr and b[25:] == [counts.data.ptr, 16, 512, failed.data.ptr]
+        c = [_value(x) for x in rescue.args]
+        assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
+        assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "TOPK_FILTER", False)
+    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+    assert fake.names()[0] == "topk_chunks_kernel"
