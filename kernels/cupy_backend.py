@@ -102,6 +102,8 @@ TOPK_SPLIT = 0
 #: hisa_cupy.topk over long rows with k small against N (_topk_filter): a sampled threshold keeps
 #: about 2k candidates per row, whose top k is exact (rows where it is not are redone whole)
 TOPK_FILTER = True
+#: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
+DENSE_FILTER = True
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -310,12 +312,14 @@ def kernel_instances():
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel"), ("topk.cu", "topk_chunks_kernel"),
             ("topk.cu", "topk_merge_kernel"), ("topk.cu", "topk_filter_kernel"), ("topk.cu", "topk_filtered_kernel"),
-            ("topk.cu", "topk_rescue_kernel")]
+            ("topk.cu", "topk_rescue_kernel"), ("dense.cu", "dense_filter_kernel"), ("dense.cu", "dense_filtered_kernel"),
+            ("dense.cu", "dense_rescue_kernel")]
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
-            ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel")]
+            ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
+            ("dense.cu", "dense_filtered_regs_kernel")]
     return out
 
 
@@ -923,11 +927,12 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
 
 def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
                    row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
-                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None, extra=()):
+                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None, extra=(), range_off=0):
     """Row top-k launches (row_select.cuh) of ``rows`` rows of ``keys`` / ``scores`` (row stride
     ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in.
     ``extra``: arguments after the select parameters (arrays as pointers, ints as int32), for
-    the kernels that take more (topk.cu's filtered path)."""
+    the kernels that take more (the filtered paths, row_filter.cuh); ``range_off``: bytes into
+    ``ks`` / ``ke`` (a launch whose row 0 is a later row of them)."""
     em = em or _DIRECT
     if rows == 0:
         return
@@ -964,7 +969,7 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     kernel, block, smem, launches = plan
     fn = _kernel(filename, kernel, smem)
     ptr = em.ptr
-    side = (ptr(ks), ptr(ke), ptr(blocks))
+    side = (ptr(ks, range_off), ptr(ke, range_off), ptr(blocks))
     tail = tuple(_i32(x) if isinstance(x, int) else ptr(x) for x in extra)
     for grid, koff, ooff, a, b, c, d in launches:
         em.launch(fn, grid, block, (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
@@ -974,7 +979,7 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
 _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
-                       "topk_merge_kernel", "topk_filtered_kernel")
+                       "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1038,7 +1043,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER)
 
 
 def _keep_plan(key, plan):
@@ -1306,6 +1311,13 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail, smem)
+        fplan = _topk_filter(nr, S, topk, False) if DENSE_FILTER else None
+        if fplan is not None:  # long rows: the chunk's rows are rows 0.. of ks / ke from r0 on, of T - r0
+            _filtered_top_k("dense.cu", fplan, rows=nr, keys=keys, ld=S, ncols=S, k=topk, T=T - r0, S=S, ks=ks,
+                            ke=ke, ranged=True, range_off=r0 * 4, relative=relative, by_score=by_score, out_idx=out,
+                            out_ld=topk, out_off=r0 * topk * 4, min_len=max(32 * topk, 4 * TOPK_FILTER_CHUNK),
+                            ws=workspace(stream), em=em)
+            continue
         _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
                        row0=r0, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score,
                        out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
@@ -1365,16 +1377,19 @@ TOPK_FILTER_SAMPLES = 2048
 
 
 def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
-    """(P, cap, ks) of the filtered top-k (topk.cu: a threshold from sampled keys, candidates,
-    the exact top k of the candidates, rows whose candidates miss it redone whole), or None.
+    """(P, cap, expect) of the filtered top-k over rows of N columns (row_filter.cuh: a threshold
+    from sampled keys, candidates, the exact top k of the candidates, rows whose candidates miss
+    it redone whole), or None.
 
     P chunks of TOPK_FILTER_CHUNK columns per row, each with ``cap`` candidate slots (P * cap <=
-    REG_SELECT_ITEMS, the register-mode select of step 2); ks: the rank in the sample of the
-    threshold, so that about 2k columns lie at or above it, or more for small k (up to half the
-    slots; k <= P * cap / 4 leaves room for twice k). Taken for rows without lengths, N >= max(32k, 4 * TOPK_FILTER_CHUNK) (at least
+    REG_SELECT_ITEMS, the register-mode select of step 2); expect: the candidates per row to aim
+    at, 2k, or more for small k (up to half the slots; k <= P * cap / 4 leaves room for twice k).
+    The kernel takes the threshold at sample rank ks = expect * 2048 / (the row's length), which
+    for a full row must be >= 32 (a threshold of sample rank ks is off by ~1/sqrt(ks); rank 64
+    misses k by 4 sigma at 2k). Taken for rows without lengths, N >= max(32k, 4 * TOPK_FILTER_CHUNK) (at least
     16 columns per candidate), at most 1024 rows (workspace: 64 KiB per row), cap >= 64 and
-    ks >= 32 (N up to 262144 for k = 2048)."""
-    if not TOPK_FILTER or has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
+    ks >= 32 on a full row (N up to 262144 for k = 2048)."""
+    if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
         return None
     if N < max(32 * k, 4 * TOPK_FILTER_CHUNK):
         return None
@@ -1382,11 +1397,11 @@ def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
     cap = REG_SELECT_ITEMS // P
     if cap < 64:
         return None
-    # at least 2k columns expected above t; for small k more (up to half the slots), since a
-    # threshold of sample rank ks is off by ~1/sqrt(ks): rank 64 misses k by 4 sigma at 2k
     half = TOPK_FILTER_SAMPLES * (REG_SELECT_ITEMS // 2) // N
     ks = max(1, -(-2 * k * TOPK_FILTER_SAMPLES // N), min(64, half))
-    return (P, cap, ks) if ks >= 32 else None  # rows so long that the sample is too thin
+    if ks < 32:  # rows so long that the sample is too thin
+        return None
+    return P, cap, -(-ks * N // TOPK_FILTER_SAMPLES)
 
 
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
@@ -1395,9 +1410,10 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
     with _on_stream(stream):
         if R == 0 or k == 0:
             return out_values, out_indices
-        plan = _topk_filter(R, N, k, lengths is not None)
+        plan = _topk_filter(R, N, k, lengths is not None) if TOPK_FILTER else None
         if plan is not None:
-            _topk_filtered(scores, k, plan, out_values, out_indices, workspace(stream))
+            _filtered_top_k("topk.cu", plan, rows=R, scores=scores, ld=N, ncols=N, k=k, T=R, S=N, ranged=False,
+                            by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values, ws=workspace(stream))
             return out_values, out_indices
         P = _topk_split(R, N, k, lengths is not None, _device_facts(_device_id())["sms"])
         if P == 1:
@@ -1418,24 +1434,35 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
     return out_values, out_indices
 
 
-def _topk_filtered(scores, k, plan, out_values, out_indices, ws):
-    """The filtered top-k of topk.cu's three launches (plan from _topk_filter)."""
-    R, N = scores.shape
-    P, cap, ks = plan
+def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, k, T, S, ks=None, ke=None,
+                    ranged, range_off=0, relative=False, by_score, out_idx, out_ld, out_val=None, out_off=0,
+                    min_len=0, ws, em=None):
+    """The filtered top-k's three launches (row_filter.cuh) over ``rows`` rows of ``keys`` (u32
+    ranking keys) or fp32 ``scores`` [rows, ld]: candidates above a sampled threshold, the top k of
+    the rows whose candidates hold it, the other rows redone whole. ``plan``: (P, cap, expect)
+    from _topk_filter; the launches' row 0 is row 0 of ks / ke from ``range_off`` bytes on, of T rows
+    (so a chunk of dense's rows passes T - r0); ``ranged``: columns [ks, ke) of each row, else all
+    ``ncols``; rows shorter than ``min_len`` go straight to the rescue."""
+    em = em or _DIRECT
+    stem = filename[:-len(".cu")]
+    P, cap, expect = plan
     n = P * cap
-    cand_values = ws.get("topk_cand_values", (R, n), np.float32)
-    cand_indices = ws.get("topk_cand_indices", (R, n), np.int32)
-    counts = ws.get("topk_cand_counts", (R, P), np.int32)
-    failed = ws.get("topk_failed_rows", (R,), np.int32)
-    # CTAs per row: about two per SM in all (one wave), each taking P / ctas chunks
-    per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // R))
+    cand = ws.get("filter_cand_words", (rows, n), np.uint32)
+    cand_idx = ws.get("filter_cand_indices", (rows, n), np.int32)
+    counts = ws.get("filter_counts", (rows, P), np.int32)
+    failed = ws.get("filter_failed_rows", (rows,), np.int32)
+    # CTAs per row: about two per SM in all (one wave), each taking an even share of the P chunks
+    per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // rows))
     per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
-    ptr = _DIRECT.ptr
-    _DIRECT.launch(_kernel("topk.cu", "topk_filter_kernel", 0), (per_row, R), (SELECT_THREADS,),
-                   (ptr(scores), _i64(N), _i32(N), _i32(P), _i32(ks), _i32(cap), ptr(cand_values),
-                    ptr(cand_indices), ptr(counts)))
-    _launch_select("topk.cu", "topk_filtered_kernel", rows=R, scores=cand_values, ld=n, ncols=n, k=k, T=R, S=N,
-                   blocks=cand_indices, m=n, B=1, by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values,
-                   extra=(counts, P, cap, failed))
-    _launch_select("topk.cu", "topk_rescue_kernel", rows=R, scores=scores, ld=N, ncols=N, k=k, T=R, S=N,
-                   by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values, extra=(failed,))
+    ptr = em.ptr
+    em.launch(_kernel(filename, f"{stem}_filter_kernel", 0), (per_row, rows), (SELECT_THREADS,),
+              (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
+               ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(cap), _i32(min_len), ptr(cand),
+               ptr(cand_idx), ptr(counts)))
+    common = dict(k=k, T=T, S=S, ks=ks, ke=ke, range_off=range_off, relative=relative, by_score=by_score,
+                  out_idx=out_idx, out_ld=out_ld, out_val=out_val, out_off=out_off, em=em)
+    _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
+                   scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
+                   extra=(counts, P, cap, failed), **common)
+    _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
+                   extra=(failed,), **common)

@@ -527,14 +527,14 @@ def test_nvrtc_compile_cache_and_lineinfo(monkeypatch, tmp_path):
 
 def test_topk_filter_choice():
     # long rows with k small against N, no lengths, at most 1024 rows: P chunks of 8192 columns with
-    # cap = 8192 // P candidate slots each; the sample rank ks puts ~2k columns above the
-    # threshold, or up to half the slots for small k, and must be >= 32
-    assert cb._topk_filter(64, 131072, 2048, False) == (16, 512, 64)
-    assert cb._topk_filter(64, 131072, 1, False) == (16, 512, 64)  # small k: 4096 expected candidates
-    assert cb._topk_filter(8, 65536, 2048, False) == (8, 1024, 128)
-    assert cb._topk_filter(5, 100003, 700, False) == (13, 630, 64)  # a partial last chunk
-    assert cb._topk_filter(4, 262144, 2048, False) == (32, 256, 32)
-    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # ks = 8: the sample is too thin
+    # cap = 8192 // P candidate slots each, aiming at 2k candidates per row (up to 4096 for small
+    # k); a full row's sample rank (expect * 2048 / N) must be >= 32
+    assert cb._topk_filter(64, 131072, 2048, False) == (16, 512, 4096)  # sample rank 64
+    assert cb._topk_filter(64, 131072, 1, False) == (16, 512, 4096)  # small k: half the slots
+    assert cb._topk_filter(8, 65536, 2048, False) == (8, 1024, 4096)
+    assert cb._topk_filter(5, 100003, 700, False) == (13, 630, 3126)  # a partial last chunk
+    assert cb._topk_filter(4, 262144, 2048, False) == (32, 256, 4096)  # sample rank 32
+    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # sample rank 8: too thin
     assert cb._topk_filter(64, 131072, 4096, False) is None  # k > 8192 / 4
     assert cb._topk_filter(64, 131072, 2048, True) is None  # lengths
     assert cb._topk_filter(2000, 131072, 2048, False) is None  # workspace
@@ -558,11 +558,13 @@ def test_topk_filter_launches(monkeypatch):
         assert fake.names() == ["topk_filter_kernel", name, "topk_rescue_kernel"]
         filt, sel, rescue = fake.launches
         bufs = cb._workspaces[(0, 0)]._bufs
-        cv, ci = bufs["topk_cand_values"], bufs["topk_cand_indices"]
-        counts, failed = bufs["topk_cand_counts"], bufs["topk_failed_rows"]
+        cv, ci = bufs["filter_cand_words"], bufs["filter_cand_indices"]
+        counts, failed = bufs["filter_counts"], bufs["filter_failed_rows"]
         assert filt.grid == (4, 64) and filt.block == (512,)
-        assert [_value(x) for x in filt.args] == [scores.data.ptr, 131072, 131072, 16, 64, 512, cv.data.ptr,
-                                                  ci.data.ptr, counts.data.ptr]
+        # FILTER_PARAMS: keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, cap, min_len,
+        # cand_word, cand_idx, counts
+        assert [_value(x) for x in filt.args] == [0, scores.data.ptr, 131072, 131072, 0, 64, 131072, 0, 0, 0, 16,
+                                                  4096, 512, 0, cv.data.ptr, ci.data.ptr, counts.data.ptr]
         b = [_value(x) for x in sel.args]
         assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
         assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
@@ -574,3 +576,41 @@ def test_topk_filter_launches(monkeypatch):
     monkeypatch.setattr(cb, "TOPK_FILTER", False)
     cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
     assert fake.names()[0] == "topk_chunks_kernel"
+
+
+def test_dense_filter_launches(monkeypatch):
+    # dense_select over S = 131072 with topk = 2048, rows in chunks of 16 (DENSE_WORKSPACE_BYTES):
+    # each chunk's scores, then the filtered top-k of its 16 rows over the ranking keys (ranged:
+    # the rows' [ks, ke), from row r0 of ks / ke on, T - r0 rows of them; rows shorter than 65536
+    # go straight to the rescue), its candidates' select (positions through MAP_GATHER, relative
+    # to ks) and the rescue (list mode over the chunk's keys); with DENSE_FILTER off, list mode
+    fake = _Fake(monkeypatch, cc=90)
+    T, S = 40, 131072
+    monkeypatch.setattr(cb, "DENSE_WORKSPACE_BYTES", 16 * S * 4)
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
+    ks, ke = pointer_array((T,), np.int32), pointer_array((T,), np.int32)
+    cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
+    score = "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"
+    assert fake.names() == [score, "dense_filter_kernel", "dense_filtered_regs_kernel", "dense_rescue_kernel"] * 3
+    bufs = cb._workspaces[(0, 0)]._bufs
+    keys, cand, cidx = bufs["dense_keys"], bufs["filter_cand_words"], bufs["filter_cand_indices"]
+    for i, r0 in enumerate((0, 16, 32)):
+        nr = min(16, T - r0)
+        filt, sel, rescue = fake.launches[4 * i + 1: 4 * i + 4]
+        a = [_value(x) for x in filt.args]
+        assert filt.grid == (16, nr) and a[:7] == [keys.data.ptr, 0, S, S, 0, T - r0, S]  # a CTA per chunk
+        assert a[7:14] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0, 1, 16, 4096, 512, 65536]
+        assert a[14] == cand.data.ptr and a[15] == cidx.data.ptr
+        b = [_value(x) for x in sel.args]
+        assert sel.grid == (nr,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192] and b[7:10] == [0, T - r0, S]
+        assert b[10:12] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0] and b[12] == cidx.data.ptr
+        assert b[13:15] == [8192, 1] and b[16:18] == [1, 0] and b[22] == out.data.ptr + r0 * 2048 * 4
+        c = [_value(x) for x in rescue.args]
+        assert rescue.grid == (nr,) and c[0] == keys.data.ptr and c[2:4] == [S, S] and c[7:9] == [0, T - r0]
+        assert c[10] == ks.data.ptr + 4 * r0 and c[22] == out.data.ptr + r0 * 2048 * 4
+        assert c[25] == b[28]  # the rescue reads the marks the select writes
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "DENSE_FILTER", False)
+    cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
+    assert fake.names() == [score, "dense_topk_kernel"] * 3

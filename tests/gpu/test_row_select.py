@@ -278,12 +278,12 @@ def _mostly_nan(rng, R, N):
 
 
 def _failed_rows():
-    # the filtered path's per-row marks of its last call (cupy_backend._topk_filtered's workspace)
+    # the filtered path's per-row marks of its last call (cupy_backend._filtered_top_k's workspace)
     from hisa_cupy.kernels import cupy_backend
 
     torch.cuda.synchronize()
-    views = [ws._views["topk_failed_rows"][2] for ws in cupy_backend._workspaces.values()
-             if "topk_failed_rows" in ws._views]
+    views = [ws._views["filter_failed_rows"][2] for ws in cupy_backend._workspaces.values()
+             if "filter_failed_rows" in ws._views]
     assert len(views) == 1
     return testing.to_numpy(views[0])
 
@@ -340,3 +340,33 @@ def test_topk_filtered_mixed_rows(cuda_device, launched_kernels):
     failed = _failed_rows()
     assert failed[3] == 1 and failed[7] == 1
     assert not failed[[0, 1, 2, 4, 5, 6, 8, 9, 11]].any()
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
+    # dense_select over 131072 keys with topk = 2048 takes the filtered top-k (DENSE_FILTER):
+    # exact inputs (many equal scores, so ties at the threshold are split by position) with the
+    # causal default (every row long: the candidates' path) and with ragged ranges (rows shorter
+    # than 65536 keys, empty ones included, go to the rescue); the same with the filter off
+    from hisa_cupy.kernels import cupy_backend
+
+    T, S = 16, 131072
+    for ragged in (False, True):
+        inp = testing.exact_inputs(T, S, 32, 64, dtype="bfloat16", seed=21, ragged=ragged)
+        ref = reference.dense_select(inp["q"], inp["k"], inp["weights"], ks=inp["ks"], ke=inp["ke"], topk=2048,
+                                     order=order)
+        args = [testing.to_torch(inp[n]) for n in ("q", "k", "weights")]
+        rng_kw = {} if inp["ks"] is None else dict(ks=testing.to_torch(inp["ks"]), ke=testing.to_torch(inp["ke"]))
+        for filt in (True, False):
+            monkeypatch.setattr(cupy_backend, "DENSE_FILTER", filt)
+            launched_kernels.clear()
+            got = hisa_cupy.dense_select(*args, topk=2048, order=order, backend="cupy", **rng_kw)
+            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} filter={filt} order={order}")
+            assert ("dense_filter_kernel" in launched_kernels) == filt
+            if filt:
+                failed = _failed_rows()
+                if ragged:
+                    lens = np.clip(inp["ke"], 0, S) - np.clip(inp["ks"], 0, S)
+                    assert failed[lens < 65536].all()  # short rows are not filtered
+                else:
+                    assert not failed.all()  # the candidates' path ran
