@@ -381,6 +381,17 @@ def test_topk_split_choice():
     assert cb._topk_split(64, 131072, 2048, True, 132) == 1  # lengths
 
 
+def _topk_64x131072(monkeypatch, fake, reg):
+    """The launches of hisa_cupy.topk(k = 2048) on [64 x 131072] with REG_SELECT = reg, and the
+    arrays: (launches, scores, values, indices)."""
+    scores = pointer_array((64, 131072), np.float32)
+    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
+    monkeypatch.setattr(cb, "REG_SELECT", reg)
+    fake.launches.clear()
+    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+    return list(fake.launches), scores, vals, idx
+
+
 def test_topk_split_launches(monkeypatch):
     # [64 x 131072], k = 2048 on 132 SMs: 128 chunk rows of 65536 columns in position order into
     # the kept buffers (positions in the whole row: MAP_CHUNKS with m = 2 chunks of B = 65536), then
@@ -389,14 +400,10 @@ def test_topk_split_launches(monkeypatch):
     # register mode (its merge twin), or list mode with REG_SELECT off
     fake = _Fake(monkeypatch, cc=90)
     monkeypatch.setattr(cb, "TOPK_FILTER", False)  # which takes these rows first
-    scores = pointer_array((64, 131072), np.float32)
-    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
     for reg, merge_name in ((True, "topk_merge_regs_kernel"), (False, "topk_merge_kernel")):
-        monkeypatch.setattr(cb, "REG_SELECT", reg)
-        fake.launches.clear()
-        cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-        assert fake.names() == ["topk_chunks_kernel", merge_name]
-        chunks, merge = fake.launches
+        launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
+        assert [x.name for x in launches] == ["topk_chunks_kernel", merge_name]
+        chunks, merge = launches
         kept_v = cb._workspaces[(0, 0)]._bufs["topk_kept_values"]
         kept_i = cb._workspaces[(0, 0)]._bufs["topk_kept_indices"]
         a = [_value(x) for x in chunks.args]
@@ -407,10 +414,8 @@ def test_topk_split_launches(monkeypatch):
         b = [_value(x) for x in merge.args]
         assert merge.grid == (64,) and b[1] == kept_v.data.ptr and b[2:4] == [4096, 4096] and b[12] == kept_i.data.ptr
         assert b[13:15] == [4096, 1] and b[17] == 1 and b[22] == idx.data.ptr and b[24] == vals.data.ptr
-    fake.launches.clear()
     monkeypatch.setattr(cb, "TOPK_SPLIT", 1)
-    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-    assert fake.names() == ["topk_kernel"]
+    assert [x.name for x in _topk_64x131072(monkeypatch, fake, True)[0]] == ["topk_kernel"]
 
 
 
@@ -549,14 +554,10 @@ def test_topk_filter_launches(monkeypatch):
     # score, with counts / P / cap / failed after the select parameters) and the rescue of the
     # marked rows over the whole row (list mode, failed last)
     fake = _Fake(monkeypatch, cc=90)
-    scores = pointer_array((64, 131072), np.float32)
-    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
     for reg, name in ((True, "topk_filtered_regs_kernel"), (False, "topk_filtered_kernel")):
-        monkeypatch.setattr(cb, "REG_SELECT", reg)
-        fake.launches.clear()
-        cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-        assert fake.names() == ["topk_filter_kernel", name, "topk_rescue_kernel"]
-        filt, sel, rescue = fake.launches
+        launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
+        assert [x.name for x in launches] == ["topk_filter_kernel", name, "topk_rescue_kernel"]
+        filt, sel, rescue = launches
         bufs = cb._workspaces[(0, 0)]._bufs
         cv, ci = bufs["filter_cand_words"], bufs["filter_cand_indices"]
         counts, failed = bufs["filter_counts"], bufs["filter_failed_rows"]
@@ -572,10 +573,8 @@ def test_topk_filter_launches(monkeypatch):
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
         assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
-    fake.launches.clear()
     monkeypatch.setattr(cb, "TOPK_FILTER", False)
-    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-    assert fake.names()[0] == "topk_chunks_kernel"
+    assert _topk_64x131072(monkeypatch, fake, True)[0][0].name == "topk_chunks_kernel"
 
 
 def test_dense_filter_launches(monkeypatch):

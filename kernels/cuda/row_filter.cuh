@@ -39,30 +39,6 @@ static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 #define FILTER_ARGS \
     keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, cap, min_len, cand_word, cand_idx, counts
 
-// the keys of columns [first, first + R) of a row within [lo_col, hi_col) (HISA_KEY_NONE elsewhere)
-template <int SRC>
-__device__ __forceinline__ void filter_load(const u32* words, int lo_col, int hi_col, int first,
-                                            u32 (&key)[REG_SELECT_R]) {
-    constexpr int R = REG_SELECT_R;
-    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo_col && first + R <= hi_col) {
-        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
-#pragma unroll
-        for (int u = 0; u < R / 4; ++u) {
-            const uint4 x = __ldg(vec + u);
-            key[4 * u] = word_key<SRC>(x.x);
-            key[4 * u + 1] = word_key<SRC>(x.y);
-            key[4 * u + 2] = word_key<SRC>(x.z);
-            key[4 * u + 3] = word_key<SRC>(x.w);
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-            const int n = first + j;
-            key[j] = n >= lo_col && n < hi_col ? word_key<SRC>(__ldg(words + n)) : HISA_KEY_NONE;
-        }
-    }
-}
-
 template <int SRC>
 __device__ void row_filter(FILTER_PARAMS) {
     constexpr int R = REG_SELECT_R;
@@ -91,7 +67,7 @@ __device__ void row_filter(FILTER_PARAMS) {
 
     // the first chunk's keys, issued first so that their loads overlap the threshold search
     u32 key[R];
-    filter_load<SRC>(words, lo_col, hi_col, blockIdx.x * FILTER_CHUNK + tid * R, key);
+    load_row_keys<SRC>(words, lo_col, hi_col, blockIdx.x * FILTER_CHUNK + tid * R, key);
 
     // the sample: segment s covers columns lo_col + [s * (len / 64), + 32); thread i holds samples
     // i, i + 512, ...
@@ -129,29 +105,13 @@ __device__ void row_filter(FILTER_PARAMS) {
         int remaining = (int)min((long long)FILTER_SAMPLES,
                                  max(1LL, ((long long)expect * FILTER_SAMPLES + len - 1) / len));
         for (int level = 0; level < 3; ++level) {
-            const u32 span = hi - lo;
-            const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;
-            const int nb = (int)(span >> sh) + 1;
-#pragma unroll
-            for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u)
-                if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
-            __syncthreads();
-#pragma unroll
-            for (int u = 0; u < PER; ++u) hist_inc_in_range(sHist, smp[u], lo, span, sh);
-            __syncthreads();
-            find_bin(sHist, nb, remaining, sScan, sMisc);
-            if (sMisc[MISC_TOTAL] < remaining) break;  // fewer than ks samples at all (first level
-                                                        // only): thr = lo; uniform, no barrier skipped
-            const int b = sMisc[MISC_BIN];
-            const int in_bin = sHist[b];
-            remaining -= sMisc[MISC_ABOVE];
-            __syncthreads();  // sHist / sMisc are read before the next level clears them
-            const u32 blo = lo + ((u32)b << sh);
-            const u32 top = blo + (((u32)1u << sh) - 1u);
-            thr = blo;
-            if (in_bin <= 8 || sh == 0) break;
-            lo = blo;
-            hi = top < blo ? hi : min(hi, top);
+            const RangeLevel L = range_level(smp, lo, hi, remaining, sHist, sScan, sMisc);
+            if (L.total < remaining) break;  // fewer samples than the rank at all (first level only)
+            remaining -= L.above;
+            thr = L.blo;
+            if (L.in_bin <= 8 || L.sh == 0) break;
+            lo = L.blo;
+            hi = L.bhi;
         }
     }
     thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
@@ -162,7 +122,7 @@ __device__ void row_filter(FILTER_PARAMS) {
         const bool outside = c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col;  // uniform
         int total = 0;
         if (!outside) {
-            if (c != (int)blockIdx.x) filter_load<SRC>(words, lo_col, hi_col, first, key);
+            if (c != (int)blockIdx.x) load_row_keys<SRC>(words, lo_col, hi_col, first, key);
             // keep key >= thr in position order: slots from one block scan of per-thread counts
             u32 keep = 0u;
 #pragma unroll
