@@ -1371,7 +1371,8 @@ def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
     return best
 
 
-#: columns per CTA of the filtered top-k (FILTER_CHUNK in topk.cu) and the sampled keys per row
+#: columns per chunk of the filtered top-k and sampled keys per row (FILTER_CHUNK and
+#: FILTER_SAMPLES in row_filter.cuh)
 TOPK_FILTER_CHUNK = 8192
 TOPK_FILTER_SAMPLES = 2048
 
@@ -1386,7 +1387,7 @@ def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
     at, 2k, or more for small k (up to half the slots; k <= P * cap / 4 leaves room for twice k).
     The kernel takes the threshold at sample rank ks = expect * 2048 / (the row's length), which
     for a full row must be >= 32 (a threshold of sample rank ks is off by ~1/sqrt(ks); rank 64
-    misses k by 4 sigma at 2k). Taken for rows without lengths, N >= max(32k, 4 * TOPK_FILTER_CHUNK) (at least
+    misses k by 4 sigma at 2k). Taken for rows without lengths, N >= max(32k, 32768) (at least
     16 columns per candidate), at most 1024 rows (workspace: 64 KiB per row), cap >= 64 and
     ks >= 32 on a full row (N up to 262144 for k = 2048)."""
     if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
