@@ -100,7 +100,7 @@ REG_SELECT_ITEMS = 8192
 #: (_topk_split). 0: chosen per call, 1: never split, P > 1: P chunks where the shape allows
 TOPK_SPLIT = 0
 #: hisa_cupy.topk over long rows with k small against N (_topk_filter): a sampled threshold keeps
-#: about 2k candidates per row, whose top k is exact (rows where it is not are redone whole)
+#: about 2.5k candidates per row, whose top k is exact (rows where it is not are redone whole)
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
@@ -457,7 +457,9 @@ class _Workspace:
         self._views = {}
         self.gen = 0
 
-    def get(self, name, shape, dtype):
+    def get(self, name, shape, dtype, zeroed=False):
+        """A view [shape] of dtype of buffer ``name``, grown as needed. ``zeroed``: a new buffer
+        starts at zero (for state that every call returns to zero itself)."""
         shape = tuple(shape)
         last = self._views.get(name)
         if last is not None and last[0] == shape and last[1] == dtype:
@@ -467,7 +469,7 @@ class _Workspace:
         buf = self._bufs.get(name)
         if buf is None or buf.nbytes < max(1, size):
             self.gen += 1  # before the old buffer can go: plans holding its address are void
-            buf = _cupy().empty(max(1, size), dtype=np.uint8)
+            buf = (_cupy().zeros if zeroed else _cupy().empty)(max(1, size), dtype=np.uint8)
             self._bufs[name] = buf
         view = buf[:size].view(dt).reshape(shape)
         self._views[name] = (shape, dtype, view)
@@ -1378,31 +1380,29 @@ TOPK_FILTER_SAMPLES = 2048
 
 
 def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
-    """(P, cap, expect) of the filtered top-k over rows of N columns (row_filter.cuh: a threshold
-    from sampled keys, candidates, the exact top k of the candidates, rows whose candidates miss
-    it redone whole), or None.
+    """(P, n, expect) of the filtered top-k over rows of N columns (row_filter.cuh: a threshold
+    from sampled keys, the columns at or above it in column order, the exact top k of those, rows
+    where that cannot be exact redone whole), or None.
 
-    P chunks of TOPK_FILTER_CHUNK columns per row, each with ``cap`` candidate slots (P * cap <=
-    REG_SELECT_ITEMS, the register-mode select of step 2); expect: the candidates per row to aim
-    at, 2k, or more for small k (up to half the slots; k <= P * cap / 4 leaves room for twice k).
-    The kernel takes the threshold at sample rank ks = expect * 2048 / (the row's length), which
-    for a full row must be >= 32 (a threshold of sample rank ks is off by ~1/sqrt(ks); rank 64
-    misses k by 4 sigma at 2k). Taken for rows without lengths, N >= max(32k, 32768) (at least
-    16 columns per candidate), at most 1024 rows (workspace: 64 KiB per row), cap >= 64 and
-    ks >= 32 on a full row (N up to 262144 for k = 2048)."""
+    P chunks of TOPK_FILTER_CHUNK columns per row, a list of n = REG_SELECT_ITEMS candidate slots
+    per row (the register-mode select of step 2); expect: the candidates per row to aim at, 2.5k
+    (room for the sample's error both ways: a row fails below k or above n), or more for small k
+    (up to half the slots). The kernel takes the threshold at sample rank ks = expect * 2048 /
+    (the row's length), which for a full row must be >= 32 (a threshold of sample rank ks is off
+    by ~1/sqrt(ks)). Taken for rows without lengths, N >= max(32k, 32768) (at least 16 columns
+    per candidate), at most 1024 rows (workspace: 64 KiB per row), k <= n / 4 and ks >= 32 on a
+    full row (N up to ~327680 for k = 2048)."""
     if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
         return None
     if N < max(32 * k, 4 * TOPK_FILTER_CHUNK):
         return None
     P = -(-N // TOPK_FILTER_CHUNK)
-    cap = REG_SELECT_ITEMS // P
-    if cap < 64:
-        return None
-    half = TOPK_FILTER_SAMPLES * (REG_SELECT_ITEMS // 2) // N
-    ks = max(1, -(-2 * k * TOPK_FILTER_SAMPLES // N), min(64, half))
+    n = REG_SELECT_ITEMS
+    half = TOPK_FILTER_SAMPLES * (n // 2) // N
+    ks = max(1, -(-5 * k * TOPK_FILTER_SAMPLES // (2 * N)), min(64, half))
     if ks < 32:  # rows so long that the sample is too thin
         return None
-    return P, cap, -(-ks * N // TOPK_FILTER_SAMPLES)
+    return P, n, -(-ks * N // TOPK_FILTER_SAMPLES)
 
 
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
@@ -1440,30 +1440,31 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
                     min_len=0, ws, em=None):
     """The filtered top-k's three launches (row_filter.cuh) over ``rows`` rows of ``keys`` (u32
     ranking keys) or fp32 ``scores`` [rows, ld]: candidates above a sampled threshold, the top k of
-    the rows whose candidates hold it, the other rows redone whole. ``plan``: (P, cap, expect)
+    the rows whose candidates hold it, the other rows redone whole. ``plan``: (P, n, expect)
     from _topk_filter; the launches' row 0 is row 0 of ks / ke from ``range_off`` bytes on, of T rows
     (so a chunk of dense's rows passes T - r0); ``ranged``: columns [ks, ke) of each row, else all
     ``ncols``; rows shorter than ``min_len`` go straight to the rescue."""
     em = em or _DIRECT
     stem = filename[:-len(".cu")]
-    P, cap, expect = plan
-    n = P * cap
+    P, n, expect = plan
     cand = ws.get("filter_cand_words", (rows, n), np.uint32)
     cand_idx = ws.get("filter_cand_indices", (rows, n), np.int32)
-    counts = ws.get("filter_counts", (rows, P), np.int32)
+    # each row's chunk states and chunk counter: zero before every call (the select zeroes them)
+    states = ws.get("filter_chunk_states", (rows, P), np.uint32, zeroed=True)
+    next_chunk = ws.get("filter_next_chunk", (rows,), np.int32, zeroed=True)
     failed = ws.get("filter_failed_rows", (rows,), np.int32)
-    # CTAs per row: about two per SM in all (one wave), each taking an even share of the P chunks
+    # CTAs per row: about two per SM in all (one wave), taking the row's chunks in order
     per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // rows))
     per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
     ptr = em.ptr
     em.launch(_kernel(filename, f"{stem}_filter_kernel", 0), (per_row, rows), (SELECT_THREADS,),
               (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
-               ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(cap), _i32(min_len), ptr(cand),
-               ptr(cand_idx), ptr(counts)))
+               ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(n), _i32(min_len), ptr(cand),
+               ptr(cand_idx), ptr(states), ptr(next_chunk)))
     common = dict(k=k, T=T, S=S, ks=ks, ke=ke, range_off=range_off, relative=relative, by_score=by_score,
                   out_idx=out_idx, out_ld=out_ld, out_val=out_val, out_off=out_off, em=em)
     _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
                    scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
-                   extra=(counts, P, cap, failed), **common)
+                   extra=(states, P, n, next_chunk, failed), **common)
     _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
                    extra=(failed,), **common)

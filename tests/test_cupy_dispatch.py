@@ -37,7 +37,8 @@ class _Fake:
         cuda = types.SimpleNamespace(Device=lambda *a: device,
                                      runtime=types.SimpleNamespace(getDevice=lambda: 0),
                                      get_current_stream=lambda: types.SimpleNamespace(ptr=0))
-        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype))
+        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype),
+                                         zeros=lambda shape, dtype: pointer_array(shape, dtype))
         self.cupy = fake_cupy
         monkeypatch.setattr(cb, "_cupy", lambda: fake_cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin,
@@ -531,15 +532,15 @@ def test_nvrtc_compile_cache_and_lineinfo(monkeypatch, tmp_path):
 
 
 def test_topk_filter_choice():
-    # long rows with k small against N, no lengths, at most 1024 rows: P chunks of 8192 columns with
-    # cap = 8192 // P candidate slots each, aiming at 2k candidates per row (up to 4096 for small
+    # long rows with k small against N, no lengths, at most 1024 rows: P chunks of 8192 columns, a
+    # list of 8192 candidate slots per row, aiming at 2.5k candidates per row (up to 4096 for small
     # k); a full row's sample rank (expect * 2048 / N) must be >= 32
-    assert cb._topk_filter(64, 131072, 2048, False) == (16, 512, 4096)  # sample rank 64
-    assert cb._topk_filter(64, 131072, 1, False) == (16, 512, 4096)  # small k: half the slots
-    assert cb._topk_filter(8, 65536, 2048, False) == (8, 1024, 4096)
-    assert cb._topk_filter(5, 100003, 700, False) == (13, 630, 3126)  # a partial last chunk
-    assert cb._topk_filter(4, 262144, 2048, False) == (32, 256, 4096)  # sample rank 32
-    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # sample rank 8: too thin
+    assert cb._topk_filter(64, 131072, 2048, False) == (16, 8192, 5120)  # sample rank 80
+    assert cb._topk_filter(64, 131072, 1, False) == (16, 8192, 4096)  # small k: half the slots
+    assert cb._topk_filter(8, 65536, 2048, False) == (8, 8192, 5120)
+    assert cb._topk_filter(5, 100003, 700, False) == (13, 8192, 3126)  # a partial last chunk; rank 64
+    assert cb._topk_filter(4, 262144, 2048, False) == (32, 8192, 5120)  # sample rank 40
+    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # sample rank 10: too thin
     assert cb._topk_filter(64, 131072, 4096, False) is None  # k > 8192 / 4
     assert cb._topk_filter(64, 131072, 2048, True) is None  # lengths
     assert cb._topk_filter(2000, 131072, 2048, False) is None  # workspace
@@ -549,10 +550,11 @@ def test_topk_filter_choice():
 
 def test_topk_filter_launches(monkeypatch):
     # [64 x 131072], k = 2048 on 132 SMs: topk_filter_kernel on a (4, 64) grid (16 chunks per row,
-    # 4 CTAs per row: one wave of 256 CTAs), writing 16 x 512 candidate slots and 16 counts per
-    # row; then the candidates' select (register mode, MAP_GATHER over the candidate columns, by
-    # score, with counts / P / cap / failed after the select parameters) and the rescue of the
-    # marked rows over the whole row (list mode, failed last)
+    # 4 CTAs per row: one wave of 256 CTAs), writing a list of 8192 candidate slots, 16 chunk
+    # states and a chunk counter per row; then the candidates' select (register mode, MAP_GATHER
+    # over the candidate columns, by score, with states / P / n / next_chunk / failed after the
+    # select parameters) and the rescue of the marked rows over the whole row (list mode, failed
+    # last)
     fake = _Fake(monkeypatch, cc=90)
     for reg, name in ((True, "topk_filtered_regs_kernel"), (False, "topk_filtered_kernel")):
         launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
@@ -560,21 +562,45 @@ def test_topk_filter_launches(monkeypatch):
         filt, sel, rescue = launches
         bufs = cb._workspaces[(0, 0)]._bufs
         cv, ci = bufs["filter_cand_words"], bufs["filter_cand_indices"]
-        counts, failed = bufs["filter_counts"], bufs["filter_failed_rows"]
+        states, nxt = bufs["filter_chunk_states"], bufs["filter_next_chunk"]
+        failed = bufs["filter_failed_rows"]
         assert filt.grid == (4, 64) and filt.block == (512,)
-        # FILTER_PARAMS: keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, cap, min_len,
-        # cand_word, cand_idx, counts
+        # FILTER_PARAMS: keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, n, min_len,
+        # cand_word, cand_idx, states, next_chunk
         assert [_value(x) for x in filt.args] == [0, scores.data.ptr, 131072, 131072, 0, 64, 131072, 0, 0, 0, 16,
-                                                  4096, 512, 0, cv.data.ptr, ci.data.ptr, counts.data.ptr]
+                                                  5120, 8192, 0, cv.data.ptr, ci.data.ptr, states.data.ptr,
+                                                  nxt.data.ptr]
         b = [_value(x) for x in sel.args]
         assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
         assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
-        assert b[24] == vals.data.ptr and b[25:] == [counts.data.ptr, 16, 512, failed.data.ptr]
+        assert b[24] == vals.data.ptr and b[25:] == [states.data.ptr, 16, 8192, nxt.data.ptr, failed.data.ptr]
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
         assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
     monkeypatch.setattr(cb, "TOPK_FILTER", False)
     assert _topk_64x131072(monkeypatch, fake, True)[0][0].name == "topk_chunks_kernel"
+
+
+def test_filter_state_buffers_start_at_zero(monkeypatch):
+    # the filter's chunk states and chunk counters must be zero before its first launch (the
+    # select returns them to zero after each call): their buffers are allocated zeroed, and grow
+    # zeroed; the candidate lists need no zeroing
+    fake = _Fake(monkeypatch, cc=90)
+    made = []
+    for fn in ("empty", "zeros"):
+        monkeypatch.setattr(fake.cupy, fn, lambda shape, dtype, fn=fn: made.append(fn) or pointer_array(shape, dtype))
+    ws = cb._Workspace()
+    ws.get("a", (4, 16), np.uint32, zeroed=True)
+    ws.get("b", (4, 16), np.uint32)
+    ws.get("a", (2, 8), np.uint32, zeroed=True)  # fits: the same (zero) buffer
+    ws.get("a", (64, 16), np.uint32, zeroed=True)  # grows
+    assert made == ["zeros", "empty", "zeros"]
+    made.clear()
+    _topk_64x131072(monkeypatch, fake, True)
+    bufs = cb._workspaces[(0, 0)]._bufs
+    assert sorted(b for b in bufs if b.startswith("filter_")) == [
+        "filter_cand_indices", "filter_cand_words", "filter_chunk_states", "filter_failed_rows", "filter_next_chunk"]
+    assert made.count("zeros") == 2 and made.count("empty") >= 3
 
 
 def test_dense_filter_launches(monkeypatch):
@@ -599,7 +625,7 @@ def test_dense_filter_launches(monkeypatch):
         filt, sel, rescue = fake.launches[4 * i + 1: 4 * i + 4]
         a = [_value(x) for x in filt.args]
         assert filt.grid == (16, nr) and a[:7] == [keys.data.ptr, 0, S, S, 0, T - r0, S]  # a CTA per chunk
-        assert a[7:14] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0, 1, 16, 4096, 512, 65536]
+        assert a[7:14] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0, 1, 16, 5120, 8192, 65536]
         assert a[14] == cand.data.ptr and a[15] == cidx.data.ptr
         b = [_value(x) for x in sel.args]
         assert sel.grid == (nr,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192] and b[7:10] == [0, T - r0, S]
@@ -608,7 +634,8 @@ def test_dense_filter_launches(monkeypatch):
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (nr,) and c[0] == keys.data.ptr and c[2:4] == [S, S] and c[7:9] == [0, T - r0]
         assert c[10] == ks.data.ptr + 4 * r0 and c[22] == out.data.ptr + r0 * 2048 * 4
-        assert c[25] == b[28]  # the rescue reads the marks the select writes
+        assert c[25] == b[29]  # the rescue reads the marks the select writes
+        assert a[16:18] == b[25:29:3]  # the select reads (and zeroes) the filter's states and counter
     fake.launches.clear()
     monkeypatch.setattr(cb, "DENSE_FILTER", False)
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)

@@ -44,14 +44,14 @@ __global__ void __launch_bounds__(SELECT_THREADS) dense_filter_kernel(FILTER_PAR
     row_filter<KEYS_U32>(FILTER_ARGS);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS) dense_filtered_kernel(SELECT_PARAMS, const int* counts, int P,
-                                                                       int cap, int* failed) {
-    filtered_select<KEYS_U32, false>(SELECT_ARGS, counts, P, cap, failed);
+__global__ void __launch_bounds__(SELECT_THREADS) dense_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_U32, false>(SELECT_ARGS, states, P, n, next_chunk, failed);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_filtered_regs_kernel(SELECT_PARAMS, const int* counts, int P,
-                                                                               int cap, int* failed) {
-    filtered_select<KEYS_U32, true>(SELECT_ARGS, counts, P, cap, failed);
+__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_U32, true>(SELECT_ARGS, states, P, n, next_chunk, failed);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) dense_rescue_kernel(SELECT_PARAMS, const int* failed) {

@@ -927,27 +927,30 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
 #define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
 
-// The keys of items [first, first + REG_SELECT_R) of a row of 32-bit words (ranking keys or fp32
-// scores), HISA_KEY_NONE outside [lo, hi): four 16-byte loads where the row is aligned and the
-// items all lie inside, else one load per item.
-template <int SRC>
+// Items [first, first + REG_SELECT_R) of a row of 32-bit words (ranking keys or fp32 scores):
+// their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, a word of key < 2
+// outside (NaN / HISA_KEY_NONE: row_filter's never-kept word). Four 16-byte loads where the row
+// is aligned and the items all lie inside, else one load per item.
+template <int SRC, bool RAW = false>
 __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[REG_SELECT_R]) {
     constexpr int R = REG_SELECT_R;
+    constexpr u32 outside = RAW && SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;
+    auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
     if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
         const uint4* vec = reinterpret_cast<const uint4*>(words + first);
 #pragma unroll
         for (int u = 0; u < R / 4; ++u) {
             const uint4 x = __ldg(vec + u);
-            key[4 * u] = word_key<SRC>(x.x);
-            key[4 * u + 1] = word_key<SRC>(x.y);
-            key[4 * u + 2] = word_key<SRC>(x.z);
-            key[4 * u + 3] = word_key<SRC>(x.w);
+            key[4 * u] = conv(x.x);
+            key[4 * u + 1] = conv(x.y);
+            key[4 * u + 2] = conv(x.z);
+            key[4 * u + 3] = conv(x.w);
         }
     } else {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             const int n = first + j;
-            key[j] = n >= lo && n < hi ? word_key<SRC>(__ldg(words + n)) : HISA_KEY_NONE;
+            key[j] = n >= lo && n < hi ? conv(__ldg(words + n)) : outside;
         }
     }
 }

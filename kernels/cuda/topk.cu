@@ -40,14 +40,14 @@ __global__ void __launch_bounds__(SELECT_THREADS) topk_filter_kernel(FILTER_PARA
     row_filter<KEYS_F32>(FILTER_ARGS);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS) topk_filtered_kernel(SELECT_PARAMS, const int* counts, int P,
-                                                                      int cap, int* failed) {
-    filtered_select<KEYS_F32, false>(SELECT_ARGS, counts, P, cap, failed);
+__global__ void __launch_bounds__(SELECT_THREADS) topk_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_F32, false>(SELECT_ARGS, states, P, n, next_chunk, failed);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_filtered_regs_kernel(SELECT_PARAMS, const int* counts, int P,
-                                                                              int cap, int* failed) {
-    filtered_select<KEYS_F32, true>(SELECT_ARGS, counts, P, cap, failed);
+__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_F32, true>(SELECT_ARGS, states, P, n, next_chunk, failed);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) topk_rescue_kernel(SELECT_PARAMS, const int* failed) {
