@@ -31,7 +31,6 @@
 
 #define FILTER_CHUNK 8192     // columns per chunk: 16 per thread (cupy_backend.TOPK_FILTER_CHUNK)
 #define FILTER_SAMPLES 2048   // sampled keys per row, 4 per thread (cupy_backend.TOPK_FILTER_SAMPLES)
-#define FILTER_SEGMENTS (FILTER_SAMPLES / 32)
 static_assert(FILTER_CHUNK == SELECT_THREADS * REG_SELECT_R, "a chunk is one column per thread and register");
 static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 
