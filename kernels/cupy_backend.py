@@ -99,6 +99,11 @@ REG_SELECT_ITEMS = 8192
 #: hisa_cupy.topk over few long rows: chunks per row, each scored by its own CTA and merged after
 #: (_topk_split). 0: chosen per call, 1: never split, P > 1: P chunks where the shape allows
 TOPK_SPLIT = 0
+#: hisa_cupy.topk over long rows with k small against N (_topk_filter): a sampled threshold keeps
+#: about 2.5k candidates per row, whose top k is exact (rows where it is not are redone whole)
+TOPK_FILTER = True
+#: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
+DENSE_FILTER = True
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -306,12 +311,15 @@ def kernel_instances():
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel"), ("topk.cu", "topk_chunks_kernel"),
-            ("topk.cu", "topk_merge_kernel")]
+            ("topk.cu", "topk_merge_kernel"), ("topk.cu", "topk_filter_kernel"), ("topk.cu", "topk_filtered_kernel"),
+            ("topk.cu", "topk_rescue_kernel"), ("dense.cu", "dense_filter_kernel"), ("dense.cu", "dense_filtered_kernel"),
+            ("dense.cu", "dense_rescue_kernel")]
     out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
             ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
-            ("topk.cu", "topk_merge_regs_kernel")]
+            ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
+            ("dense.cu", "dense_filtered_regs_kernel")]
     return out
 
 
@@ -449,7 +457,9 @@ class _Workspace:
         self._views = {}
         self.gen = 0
 
-    def get(self, name, shape, dtype):
+    def get(self, name, shape, dtype, zeroed=False):
+        """A view [shape] of dtype of buffer ``name``, grown as needed. ``zeroed``: a new buffer
+        starts at zero (for state that every call returns to zero itself)."""
         shape = tuple(shape)
         last = self._views.get(name)
         if last is not None and last[0] == shape and last[1] == dtype:
@@ -459,7 +469,7 @@ class _Workspace:
         buf = self._bufs.get(name)
         if buf is None or buf.nbytes < max(1, size):
             self.gen += 1  # before the old buffer can go: plans holding its address are void
-            buf = _cupy().empty(max(1, size), dtype=np.uint8)
+            buf = (_cupy().zeros if zeroed else _cupy().empty)(max(1, size), dtype=np.uint8)
             self._bufs[name] = buf
         view = buf[:size].view(dt).reshape(shape)
         self._views[name] = (shape, dtype, view)
@@ -919,9 +929,12 @@ def _select_plan(k: int, ncols: int, by_score: bool, smem_optin: int, rows: int 
 
 def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols, lengths=None, k,
                    row0=0, T, S, ks=None, ke=None, blocks=None, m=0, B=1, relative=False,
-                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None):
+                   by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None, extra=(), range_off=0):
     """Row top-k launches (row_select.cuh) of ``rows`` rows of ``keys`` / ``scores`` (row stride
-    ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in."""
+    ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in.
+    ``extra``: arguments after the select parameters (arrays as pointers, ints as int32), for
+    the kernels that take more (the filtered paths, row_filter.cuh); ``range_off``: bytes into
+    ``ks`` / ``ke`` (a launch whose row 0 is a later row of them)."""
     em = em or _DIRECT
     if rows == 0:
         return
@@ -958,16 +971,17 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     kernel, block, smem, launches = plan
     fn = _kernel(filename, kernel, smem)
     ptr = em.ptr
-    side = (ptr(ks), ptr(ke), ptr(blocks))
+    side = (ptr(ks, range_off), ptr(ke, range_off), ptr(blocks))
+    tail = tuple(_i32(x) if isinstance(x, int) else ptr(x) for x in extra)
     for grid, koff, ooff, a, b, c, d in launches:
         em.launch(fn, grid, block, (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
-                  + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:],
-                  smem)
+                  + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:]
+                  + tail, smem)
 
 
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
 _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
-                       "topk_merge_kernel")
+                       "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1031,7 +1045,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER)
 
 
 def _keep_plan(key, plan):
@@ -1299,6 +1313,13 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail, smem)
+        fplan = _topk_filter(nr, S, topk, False) if DENSE_FILTER else None
+        if fplan is not None:  # long rows: the chunk's rows are rows 0.. of ks / ke from r0 on, of T - r0
+            _filtered_top_k("dense.cu", fplan, rows=nr, keys=keys, ld=S, ncols=S, k=topk, T=T - r0, S=S, ks=ks,
+                            ke=ke, ranged=True, range_off=r0 * 4, relative=relative, by_score=by_score, out_idx=out,
+                            out_ld=topk, out_off=r0 * topk * 4, min_len=max(32 * topk, 4 * TOPK_FILTER_CHUNK),
+                            ws=workspace(stream), em=em)
+            continue
         _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
                        row0=r0, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score,
                        out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
@@ -1352,11 +1373,48 @@ def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
     return best
 
 
+#: columns per chunk of the filtered top-k and sampled keys per row (FILTER_CHUNK and
+#: FILTER_SAMPLES in row_filter.cuh)
+TOPK_FILTER_CHUNK = 8192
+TOPK_FILTER_SAMPLES = 2048
+
+
+def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
+    """(P, n, expect) of the filtered top-k over rows of N columns (row_filter.cuh: a threshold
+    from sampled keys, the columns at or above it in column order, the exact top k of those, rows
+    where that cannot be exact redone whole), or None.
+
+    P chunks of TOPK_FILTER_CHUNK columns per row, a list of n = REG_SELECT_ITEMS candidate slots
+    per row (the register-mode select of step 2); expect: the candidates per row to aim at, 2.5k
+    (room for the sample's error both ways: a row fails below k or above n), or more for small k
+    (up to half the slots). The kernel takes the threshold at sample rank ks = expect * 2048 /
+    (the row's length), which for a full row must be >= 32 (a threshold of sample rank ks is off
+    by ~1/sqrt(ks)). Taken for rows without lengths, N >= max(32k, 32768) (at least 16 columns
+    per candidate), at most 1024 rows (workspace: 64 KiB per row), k <= n / 4 and ks >= 32 on a
+    full row (N up to ~327680 for k = 2048)."""
+    if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
+        return None
+    if N < max(32 * k, 4 * TOPK_FILTER_CHUNK):
+        return None
+    P = -(-N // TOPK_FILTER_CHUNK)
+    n = REG_SELECT_ITEMS
+    half = TOPK_FILTER_SAMPLES * (n // 2) // N
+    ks = max(1, -(-5 * k * TOPK_FILTER_SAMPLES // (2 * N)), min(64, half))
+    if ks < 32:  # rows so long that the sample is too thin
+        return None
+    return P, n, -(-ks * N // TOPK_FILTER_SAMPLES)
+
+
 def topk(scores, lengths, *, k, out_values, out_indices, stream):
     """Exact row top-k of fp32 ``scores`` [R, N] (SPEC §3 ranking), values and indices in rank order."""
     R, N = scores.shape
     with _on_stream(stream):
         if R == 0 or k == 0:
+            return out_values, out_indices
+        plan = _topk_filter(R, N, k, lengths is not None) if TOPK_FILTER else None
+        if plan is not None:
+            _filtered_top_k("topk.cu", plan, rows=R, scores=scores, ld=N, ncols=N, k=k, T=R, S=N, ranged=False,
+                            by_score=True, out_idx=out_indices, out_ld=k, out_val=out_values, ws=workspace(stream))
             return out_values, out_indices
         P = _topk_split(R, N, k, lengths is not None, _device_facts(_device_id())["sms"])
         if P == 1:
@@ -1375,3 +1433,38 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
                        S=N, blocks=kept_indices, m=P * k, B=1, by_score=True, out_idx=out_indices, out_ld=k,
                        out_val=out_values)
     return out_values, out_indices
+
+
+def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, k, T, S, ks=None, ke=None,
+                    ranged, range_off=0, relative=False, by_score, out_idx, out_ld, out_val=None, out_off=0,
+                    min_len=0, ws, em=None):
+    """The filtered top-k's three launches (row_filter.cuh) over ``rows`` rows of ``keys`` (u32
+    ranking keys) or fp32 ``scores`` [rows, ld]: candidates above a sampled threshold, the top k of
+    the rows whose candidates hold it, the other rows redone whole. ``plan``: (P, n, expect)
+    from _topk_filter; the launches' row 0 is row 0 of ks / ke from ``range_off`` bytes on, of T rows
+    (so a chunk of dense's rows passes T - r0); ``ranged``: columns [ks, ke) of each row, else all
+    ``ncols``; rows shorter than ``min_len`` go straight to the rescue."""
+    em = em or _DIRECT
+    stem = filename[:-len(".cu")]
+    P, n, expect = plan
+    cand = ws.get("filter_cand_words", (rows, n), np.uint32)
+    cand_idx = ws.get("filter_cand_indices", (rows, n), np.int32)
+    # each row's chunk states and chunk counter: zero before every call (the select zeroes them)
+    states = ws.get("filter_chunk_states", (rows, P), np.uint32, zeroed=True)
+    next_chunk = ws.get("filter_next_chunk", (rows,), np.int32, zeroed=True)
+    failed = ws.get("filter_failed_rows", (rows,), np.int32)
+    # CTAs per row: about two per SM in all (one wave), taking the row's chunks in order
+    per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // rows))
+    per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
+    ptr = em.ptr
+    em.launch(_kernel(filename, f"{stem}_filter_kernel", 0), (per_row, rows), (SELECT_THREADS,),
+              (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
+               ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(n), _i32(min_len), ptr(cand),
+               ptr(cand_idx), ptr(states), ptr(next_chunk)))
+    common = dict(k=k, T=T, S=S, ks=ks, ke=ke, range_off=range_off, relative=relative, by_score=by_score,
+                  out_idx=out_idx, out_ld=out_ld, out_val=out_val, out_off=out_off, em=em)
+    _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
+                   scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
+                   extra=(states, P, n, next_chunk, failed), **common)
+    _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
+                   extra=(failed,), **common)

@@ -103,6 +103,7 @@ class _Fake:
                                      Stream=Stream, UnownedMemory=cupy.cuda.UnownedMemory,
                                      MemoryPointer=cupy.cuda.MemoryPointer)
         self.cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype),
+                                          zeros=lambda shape, dtype: pointer_array(shape, dtype),
                                           ndarray=cupy.ndarray)
         monkeypatch.setattr(cb, "_cupy", lambda: self.cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin, "sms": 132})

@@ -58,5 +58,7 @@ def test_host_constants_match_the_kernels():
             defines.update(re.findall(r"^#define (\w+) (\d+)\b", src.read(), flags=re.M))
     for name in ("SCORE_TILE", "SCORE_THREADS", "SELECT_THREADS", "WARP_SELECT_ITEMS", "WARP_SELECT_ROWS"):
         assert int(defines[name]) == getattr(cupy_backend, name), name
+    for name in ("FILTER_CHUNK", "FILTER_SAMPLES"):  # topk.cu's filtered path
+        assert int(defines[name]) == getattr(cupy_backend, "TOPK_" + name), name
     # register mode's longest row is SELECT_THREADS x REG_SELECT_R keys per thread
     assert int(defines["SELECT_THREADS"]) * int(defines["REG_SELECT_R"]) == cupy_backend.REG_SELECT_ITEMS

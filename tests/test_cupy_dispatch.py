@@ -37,7 +37,8 @@ class _Fake:
         cuda = types.SimpleNamespace(Device=lambda *a: device,
                                      runtime=types.SimpleNamespace(getDevice=lambda: 0),
                                      get_current_stream=lambda: types.SimpleNamespace(ptr=0))
-        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype))
+        fake_cupy = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: pointer_array(shape, dtype),
+                                         zeros=lambda shape, dtype: pointer_array(shape, dtype))
         self.cupy = fake_cupy
         monkeypatch.setattr(cb, "_cupy", lambda: fake_cupy)
         monkeypatch.setattr(cb, "_device_facts", lambda device_id: {"cc": cc, "smem_optin": smem_optin,
@@ -381,6 +382,17 @@ def test_topk_split_choice():
     assert cb._topk_split(64, 131072, 2048, True, 132) == 1  # lengths
 
 
+def _topk_64x131072(monkeypatch, fake, reg):
+    """The launches of hisa_cupy.topk(k = 2048) on [64 x 131072] with REG_SELECT = reg, and the
+    arrays: (launches, scores, values, indices)."""
+    scores = pointer_array((64, 131072), np.float32)
+    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
+    monkeypatch.setattr(cb, "REG_SELECT", reg)
+    fake.launches.clear()
+    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
+    return list(fake.launches), scores, vals, idx
+
+
 def test_topk_split_launches(monkeypatch):
     # [64 x 131072], k = 2048 on 132 SMs: 128 chunk rows of 65536 columns in position order into
     # the kept buffers (positions in the whole row: MAP_CHUNKS with m = 2 chunks of B = 65536), then
@@ -388,14 +400,11 @@ def test_topk_split_launches(monkeypatch):
     # them (MAP_GATHER with m = 4096, B = 1), by score into the outputs; 4096 kept items fit
     # register mode (its merge twin), or list mode with REG_SELECT off
     fake = _Fake(monkeypatch, cc=90)
-    scores = pointer_array((64, 131072), np.float32)
-    vals, idx = pointer_array((64, 2048), np.float32), pointer_array((64, 2048), np.int32)
+    monkeypatch.setattr(cb, "TOPK_FILTER", False)  # which takes these rows first
     for reg, merge_name in ((True, "topk_merge_regs_kernel"), (False, "topk_merge_kernel")):
-        monkeypatch.setattr(cb, "REG_SELECT", reg)
-        fake.launches.clear()
-        cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-        assert fake.names() == ["topk_chunks_kernel", merge_name]
-        chunks, merge = fake.launches
+        launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
+        assert [x.name for x in launches] == ["topk_chunks_kernel", merge_name]
+        chunks, merge = launches
         kept_v = cb._workspaces[(0, 0)]._bufs["topk_kept_values"]
         kept_i = cb._workspaces[(0, 0)]._bufs["topk_kept_indices"]
         a = [_value(x) for x in chunks.args]
@@ -406,10 +415,8 @@ def test_topk_split_launches(monkeypatch):
         b = [_value(x) for x in merge.args]
         assert merge.grid == (64,) and b[1] == kept_v.data.ptr and b[2:4] == [4096, 4096] and b[12] == kept_i.data.ptr
         assert b[13:15] == [4096, 1] and b[17] == 1 and b[22] == idx.data.ptr and b[24] == vals.data.ptr
-    fake.launches.clear()
     monkeypatch.setattr(cb, "TOPK_SPLIT", 1)
-    cb.topk(scores, None, k=2048, out_values=vals, out_indices=idx, stream=0)
-    assert fake.names() == ["topk_kernel"]
+    assert [x.name for x in _topk_64x131072(monkeypatch, fake, True)[0]] == ["topk_kernel"]
 
 
 
@@ -522,3 +529,114 @@ def test_nvrtc_compile_cache_and_lineinfo(monkeypatch, tmp_path):
     assert kept.is_absolute() and kept.name == "k.cu" and kept.read_text() == src
     assert kept.parent.parent == tmp_path / "lineinfo"
     assert cb._nvrtc_compile(src, "k", "sm_90a") == (binary, lowered) and len(fake.programs) == 2
+
+
+def test_topk_filter_choice():
+    # long rows with k small against N, no lengths, at most 1024 rows: P chunks of 8192 columns, a
+    # list of 8192 candidate slots per row, aiming at 2.5k candidates per row (up to 4096 for small
+    # k); a full row's sample rank (expect * 2048 / N) must be >= 32
+    assert cb._topk_filter(64, 131072, 2048, False) == (16, 8192, 5120)  # sample rank 80
+    assert cb._topk_filter(64, 131072, 1, False) == (16, 8192, 4096)  # small k: half the slots
+    assert cb._topk_filter(8, 65536, 2048, False) == (8, 8192, 5120)
+    assert cb._topk_filter(5, 100003, 700, False) == (13, 8192, 3126)  # a partial last chunk; rank 64
+    assert cb._topk_filter(4, 262144, 2048, False) == (32, 8192, 5120)  # sample rank 40
+    assert cb._topk_filter(4, 1 << 20, 2048, False) is None  # sample rank 10: too thin
+    assert cb._topk_filter(64, 131072, 4096, False) is None  # k > 8192 / 4
+    assert cb._topk_filter(64, 131072, 2048, True) is None  # lengths
+    assert cb._topk_filter(2000, 131072, 2048, False) is None  # workspace
+    assert cb._topk_filter(64, 32767, 512, False) is None  # short rows
+    assert cb._topk_filter(64, 40000, 2048, False) is None  # N < 32k
+
+
+def test_topk_filter_launches(monkeypatch):
+    # [64 x 131072], k = 2048 on 132 SMs: topk_filter_kernel on a (4, 64) grid (16 chunks per row,
+    # 4 CTAs per row: one wave of 256 CTAs), writing a list of 8192 candidate slots, 16 chunk
+    # states and a chunk counter per row; then the candidates' select (register mode, MAP_GATHER
+    # over the candidate columns, by score, with states / P / n / next_chunk / failed after the
+    # select parameters) and the rescue of the marked rows over the whole row (list mode, failed
+    # last)
+    fake = _Fake(monkeypatch, cc=90)
+    for reg, name in ((True, "topk_filtered_regs_kernel"), (False, "topk_filtered_kernel")):
+        launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
+        assert [x.name for x in launches] == ["topk_filter_kernel", name, "topk_rescue_kernel"]
+        filt, sel, rescue = launches
+        bufs = cb._workspaces[(0, 0)]._bufs
+        cv, ci = bufs["filter_cand_words"], bufs["filter_cand_indices"]
+        states, nxt = bufs["filter_chunk_states"], bufs["filter_next_chunk"]
+        failed = bufs["filter_failed_rows"]
+        assert filt.grid == (4, 64) and filt.block == (512,)
+        # FILTER_PARAMS: keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, n, min_len,
+        # cand_word, cand_idx, states, next_chunk
+        assert [_value(x) for x in filt.args] == [0, scores.data.ptr, 131072, 131072, 0, 64, 131072, 0, 0, 0, 16,
+                                                  5120, 8192, 0, cv.data.ptr, ci.data.ptr, states.data.ptr,
+                                                  nxt.data.ptr]
+        b = [_value(x) for x in sel.args]
+        assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
+        assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
+        assert b[24] == vals.data.ptr and b[25:] == [states.data.ptr, 16, 8192, nxt.data.ptr, failed.data.ptr]
+        c = [_value(x) for x in rescue.args]
+        assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
+        assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
+    monkeypatch.setattr(cb, "TOPK_FILTER", False)
+    assert _topk_64x131072(monkeypatch, fake, True)[0][0].name == "topk_chunks_kernel"
+
+
+def test_filter_state_buffers_start_at_zero(monkeypatch):
+    # the filter's chunk states and chunk counters must be zero before its first launch (the
+    # select returns them to zero after each call): their buffers are allocated zeroed, and grow
+    # zeroed; the candidate lists need no zeroing
+    fake = _Fake(monkeypatch, cc=90)
+    made = []
+    for fn in ("empty", "zeros"):
+        monkeypatch.setattr(fake.cupy, fn, lambda shape, dtype, fn=fn: made.append(fn) or pointer_array(shape, dtype))
+    ws = cb._Workspace()
+    ws.get("a", (4, 16), np.uint32, zeroed=True)
+    ws.get("b", (4, 16), np.uint32)
+    ws.get("a", (2, 8), np.uint32, zeroed=True)  # fits: the same (zero) buffer
+    ws.get("a", (64, 16), np.uint32, zeroed=True)  # grows
+    assert made == ["zeros", "empty", "zeros"]
+    made.clear()
+    _topk_64x131072(monkeypatch, fake, True)
+    bufs = cb._workspaces[(0, 0)]._bufs
+    assert sorted(b for b in bufs if b.startswith("filter_")) == [
+        "filter_cand_indices", "filter_cand_words", "filter_chunk_states", "filter_failed_rows", "filter_next_chunk"]
+    assert made.count("zeros") == 2 and made.count("empty") >= 3
+
+
+def test_dense_filter_launches(monkeypatch):
+    # dense_select over S = 131072 with topk = 2048, rows in chunks of 16 (DENSE_WORKSPACE_BYTES):
+    # each chunk's scores, then the filtered top-k of its 16 rows over the ranking keys (ranged:
+    # the rows' [ks, ke), from row r0 of ks / ke on, T - r0 rows of them; rows shorter than 65536
+    # go straight to the rescue), its candidates' select (positions through MAP_GATHER, relative
+    # to ks) and the rescue (list mode over the chunk's keys); with DENSE_FILTER off, list mode
+    fake = _Fake(monkeypatch, cc=90)
+    T, S = 40, 131072
+    monkeypatch.setattr(cb, "DENSE_WORKSPACE_BYTES", 16 * S * 4)
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
+    ks, ke = pointer_array((T,), np.int32), pointer_array((T,), np.int32)
+    cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
+    score = "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"
+    assert fake.names() == [score, "dense_filter_kernel", "dense_filtered_regs_kernel", "dense_rescue_kernel"] * 3
+    bufs = cb._workspaces[(0, 0)]._bufs
+    keys, cand, cidx = bufs["dense_keys"], bufs["filter_cand_words"], bufs["filter_cand_indices"]
+    for i, r0 in enumerate((0, 16, 32)):
+        nr = min(16, T - r0)
+        filt, sel, rescue = fake.launches[4 * i + 1: 4 * i + 4]
+        a = [_value(x) for x in filt.args]
+        assert filt.grid == (16, nr) and a[:7] == [keys.data.ptr, 0, S, S, 0, T - r0, S]  # a CTA per chunk
+        assert a[7:14] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0, 1, 16, 5120, 8192, 65536]
+        assert a[14] == cand.data.ptr and a[15] == cidx.data.ptr
+        b = [_value(x) for x in sel.args]
+        assert sel.grid == (nr,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192] and b[7:10] == [0, T - r0, S]
+        assert b[10:12] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0] and b[12] == cidx.data.ptr
+        assert b[13:15] == [8192, 1] and b[16:18] == [1, 0] and b[22] == out.data.ptr + r0 * 2048 * 4
+        c = [_value(x) for x in rescue.args]
+        assert rescue.grid == (nr,) and c[0] == keys.data.ptr and c[2:4] == [S, S] and c[7:9] == [0, T - r0]
+        assert c[10] == ks.data.ptr + 4 * r0 and c[22] == out.data.ptr + r0 * 2048 * 4
+        assert c[25] == b[29]  # the rescue reads the marks the select writes
+        assert a[16:18] == b[25:29:3]  # the select reads (and zeroes) the filter's states and counter
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "DENSE_FILTER", False)
+    cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
+    assert fake.names() == [score, "dense_topk_kernel"] * 3

@@ -1,10 +1,12 @@
 // dense.cu — the flat DSA baseline (SPEC §4): token scores of every key in [ks, ke) for a chunk of
 // query rows (score_tile, ITEMS_TOKENS; tiles past the causal edge are skipped), then the exact
-// top-k (row_select, MAP_TOKENS). The host processes row chunks so the workspace stays bounded.
+// top-k (row_select, MAP_TOKENS; long rows through row_filter.cuh's sampled threshold). The host
+// processes row chunks so the workspace stays bounded.
 #include "common.cuh"
 #include "score_tile.cuh"
 #include "score_wgmma.cuh"
 #include "row_select.cuh"
+#include "row_filter.cuh"
 
 template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) dense_score_kernel(
@@ -34,4 +36,25 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_topk_warp_kernel(
 
 __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_topk_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
+}
+
+// Long rows (cupy_backend._dense, DENSE_FILTER): the filtered top-k of row_filter.cuh over the
+// chunk's ranking keys; the launches take row 0 of the chunk as their row 0 (ks / ke offset).
+__global__ void __launch_bounds__(SELECT_THREADS) dense_filter_kernel(FILTER_PARAMS) {
+    row_filter<KEYS_U32>(FILTER_ARGS);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) dense_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_U32, false>(SELECT_ARGS, states, P, n, next_chunk, failed);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n,
+        int* next_chunk, int* failed) {
+    filtered_select<KEYS_U32, true>(SELECT_ARGS, states, P, n, next_chunk, failed);
+}
+
+__global__ void __launch_bounds__(SELECT_THREADS) dense_rescue_kernel(SELECT_PARAMS, const int* failed) {
+    if (failed[row0 + (int)blockIdx.x] == 0) return;
+    row_select<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
 }

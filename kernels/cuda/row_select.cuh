@@ -927,6 +927,72 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
 #define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
 
+// Items [first, first + REG_SELECT_R) of a row of 32-bit words (ranking keys or fp32 scores):
+// their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, a word of key < 2
+// outside (NaN / HISA_KEY_NONE: row_filter's never-kept word). Four 16-byte loads where the row
+// is aligned and the items all lie inside, else one load per item.
+template <int SRC, bool RAW = false>
+__device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[REG_SELECT_R]) {
+    constexpr int R = REG_SELECT_R;
+    constexpr u32 outside = RAW && SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;
+    auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
+    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
+        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
+#pragma unroll
+        for (int u = 0; u < R / 4; ++u) {
+            const uint4 x = __ldg(vec + u);
+            key[4 * u] = conv(x.x);
+            key[4 * u + 1] = conv(x.y);
+            key[4 * u + 2] = conv(x.z);
+            key[4 * u + 3] = conv(x.w);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int n = first + j;
+            key[j] = n >= lo && n < hi ? conv(__ldg(words + n)) : outside;
+        }
+    }
+}
+
+// One level of a threshold search over keys held in registers (N per thread): the keys in
+// [lo, hi] spread over at most REG_SELECT_BINS equal bins ((key - lo) >> sh, so keys that share
+// their top bits still fill many bins), and the bin holding the r-th largest of them. `total`
+// counts the keys in [lo, hi]; when r > total there is no such bin and the rest is unset.
+struct RangeLevel {
+    u32 blo, bhi;  // the bin's first key and its last (hi where the bin runs past it)
+    int sh;        // 0: the bin is one key value
+    int in_bin, above, total;
+};
+
+template <int N>
+__device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
+                                                  int* sMisc) {
+    const int tid = threadIdx.x;
+    const u32 span = hi - lo;
+    const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
+    const int nb = (int)(span >> sh) + 1;
+#pragma unroll
+    for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u)
+        if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], lo, span, sh);
+    __syncthreads();
+    find_bin(sHist, nb, r, sScan, sMisc);
+    RangeLevel L{lo, hi, sh, 0, 0, sMisc[MISC_TOTAL]};
+    if (L.total >= r) {
+        const int b = sMisc[MISC_BIN];
+        L.in_bin = sHist[b];
+        L.above = sMisc[MISC_ABOVE];
+        L.blo = lo + ((u32)b << sh);
+        const u32 top = L.blo + (((u32)1u << sh) - 1u);  // the bin's last key (wrapped: past hi)
+        L.bhi = top < L.blo ? hi : min(hi, top);
+    }
+    __syncthreads();  // sHist / sMisc are read before the next level clears them
+    return L;
+}
+
 template <int SRC, int MAP>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_R;
@@ -948,21 +1014,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
 
     u32 key[R];
     const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
-    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first + R <= n_items) {
-        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
-#pragma unroll
-        for (int u = 0; u < R / 4; ++u) {
-            const uint4 x = __ldg(vec + u);
-            key[4 * u] = word_key<SRC>(x.x);
-            key[4 * u + 1] = word_key<SRC>(x.y);
-            key[4 * u + 2] = word_key<SRC>(x.z);
-            key[4 * u + 3] = word_key<SRC>(x.w);
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < R; ++j)
-            key[j] = first + j < n_items ? word_key<SRC>(__ldg(words + first + j)) : HISA_KEY_NONE;
-    }
+    load_row_keys<SRC>(words, 0, n_items, first, key);
     // mn: the smallest key minus one, so that HISA_KEY_NONE (0) wraps to the largest value and
     // never wins; every fp32 score has a key >= 1, so the float path counts its valid items
     // from the row length alone
@@ -1008,38 +1060,22 @@ __device__ void row_select_regs(const SelectArgs& a) {
     int need = 0;
     if (n_valid > k && k > 0) {
         int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
-        for (;;) {
-            const u32 span = hi - lo;
-            const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
-            const int nb = (int)(span >> sh) + 1;
-#pragma unroll
-            for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u)
-                if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
-            __syncthreads();
-#pragma unroll
-            for (int j = 0; j < R; ++j) hist_inc_in_range(sHist, key[j], lo, span, sh);
-            __syncthreads();
-            find_bin(sHist, nb, remaining, sScan, sMisc);
-            const int b = sMisc[MISC_BIN];
-            const int in_bin = sHist[b];
-            remaining -= sMisc[MISC_ABOVE];
-            __syncthreads();  // sHist / sMisc are read before the next level clears them
-            const u32 blo = lo + ((u32)b << sh);
-            const u32 top = blo + (((u32)1u << sh) - 1u);  // the bin's last key (wrapped: past hi)
-            const u32 bhi = top < blo ? hi : min(hi, top);
-            if (in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
-                cut = blo;
+        for (;;) {  // remaining <= the keys in [lo, hi], so the level finds its bin
+            const RangeLevel L = range_level(key, lo, hi, remaining, sHist, sScan, sMisc);
+            remaining -= L.above;
+            if (L.in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
+                cut = L.blo;
                 break;
             }
-            if (sh == 0) {  // one key value, more items than needed: ties at it
-                cut = (u64)blo + 1u;
+            if (L.sh == 0) {  // one key value, more items than needed: ties at it
+                cut = (u64)L.blo + 1u;
                 ties = true;
-                tie = blo;
+                tie = L.blo;
                 need = remaining;
                 break;
             }
-            lo = blo;
-            hi = bhi;
+            lo = L.blo;
+            hi = L.bhi;
         }
     }
 

@@ -83,7 +83,8 @@ def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N,
     scores = gen(rng, R, N)
     lengths = rng.integers(0, N + 1, size=R).astype(np.int32)
     lengths[0] = N
-    # few long rows are split into chunks by default (TOPK_SPLIT = 0): the same rows unsplit too
+    # few long rows are split into chunks by default (TOPK_SPLIT = 0): the same rows unsplit too;
+    # long rows with k small against N take the filtered path (TOPK_FILTER) before either
     sms = cupy_backend._device_facts(cupy_backend._device_id())["sms"]
     for reg in (True, False) if N <= cupy_backend.REG_SELECT_ITEMS else (True,):
         monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
@@ -93,7 +94,10 @@ def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N,
                 launched.clear()
                 _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg} split={split}")
                 P = cupy_backend._topk_split(R, N, k, lens is not None, sms)
-                if P > 1:
+                if cupy_backend._topk_filter(R, N, k, lens is not None) is not None:
+                    expected = ["topk_filter_kernel", "topk_filtered_regs_kernel" if reg else "topk_filtered_kernel",
+                                "topk_rescue_kernel"]
+                elif P > 1:
                     expected = ["topk_chunks_kernel", _merge_kernel(P * k)]
                 elif reg and N <= cupy_backend.REG_SELECT_ITEMS:
                     expected = ["topk_regs_kernel"]
@@ -222,6 +226,7 @@ def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen)
     # also a forced split of short chunks (8 chunks of 5000 columns, k = 3000)
     from hisa_cupy.kernels import cupy_backend
 
+    monkeypatch.setattr(cupy_backend, "TOPK_FILTER", False)  # which would take k <= 2048 of 131072
     rng = np.random.default_rng(7)
     for R, N, ks, split in ((64, 131072, (1, 2048, 8192), 0), (3, 40000, (3000,), 8)):
         monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", split)
@@ -253,7 +258,130 @@ def test_uncached_rows(cuda_device, monkeypatch, launched_kernels):
             _check_topk(scores, k, lens, f"uncached {name} {R}x{N} k={k} lengths={lens is not None}")
             assert launched_kernels == ["topk_kernel"]
     monkeypatch.setattr(cupy_backend, "TOPK_SPLIT", 4)
+    monkeypatch.setattr(cupy_backend, "TOPK_FILTER", False)
     scores = _rounded_nan_inf(rng, 64, 131072)
     launched_kernels.clear()
     _check_topk(scores, 2048, None, "uncached split P = 4")
     assert launched_kernels == ["topk_chunks_kernel", "topk_merge_kernel"]
+
+
+def _ascending(rng, R, N):
+    # sorted rows: every kept column lies in the last chunk, and the other chunks keep none (the
+    # row's list fills in column order whatever the spread)
+    return np.sort(rng.standard_normal((R, N)).astype(np.float32), axis=1)
+
+
+def _clustered(rng, R, N):
+    # the top columns in a few runs of a row (the bench's "segments" scores look like this: a row's
+    # best keys sit in a few topical segments), each run inside one or two chunks
+    x = rng.standard_normal((R, N)).astype(np.float32)
+    for r in range(R):
+        for start in rng.integers(0, N - 1500, size=3):
+            x[r, start:start + 1500] += 4.0
+    return x
+
+
+def _mostly_nan(rng, R, N):
+    # fewer than k non-NaN columns: fewer than k candidates (rescued); NaN ranks last
+    x = np.full((R, N), np.nan, np.float32)
+    x[:, rng.integers(0, N, size=1000)] = rng.standard_normal((R, 1000)).astype(np.float32)
+    return x
+
+
+def _failed_rows():
+    # the filtered path's per-row marks of its last call (cupy_backend._filtered_top_k's workspace)
+    from hisa_cupy.kernels import cupy_backend
+
+    torch.cuda.synchronize()
+    views = [ws._views["filter_failed_rows"][2] for ws in cupy_backend._workspaces.values()
+             if "filter_failed_rows" in ws._views]
+    assert len(views) == 1
+    return testing.to_numpy(views[0])
+
+
+FILTER_CASES = [
+    # (generator, R, N, ks, rescued rows expected: "none", "all" or None = not asserted)
+    (_randn, 64, 131072, (1, 100, 2048), "none"),
+    (_rounded_nan_inf, 16, 131072, (2048,), None),     # ties at the threshold, NaN / inf kept out or in
+    (_one_bin, 8, 65536, (2048,), "none"),             # a narrow key range: P = 8 chunks
+    (_randn, 5, 100003, (700,), "none"),               # a partial last chunk, rows not 16-byte aligned
+    (_ascending, 4, 131072, (2048,), "none"),          # every candidate in the last chunk
+    (_clustered, 16, 131072, (2048,), "none"),         # candidates in a few runs of each row
+    (_all_equal, 4, 131072, (2048,), "all"),           # every column ties with t: overflow, rescued
+    (_mostly_nan, 4, 131072, (2048,), "all"),          # fewer than k candidates: rescued
+]
+
+
+@pytest.mark.parametrize("gen,R,N,ks,rescued", FILTER_CASES,
+                         ids=[f"{c[0].__name__}-{c[1]}x{c[2]}" for c in FILTER_CASES])
+def test_topk_filtered(cuda_device, monkeypatch, launched_kernels, gen, R, N, ks, rescued):
+    # long rows, k small against N (cupy_backend._topk_filter): a sampled threshold keeps about
+    # 2.5k candidates per row, in column order (the chunks' offsets by look-back, several CTAs per
+    # row claiming chunks), and their top k is exact; rows where it cannot be (more candidates
+    # than the list holds, fewer than k kept) are marked and redone whole. Exact either way, ties
+    # to the lower column, with register mode's select of the candidates and with list mode's.
+    # Calls follow one another on one workspace, so each relies on the last one having zeroed
+    # the chunk states and counters
+    from hisa_cupy.kernels import cupy_backend
+
+    rng = np.random.default_rng(N + R)
+    scores = gen(rng, R, N)
+    for reg in (True, False):
+        monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
+        for k in ks:
+            assert cupy_backend._topk_filter(R, N, k, False) is not None
+            launched_kernels.clear()
+            _check_topk(scores, k, None, f"{gen.__name__} {R}x{N} k={k} reg={reg}")
+            assert launched_kernels == ["topk_filter_kernel", "topk_filtered_regs_kernel" if reg else
+                                        "topk_filtered_kernel", "topk_rescue_kernel"]
+            failed = _failed_rows()
+            assert failed.shape == (R,) and set(np.unique(failed)) <= {0, 1}
+            if rescued == "none":
+                assert not failed.any(), f"rows rescued: {np.flatnonzero(failed)}"
+            elif rescued == "all":
+                assert failed.all()
+
+
+def test_topk_filtered_mixed_rows(cuda_device, launched_kernels):
+    # one call whose rows take both ends: random and sorted rows through the candidates, a tied
+    # row rescued, each row exact
+    rng = np.random.default_rng(5)
+    R, N = 12, 131072
+    scores = _randn(rng, R, N)
+    scores[3] = np.sort(scores[3])
+    scores[7] = 0.25
+    scores[10, : N // 2] = np.nan
+    _check_topk(scores, 2048, None, "mixed rows")
+    failed = _failed_rows()
+    assert failed[7] == 1
+    assert not failed[[0, 1, 2, 3, 4, 5, 6, 8, 9, 11]].any()
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
+    # dense_select over 131072 keys with topk = 2048 takes the filtered top-k (DENSE_FILTER):
+    # exact inputs (many equal scores, so ties at the threshold are split by position) with the
+    # causal default (every row long: the candidates' path) and with ragged ranges (rows shorter
+    # than 65536 keys, empty ones included, go to the rescue); the same with the filter off
+    from hisa_cupy.kernels import cupy_backend
+
+    T, S = 16, 131072
+    for ragged in (False, True):
+        inp = testing.exact_inputs(T, S, 32, 64, dtype="bfloat16", seed=21, ragged=ragged)
+        ref = reference.dense_select(inp["q"], inp["k"], inp["weights"], ks=inp["ks"], ke=inp["ke"], topk=2048,
+                                     order=order)
+        args = [testing.to_torch(inp[n]) for n in ("q", "k", "weights")]
+        rng_kw = {} if inp["ks"] is None else dict(ks=testing.to_torch(inp["ks"]), ke=testing.to_torch(inp["ke"]))
+        for filt in (True, False):
+            monkeypatch.setattr(cupy_backend, "DENSE_FILTER", filt)
+            launched_kernels.clear()
+            got = hisa_cupy.dense_select(*args, topk=2048, order=order, backend="cupy", **rng_kw)
+            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} filter={filt} order={order}")
+            assert ("dense_filter_kernel" in launched_kernels) == filt
+            if filt:
+                failed = _failed_rows()
+                if ragged:
+                    lens = np.clip(inp["ke"], 0, S) - np.clip(inp["ks"], 0, S)
+                    assert failed[lens < 65536].all()  # short rows are not filtered
+                else:
+                    assert not failed.all()  # the candidates' path ran

@@ -1,0 +1,208 @@
+// row_filter.cuh — exact top-k of long rows through a sampled threshold (hisa_cupy.topk and
+// dense_select over rows of tens of thousands of keys with k of a few thousand). Three launches:
+//
+// 1. row_filter (one kernel per key source): a row is P chunks of FILTER_CHUNK columns, taken by
+//    a few CTAs each (grid: CTAs per row x rows; about one wave), which claim the row's chunks in
+//    order (an atomic counter per row, next_chunk). Every CTA of a row estimates the same
+//    threshold t from FILTER_SAMPLES keys sampled evenly over the row's range (single columns:
+//    top keys that cluster in a few places of a row move a sample of contiguous runs a lot; t is
+//    about the ks-th largest sample, with ks = expect * 2048 / len so that about `expect`
+//    columns lie at or above it). Each chunk's columns with key >= t (never NaN or
+//    not-a-candidate: t >= 2) go, word and column, into the row's list of n slots at the chunk's
+//    offset, which a single-pass scan over the chunks gives (decoupled look-back: a chunk posts
+//    its count, then adds up its predecessors' counts back to one that posted its running total,
+//    and posts its own; a chunk waits only on chunks claimed before it, by CTAs that are
+//    running). So the list is in column order whatever the spread of the kept columns over the
+//    row, and only its total is bounded. states[row, P - 1] ends as the row's total (above n:
+//    overflow); the last chunk writes the fill word past the total (fp32 scores: NaN, which
+//    ranks below every kept value; ranking keys: HISA_KEY_NONE) and -1. A row whose range is
+//    shorter than `min_len` is not filtered: its total says overflow.
+// 2. filtered_select: a row whose list holds at least k columns and did not overflow has its top
+//    k among them, since every column at or above the k-th largest key is >= t. The list is in
+//    column order, so ties still go to the lower column (MAP_GATHER with B = 1 reads each
+//    candidate's column). Other rows (sorted, tied or mostly NaN rows, short ranges, a sample
+//    far off) are marked in `failed` and left. It also zeroes the row's states and next_chunk,
+//    so that they are zero again for the next call (the workspace starts them at zero).
+// 3. The rescue kernels (topk.cu, dense.cu): the marked rows over the whole row, the usual way;
+//    the CTAs of the other rows return at once.
+#pragma once
+#include "common.cuh"
+#include "row_select.cuh"
+
+#define FILTER_CHUNK 8192     // columns per chunk: 16 per thread (cupy_backend.TOPK_FILTER_CHUNK)
+#define FILTER_SAMPLES 2048   // sampled keys per row, 4 per thread (cupy_backend.TOPK_FILTER_SAMPLES)
+static_assert(FILTER_CHUNK == SELECT_THREADS * REG_SELECT_R, "a chunk is one column per thread and register");
+static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
+
+#define FILTER_STATE_POSTED 0x40000000u  // states: the chunk's own count is posted
+#define FILTER_STATE_TOTAL 0x80000000u   // states: the total of chunks 0.. up to this one is posted
+#define FILTER_STATE_VALUE 0x3FFFFFFFu
+
+// keys (SRC = KEYS_U32, e.g. dense's ranking keys) or fp32 scores [rows, ld]: CTA (x, y) takes
+// chunks of row y, which is row t = row0 + y of T (row_range, and the index of its candidate
+// slots [t, n], states [t, P], next_chunk [t] and, in step 2, failed [t], as MAP_GATHER indexes
+// its blocks by t); `ranged`: the columns [ks, ke) of row_range, else [0, ncols)
+#define FILTER_PARAMS                                                                              \
+    const u32 *keys, const float *scores, long long ld, int ncols, int row0, int T, int S,        \
+        const int *ks, const int *ke, int ranged, int P, int expect, int n, int min_len,          \
+        u32 *cand_word, int *cand_idx, u32 *states, int *next_chunk
+#define FILTER_ARGS \
+    keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, n, min_len, cand_word, cand_idx, states, next_chunk
+
+template <int SRC>
+__device__ void row_filter(FILTER_PARAMS) {
+    constexpr int R = REG_SELECT_R;
+    constexpr int PER = FILTER_SAMPLES / SELECT_THREADS;
+    __shared__ int sHist[REG_SELECT_BINS];
+    __shared__ int sScan[32];
+    __shared__ int sMisc[32];
+    __shared__ u32 sRed[2 * SELECT_WARPS];
+    __shared__ int sChunk, sOffset;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = blockIdx.y;
+    const int t = row0 + (int)row;
+    const u32* words = SRC == KEYS_U32 ? keys + row * ld : reinterpret_cast<const u32*>(scores + row * ld);
+    u32* state = states + (long long)t * P;
+    int lo_col = 0, hi_col = ncols;
+    if (ranged) {
+        const RowRange rr = row_range(ks, ke, t, T, S);
+        lo_col = rr.ks;
+        hi_col = min(rr.ke, ncols);
+    }
+    const int len = max(0, hi_col - lo_col);
+    if (len < max(min_len, 1)) {  // not worth filtering: the row's total says overflow, the row is redone
+        if (blockIdx.x == 0 && tid == 0) state[P - 1] = FILTER_STATE_TOTAL | min((u32)n + 1u, FILTER_STATE_VALUE);
+        return;
+    }
+    // the next chunk of the row not yet claimed (P and above: none); the barriers keep sChunk's
+    // reads apart from the next claim
+    auto claim = [&]() {
+        if (tid == 0) sChunk = atomicAdd(next_chunk + t, 1);
+        __syncthreads();
+        const int c = sChunk;
+        __syncthreads();
+        return c;
+    };
+    int c = claim();
+    if (c >= P) return;  // uniform
+
+    // the first chunk's words, raw (candidates are written as read), issued first so that their
+    // loads overlap the threshold search
+    u32 w[R];
+    load_row_keys<SRC, true>(words, lo_col, hi_col, c * FILTER_CHUNK + tid * R, w);
+
+    // the sample: columns lo_col + floor(i * len / FILTER_SAMPLES); thread tid holds samples
+    // tid, tid + 512, ...
+    u32 smp[PER];
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+        const int i = tid + u * SELECT_THREADS;
+        const long long col = lo_col + (long long)i * len / FILTER_SAMPLES;
+        smp[u] = word_key<SRC>(__ldg(words + col));
+        mn = min(mn, smp[u] - 1u);  // HISA_KEY_NONE wraps to the largest value
+        mx = max(mx, smp[u]);
+    }
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[SELECT_WARPS + warp] = mx;
+    }
+    __syncthreads();
+    u32 lo = 0xFFFFFFFFu, hi = 0u;
+#pragma unroll
+    for (int w = 0; w < SELECT_WARPS; ++w) {
+        lo = min(lo, sRed[w]);
+        hi = max(hi, sRed[SELECT_WARPS + w]);
+    }
+    lo += 1u;  // the smallest sampled key (0 when none)
+
+    // t: the low end of a group of sampled keys that holds the ks-th largest, narrowed by levels of
+    // equal bins over the group's range (as row_select_regs) until the group holds at most 8
+    // samples or one key value; at least ks samples are >= t
+    u32 thr = lo;
+    if (hi >= lo && hi > 0u) {
+        // the sample rank that puts about `expect` of the row's len columns at or above t
+        int remaining = (int)min((long long)FILTER_SAMPLES,
+                                 max(1LL, ((long long)expect * FILTER_SAMPLES + len - 1) / len));
+        for (int level = 0; level < 3; ++level) {
+            const RangeLevel L = range_level(smp, lo, hi, remaining, sHist, sScan, sMisc);
+            if (L.total < remaining) break;  // fewer samples than the rank at all (first level only)
+            remaining -= L.above;
+            thr = L.blo;
+            if (L.in_bin <= 8 || L.sh == 0) break;
+            lo = L.blo;
+            hi = L.bhi;
+        }
+    }
+    thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
+    const u32 fill = SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;  // NaN / not a candidate
+
+    for (bool first_chunk = true; c < P; first_chunk = false, c = claim()) {
+        const int first = c * FILTER_CHUNK + tid * R;
+        const bool outside = c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col;  // uniform
+        u32 keep = 0u;  // this thread's words with key >= thr, as bits
+        if (!outside) {
+            if (!first_chunk) load_row_keys<SRC, true>(words, lo_col, hi_col, first, w);
+#pragma unroll
+            for (int j = 0; j < R; ++j) keep |= (u32)(word_key<SRC>(w[j]) >= thr) << j;
+        }
+        int total;  // the chunk's kept words; slot: this thread's first among them
+        int slot = block_exclusive_scan(__popc(keep), sScan, &total);
+        if (tid == 0) {  // the chunk's offset in the row's list (look-back), then its running total
+            u32 offset = 0u;
+            if (c > 0) {
+                __stcg(state + c, FILTER_STATE_POSTED | (u32)total);
+                for (int j = c - 1; j >= 0; --j) {
+                    u32 v;
+                    do v = *reinterpret_cast<volatile u32*>(state + j);
+                    while (v == 0u);
+                    offset += v & FILTER_STATE_VALUE;
+                    if (v & FILTER_STATE_TOTAL) break;
+                }
+            }
+            __stcg(state + c, FILTER_STATE_TOTAL | min(offset + (u32)total, FILTER_STATE_VALUE));
+            sOffset = (int)min(offset, (u32)n);
+        }
+        __syncthreads();
+        const int offset = sOffset;
+        slot += offset;
+        const long long base = (long long)t * n;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int s = (keep >> j) & 1u;
+            if (s && slot < n) {
+                cand_word[base + slot] = w[j];
+                cand_idx[base + slot] = first + j;
+            }
+            slot += s;
+        }
+        if (c == P - 1) {  // the row's last chunk: the slots past its total
+            for (int i = offset + total + tid; i < n; i += SELECT_THREADS) {
+                cand_word[base + i] = fill;
+                cand_idx[base + i] = -1;
+            }
+        }
+    }
+}
+
+// step 2: the top k of the rows whose candidates hold it; `failed` marks the others. The row's
+// states and next_chunk go back to zero.
+template <int SRC, bool REGS>
+__device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states, int P, int n, int* next_chunk,
+                                                int* failed) {
+    const int t = a.row0 + (int)blockIdx.x;
+    const u32 v = states[(long long)t * P + P - 1];
+    const int kept = (int)(v & FILTER_STATE_VALUE);
+    const bool ok = (v & FILTER_STATE_TOTAL) && kept <= n && kept >= a.k;
+    __syncthreads();  // every thread has read the row's total
+    if (threadIdx.x < P) states[(long long)t * P + threadIdx.x] = 0u;
+    if (threadIdx.x == 0) {
+        next_chunk[t] = 0;
+        failed[t] = ok ? 0 : 1;
+    }
+    if (!ok) return;
+    if (REGS) row_select_regs<SRC, MAP_GATHER>(a);
+    else row_select<SRC, MAP_GATHER>(a);
+}
