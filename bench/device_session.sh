@@ -11,7 +11,8 @@
 #       # carry .kcache in the next call, which then skips compiling what has not changed
 #
 # Steps, in the order given:
-#   tests    pytest -m gpu $TEST_PATHS (default tests/gpu) -> $OUT/gpu_tests.txt  (~370 s on an H200)
+#   tests    pytest -m gpu $TEST_PATHS (default tests/gpu), narrowed by TEST_K (pytest -k) when set
+#            -> $OUT/gpu_tests.txt  (~370 s on an H200)
 #   kernels  bench/profile_run.py --kernels at 128K/4096, 128K/1024 and 32K/4096, dense at
 #            128K/4096, and both hisa_cupy.topk shapes      -> $OUT/kernels.txt    (~80 s)
 #   ab       the same configurations once per tree of AB_TREES (directories holding a snapshot
@@ -107,9 +108,9 @@ for step in $STEPS; do
   case $step in
     tests)
       # shellcheck disable=SC2086
-      PYTHONPATH="$ROOT" timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu ${TEST_PATHS:-tests/gpu} -q -rf --durations=15 \
+      PYTHONPATH="$ROOT" timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -m gpu ${TEST_PATHS:-tests/gpu} ${TEST_K:+-k "$TEST_K"} -q -rf --durations=15 \
         -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
-      echo "tests (${TEST_PATHS:-tests/gpu}): exit $?" >> "$OUT/gpu.txt" ;;
+      echo "tests (${TEST_PATHS:-tests/gpu}${TEST_K:+ -k $TEST_K}): exit $?" >> "$OUT/gpu.txt" ;;
     kernels)
       for cfg in "${CONFIGS[@]}"; do
         # shellcheck disable=SC2086

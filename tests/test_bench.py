@@ -350,6 +350,29 @@ def test_device_session_kernel_cache(tmp_path):
     assert r.returncode == 0 and not (out / "kernels.txz").exists()
 
 
+def test_device_session_tests_step_args(tmp_path):
+    # the tests step passes TEST_PATHS and, when set, TEST_K as one pytest -k expression (spaces
+    # and all), and logs both; without TEST_K there is no -k
+    script = str(ROOT / "bench" / "device_session.sh")
+    fake_py = tmp_path / "fake_python"
+    fake_py.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$OUT/args.txt"\n')
+    fake_py.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "STEPS": "tests", "PY": str(fake_py),
+           "HISA_CUPY_CACHE_DIR": str(tmp_path / "cache"), "TEST_PATHS": "tests/gpu/test_cupy_backend.py",
+           "TEST_K": "scoring_engines_exact and 128 or wgmma_engine_general"}
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    args = (out / "args.txt").read_text().splitlines()
+    assert args[:5] == ["-m", "pytest", "-m", "gpu", "tests/gpu/test_cupy_backend.py"]
+    assert args[5:7] == ["-k", "scoring_engines_exact and 128 or wgmma_engine_general"]
+    log = (out / "gpu.txt").read_text()
+    assert "tests (tests/gpu/test_cupy_backend.py -k scoring_engines_exact and 128 or wgmma_engine_general): exit 0" in log
+    r = subprocess.run(["bash", script], env={**env, "TEST_K": ""}, capture_output=True, text=True)
+    assert r.returncode == 0 and "-k" not in (out / "args.txt").read_text().splitlines()
+
+
 def test_device_session_ncu_step(tmp_path):
     # the ncu step profiles each NCU_SPEC kernel with -lineinfo builds (HISA_CUPY_LINEINFO=1), exports
     # its source and SASS pages and details, summarises both with ncu_hotspots.py and packs it all
