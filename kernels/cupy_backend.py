@@ -456,6 +456,7 @@ class _Workspace:
         self._bufs = {}
         self._views = {}
         self.gen = 0
+        self.filter_dirty = False  # a filtered top-k stopped between its launches (_filtered_top_k)
 
     def get(self, name, shape, dtype, zeroed=False):
         """A view [shape] of dtype of buffer ``name``, grown as needed. ``zeroed``: a new buffer
@@ -474,6 +475,10 @@ class _Workspace:
         view = buf[:size].view(dt).reshape(shape)
         self._views[name] = (shape, dtype, view)
         return view
+
+    def buffer(self, name):
+        """The whole buffer behind ``name``'s views (uint8)."""
+        return self._bufs[name]
 
     @property
     def nbytes(self):
@@ -1449,22 +1454,31 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
     P, n, expect = plan
     cand = ws.get("filter_cand_words", (rows, n), np.uint32)
     cand_idx = ws.get("filter_cand_indices", (rows, n), np.int32)
-    # each row's chunk states and chunk counter: zero before every call (the select zeroes them)
+    # each row's chunk states and chunk counter: zero before every call (the select zeroes them;
+    # after a call that stopped between its launches, the next call zeroes them first)
     states = ws.get("filter_chunk_states", (rows, P), np.uint32, zeroed=True)
     next_chunk = ws.get("filter_next_chunk", (rows,), np.int32, zeroed=True)
     failed = ws.get("filter_failed_rows", (rows,), np.int32)
     # CTAs per row: about two per SM in all (one wave), taking the row's chunks in order
     per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // rows))
     per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
+    if ws.filter_dirty:  # an earlier call stopped between its launches: its states were not zeroed
+        em.fill(ws.buffer("filter_chunk_states"), 0)  # whole buffers: that call's rows may have been more
+        em.fill(ws.buffer("filter_next_chunk"), 0)
+        ws.filter_dirty = False
     ptr = em.ptr
-    em.launch(_kernel(filename, f"{stem}_filter_kernel", 0), (per_row, rows), (SELECT_THREADS,),
-              (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
-               ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(n), _i32(min_len), ptr(cand),
-               ptr(cand_idx), ptr(states), ptr(next_chunk)))
     common = dict(k=k, T=T, S=S, ks=ks, ke=ke, range_off=range_off, relative=relative, by_score=by_score,
                   out_idx=out_idx, out_ld=out_ld, out_val=out_val, out_off=out_off, em=em)
-    _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
-                   scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
-                   extra=(states, P, n, next_chunk, failed), **common)
-    _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
-                   extra=(failed,), **common)
+    try:
+        em.launch(_kernel(filename, f"{stem}_filter_kernel", 0), (per_row, rows), (SELECT_THREADS,),
+                  (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
+                   ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(n), _i32(min_len), ptr(cand),
+                   ptr(cand_idx), ptr(states), ptr(next_chunk)))
+        _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
+                       scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
+                       extra=(states, P, n, next_chunk, failed), **common)
+        _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
+                       extra=(failed,), **common)
+    except BaseException:  # the filter may have run without the select that zeroes its states
+        ws.filter_dirty = True
+        raise

@@ -603,6 +603,38 @@ def test_filter_state_buffers_start_at_zero(monkeypatch):
     assert made.count("zeros") == 2 and made.count("empty") >= 3
 
 
+def test_filter_states_zeroed_after_a_call_that_stopped(monkeypatch):
+    # a call that stops between the filter and the select that zeroes its states (here the select's
+    # launch raises) leaves the workspace marked, and the next call zeroes the whole state and
+    # counter buffers before its filter runs (a larger earlier call may have used more of them),
+    # then clears the mark; calls that complete zero nothing
+    fake = _Fake(monkeypatch, cc=90)
+    _topk_64x131072(monkeypatch, fake, True)
+    ws = cb._workspaces[(0, 0)]
+    states, nxt = ws.buffer("filter_chunk_states"), ws.buffer("filter_next_chunk")
+    assert not ws.filter_dirty and states.nbytes == 64 * 16 * 4 and nxt.nbytes == 64 * 4
+    real = cb._launch_select
+
+    def failing(filename, kernel, **kw):
+        if kernel.startswith("topk_filtered"):
+            raise RuntimeError("launch failed")
+        return real(filename, kernel, **kw)
+
+    monkeypatch.setattr(cb, "_launch_select", failing)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        _topk_64x131072(monkeypatch, fake, True)
+    assert ws.filter_dirty
+    monkeypatch.setattr(cb, "_launch_select", real)
+    states[:], nxt[:] = 7, 7  # what the filter left behind
+    scores = pointer_array((8, 131072), np.float32)  # fewer rows: a smaller view of the same buffers
+    cb.topk(scores, None, k=2048, out_values=pointer_array((8, 2048), np.float32),
+            out_indices=pointer_array((8, 2048), np.int32), stream=0)
+    assert not ws.filter_dirty and not states.any() and not nxt.any()
+    states[:] = 7
+    _topk_64x131072(monkeypatch, fake, True)
+    assert (states == 7).all()  # a clean workspace is left to the select
+
+
 def test_dense_filter_launches(monkeypatch):
     # dense_select over S = 131072 with topk = 2048, rows in chunks of 16 (DENSE_WORKSPACE_BYTES):
     # each chunk's scores, then the filtered top-k of its 16 rows over the ranking keys (ranged:
