@@ -586,6 +586,12 @@ def topk(scores, k, *, lengths=None, backend="auto"):
     Returns:
         (values [R, k] float32, indices [R, k] int32), in rank order; slots past a row's
         candidate count hold index -1 and value -inf.
+
+    On the CuPy backend, long rows with k small against N (no ``lengths``, k <= 2048, N from
+    max(32k, 32768) to about 262144, at most 1024 rows; e.g. k = 2048 of 131072) first keep the
+    columns above a threshold sampled from the row and rank only those (workspace: 64 KiB per
+    row); rows where that cannot be exact (heavy ties, mostly NaN) are redone whole. Results are
+    exact either way.
     """
     k = v.positive_int(k, "k")
     ad = _adapters()
