@@ -137,7 +137,7 @@ __device__ void row_filter(FILTER_PARAMS) {
         }
     }
     thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
-    const u32 fill = SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;  // NaN / not a candidate
+    const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
 
     for (bool first_chunk = true; c < P; first_chunk = false, c = claim()) {
         const int first = c * FILTER_CHUNK + tid * R;

@@ -927,14 +927,21 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
 #define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
 
+// The word row_filter never keeps (its key is below 2, the lowest threshold): NaN for fp32
+// scores, HISA_KEY_NONE for ranking keys.
+template <int SRC>
+__device__ __forceinline__ constexpr u32 never_kept_word() {
+    return SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;
+}
+
 // Items [first, first + REG_SELECT_R) of a row of 32-bit words (ranking keys or fp32 scores):
-// their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, a word of key < 2
-// outside (NaN / HISA_KEY_NONE: row_filter's never-kept word). Four 16-byte loads where the row
-// is aligned and the items all lie inside, else one load per item.
+// their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, never_kept_word
+// outside. Four 16-byte loads where the row is aligned and the items all lie inside, else one
+// load per item.
 template <int SRC, bool RAW = false>
 __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[REG_SELECT_R]) {
     constexpr int R = REG_SELECT_R;
-    constexpr u32 outside = RAW && SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;
+    constexpr u32 outside = RAW ? never_kept_word<SRC>() : HISA_KEY_NONE;
     auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
     if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
         const uint4* vec = reinterpret_cast<const uint4*>(words + first);
