@@ -40,21 +40,4 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_topk_regs_kernel(SELE
 
 // Long rows (cupy_backend._dense, DENSE_FILTER): the filtered top-k of row_filter.cuh over the
 // chunk's ranking keys; the launches take row 0 of the chunk as their row 0 (ks / ke offset).
-__global__ void __launch_bounds__(SELECT_THREADS) dense_filter_kernel(FILTER_PARAMS) {
-    row_filter<KEYS_U32>(FILTER_ARGS);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS) dense_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n,
-        int* next_chunk, int* failed) {
-    filtered_select<KEYS_U32, false>(SELECT_ARGS, states, P, n, next_chunk, failed);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n,
-        int* next_chunk, int* failed) {
-    filtered_select<KEYS_U32, true>(SELECT_ARGS, states, P, n, next_chunk, failed);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS) dense_rescue_kernel(SELECT_PARAMS, const int* failed) {
-    if (failed[row0 + (int)blockIdx.x] == 0) return;
-    row_select<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
-}
+HISA_FILTER_KERNELS(dense, KEYS_U32, MAP_TOKENS)

@@ -206,3 +206,25 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
     if (REGS) row_select_regs<SRC, MAP_GATHER>(a);
     else row_select<SRC, MAP_GATHER>(a);
 }
+
+// The four kernels of a filtered top-k over SRC words, whose rescue ranks whole rows with MAP
+// (topk.cu: fp32 scores, MAP_IDENTITY; dense.cu: ranking keys, MAP_TOKENS), named as
+// cupy_backend._filtered_top_k launches them: STEM_filter_kernel, STEM_filtered_kernel,
+// STEM_filtered_regs_kernel (register mode) and STEM_rescue_kernel (its CTAs of unmarked rows
+// return at once).
+#define HISA_FILTER_KERNELS(STEM, SRC, MAP)                                                              \
+    __global__ void __launch_bounds__(SELECT_THREADS) STEM##_filter_kernel(FILTER_PARAMS) {                 \
+        row_filter<SRC>(FILTER_ARGS);                                                                    \
+    }                                                                                                    \
+    __global__ void __launch_bounds__(SELECT_THREADS)                                                    \
+        STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) {  \
+        filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed);                      \
+    }                                                                                                    \
+    __global__ void __launch_bounds__(SELECT_THREADS, 2)                                                 \
+        STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) { \
+        filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed);                       \
+    }                                                                                                    \
+    __global__ void __launch_bounds__(SELECT_THREADS) STEM##_rescue_kernel(SELECT_PARAMS, const int* failed) { \
+        if (failed[row0 + (int)blockIdx.x] == 0) return;                                                 \
+        row_select<SRC, MAP>(SELECT_ARGS);                                                               \
+    }

@@ -36,21 +36,4 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) topk_merge_regs_kernel(SELE
 // Filtered top-k over long rows (row_filter.cuh; cupy_backend._topk_filter): candidates above a
 // sampled threshold, their top k, and the rows where that cannot be exact redone whole.
 
-__global__ void __launch_bounds__(SELECT_THREADS) topk_filter_kernel(FILTER_PARAMS) {
-    row_filter<KEYS_F32>(FILTER_ARGS);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS) topk_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n,
-        int* next_chunk, int* failed) {
-    filtered_select<KEYS_F32, false>(SELECT_ARGS, states, P, n, next_chunk, failed);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n,
-        int* next_chunk, int* failed) {
-    filtered_select<KEYS_F32, true>(SELECT_ARGS, states, P, n, next_chunk, failed);
-}
-
-__global__ void __launch_bounds__(SELECT_THREADS) topk_rescue_kernel(SELECT_PARAMS, const int* failed) {
-    if (failed[row0 + (int)blockIdx.x] == 0) return;
-    row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
-}
+HISA_FILTER_KERNELS(topk, KEYS_F32, MAP_IDENTITY)
