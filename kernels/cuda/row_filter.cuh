@@ -74,16 +74,21 @@ __device__ void row_filter(FILTER_PARAMS) {
         if (blockIdx.x == 0 && tid == 0) state[P - 1] = FILTER_STATE_TOTAL | min((u32)n + 1u, FILTER_STATE_VALUE);
         return;
     }
-    // the next chunk of the row not yet claimed (P and above: none); the barriers keep sChunk's
-    // reads apart from the next claim
-    auto claim = [&]() {
+    // The row's chunks in claim order: a CTA alone on its row (gridDim.x == 1, e.g. dense's
+    // chunks of many rows) takes 0, 1, ... without claims; otherwise each claim is an atomic on
+    // the row's counter, issued one chunk ahead (thread 0 claims the next chunk as it starts the
+    // current one, so the atomic's round trip overlaps the chunk's loads and scan). Claiming
+    // ahead keeps the look-back free of deadlock: a CTA holds at most its current chunk and one
+    // higher, so the lowest chunk not yet posted is some CTA's current chunk, and it waits only
+    // on lower chunks, all posted.
+    const bool alone = gridDim.x == 1;
+    int c = 0;
+    if (!alone) {
         if (tid == 0) sChunk = atomicAdd(next_chunk + t, 1);
         __syncthreads();
-        const int c = sChunk;
-        __syncthreads();
-        return c;
-    };
-    int c = claim();
+        c = sChunk;
+        __syncthreads();  // sChunk is read before thread 0 writes it again
+    }
     if (c >= P) return;  // uniform
 
     // the first chunk's words, raw (candidates are written as read), issued first so that their
@@ -139,7 +144,11 @@ __device__ void row_filter(FILTER_PARAMS) {
     thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
     const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
 
-    for (bool first_chunk = true; c < P; first_chunk = false, c = claim()) {
+    int prev_c = -1;       // (thread 0) this CTA's last chunk, and the running total it posted
+    u32 prev_total = 0u;
+    for (bool first_chunk = true; c < P; first_chunk = false) {
+        int next = c + 1;  // (thread 0) the chunk after this one
+        if (!alone && tid == 0) next = atomicAdd(next_chunk + t, 1);
         const int first = c * FILTER_CHUNK + tid * R;
         const bool outside = c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col;  // uniform
         u32 keep = 0u;  // this thread's words with key >= thr, as bits
@@ -152,9 +161,15 @@ __device__ void row_filter(FILTER_PARAMS) {
         int slot = block_exclusive_scan(__popc(keep), sScan, &total);
         if (tid == 0) {  // the chunk's offset in the row's list (look-back), then its running total
             u32 offset = 0u;
-            if (c > 0) {
+            if (c > 0 && c - 1 == prev_c) {
+                offset = prev_total;  // the chunk before is this CTA's own: nothing to wait for
+            } else if (c > 0) {
                 __stcg(state + c, FILTER_STATE_POSTED | (u32)total);
                 for (int j = c - 1; j >= 0; --j) {
+                    if (j == prev_c) {  // this CTA's own last chunk: its running total
+                        offset += prev_total;
+                        break;
+                    }
                     u32 v;
                     do v = *reinterpret_cast<volatile u32*>(state + j);
                     while (v == 0u);
@@ -162,11 +177,15 @@ __device__ void row_filter(FILTER_PARAMS) {
                     if (v & FILTER_STATE_TOTAL) break;
                 }
             }
-            __stcg(state + c, FILTER_STATE_TOTAL | min(offset + (u32)total, FILTER_STATE_VALUE));
+            prev_c = c;
+            prev_total = min(offset + (u32)total, FILTER_STATE_VALUE);
+            __stcg(state + c, FILTER_STATE_TOTAL | prev_total);
             sOffset = (int)min(offset, (u32)n);
+            sChunk = next;
         }
-        __syncthreads();
+        __syncthreads();  // sOffset and sChunk are read before the next chunk's scan lets thread 0 on
         const int offset = sOffset;
+        const int c_next = sChunk;
         slot += offset;
         const long long base = (long long)t * n;
 #pragma unroll
@@ -184,6 +203,7 @@ __device__ void row_filter(FILTER_PARAMS) {
                 cand_idx[base + i] = -1;
             }
         }
+        c = c_next;
     }
 }
 
