@@ -34,6 +34,7 @@
 static_assert(FILTER_CHUNK == SELECT_THREADS * REG_SELECT_R, "a chunk is one column per thread and register");
 static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 
+#define FILTER_STAGE REG_SELECT_BINS  // kept columns of a chunk staged in shared memory (sHist's room)
 #define FILTER_STATE_POSTED 0x40000000u  // states: the chunk's own count is posted
 #define FILTER_STATE_TOTAL 0x80000000u   // states: the total of chunks 0.. up to this one is posted
 #define FILTER_STATE_VALUE 0x3FFFFFFFu
@@ -57,7 +58,9 @@ __device__ void row_filter(FILTER_PARAMS) {
     __shared__ int sScan[32];
     __shared__ int sMisc[32];
     __shared__ u32 sRed[2 * SELECT_WARPS];
-    __shared__ int sChunk, sOffset;
+    __shared__ int sChunk, sOffset, sNext[2];
+    __shared__ int sStageIdx[FILTER_STAGE];
+    u32* sStageWord = reinterpret_cast<u32*>(sHist);  // [FILTER_STAGE], once the threshold is found
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = blockIdx.y;
     const int t = row0 + (int)row;
@@ -76,18 +79,19 @@ __device__ void row_filter(FILTER_PARAMS) {
     }
     // The row's chunks in claim order: a CTA alone on its row (gridDim.x == 1, e.g. dense's
     // chunks of many rows) takes 0, 1, ... without claims; otherwise each claim is an atomic on
-    // the row's counter, issued one chunk ahead (thread 0 claims the next chunk as it starts the
-    // current one, so the atomic's round trip overlaps the chunk's loads and scan). Claiming
-    // ahead keeps the look-back free of deadlock: a CTA holds at most its current chunk and one
-    // higher, so the lowest chunk not yet posted is some CTA's current chunk, and it waits only
-    // on lower chunks, all posted.
+    // the row's counter, issued two chunks ahead by thread 0 (the chunk after the current one
+    // was claimed while the chunk before it ran, so no atomic's round trip is waited for).
+    // Claiming ahead keeps the look-back free of deadlock: a CTA holds its current chunk and at
+    // most two higher ones, so the lowest chunk not yet posted is some CTA's current chunk, and
+    // it waits only on lower chunks, all posted.
     const bool alone = gridDim.x == 1;
     int c = 0;
+    int pending = 1;  // (thread 0) the chunk after c
     if (!alone) {
         if (tid == 0) sChunk = atomicAdd(next_chunk + t, 1);
         __syncthreads();
         c = sChunk;
-        __syncthreads();  // sChunk is read before thread 0 writes it again
+        if (tid == 0) pending = atomicAdd(next_chunk + t, 1);
     }
     if (c >= P) return;  // uniform
 
@@ -144,21 +148,45 @@ __device__ void row_filter(FILTER_PARAMS) {
     thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
     const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
 
+    // Per chunk: its kept words are staged in shared memory in position order (when they fit),
+    // which frees w for the next chunk's loads; those are issued before the look-back, so that
+    // they fly while this chunk waits for its offset and copies its stage out (coalesced).
     int prev_c = -1;       // (thread 0) this CTA's last chunk, and the running total it posted
     u32 prev_total = 0u;
-    for (bool first_chunk = true; c < P; first_chunk = false) {
-        int next = c + 1;  // (thread 0) the chunk after this one
-        if (!alone && tid == 0) next = atomicAdd(next_chunk + t, 1);
+    bool loaded = true;    // w holds chunk c (the first chunk's words were loaded above)
+    for (int iter = 0; c < P; ++iter) {
+        int ahead = 0;  // (thread 0) the chunk after the next one, claimed now
+        if (!alone && tid == 0) ahead = atomicAdd(next_chunk + t, 1);
         const int first = c * FILTER_CHUNK + tid * R;
         const bool outside = c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col;  // uniform
         u32 keep = 0u;  // this thread's words with key >= thr, as bits
         if (!outside) {
-            if (!first_chunk) load_row_keys<SRC, true>(words, lo_col, hi_col, first, w);
+            if (!loaded) load_row_keys<SRC, true>(words, lo_col, hi_col, first, w);
 #pragma unroll
             for (int j = 0; j < R; ++j) keep |= (u32)(word_key<SRC>(w[j]) >= thr) << j;
         }
+        // the next chunk for every thread, past the scan: sNext[iter & 1] is written again two
+        // chunks on, past the next chunk's scan, which every thread reaches only after reading it
+        if (tid == 0) sNext[iter & 1] = alone ? c + 1 : pending;
         int total;  // the chunk's kept words; slot: this thread's first among them
         int slot = block_exclusive_scan(__popc(keep), sScan, &total);
+        const int c_next = sNext[iter & 1];
+        const bool staged = total <= FILTER_STAGE;  // uniform
+        loaded = false;
+        if (staged) {
+            int s = slot;
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+                if ((keep >> j) & 1u) {
+                    sStageWord[s] = w[j];
+                    sStageIdx[s] = first + j;
+                    ++s;
+                }
+            }
+            const bool next_outside = c_next * FILTER_CHUNK >= hi_col || (c_next + 1) * FILTER_CHUNK <= lo_col;
+            if (c_next < P && !next_outside) load_row_keys<SRC, true>(words, lo_col, hi_col, c_next * FILTER_CHUNK + tid * R, w);
+            loaded = true;  // (an outside chunk loads nothing)
+        }
         if (tid == 0) {  // the chunk's offset in the row's list (look-back), then its running total
             u32 offset = 0u;
             if (c > 0 && c - 1 == prev_c) {
@@ -181,29 +209,34 @@ __device__ void row_filter(FILTER_PARAMS) {
             prev_total = min(offset + (u32)total, FILTER_STATE_VALUE);
             __stcg(state + c, FILTER_STATE_TOTAL | prev_total);
             sOffset = (int)min(offset, (u32)n);
-            sChunk = next;
         }
-        __syncthreads();  // sOffset and sChunk are read before the next chunk's scan lets thread 0 on
+        __syncthreads();  // the stage and sOffset are visible; read before the next chunk's scan
         const int offset = sOffset;
-        const int c_next = sChunk;
-        slot += offset;
-        const long long base = (long long)t * n;
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-            const int s = (keep >> j) & 1u;
-            if (s && slot < n) {
-                cand_word[base + slot] = w[j];
-                cand_idx[base + slot] = first + j;
+        const long long base = (long long)t * n + offset;
+        if (staged) {  // the stage out, coalesced
+            for (int i = tid; i < total && offset + i < n; i += SELECT_THREADS) {
+                cand_word[base + i] = sStageWord[i];
+                cand_idx[base + i] = sStageIdx[i];
             }
-            slot += s;
+        } else {  // more than the stage holds: from the registers
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+                const int s = (keep >> j) & 1u;
+                if (s && offset + slot < n) {
+                    cand_word[base + slot] = w[j];
+                    cand_idx[base + slot] = first + j;
+                }
+                slot += s;
+            }
         }
         if (c == P - 1) {  // the row's last chunk: the slots past its total
             for (int i = offset + total + tid; i < n; i += SELECT_THREADS) {
-                cand_word[base + i] = fill;
-                cand_idx[base + i] = -1;
+                cand_word[(long long)t * n + i] = fill;
+                cand_idx[(long long)t * n + i] = -1;
             }
         }
         c = c_next;
+        pending = ahead;
     }
 }
 
