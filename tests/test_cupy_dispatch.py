@@ -79,7 +79,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     # the f16 engine reads the e4m3 keys as they are (converted in registers: no copy launched)
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
-    assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+    assert fake.names() == ["pool_vec_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                             "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
@@ -302,7 +302,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
         res = hisa_cupy.hisa_select(q, k, w, k_scale=ksc, ks=ks, ke=ke, block_size=128, block_topk=8, topk=512,
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
-        assert fake.names() == ["pool_kernel<0, 1, 16>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+        assert fake.names() == ["pool_vec_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                                 "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
@@ -421,9 +421,11 @@ def test_topk_split_launches(monkeypatch):
 
 
 def test_pool_batch_knob_picks_the_instance(monkeypatch):
-    # POOL_BATCH selects pool.cu's BATCH template argument (every allowed value is compiled by
-    # tests/test_cuda_compile.py); it is part of the plan keys, and other values are refused
+    # POOL_BATCH selects pool.cu's BATCH template argument of pool_kernel (every allowed value is
+    # compiled by tests/test_cuda_compile.py); it is part of the plan keys, and other values are
+    # refused
     fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "POOL_VEC", False)
     for batch in cb.POOL_BATCHES:
         monkeypatch.setattr(cb, "POOL_BATCH", batch)
         fake.launches.clear()
@@ -433,6 +435,37 @@ def test_pool_batch_knob_picks_the_instance(monkeypatch):
     monkeypatch.setattr(cb, "POOL_BATCH", 24)
     with pytest.raises(ValueError, match="POOL_BATCH must be one of"):
         _hisa()
+
+
+def test_pool_vec_where_the_keys_allow_it(monkeypatch):
+    # pool_vec_kernel (128 threads, one CTA per block) takes keys whose rows are whole 16-byte
+    # vectors, 16-byte aligned, D <= 128; others (and POOL_VEC = False) go to pool_kernel (one
+    # thread per dimension); the alignment is part of the plan key
+    fake = _Fake(monkeypatch, cc=90)
+
+    def pool(k, pool_dtype="bfloat16"):
+        fake.launches.clear()
+        cb.pool_keys(k, None, block_size=128, pool_dtype=pool_dtype, stream=0)
+        (launch,) = fake.launches
+        return launch
+
+    k = pointer_array((1000, 128), np.uint8)
+    launch = pool(k)
+    assert launch.name == "pool_vec_kernel<0, 1>" and launch.grid == (8,) and launch.block == (128,)
+    assert [_value(x) for x in launch.args[2:5]] == [1000, 128, 128]
+    assert pool(pointer_array((1000, 64), np.uint16), "float8_e4m3fn").name == "pool_vec_kernel<1, 2>"
+    assert pool(pointer_array((1000, 32), np.float32), "float32").name == "pool_vec_kernel<3, 0>"
+    assert pool(pointer_array((1000, 40), np.uint8)).name == "pool_kernel<0, 1, 16>"  # 40-byte rows
+    assert pool(pointer_array((1000, 160), np.uint16)).name == "pool_kernel<1, 1, 16>"  # D > 128
+    base = pointer_array((1000 * 128 + 16,), np.uint8)
+    off = (8 - base.data.ptr) % 16
+    unaligned = base[off:off + 1000 * 128].reshape(1000, 128)
+    assert unaligned.data.ptr % 16 == 8
+    assert pool(unaligned).name == "pool_kernel<0, 1, 16>"
+    assert pool(k).name == "pool_vec_kernel<0, 1>"  # the aligned plan is still there
+    monkeypatch.setattr(cb, "POOL_VEC", False)
+    assert pool(k).name == "pool_kernel<0, 1, 16>"
+    assert ("pool.cu", "pool_vec_kernel<0, 2>") in cb.kernel_instances()
 
 
 def test_every_knob_is_documented():

@@ -1,9 +1,15 @@
 // pool.cu — stage 1a: mean-pooled keys per block (SPEC §5.2).
 //
-// One CTA per block b, one thread per dimension d: pooled[b, d] = (sum over the block's tokens of
-// k[s, d] * k_scale[s]) / count, accumulated in fp32 in token order (loads batched BATCH tokens at
-// a time so that they overlap; cupy_backend.POOL_BATCH), then stored as fp32, bf16
-// (round to nearest even) or e4m3 with a per-block scale max(amax / 448, 1e-10) (NaN propagates).
+// One CTA per block b: pooled[b, d] = (sum over the block's tokens of k[s, d] * k_scale[s]) /
+// count in fp32, stored as fp32, bf16 (round to nearest even) or e4m3 with a per-block scale
+// max(amax / 448, 1e-10) (NaN propagates). Two kernels (cupy_backend.POOL_VEC):
+// * pool_vec_kernel: 128 threads read the block's rows as 16-byte vectors, every load of the
+//   block in flight at once (thread i: vector i % V of tokens i / V, + G, ...), partial sums per
+//   token group, then the groups added in group order per dimension. The order of the sum differs
+//   from the token order, which SPEC §9 allows (exact inputs: every order gives the same sum).
+//   Rows of D * EB bytes, a multiple of 16, 16-byte aligned; D <= 128.
+// * pool_kernel: one thread per dimension, the sum in token order, loads batched BATCH tokens at
+//   a time so that they overlap (cupy_backend.POOL_BATCH); any D, any alignment.
 #include "common.cuh"
 #include "score_tile.cuh"
 
@@ -25,6 +31,39 @@ __device__ __forceinline__ float bits_value(u32 v) {
     if (KDT == DT_BF16) return bf16_to_f32(v);
     if (KDT == DT_F16) return f16_to_f32((u16)v);
     return __uint_as_float(v);
+}
+
+// the pooled value of dimension d (< D; threads past D take part in the e4m3 block's amax with 0)
+// of block b from its sum over n tokens; every thread of the CTA calls it (a barrier for e4m3)
+template <int POOL>
+__device__ __forceinline__ void pool_store(float n, float sum, int d, int D, int b, void* __restrict__ pooled,
+                                           float* __restrict__ pscale, float* sAmax) {
+    const float mean = sum / n;
+    const long long o = (long long)b * D + d;
+    if (POOL == POOL_F32) {
+        if (d < D) reinterpret_cast<float*>(pooled)[o] = mean;
+    } else if (POOL == POOL_BF16) {
+        if (d < D) reinterpret_cast<u16*>(pooled)[o] = f32_to_bf16_rne(mean);
+    } else {
+        float a = d < D ? fabsf(mean) : 0.0f;
+        // max that propagates NaN, like numpy's max
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            const float y = __shfl_xor_sync(0xFFFFFFFFu, a, off);
+            a = (y != y || y > a) ? y : a;
+        }
+        if ((d & 31) == 0) sAmax[d >> 5] = a;
+        __syncthreads();
+        float amax = sAmax[0];
+        for (int w = 1; w < (int)((blockDim.x + 31) >> 5); ++w) {
+            const float y = sAmax[w];
+            amax = (y != y || y > amax) ? y : amax;
+        }
+        float scale = amax / 448.0f;
+        if (!(scale != scale)) scale = fmaxf(scale, 1e-10f);
+        if (d < D) reinterpret_cast<u8*>(pooled)[o] = f32_to_e4m3_satfinite(mean / scale);
+        if (d == 0) pscale[b] = scale;
+    }
 }
 
 template <int KDT, int POOL, int BATCH>
@@ -57,30 +96,70 @@ __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, c
             sum += kscale ? v * kscale[s] : v;
         }
     }
-    const float mean = sum / (float)(s1 - s0);
-    const long long o = (long long)b * D + d;
-    if (POOL == POOL_F32) {
-        if (d < D) reinterpret_cast<float*>(pooled)[o] = mean;
-    } else if (POOL == POOL_BF16) {
-        if (d < D) reinterpret_cast<u16*>(pooled)[o] = f32_to_bf16_rne(mean);
-    } else {
-        float a = d < D ? fabsf(mean) : 0.0f;
-        // max that propagates NaN, like numpy's max
+    pool_store<POOL>((float)(s1 - s0), sum, d, D, b, pooled, pscale, sAmax);
+}
+
+#define POOL_VEC_THREADS 128
+
+// the VE elements of a 16-byte vector of KDT values, as fp32
+template <int KDT, int VE>
+__device__ __forceinline__ void vec_values(const uint4& x, float (&f)[VE]) {
+    const u32 w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const float y = __shfl_xor_sync(0xFFFFFFFFu, a, off);
-            a = (y != y || y > a) ? y : a;
-        }
-        if ((d & 31) == 0) sAmax[d >> 5] = a;
-        __syncthreads();
-        float amax = sAmax[0];
-        for (int w = 1; w < (int)((blockDim.x + 31) >> 5); ++w) {
-            const float y = sAmax[w];
-            amax = (y != y || y > amax) ? y : amax;
-        }
-        float scale = amax / 448.0f;
-        if (!(scale != scale)) scale = fmaxf(scale, 1e-10f);
-        if (d < D) reinterpret_cast<u8*>(pooled)[o] = f32_to_e4m3_satfinite(mean / scale);
-        if (d == 0) pscale[b] = scale;
+    for (int e = 0; e < VE; ++e) {
+        const u32 word = w[e * 4 / VE];
+        if (KDT == DT_E4M3) f[e] = e4m3_to_f32((word >> (8 * (e & 3))) & 0xFFu);
+        else if (KDT == DT_BF16) f[e] = bf16_to_f32((word >> (16 * (e & 1))) & 0xFFFFu);
+        else if (KDT == DT_F16) f[e] = f16_to_f32((u16)(word >> (16 * (e & 1))));
+        else f[e] = __uint_as_float(word);
     }
+}
+
+template <int KDT, int POOL>
+__global__ void __launch_bounds__(POOL_VEC_THREADS, 8) pool_vec_kernel(const void* __restrict__ k,
+                                                                   const float* __restrict__ kscale, int S, int D,
+                                                                   int B, void* __restrict__ pooled,
+                                                                   float* __restrict__ pscale) {
+    constexpr int EB = KDT == DT_E4M3 ? 1 : (KDT == DT_F32 ? 4 : 2);
+    constexpr int VE = 16 / EB;  // elements per vector
+    constexpr int U = EB == 1 ? 4 : 8;  // tokens a thread loads before it adds them (64 registers)
+    __shared__ float sPart[POOL_VEC_THREADS * 16];  // [group][D] partial sums (G * D <= 128 * 16)
+    __shared__ float sAmax[32];
+    const int tid = threadIdx.x, b = blockIdx.x;
+    const int s0 = b * B, s1 = min(s0 + B, S);
+    const int V = D / VE;  // vectors per token row
+    const int G = POOL_VEC_THREADS / V;  // token groups: group g takes tokens s0 + g, + G, ...
+    const int v = tid % V, g = tid / V;
+    const uint4* rows = reinterpret_cast<const uint4*>(k);
+    float part[VE];
+#pragma unroll
+    for (int e = 0; e < VE; ++e) part[e] = 0.0f;
+    if (g < G) {
+        for (int s = s0 + g; s < s1; s += U * G) {
+            uint4 x[U];
+            float c[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {  // U loads in flight, then their sums
+                const int t = s + u * G;
+                x[u] = t < s1 ? __ldg(rows + (long long)t * V + v) : make_uint4(0u, 0u, 0u, 0u);
+                c[u] = t < s1 ? (kscale ? __ldg(kscale + t) : 1.0f) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (s + u * G < s1) {
+                    float f[VE];
+                    vec_values<KDT, VE>(x[u], f);
+#pragma unroll
+                    for (int e = 0; e < VE; ++e) part[e] += kscale ? f[e] * c[u] : f[e];
+                }
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < VE; ++e) sPart[g * D + v * VE + e] = part[e];
+    }
+    __syncthreads();
+    float sum = 0.0f;
+    if (tid < D)
+        for (int i = 0; i < G; ++i) sum += sPart[i * D + tid];
+    pool_store<POOL>((float)(s1 - s0), sum, tid, D, b, pooled, pscale, sAmax);
 }

@@ -74,14 +74,17 @@ def test_block_sparse_exact(cuda_device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_batches_exact(cuda_device, monkeypatch, launched_kernels, dtype):
-    # every POOL_BATCH (tokens loaded per batch before they are summed in token order) gives the
-    # reference's pooled keys bit for bit, for blocks shorter than, equal to and not a multiple of
-    # the batch, and a partial last block
+    # both pooling kernels give the reference's pooled keys bit for bit on exact inputs (any
+    # summation order does): pool_vec_kernel (POOL_VEC, partial sums per token group) and
+    # pool_kernel with every POOL_BATCH (tokens loaded per batch before they are summed in token
+    # order), for blocks shorter than, equal to and not a multiple of the batch or the token
+    # groups, and a partial last block
     from hisa_cupy.kernels import cupy_backend
 
     inp = testing.exact_inputs(8, 1000, 32, 64, dtype=dtype, seed=3, ragged=True)
     kt, ksc = to_torch(inp["k"]), to_torch(inp["k_scale"])
-    for batch in cupy_backend.POOL_BATCHES:
+    for vec, batch in [(True, 16)] + [(False, b) for b in cupy_backend.POOL_BATCHES]:
+        monkeypatch.setattr(cupy_backend, "POOL_VEC", vec)
         monkeypatch.setattr(cupy_backend, "POOL_BATCH", batch)
         for block_size in (40, 64, 100, 128):
             for pool in ("bfloat16", "float32", "float8_e4m3fn"):
@@ -89,11 +92,38 @@ def test_pool_batches_exact(cuda_device, monkeypatch, launched_kernels, dtype):
                 pooled, pscale = hisa_cupy.pool_keys(kt, k_scale=ksc, block_size=block_size, pool_dtype=pool,
                                                      backend="cupy")
                 rp, rs = reference.pool_keys(inp["k"], inp["k_scale"], block_size=block_size, pool_dtype=pool)
-                msg = f"batch={batch} B={block_size} {pool}"
+                msg = f"vec={vec} batch={batch} B={block_size} {pool}"
                 np.testing.assert_array_equal(to_np(pooled).view(np.uint8), rp.view(np.uint8), err_msg=msg)
                 if pool == "float8_e4m3fn":
                     np.testing.assert_array_equal(to_np(pscale), rs, err_msg=msg)
-                assert len(launched_kernels) == 1 and launched_kernels[0].endswith(f", {batch}>")
+                assert len(launched_kernels) == 1
+                assert launched_kernels[0].startswith("pool_vec_kernel<") if vec else \
+                    launched_kernels[0].endswith(f", {batch}>")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_vec_general_inputs(cuda_device, monkeypatch, launched_kernels, dtype):
+    # random keys and scales (sums not exact): pool_vec_kernel's fp32 pooled keys are the
+    # reference's up to the rounding of a sum taken in another order (1e-5 of the block's mean
+    # magnitude), at D = 32, 96 and 128 (token groups that do and do not fill the CTA)
+    import ml_dtypes
+
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "POOL_VEC", True)
+    rng = np.random.default_rng(4)
+    np_dtype = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype)
+    for D in (32, 96, 128):
+        keys = (4 * rng.standard_normal((1000, D))).astype(np.float32).astype(np_dtype)
+        ksc = (rng.random(1000) + 0.5).astype(np.float32)
+        launched_kernels.clear()
+        pooled, _ = hisa_cupy.pool_keys(to_torch(keys), k_scale=to_torch(ksc), block_size=100,
+                                        pool_dtype="float32", backend="cupy")
+        assert len(launched_kernels) == 1 and launched_kernels[0].startswith("pool_vec_kernel<"), launched_kernels
+        ref, _ = reference.pool_keys(keys, ksc, block_size=100, pool_dtype="float32")
+        mag = np.abs(keys.astype(np.float32) * ksc[:, None]).reshape(10, 100, D).mean(axis=1)
+        got = to_np(pooled)
+        assert np.abs(got - ref).max() <= 1e-5 * mag.max(), f"D={D}"  # a sum's rounding, in another order
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
