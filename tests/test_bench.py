@@ -417,3 +417,27 @@ def test_device_session_ncu_step(tmp_path):
     assert "1 SASS instructions, 64 warp instructions executed" in hot
     assert "1 source lines, 64 warp instructions executed" in hot and "x += 1;" in hot
     assert "ncu (1 kernels): done" in (out / "gpu.txt").read_text()
+
+
+def test_precompile_kernels_knows_every_kernel_file():
+    # bench/precompile_kernels.py finds each kernel's source file from its name: every kernel
+    # the backend can launch must map to the file that defines it, and an unknown name is an error
+    from hisa_cupy.kernels import cupy_backend
+
+    pre = _load("precompile_kernels")
+    instances = cupy_backend.kernel_instances()
+    assert instances
+    for filename, expr in instances:
+        assert pre.source_file(expr) == filename, expr
+    with pytest.raises(ValueError, match="no source file"):
+        pre.source_file("mystery_kernel<1>")
+
+
+def test_precompile_kernels_reads_names_from_a_cache(tmp_path):
+    # a device cache's .name files hold lowered names; demangled they are the name expressions
+    pre = _load("precompile_kernels")
+    (tmp_path / "a.name").write_text("_Z25refine_union_wgmma_kernelILi2ELi0ELi0ELi64ELi128EEvPKvS1_PKfS3_PKiS5_S5_iiiiiiPjxi")
+    (tmp_path / "b.name").write_text("_Z18topk_filter_kernelPKjPKfxiiiiPKiS4_iiiiiPjPiS5_S6_")
+    (tmp_path / "a.bin").write_bytes(b"\x7fELF")
+    assert sorted(pre.names_from_cache(str(tmp_path))) == ["refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                                           "topk_filter_kernel"]

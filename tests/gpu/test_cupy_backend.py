@@ -241,9 +241,13 @@ def test_workloads_tolerance(cuda_device, kind, S):
     got = hisa_cupy.refine(*args, blocks, topk=1024, **kw)
     ref = reference.refine(w.q, w.k, w.weights, to_np(blocks), k_scale=w.k_scale, ks=w.ks, ke=w.ke, topk=1024)
     testing.assert_selection_equivalent(got, ref, scores, ks=w.ks)
-    # end to end == the stages composed on the GPU
+    # end to end == the stages composed on the GPU (hisa_select scores pairs of rows over the
+    # union of their blocks, refine one row at a time); in score order too, which any difference
+    # in a candidate's key bits can reorder
     full = hisa_cupy.hisa_select(*args, block_topk=16, topk=1024, **kw)
     testing.assert_selection_equal(full, got)
+    full = hisa_cupy.hisa_select(*args, block_topk=16, topk=1024, order="score", **kw)
+    testing.assert_selection_equal(full, hisa_cupy.refine(*args, blocks, topk=1024, order="score", **kw))
 
 
 def test_frameworks_round_trip(cuda_device):

@@ -383,5 +383,5 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
                 if ragged:
                     lens = np.clip(inp["ke"], 0, S) - np.clip(inp["ks"], 0, S)
                     assert failed[lens < 65536].all()  # short rows are not filtered
-                else:
-                    assert not failed.all()  # the candidates' path ran
+                else:  # every row long: all through the candidates (H200: no row rescued)
+                    assert not failed.any(), f"rows rescued: {np.flatnonzero(failed)}"
