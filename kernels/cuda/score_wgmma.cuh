@@ -204,6 +204,9 @@ __device__ __forceinline__ void score_tile_wgmma(
 #else
     constexpr bool UNION = ITEMS == ITEMS_UNION;
     constexpr bool DENSE = ITEMS == ITEMS_TOKENS;
+    // fp8 keys, two rows of 64 heads: the union path runs a tile's MMAs only for the rows whose
+    // blocks it holds (split_runs; issue_rs_row for a tile of one row's blocks)
+    constexpr bool SPLIT_ROWS = Shape::FP8A && UNION && H == 64;
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
     constexpr int QB = DType<QDT>::bytes, EB = Shape::EB;
     extern __shared__ __align__(16) char smem[];
@@ -295,6 +298,9 @@ __device__ __forceinline__ void score_tile_wgmma(
     const char* kbase = reinterpret_cast<const char*>(keys);
     auto orow = [&](int r) { return out + (long long)(local0 + r) * ld; };
     int j_first, j_stop, n_union = 0;
+    // SPLIT_ROWS: the union's tiles [0, split_runs[0]) hold blocks of both rows, then up to
+    // split_runs[1] blocks of row 0 only, then of row 1 only
+    int split_runs[2] = {0, 0};
     // key row of item n (-1: none), each row's flag for it (0 not a candidate, 1 scored, 2 forced
     // block) and, on the union path, each row's output column for it (-1: not the row's)
     auto map_item = [&](int n, u32 (&f)[ROWS], int (&col)[ROWS]) {
@@ -330,8 +336,12 @@ __device__ __forceinline__ void score_tile_wgmma(
 
     if constexpr (UNION) {
         // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
-        // output). A block's union index = (its index in its list) + (entries of the other list
-        // below it) - (common entries below it); a block in both lists is emitted once, from row 0.
+        // output); a block in both lists is emitted once, from row 0. In block order, a block's
+        // union index = (its index in its list) + (entries of the other list below it) - (common
+        // entries below it). SPLIT_ROWS groups it instead: the common blocks, then row 0's own,
+        // then row 1's own, each ascending (index d, common + i - d, len0 + i - d for entry i of
+        // its list with d common entries below it; row 1 goes first, which counts the common
+        // ones). The order decides only which CTA scores an item, never its key or column.
         for (int i = tid; i < m; i += SCORE_THREADS)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
@@ -350,7 +360,8 @@ __device__ __forceinline__ void score_tile_wgmma(
         const int len[2] = {lower_bound(sList, m, 0x7FFFFFFF), lower_bound(sList + m, m, 0x7FFFFFFF)};
         int common = 0;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int pass = 0; pass < 2; ++pass) {
+            const int r = SPLIT_ROWS ? 1 - pass : pass;
             const int* mine = sList + r * m;
             const int* other = sList + (1 - r) * m;
             int seen = 0;  // common entries in earlier chunks
@@ -374,7 +385,8 @@ __device__ __forceinline__ void score_tile_wgmma(
                 }
                 __syncthreads();
                 if (i < len[r] && (r == 0 || !dup)) {
-                    const int pos = i + lb - (seen + before + in_warp);
+                    const int d = seen + before + in_warp;
+                    const int pos = !SPLIT_ROWS ? i + lb - d : r == 1 ? len[0] + i - d : dup ? d : common + i - d;
                     sUnion[pos] = mine[i];
                     sUnion[2 * m + pos] = r == 0 ? i : -1;
                     sUnion[4 * m + pos] = r == 0 ? (dup ? lb : -1) : i;
@@ -390,11 +402,27 @@ __device__ __forceinline__ void score_tile_wgmma(
             if (live[r] && blockIdx.x == 0)
                 for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
         __syncthreads();
-        // the union's tiles split evenly over the gridDim.x CTAs of the pair (shorter tail)
         const int total = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
-        const int per = (total + (int)gridDim.x - 1) / (int)gridDim.x;
-        j_first = (int)blockIdx.x * per;
-        j_stop = min(total, j_first + per);
+        if constexpr (SPLIT_ROWS) {
+            // whole tiles per block: a tile holds blocks of one group (else every tile takes both
+            // rows' MMAs). The tiles split over the gridDim.x CTAs of the pair by work, a tile of
+            // both rows counting twice: CTA x takes the tiles of work [x W / G, (x + 1) W / G)
+            if (B % SCORE_TILE == 0) {
+                split_runs[0] = common * (B / SCORE_TILE);
+                split_runs[1] = len[0] * (B / SCORE_TILE);
+            } else {
+                split_runs[0] = split_runs[1] = total;
+            }
+            const int both = split_runs[0], work = total + both, G = (int)gridDim.x;
+            auto tile_at = [&](int w) { return w <= 2 * both ? (w + 1) / 2 : w - both; };
+            j_first = tile_at((int)((long long)work * blockIdx.x / G));
+            j_stop = tile_at((int)((long long)work * (blockIdx.x + 1) / G));
+        } else {
+            // the union's tiles split evenly over the gridDim.x CTAs of the pair (shorter tail)
+            const int per = (total + (int)gridDim.x - 1) / (int)gridDim.x;
+            j_first = (int)blockIdx.x * per;
+            j_stop = min(total, j_first + per);
+        }
         if (j_first >= j_stop) return;
     } else {
         // first and last tile of this CTA holding a candidate (masked CTAs never stage q). Every
@@ -582,40 +610,116 @@ __device__ __forceinline__ void score_tile_wgmma(
             WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
         wgmma_commit();
     };
+    // The union path's MMAs for one query row (SPLIT_ROWS, tiles of one row's blocks): one commit
+    // group of N = H, B = that row's H operand rows of q (H * 128 bytes into each 128-byte panel:
+    // a multiple of the 1024-byte swizzle pattern, so the descriptor's phase is unchanged). Per
+    // (item, head) the products and their sum are those of the N = 128 instruction (and of the
+    // one-row refine kernel, whose N is H): only which MMA computes a column changes.
+    auto issue_rs_row = [&](float (&a)[H / 2], const u32 (&af)[KSTEPS][4], int r) {
+        wgmma_fence();  // the A registers were just written, or a was just read
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            WgmmaRS<H>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + r * H * 128 + (kk & 3) * 32) >> 4), kk);
+        wgmma_commit();
+    };
+    // head sums of one query row r of one half from its own accumulators (SPLIT_ROWS): the same
+    // FMA chains, in the same order, as head_sums' row r (columns 8 i' + ..., i' = i + r H / 8)
+    auto row_sums = [&](const float (&a)[H / 2], int r, float (&sum)[2]) {
+        float p[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+        for (int i = 0; i < H / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                p[e][0] = fmaf(wt[r * (H / 8) + i][0], relu(a[4 * i + 2 * e]), p[e][0]);
+                p[e][1] = fmaf(wt[r * (H / 8) + i][1], relu(a[4 * i + 2 * e + 1]), p[e][1]);
+            }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float v = p[e][0] + p[e][1];
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            sum[e] = v;
+        }
+    };
 
     int slot = 0;
-    for (int j = j_first; j < j_stop; ++j) {
-        cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
-        fence_async_smem();
-        // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
-        __syncthreads();
-        const int n0 = j * SCORE_TILE;
-        int next = slot + NBUF - 1;
-        if (next >= NBUF) next -= NBUF;
-        float s0[ROWS][2], s1[ROWS][2];
-        if constexpr (Shape::FP8A) {
+    if constexpr (SPLIT_ROWS) {
+        // the union's tiles in three runs: blocks of both rows, of row 0 only, of row 1 only
+        // (split_runs). One tile: only = -1 takes both rows, one N = 2H group per half as on the
+        // other paths; only = r takes only row r's MMAs, two N = H groups, the first half's head
+        // sums under the second half's MMA. The three calls pass constants and the inlined body
+        // folds them: straight-line code, no MMA under a branch, no indexed weights (ptxas: 168
+        // registers, no serialisation). Splitting the two-row tiles per row as well (four N = H
+        // groups) measured slower: bench/NOTES.md, 312882e.
+        auto tile = [&](int j, int only) {
+            cp_async_wait<NBUF - 2>();
+            fence_async_smem();
+            __syncthreads();
+            int next = slot + NBUF - 1;
+            if (next >= NBUF) next -= NBUF;
+            float s0[ROWS][2] = {}, s1[ROWS][2] = {};
             u32 af[KSTEPS][4];
+            float a0[H / 2], a1[H / 2];
             load_a(af, slot, 0);
-            issue_rs(acc[0], af);
-            stage(j + NBUF - 1, next);
-            wgmma_wait<0>();
-            head_sums(acc[0], s0);
-            load_a(af, slot, 1);
-            issue_rs(acc[0], af);
-            wgmma_wait<0>();
-            head_sums(acc[0], s1);
-        } else {
-            wgmma_fence();
-            issue(acc[0], slot, 0);
-            issue(acc[1], slot, 1);
-            stage(j + NBUF - 1, next);
-            wgmma_wait<1>();
-            head_sums(acc[0], s0);
-            wgmma_wait<0>();
-            head_sums(acc[1], s1);
+            if (only < 0) {  // both rows: one N = 2H group per half, as on the other paths
+                issue_rs(acc[0], af);
+                stage(j + NBUF - 1, next);
+                wgmma_wait<0>();
+                head_sums(acc[0], s0);
+                load_a(af, slot, 1);
+                issue_rs(acc[0], af);
+                wgmma_wait<0>();
+                head_sums(acc[0], s1);
+            } else {
+                issue_rs_row(a0, af, only);
+                stage(j + NBUF - 1, next);
+                wgmma_wait<0>();
+                load_a(af, slot, 1);
+                issue_rs_row(a1, af, only);
+                row_sums(a0, only, s0[only]);
+                wgmma_wait<0>();
+                row_sums(a1, only, s1[only]);
+            }
+            write_keys(s0, s1, j * SCORE_TILE, slot);
+            slot = slot + 1 == NBUF ? 0 : slot + 1;
+        };
+        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
+        for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
+        for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
+    } else {
+        for (int j = j_first; j < j_stop; ++j) {
+            cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
+            fence_async_smem();
+            // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
+            __syncthreads();
+            const int n0 = j * SCORE_TILE;
+            int next = slot + NBUF - 1;
+            if (next >= NBUF) next -= NBUF;
+            float s0[ROWS][2], s1[ROWS][2];
+            if constexpr (Shape::FP8A) {
+                u32 af[KSTEPS][4];
+                load_a(af, slot, 0);
+                issue_rs(acc[0], af);
+                stage(j + NBUF - 1, next);
+                wgmma_wait<0>();
+                head_sums(acc[0], s0);
+                load_a(af, slot, 1);
+                issue_rs(acc[0], af);
+                wgmma_wait<0>();
+                head_sums(acc[0], s1);
+            } else {
+                wgmma_fence();
+                issue(acc[0], slot, 0);
+                issue(acc[1], slot, 1);
+                stage(j + NBUF - 1, next);
+                wgmma_wait<1>();
+                head_sums(acc[0], s0);
+                wgmma_wait<0>();
+                head_sums(acc[1], s1);
+            }
+            write_keys(s0, s1, n0, slot);
+            slot = slot + 1 == NBUF ? 0 : slot + 1;
         }
-        write_keys(s0, s1, n0, slot);
-        slot = slot + 1 == NBUF ? 0 : slot + 1;
     }
     cp_async_wait<0>();
 #endif
