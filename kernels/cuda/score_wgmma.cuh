@@ -610,6 +610,19 @@ __device__ __forceinline__ void score_tile_wgmma(
             WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
         wgmma_commit();
     };
+    // the register-A path's tile of all ROWS rows (A fragments of half 0 loaded): one N group
+    // per half, the halves one after the other (three CTAs per SM overlap each other's epilogues)
+    auto fp8a_tile = [&](u32 (&af)[KSTEPS][4], int j, int slot, int next, float (&s0)[ROWS][2],
+                         float (&s1)[ROWS][2]) {
+        issue_rs(acc[0], af);
+        stage(j + NBUF - 1, next);
+        wgmma_wait<0>();
+        head_sums(acc[0], s0);
+        load_a(af, slot, 1);
+        issue_rs(acc[0], af);
+        wgmma_wait<0>();
+        head_sums(acc[0], s1);
+    };
     // The union path's MMAs for one query row (SPLIT_ROWS, tiles of one row's blocks): one commit
     // group of N = H, B = that row's H operand rows of q (H * 128 bytes into each 128-byte panel:
     // a multiple of the 1024-byte swizzle pattern, so the descriptor's phase is unchanged). Per
@@ -662,14 +675,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             float a0[H / 2], a1[H / 2];
             load_a(af, slot, 0);
             if (only < 0) {  // both rows: one N = 2H group per half, as on the other paths
-                issue_rs(acc[0], af);
-                stage(j + NBUF - 1, next);
-                wgmma_wait<0>();
-                head_sums(acc[0], s0);
-                load_a(af, slot, 1);
-                issue_rs(acc[0], af);
-                wgmma_wait<0>();
-                head_sums(acc[0], s1);
+                fp8a_tile(af, j, slot, next, s0, s1);
             } else {
                 issue_rs_row(a0, af, only);
                 stage(j + NBUF - 1, next);
@@ -699,14 +705,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             if constexpr (Shape::FP8A) {
                 u32 af[KSTEPS][4];
                 load_a(af, slot, 0);
-                issue_rs(acc[0], af);
-                stage(j + NBUF - 1, next);
-                wgmma_wait<0>();
-                head_sums(acc[0], s0);
-                load_a(af, slot, 1);
-                issue_rs(acc[0], af);
-                wgmma_wait<0>();
-                head_sums(acc[0], s1);
+                fp8a_tile(af, j, slot, next, s0, s1);
             } else {
                 wgmma_fence();
                 issue(acc[0], slot, 0);
