@@ -8,7 +8,10 @@
 #   STEPS=ab AB_TREES=".snap/main .snap/wip" bash bench/device_session.sh   # A/B of two trees
 #   KCACHE_SAVE=1 KCACHE_IN=.kcache/kernels.txz STEPS=tests bash bench/device_session.sh
 #       # the compiled kernels come back as $OUT/kernels.txz; copy it to .kcache/ (ignored) and
-#       # carry .kcache in the next call, which then skips compiling what has not changed
+#       # carry .kcache in the next call, which then skips compiling what has not changed.
+#       # Better: build the cache before the first call, without a GPU, with
+#       # bench/precompile_kernels.py (the device's NVRTC from pip; bench/NOTES.md, "Compile
+#       # before the call"): a call then compiles nothing
 #
 # Steps, in the order given:
 #   tests    pytest -m gpu $TEST_PATHS (default tests/gpu), narrowed by TEST_K (pytest -k) when set
