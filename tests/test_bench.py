@@ -441,3 +441,13 @@ def test_precompile_kernels_reads_names_from_a_cache(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"\x7fELF")
     assert sorted(pre.names_from_cache(str(tmp_path))) == ["refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                                            "topk_filter_kernel"]
+
+
+def test_filter_scan_model_finds_offsets_and_no_deadlock():
+    # bench/filter_scan_model.py: row_filter's chunk claims and look-back under 3000 random
+    # schedules with fewer resident CTAs than the grid; it raises on a wrong offset or a spin
+    # that never ends, so a change to the modelled protocol that breaks either fails here
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "filter_scan_model.py")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["ok", "3000"]
