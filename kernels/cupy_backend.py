@@ -186,17 +186,32 @@ def _keep_source(source: str, key: str, program: str) -> str:
     return path
 
 
+def _compile_options(arch: str) -> tuple:
+    """NVRTC options for target ``arch``; ``HISA_CUPY_LINEINFO=1`` adds ``-lineinfo`` (source
+    lines for a profiler; bench/device_session.sh's ``ncu`` step)."""
+    lineinfo = os.environ.get("HISA_CUPY_LINEINFO") == "1"
+    return _COMPILE_OPTIONS + (f"-arch={arch}",) + (("-lineinfo",) if lineinfo else ())
+
+
+def cache_key(source: str, name_expr: str, arch: str) -> str:
+    """Name of one kernel instance's entries in ``cache_dir()`` (``<key>.bin``, ``<key>.name``): a
+    hash of everything that determines the binary (source after include expansion, instance,
+    options, target, NVRTC version) and nothing else, no GPU, so a cache filled on another
+    machine with the same NVRTC serves this one (bench/precompile_kernels.py)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    return hashlib.sha256("\0".join((source, name_expr, " ".join(_compile_options(arch)),
+                                     repr(nvrtc.getVersion()))).encode()).hexdigest()[:40]
+
+
 def _nvrtc_compile(source: str, name_expr: str, arch: str):
-    """(binary, lowered name) of one kernel instance; cached on disk by a hash of everything that
-    determines the binary (source after include expansion, instance, options, target, NVRTC).
-    ``HISA_CUPY_LINEINFO=1`` adds ``-lineinfo`` (source lines for a profiler; bench/device_session.sh's
-    ``ncu`` step), a different cache entry."""
+    """(binary, lowered name) of one kernel instance, cached on disk under ``cache_key``.
+    ``HISA_CUPY_LINEINFO=1`` adds ``-lineinfo``, a different cache entry."""
     from cupy_backends.cuda.libs import nvrtc
 
     lineinfo = os.environ.get("HISA_CUPY_LINEINFO") == "1"
-    options = _COMPILE_OPTIONS + (f"-arch={arch}",) + (("-lineinfo",) if lineinfo else ())
-    key = hashlib.sha256("\0".join((source, name_expr, " ".join(options), repr(nvrtc.getVersion())))
-                         .encode()).hexdigest()[:40]
+    options = _compile_options(arch)
+    key = cache_key(source, name_expr, arch)
     path = os.path.join(cache_dir(), key)
     try:
         with open(path + ".name", encoding="utf-8") as f:

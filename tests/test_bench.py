@@ -434,13 +434,87 @@ def test_precompile_kernels_knows_every_kernel_file():
 
 
 def test_precompile_kernels_reads_names_from_a_cache(tmp_path):
-    # a device cache's .name files hold lowered names; demangled they are the name expressions
+    # a device cache's .name files hold lowered names; demangled they are the name expressions,
+    # read from the cache directory or from the archive a device call returned
+    import tarfile
+
     pre = _load("precompile_kernels")
-    (tmp_path / "a.name").write_text("_Z25refine_union_wgmma_kernelILi2ELi0ELi0ELi64ELi128EEvPKvS1_PKfS3_PKiS5_S5_iiiiiiPjxi")
-    (tmp_path / "b.name").write_text("_Z18topk_filter_kernelPKjPKfxiiiiPKiS4_iiiiiPjPiS5_S6_")
-    (tmp_path / "a.bin").write_bytes(b"\x7fELF")
-    assert sorted(pre.names_from_cache(str(tmp_path))) == ["refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
-                                                           "topk_filter_kernel"]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "a.name").write_text("_Z25refine_union_wgmma_kernelILi2ELi0ELi0ELi64ELi128EEvPKvS1_PKfS3_PKiS5_S5_iiiiiiPjxi")
+    (cache / "b.name").write_text("_Z18topk_filter_kernelPKjPKfxiiiiPKiS4_iiiiiPjPiS5_S6_")
+    (cache / "a.bin").write_bytes(b"\x7fELF")
+    want = ["refine_union_wgmma_kernel<2, 0, 0, 64, 128>", "topk_filter_kernel"]
+    assert sorted(pre.names_from_cache(str(cache))) == want
+    with tarfile.open(tmp_path / "k.txz", "w:xz") as tar:
+        tar.add(cache, arcname=".")
+    assert sorted(pre.names_from_cache(str(tmp_path / "k.txz"))) == want
+
+
+class _FakeNvrtc:
+    """cupy_backends' nvrtc module as far as cache_key and _nvrtc_compile use it."""
+
+    class NVRTCError(Exception):
+        pass
+
+    def getVersion(self):
+        return (13, 0)
+
+    def createProgram(self, source, name, headers, include_names):
+        self.expr = None
+        return 0
+
+    def addNameExpression(self, prog, expr):
+        self.expr = expr
+
+    def compileProgram(self, prog, options):
+        pass
+
+    def getLoweredName(self, prog, expr):
+        return "lowered_" + expr
+
+    def getCUBIN(self, prog):
+        return b"cubin of " + self.expr.encode()
+
+    def destroyProgram(self, prog):
+        pass
+
+
+def test_precompile_kernels_packs_what_the_backend_looks_up(monkeypatch, tmp_path):
+    # the keys the tool packs are the ones the backend opens (cupy_backend.cache_key): a kernel
+    # compiled into one cache, packed and unpacked into another, is found there without a compile;
+    # a kernel missing from the cache is an error, not a smaller archive
+    import tarfile
+    import types
+
+    fake = _FakeNvrtc()
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.nvrtc = fake
+    for name, mod in (("cupy_backends", types.ModuleType("cupy_backends")),
+                      ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                      ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.nvrtc", fake)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delenv("HISA_CUPY_LINEINFO", raising=False)
+    from hisa_cupy.kernels import cupy_backend as cb
+
+    pre = _load("precompile_kernels")
+    built, other = tmp_path / "built", tmp_path / "device"
+    monkeypatch.setenv("HISA_CUPY_CACHE_DIR", str(built))
+    exprs = ["topk_filter_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>"]
+    for e in exprs:
+        cb._nvrtc_compile(cb.load_source(pre.source_file(e)), e, "sm_90a")
+    keys = pre.cache_keys(cb, exprs, "sm_90a")
+    assert pre.pack(str(built), keys.values(), str(tmp_path / "k.txz")) == 2
+    with tarfile.open(tmp_path / "k.txz") as tar:
+        tar.extractall(other)
+    monkeypatch.setenv("HISA_CUPY_CACHE_DIR", str(other))
+    fake.createProgram = None  # a compile now would fail: both must come from the unpacked cache
+    for e in exprs:
+        assert cb._nvrtc_compile(cb.load_source(pre.source_file(e)), e, "sm_90a") == (
+            b"cubin of " + e.encode(), "lowered_" + e)
+    with pytest.raises(FileNotFoundError, match="1 kernels are not in"):
+        pre.pack(str(built), [*keys.values(), "0" * 40], str(tmp_path / "k2.txz"))
+    assert not (tmp_path / "k2.txz").exists()
 
 
 def test_filter_scan_model_finds_offsets_and_no_deadlock():
