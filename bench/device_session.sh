@@ -7,11 +7,9 @@
 #   STEPS=bench HISA_COMMIT=abc1234 bash bench/device_session.sh   # the run of record
 #   STEPS=ab AB_TREES=".snap/main .snap/wip" bash bench/device_session.sh   # A/B of two trees
 #   KCACHE_SAVE=1 KCACHE_IN=.kcache/kernels.txz STEPS=tests bash bench/device_session.sh
-#       # the compiled kernels come back as $OUT/kernels.txz; copy it to .kcache/ (ignored) and
-#       # carry .kcache in the next call, which then skips compiling what has not changed.
-#       # Better: build the cache before the first call, without a GPU, with
-#       # bench/precompile_kernels.py (the device's NVRTC from pip; bench/NOTES.md, "Compile
-#       # before the call"): a call then compiles nothing
+#       # .kcache/kernels.txz built beforehand without a GPU (bench/precompile_kernels.py --pack;
+#       # bench/NOTES.md, "Compile before the call"); what the call still had to compile comes
+#       # back as $OUT/kernels.txz: unpack it into the local cache before the next --pack
 #
 # Steps, in the order given:
 #   tests    pytest -m gpu $TEST_PATHS (default tests/gpu), narrowed by TEST_K (pytest -k) when set
@@ -40,12 +38,14 @@ echo "commit ${HISA_COMMIT:-unknown}, steps: $STEPS, $(date -u +%FT%TZ)" >> "$OU
 
 # Compiled kernels: one on-disk cache for every step and tree (cupy_backend keys it by a hash of
 # the source, so trees share only identical kernels). A fresh machine starts empty, and compiling
-# is most of the GPU tests' time, so the cache can travel between calls: KCACHE_IN (a tarball
-# from an earlier call, carried, e.g. .kcache/kernels.txz; gzip or xz) seeds it, and
-# KCACHE_SAVE=1 packs it into $OUT/kernels.txz at the end (skipped above the 16 MiB a returned
-# file may have). xz, through Python's tarfile ($PACK_PY): the cubins share most of their bytes,
-# which xz's window finds; 324 kernels (49 MB) pack into 1.5 MB, against 12 MB as tar.gz, which
-# passed 16 MiB as the cache grew.
+# is most of the GPU tests' time, so the cache travels: KCACHE_IN (a tarball carried into the
+# call, e.g. .kcache/kernels.txz from bench/precompile_kernels.py --pack, built without a GPU;
+# gzip or xz) seeds it, and KCACHE_SAVE=1 packs what this call compiled (the entries the seed did
+# not hold) into $OUT/kernels.txz at the end, to be unpacked into the local cache. Only the new
+# entries: packing a whole cache of ~300 kernels took the device over 48 s once and was cut off
+# by the call's limit. xz, through Python's tarfile ($PACK_PY): the cubins share most of their
+# bytes, which xz's window finds (324 kernels, 49 MB, pack into 1.5 MB); skipped above the 16 MiB
+# a returned file may have.
 PACK_PY=${PACK_PY:-python3}
 export HISA_CUPY_CACHE_DIR=${HISA_CUPY_CACHE_DIR:-/tmp/hisa_kernel_cache}
 mkdir -p "$HISA_CUPY_CACHE_DIR"
@@ -61,20 +61,35 @@ PY
     echo "kernel cache: could not unpack $KCACHE_IN" >> "$OUT/gpu.txt"
   fi
 fi
+KCACHE_SEEDED=$(mktemp)  # the cache's files before any step ran: KCACHE_SAVE leaves them out
+(cd "$HISA_CUPY_CACHE_DIR" && find . -type f | sort) > "$KCACHE_SEEDED"
 save_kernel_cache() {
   [ "${KCACHE_SAVE:-0}" = 1 ] || return 0
-  "$PACK_PY" - "$HISA_CUPY_CACHE_DIR" "$OUT/kernels.txz" <<'PY'
-import sys, tarfile
-with tarfile.open(sys.argv[2], "w:xz") as tar:
-    tar.add(sys.argv[1], arcname=".")
+  local packed
+  packed=$("$PACK_PY" - "$HISA_CUPY_CACHE_DIR" "$OUT/kernels.txz" "$KCACHE_SEEDED" <<'PY'
+import os, sys, tarfile
+cache, archive, seeded = sys.argv[1:4]
+with open(seeded) as f:
+    old = {line.strip() for line in f}
+new = []
+for root, _, files in os.walk(cache):
+    for name in files:
+        rel = "./" + os.path.relpath(os.path.join(root, name), cache)
+        if rel not in old:
+            new.append(rel)
+with tarfile.open(archive, "w:xz", preset=3) as tar:
+    for rel in sorted(new):
+        tar.add(os.path.join(cache, rel), arcname=rel[2:])
+print(sum(rel.endswith(".bin") for rel in new))
 PY
+)
   local bytes
   bytes=$(wc -c < "$OUT/kernels.txz")
   if [ "$bytes" -gt $((16 << 20)) ]; then
     rm -f "$OUT/kernels.txz"
     echo "kernel cache: $bytes bytes packed, over 16 MiB: not saved" >> "$OUT/gpu.txt"
   else
-    echo "kernel cache: $(find "$HISA_CUPY_CACHE_DIR" -name '*.bin' | wc -l) kernels saved to kernels.txz ($bytes bytes)" >> "$OUT/gpu.txt"
+    echo "kernel cache: $packed kernels compiled in this call saved to kernels.txz ($bytes bytes)" >> "$OUT/gpu.txt"
   fi
 }
 
