@@ -450,49 +450,15 @@ def test_precompile_kernels_reads_names_from_a_cache(tmp_path):
     assert sorted(pre.names_from_cache(str(tmp_path / "k.txz"))) == want
 
 
-class _FakeNvrtc:
-    """cupy_backends' nvrtc module as far as cache_key and _nvrtc_compile use it."""
-
-    class NVRTCError(Exception):
-        pass
-
-    def getVersion(self):
-        return (13, 0)
-
-    def createProgram(self, source, name, headers, include_names):
-        self.expr = None
-        return 0
-
-    def addNameExpression(self, prog, expr):
-        self.expr = expr
-
-    def compileProgram(self, prog, options):
-        pass
-
-    def getLoweredName(self, prog, expr):
-        return "lowered_" + expr
-
-    def getCUBIN(self, prog):
-        return b"cubin of " + self.expr.encode()
-
-    def destroyProgram(self, prog):
-        pass
-
-
 def test_precompile_kernels_packs_what_the_backend_looks_up(monkeypatch, tmp_path):
     # the keys the tool packs are the ones the backend opens (cupy_backend.cache_key): a kernel
     # compiled into one cache, packed and unpacked into another, is found there without a compile;
     # a kernel missing from the cache is an error, not a smaller archive
     import tarfile
-    import types
 
-    fake = _FakeNvrtc()
-    libs = types.ModuleType("cupy_backends.cuda.libs")
-    libs.nvrtc = fake
-    for name, mod in (("cupy_backends", types.ModuleType("cupy_backends")),
-                      ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
-                      ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.nvrtc", fake)):
-        monkeypatch.setitem(sys.modules, name, mod)
+    from fake_nvrtc import install_fake_nvrtc  # tests/fake_nvrtc.py
+
+    fake = install_fake_nvrtc(monkeypatch)
     monkeypatch.delenv("HISA_CUPY_LINEINFO", raising=False)
     from hisa_cupy.kernels import cupy_backend as cb
 
@@ -510,7 +476,7 @@ def test_precompile_kernels_packs_what_the_backend_looks_up(monkeypatch, tmp_pat
     fake.createProgram = None  # a compile now would fail: both must come from the unpacked cache
     for e in exprs:
         assert cb._nvrtc_compile(cb.load_source(pre.source_file(e)), e, "sm_90a") == (
-            b"cubin of " + e.encode(), "lowered_" + e)
+            f"cubin of {e}: -std=c++17 -ftz=true -arch=sm_90a".encode(), "lowered_" + e)
     with pytest.raises(FileNotFoundError, match="1 kernels are not in"):
         pre.pack(str(built), [*keys.values(), "0" * 40], str(tmp_path / "k2.txz"))
     assert not (tmp_path / "k2.txz").exists()

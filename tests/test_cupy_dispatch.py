@@ -16,6 +16,7 @@ import pytest
 from hisa_cupy.kernels import cupy_backend as cb
 
 from fake_arrays import pointer_array  # tests/fake_arrays.py
+from fake_nvrtc import install_fake_nvrtc  # tests/fake_nvrtc.py
 
 
 def _value(arg):
@@ -503,54 +504,16 @@ def test_tile_split_is_even_and_adds_no_ctas(monkeypatch):
                 assert tpc == -(-ntiles // ctas)
 
 
-class _FakeNvrtc:
-    """Stand-in for cupy_backends' nvrtc module: records each program's name and options."""
-
-    class NVRTCError(Exception):
-        pass
-
-    def __init__(self):
-        self.programs = []
-
-    def getVersion(self):
-        return (13, 0)
-
-    def createProgram(self, source, name, headers, include_names):
-        self.programs.append({"name": name, "source": source})
-        return len(self.programs) - 1
-
-    def addNameExpression(self, prog, expr):
-        self.programs[prog]["expr"] = expr
-
-    def compileProgram(self, prog, options):
-        self.programs[prog]["options"] = list(options)
-
-    def getLoweredName(self, prog, expr):
-        return "lowered_" + expr
-
-    def getCUBIN(self, prog):
-        return b"cubin:" + " ".join(self.programs[prog]["options"]).encode()
-
-    def destroyProgram(self, prog):
-        pass
-
-
 def test_nvrtc_compile_cache_and_lineinfo(monkeypatch, tmp_path):
     # one compile per (source, instance, options); HISA_CUPY_LINEINFO=1 adds -lineinfo as its own
     # cache entry and names the program after a kept copy of the source (what a profiler opens)
-    fake = _FakeNvrtc()
-    libs = types.ModuleType("cupy_backends.cuda.libs")
-    libs.nvrtc = fake
-    for name, mod in (("cupy_backends", types.ModuleType("cupy_backends")),
-                      ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
-                      ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.nvrtc", fake)):
-        monkeypatch.setitem(__import__("sys").modules, name, mod)
+    fake = install_fake_nvrtc(monkeypatch)
     monkeypatch.setenv("HISA_CUPY_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("HISA_CUPY_LINEINFO", raising=False)
     src = "__global__ void k() {}\n"
 
     plain = cb._nvrtc_compile(src, "k", "sm_90a")
-    assert plain == (b"cubin:-std=c++17 -ftz=true -arch=sm_90a", "lowered_k")
+    assert plain == (b"cubin of k: -std=c++17 -ftz=true -arch=sm_90a", "lowered_k")
     assert fake.programs[-1]["name"] == "k.cu"
     assert cb._nvrtc_compile(src, "k", "sm_90a") == plain and len(fake.programs) == 1  # from the disk cache
 
