@@ -101,17 +101,15 @@ __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, c
 
 #define POOL_VEC_THREADS 128
 
-// the VE elements of a 16-byte vector of KDT values, as fp32
+// the VE elements of a 16-byte vector of KDT values, as fp32 (each element's bits, bits_value)
 template <int KDT, int VE>
 __device__ __forceinline__ void vec_values(const uint4& x, float (&f)[VE]) {
+    constexpr int PER = VE / 4, WIDTH = 32 / PER;  // elements per 32-bit word, their bits
     const u32 w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
     for (int e = 0; e < VE; ++e) {
-        const u32 word = w[e * 4 / VE];
-        if (KDT == DT_E4M3) f[e] = e4m3_to_f32((word >> (8 * (e & 3))) & 0xFFu);
-        else if (KDT == DT_BF16) f[e] = bf16_to_f32((word >> (16 * (e & 1))) & 0xFFFFu);
-        else if (KDT == DT_F16) f[e] = f16_to_f32((u16)(word >> (16 * (e & 1))));
-        else f[e] = __uint_as_float(word);
+        const u32 word = w[e / PER];
+        f[e] = bits_value<KDT>(PER == 1 ? word : (word >> (WIDTH * (e % PER))) & ((1u << (WIDTH % 32)) - 1u));
     }
 }
 
