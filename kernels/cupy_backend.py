@@ -209,8 +209,8 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
     ``HISA_CUPY_LINEINFO=1`` adds ``-lineinfo``, a different cache entry."""
     from cupy_backends.cuda.libs import nvrtc
 
-    lineinfo = os.environ.get("HISA_CUPY_LINEINFO") == "1"
     options = _compile_options(arch)
+    lineinfo = "-lineinfo" in options
     key = cache_key(source, name_expr, arch)
     path = os.path.join(cache_dir(), key)
     try:
@@ -1351,7 +1351,7 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
         if fplan is not None:  # long rows: the chunk's rows are rows 0.. of ks / ke from r0 on, of T - r0
             _filtered_top_k("dense.cu", fplan, rows=nr, keys=keys, ld=S, ncols=S, k=topk, T=T - r0, S=S, ks=ks,
                             ke=ke, ranged=True, range_off=r0 * 4, relative=relative, by_score=by_score, out_idx=out,
-                            out_ld=topk, out_off=r0 * topk * 4, min_len=max(32 * topk, 4 * TOPK_FILTER_CHUNK),
+                            out_ld=topk, out_off=r0 * topk * 4, min_len=_filter_min_len(topk),
                             ws=workspace(stream), em=em)
             continue
         _launch_select("dense.cu", "dense_topk_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk,
@@ -1413,6 +1413,12 @@ TOPK_FILTER_CHUNK = 8192
 TOPK_FILTER_SAMPLES = 2048
 
 
+def _filter_min_len(k: int) -> int:
+    """Shortest row the filtered top-k takes for k: at least 16 columns per candidate and four
+    chunks (_topk_filter's bound on N, and dense_select's bound on each row's own range)."""
+    return max(32 * k, 4 * TOPK_FILTER_CHUNK)
+
+
 def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
     """(P, n, expect) of the filtered top-k over rows of N columns (row_filter.cuh: a threshold
     from sampled keys, the columns at or above it in column order, the exact top k of those, rows
@@ -1428,7 +1434,7 @@ def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
     full row (N up to ~327680 for k = 2048)."""
     if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
         return None
-    if N < max(32 * k, 4 * TOPK_FILTER_CHUNK):
+    if N < _filter_min_len(k):
         return None
     P = -(-N // TOPK_FILTER_CHUNK)
     n = REG_SELECT_ITEMS
