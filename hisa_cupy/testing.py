@@ -2,6 +2,8 @@
 
 * :func:`exact_inputs` draws inputs on which every backend must match the reference bit for bit.
 * :func:`assert_selection_equal` checks exact equality of index arrays, with a readable diff.
+* :func:`assert_values_identical` checks that score arrays hold the same bits (signed zeros and
+  NaN payloads included).
 * :func:`assert_selection_equivalent` is the SPEC §9 tolerance-aware check for general inputs.
 * :func:`to_numpy` turns NumPy / PyTorch / JAX / CuPy arrays into host NumPy arrays (bf16 and
   fp8 framework dtypes become ``ml_dtypes`` arrays).
@@ -15,6 +17,7 @@ __all__ = [
     "exact_inputs",
     "to_numpy",
     "assert_selection_equal",
+    "assert_values_identical",
     "assert_selection_equivalent",
 ]
 
@@ -248,6 +251,25 @@ def assert_selection_equal(actual, expected, *, err_msg: str = "") -> None:
             lines.append(f"    same set, different order/padding:\n"
                          f"    actual   {_fmt(a[t], 24)}\n    expected {_fmt(e[t], 24)}")
     raise AssertionError("\n".join(lines))
+
+
+def assert_values_identical(actual, expected, *, err_msg: str = "") -> None:
+    """The same float32 values bit for bit: ``actual`` (any array type) and ``expected`` (NumPy),
+    equal in shape, dtype float32, and every element's bits -- unlike ``==``, -0.0 differs from
+    0.0 and one NaN from another with a different payload. For top-k values: a selection's values
+    are the input's own elements, so once the indices agree the bits must too."""
+    prefix = f"{err_msg}: " if err_msg else ""
+    a, e = to_numpy(actual), np.asarray(expected)
+    if a.dtype != np.float32 or e.dtype != np.float32:
+        raise AssertionError(f"{prefix}dtypes {a.dtype} and {e.dtype}, expected float32")
+    if a.shape != e.shape:
+        raise AssertionError(f"{prefix}shapes {a.shape} and {e.shape} differ")
+    ab, eb = a.view(np.uint32), e.view(np.uint32)
+    bad = np.argwhere(ab != eb)
+    if bad.shape[0]:
+        at = tuple(int(i) for i in bad[0])
+        raise AssertionError(f"{prefix}{bad.shape[0]} values differ in their bits; first at {at}: "
+                             f"{float(a[at])!r} (0x{int(ab[at]):08x}) vs {float(e[at])!r} (0x{int(eb[at]):08x})")
 
 
 def _lowest_selected(scores_row, selected) -> float:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from hisa_cupy import metrics
-from hisa_cupy.testing import (assert_selection_equal, assert_selection_equivalent, exact_inputs,
-                               to_numpy, to_torch)
+from hisa_cupy.testing import (assert_selection_equal, assert_selection_equivalent, assert_values_identical,
+                               exact_inputs, to_numpy, to_torch)
 
 I32 = np.int32
 
@@ -122,6 +122,24 @@ def test_selection_equal_passes_and_fails():
         assert_selection_equal(a.astype(np.int64), a)
     with pytest.raises(AssertionError, match="ctx"):
         assert_selection_equal(np.array([[3, -1, -1], [0, 1, 2]], I32), a, err_msg="ctx")
+
+
+def test_values_identical_compares_bits():
+    # == would pass each failing pair below: signed zeros, NaN payloads
+    v = np.array([[1.5, -0.0, np.nan], [np.inf, -np.inf, 0.0]], np.float32)
+    assert_values_identical(v, v.copy())
+    flipped = v.copy()
+    flipped[0, 1] = 0.0
+    with pytest.raises(AssertionError, match=r"ctx: 1 values differ[\s\S]*\(0, 1\)[\s\S]*0\.0 \(0x00000000\) vs -0\.0 \(0x80000000\)"):
+        assert_values_identical(flipped, v, err_msg="ctx")
+    other_nan = v.copy()
+    other_nan.view(np.uint32)[0, 2] = 0x7FC00001
+    with pytest.raises(AssertionError, match="1 values differ"):
+        assert_values_identical(other_nan, v)
+    with pytest.raises(AssertionError, match="float32"):
+        assert_values_identical(v.astype(np.float64), v)
+    with pytest.raises(AssertionError, match="shapes"):
+        assert_values_identical(v[:, :2], v)
 
 
 def test_selection_equal_accepts_torch():

@@ -70,7 +70,7 @@ def _check_topk(scores, k, lengths, err_msg):
                                lengths=None if lengths is None else torch.from_numpy(lengths).cuda(), backend="cupy")
     rv, ri = reference.topk(scores, k, lengths=lengths)
     testing.assert_selection_equal(idx, ri, err_msg=err_msg)
-    np.testing.assert_array_equal(testing.to_numpy(vals), rv, err_msg=err_msg)
+    testing.assert_values_identical(vals, rv, err_msg=err_msg)
 
 
 @pytest.mark.parametrize("name,gen,R,N,k", CASES, ids=[f"{c[0]}-{c[2]}x{c[3]}-k{c[4]}" for c in CASES])
@@ -236,7 +236,7 @@ def test_topk_split_over_chunks(cuda_device, monkeypatch, launched_kernels, gen)
             vals, idx = hisa_cupy.topk(torch.from_numpy(scores).cuda(), k, backend="cupy")
             rv, ri = reference.topk(scores, k)
             testing.assert_selection_equal(idx, ri, err_msg=f"{gen.__name__} {R}x{N} k={k}")
-            np.testing.assert_array_equal(testing.to_numpy(vals), rv)
+            testing.assert_values_identical(vals, rv)
             P = cupy_backend._topk_split(R, N, k, False, cupy_backend._device_facts(cupy_backend._device_id())["sms"])
             assert launched_kernels == ["topk_chunks_kernel", _merge_kernel(P * k)]
 
