@@ -80,16 +80,30 @@ __device__ __forceinline__ u32 word_key(u32 w) {
     return SRC == KEYS_U32 ? w : score_key(__uint_as_float(w));
 }
 
-// output slot <- item n: its position (MAP), minus `rel`, and its value (KEYS_F32)
+// The bits of the fp32 score whose key (score_key) is `key`; false where the key does not say
+// them -- the zeros (-0 and +0 share a key), NaN (one key for all) and HISA_KEY_NONE -- and the
+// caller reads the score.
+__device__ __forceinline__ bool score_bits_of_key(u32 key, u32& bits) {
+    bits = key >= 0x80000000u ? key ^ 0x80000000u : ~key;
+    return key > HISA_KEY_NAN && key != 0x80000000u;
+}
+
+// output slot <- item n: its position (MAP), minus `rel`, and its value (KEYS_F32: read back, or
+// from its ranking key `key` where that says it, score_bits_of_key; key 0: not known)
 template <int SRC, int MAP>
-__device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, int t, int rel, int slot, int n) {
+__device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, int t, int rel, int slot, int n,
+                                          u32 key = 0u) {
     int pos;
     if (MAP == MAP_IDENTITY) pos = n;
     else if (MAP == MAP_TOKENS) pos = a.col0 + n;
     else if (MAP == MAP_CHUNKS) pos = (t % a.m) * a.B + n;
     else pos = a.blocks[(long long)t * a.m + n / a.B] * a.B + n % a.B;
     a.out_idx[row * a.out_ld + slot] = pos - rel;
-    if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = a.scores[row * a.ld + n];
+    if (SRC == KEYS_F32 && a.out_val) {
+        u32 bits;
+        if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
+        a.out_val[row * a.out_ld + slot] = __uint_as_float(bits);
+    }
 }
 
 // slots [from, k) of the row past its candidates, `step` apart per thread: index -1, value -inf
@@ -608,8 +622,10 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
 // Sorts the n_out selected entries by sort value (score order: the entry; position order: its
 // low word, i.e. ascending item) descending and writes the output row. Bucket sort over
 // SORT_BINS equal ranges of the value; each item's slot is its bucket's start plus the number
-// of larger values in its bucket. [range_lo, range_hi], when given (range_lo <= range_hi),
-// holds every entry's primary part (the caller knows it), which saves a pass over the entries.
+// of larger values in its bucket. The sorted entries go back to sSel, and from there out in slot
+// order (coalesced stores; by score, the values from the keys). [range_lo, range_hi], when given
+// (range_lo <= range_hi), holds every entry's primary part (the caller knows it), which saves a
+// pass over the entries.
 template <int SRC, int MAP>
 __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
                               int* sHist, int* sScan, int* sMisc, u32 range_lo = 1u, u32 range_hi = 0u) {
@@ -676,31 +692,37 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
         for (int i = tid; i < P; i += SELECT_THREADS) sSel[i] = i < n_out ? value(sSel[i]) : 0ull;
         __syncthreads();
         bitonic_sort_desc(sSel, P);
-        for (int i = tid; i < n_out; i += SELECT_THREADS) emit_item<SRC, MAP>(a, row, t, rel, i, entry_item(sSel[i]));
-        return;
+    } else {
+        // scatter into buckets; afterwards sHist[b] is the end of bucket b and the start of b - 1
+        for (int i = tid; i < n_out; i += SELECT_THREADS) {
+            const u64 e = sSel[i];
+            sAux[atomicAdd(&sHist[bucket(e)], 1)] = e;
+        }
+        __syncthreads();
+        // each entry to its slot in sSel: its bucket's start plus its rank in the bucket
+        for (int p = tid; p < n_out; p += SELECT_THREADS) {
+            const u64 e = sAux[p];
+            const int b = bucket(e);
+            const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+            // rank in the bucket: most buckets hold one or two entries, so a plain loop (unrolling
+            // it costs more in set-up than it saves), one compare per entry
+            int rank = 0;
+            if (by_score) {
+#pragma unroll 1
+                for (int j = start; j < end; ++j) rank += sAux[j] > e;
+            } else {
+                const u32 v = (u32)e;
+#pragma unroll 1
+                for (int j = start; j < end; ++j) rank += (u32)sAux[j] > v;
+            }
+            sSel[start + rank] = e;
+        }
+        __syncthreads();
     }
-    // scatter into buckets; afterwards sHist[b] is the end of bucket b and the start of b - 1
+    // the sorted values, out in slot order (coalesced); by score each holds its key
     for (int i = tid; i < n_out; i += SELECT_THREADS) {
         const u64 e = sSel[i];
-        sAux[atomicAdd(&sHist[bucket(e)], 1)] = e;
-    }
-    __syncthreads();
-    for (int p = tid; p < n_out; p += SELECT_THREADS) {
-        const u64 e = sAux[p];
-        const int b = bucket(e);
-        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
-        // rank in the bucket: most buckets hold one or two entries, so a plain loop (unrolling
-        // it costs more in set-up than it saves), one compare per entry
-        int rank = 0;
-        if (by_score) {
-#pragma unroll 1
-            for (int j = start; j < end; ++j) rank += sAux[j] > e;
-        } else {
-            const u32 v = (u32)e;
-#pragma unroll 1
-            for (int j = start; j < end; ++j) rank += (u32)sAux[j] > v;
-        }
-        emit_item<SRC, MAP>(a, row, t, rel, start + rank, entry_item(e));
+        emit_item<SRC, MAP>(a, row, t, rel, i, entry_item(e), by_score ? (u32)(e >> 32) : 0u);
     }
 }
 
