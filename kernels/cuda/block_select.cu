@@ -32,6 +32,6 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(
     row_select_warp<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS, rows);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) block_topm_regs_kernel(SELECT_PARAMS) {
+__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) block_topm_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS);
 }

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_topk_warp_kernel(
     row_select_warp<KEYS_U32, MAP_TOKENS>(SELECT_ARGS, rows);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_topk_regs_kernel(SELECT_PARAMS) {
+__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) dense_topk_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
 }
 

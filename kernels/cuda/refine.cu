@@ -43,6 +43,6 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel
     row_select_warp<KEYS_U32, MAP_GATHER>(SELECT_ARGS, rows);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) refine_topk_regs_kernel(SELECT_PARAMS) {
+__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
 }

@@ -273,7 +273,7 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
         STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) {  \
         filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed);                      \
     }                                                                                                    \
-    __global__ void __launch_bounds__(SELECT_THREADS, 2)                                                 \
+    __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS)                                                 \
         STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) { \
         filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed);                       \
     }                                                                                                    \

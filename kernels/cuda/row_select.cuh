@@ -948,6 +948,9 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
 #define REG_SELECT_R 16                                     // keys per thread
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
 #define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
+// resident CTAs per SM that register-mode kernels ask of their registers (launch bounds): at 2,
+// 56-64 registers and no spills; at 3, 40 registers and a few spilled bytes
+#define REG_SELECT_MIN_CTAS 3
 
 // The word row_filter never keeps (its key is below 2, the lowest threshold): NaN for fp32
 // scores, HISA_KEY_NONE for ranking keys.

@@ -8,7 +8,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
     row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_regs_kernel(SELECT_PARAMS) {
+__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
 
@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) topk_merge_kernel(SELECT_PARAM
 
 // the merge of at most REG_SELECT_ITEMS kept items per row (P * k; two chunks of k = 2048) in
 // register mode
-__global__ void __launch_bounds__(SELECT_THREADS, 2) topk_merge_regs_kernel(SELECT_PARAMS) {
+__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_merge_regs_kernel(SELECT_PARAMS) {
     row_select_regs<KEYS_F32, MAP_GATHER>(SELECT_ARGS);
 }
 
