@@ -50,6 +50,22 @@ static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 #define FILTER_ARGS \
     keys, scores, ld, ncols, row0, T, S, ks, ke, ranged, P, expect, n, min_len, cand_word, cand_idx, states, next_chunk
 
+// score_key(f) >= t for a key threshold t >= 2 as one float comparison: f >= the smallest score
+// whose key is >= t (NaN, key 1, fails both). The IEEE comparison, not the -ftz one: subnormal
+// scores have keys of their own.
+struct ScoreThreshold {
+    float v;
+    __device__ __forceinline__ explicit ScoreThreshold(u32 t) {
+        t = max(t, 0x007FFFFFu);  // the key of -inf: every number is at or above it
+        v = __uint_as_float(t >= 0x80000000u ? t ^ 0x80000000u : ~t);
+    }
+    __device__ __forceinline__ u32 passes(float f) const {  // 1 or 0
+        u32 r;
+        asm("{\n\t.reg .pred p;\n\tsetp.ge.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(f), "f"(v));
+        return r;
+    }
+};
+
 template <int SRC>
 __device__ void row_filter(FILTER_PARAMS) {
     constexpr int R = REG_SELECT_R;
@@ -146,6 +162,7 @@ __device__ void row_filter(FILTER_PARAMS) {
         }
     }
     thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
+    const ScoreThreshold score_thr(thr);
     const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
 
     // Per chunk: its kept words are staged in shared memory in position order (when they fit),
@@ -163,7 +180,11 @@ __device__ void row_filter(FILTER_PARAMS) {
         if (!outside) {
             if (!loaded) load_row_keys<SRC, true>(words, lo_col, hi_col, first, w);
 #pragma unroll
-            for (int j = 0; j < R; ++j) keep |= (u32)(word_key<SRC>(w[j]) >= thr) << j;
+            for (int j = 0; j < R; ++j) {
+                // fp32 scores: compared as floats (no key conversion per word)
+                const u32 pass = SRC == KEYS_F32 ? score_thr.passes(__uint_as_float(w[j])) : (u32)(w[j] >= thr);
+                keep |= pass << j;
+            }
         }
         // the next chunk for every thread, past the scan: sNext[iter & 1] is written again two
         // chunks on, past the next chunk's scan, which every thread reaches only after reading it
