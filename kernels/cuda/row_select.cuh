@@ -135,24 +135,25 @@ __device__ __forceinline__ void bitonic_sort_desc(u64* v, int P) {
     }
 }
 
-// exclusive block-wide prefix sum of one int per thread; returns the block total in *total
-__device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int x = v;
+// inclusive prefix sum over the lanes of a warp
+__device__ __forceinline__ int warp_inclusive_scan(int x) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(0xFFFFFFFFu, x, o);
         if (lane >= o) x += y;
     }
+    return x;
+}
+
+// exclusive block-wide prefix sum of one int per thread; returns the block total in *total
+__device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int x = warp_inclusive_scan(v);
     if (lane == 31) sScan[warp] = x;
     __syncthreads();
     if (warp == 0) {
-        int w = lane < SELECT_WARPS ? sScan[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
-            if (lane >= o) w += y;
-        }
+        const int w = warp_inclusive_scan(lane < SELECT_WARPS ? sScan[lane] : 0);
         if (lane < SELECT_WARPS) sScan[lane] = w;  // inclusive per-warp totals
     }
     __syncthreads();
@@ -221,13 +222,7 @@ __device__ void row_select_inorder(const SelectArgs& a) {
                     local[j] = sHist[255 - 8 * lane - j];
                     sum += local[j];
                 }
-                int incl = sum;
-#pragma unroll
-                for (int o = 1; o < 32; o <<= 1) {
-                    const int y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-                    if (lane >= o) incl += y;
-                }
-                int above = incl - sum;  // count in bins above this lane's first bin
+                int above = warp_inclusive_scan(sum) - sum;  // count in bins above this lane's first bin
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     if (above < remaining && above + local[j] >= remaining) {
@@ -505,12 +500,7 @@ __device__ __forceinline__ void append_chunk(const ChunkKeys& key, const ChunkIt
                                              int cap_b) {
     const int lane = threadIdx.x & 31;
     const int cnt = __popc(mask_a) | (__popc(mask_b) << 16);  // at most 32 * SEL_G each
-    int incl = cnt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-        if (lane >= o) incl += y;
-    }
+    const int incl = warp_inclusive_scan(cnt);
     int base_a = 0, base_b = 0;
     if (lane == 31) {
         if (incl & 0xFFFF) base_a = atomicAdd(cursor_a, incl & 0xFFFF);
