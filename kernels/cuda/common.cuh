@@ -83,6 +83,10 @@ __device__ __forceinline__ u32 score_key(float f) {
     return f != f ? HISA_KEY_NAN : key;
 }
 
+// score_key's order-preserving map undone: the bits of the fp32 score whose key is `key`. The
+// zeros' shared key gives +0, and a key below that of -inf (NaN's among them) a NaN pattern.
+__device__ __forceinline__ u32 score_key_bits(u32 key) { return key >= 0x80000000u ? key ^ 0x80000000u : ~key; }
+
 // ----------------------------------------------------------------------------------------------
 // Division by a run-time divisor d >= 1 without the integer-division sequence: q = hi32(n * m)
 // with m = ceil(2^32 / d) is floor(n / d) or one above it for every 32-bit n (the error term

@@ -56,8 +56,8 @@ static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 struct ScoreThreshold {
     float v;
     __device__ __forceinline__ explicit ScoreThreshold(u32 t) {
-        t = max(t, 0x007FFFFFu);  // the key of -inf: every number is at or above it
-        v = __uint_as_float(t >= 0x80000000u ? t ^ 0x80000000u : ~t);
+        // a threshold at or below the key of -inf (0x007FFFFF) passes every number: v = -inf
+        v = __uint_as_float(score_key_bits(max(t, 0x007FFFFFu)));
     }
     __device__ __forceinline__ u32 passes(float f) const {  // 1 or 0
         u32 r;
@@ -294,7 +294,7 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
         STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) {  \
         filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed);                      \
     }                                                                                                    \
-    __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS)                                                 \
+    __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS)                               \
         STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) { \
         filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed);                       \
     }                                                                                                    \

@@ -84,7 +84,7 @@ __device__ __forceinline__ u32 word_key(u32 w) {
 // them -- the zeros (-0 and +0 share a key), NaN (one key for all) and HISA_KEY_NONE -- and the
 // caller reads the score.
 __device__ __forceinline__ bool score_bits_of_key(u32 key, u32& bits) {
-    bits = key >= 0x80000000u ? key ^ 0x80000000u : ~key;
+    bits = score_key_bits(key);
     return key > HISA_KEY_NAN && key != 0x80000000u;
 }
 
