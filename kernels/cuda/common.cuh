@@ -74,6 +74,8 @@ __device__ __forceinline__ u8 f32_to_e4m3_satfinite(float x) {
 #define HISA_KEY_NONE 0u
 #define HISA_KEY_NAN 1u
 #define HISA_KEY_FORCED 0xFFFFFFFFu
+#define HISA_KEY_NEG_INF 0x007FFFFFu  // score_key(-inf): the lowest key of a number
+#define HISA_KEY_ZERO 0x80000000u     // score_key(-0.0) == score_key(+0.0)
 
 __device__ __forceinline__ u32 score_key(float f) {
     // branch-free: -0 -> +0, then negatives flipped (~u) and positives offset (u | sign bit)

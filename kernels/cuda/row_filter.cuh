@@ -56,8 +56,8 @@ static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 struct ScoreThreshold {
     float v;
     __device__ __forceinline__ explicit ScoreThreshold(u32 t) {
-        // a threshold at or below the key of -inf (0x007FFFFF) passes every number: v = -inf
-        v = __uint_as_float(score_key_bits(max(t, 0x007FFFFFu)));
+        // a threshold at or below the key of -inf passes every number: v = -inf
+        v = __uint_as_float(score_key_bits(max(t, HISA_KEY_NEG_INF)));
     }
     __device__ __forceinline__ u32 passes(float f) const {  // 1 or 0
         u32 r;
@@ -161,7 +161,7 @@ __device__ void row_filter(FILTER_PARAMS) {
             hi = L.bhi;
         }
     }
-    thr = max(thr, 2u);  // NaN (key 1) and HISA_KEY_NONE are never candidates
+    thr = max(thr, HISA_KEY_NAN + 1u);  // NaN and HISA_KEY_NONE are never candidates
     const ScoreThreshold score_thr(thr);
     const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
 

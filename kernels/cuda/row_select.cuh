@@ -85,7 +85,7 @@ __device__ __forceinline__ u32 word_key(u32 w) {
 // caller reads the score.
 __device__ __forceinline__ bool score_bits_of_key(u32 key, u32& bits) {
     bits = score_key_bits(key);
-    return key > HISA_KEY_NAN && key != 0x80000000u;
+    return key > HISA_KEY_NAN && key != HISA_KEY_ZERO;
 }
 
 // MAP_GATHER's position of item n: blocks[t, n / B] * B + n % B, with a shift and a mask where B
