@@ -490,3 +490,19 @@ def test_filter_scan_model_finds_offsets_and_no_deadlock():
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["ok", "3000"]
+
+
+def test_filter_sample_sim_columns_and_kept_count():
+    # bench/filter_sample_sim.py: runs of run_len columns spread over the row, aligned down to
+    # run_len, inside it; on an ascending row every sample takes the threshold at exactly the
+    # `expect`-th largest column, so the kept count is `expect` for single columns and runs alike
+    spec = importlib.util.spec_from_file_location("filter_sample_sim", ROOT / "bench" / "filter_sample_sim.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    for runs, run_len in sim.SAMPLES.values():
+        cols = sim.sample_columns(sim.N, runs, run_len)
+        assert cols.shape == (runs * run_len,) and cols.min() >= 0 and cols.max() < sim.N
+        assert (cols[::run_len] % run_len == 0).all() and (np.diff(cols[::run_len]) > 0).all()
+        assert sim.kept(np.arange(sim.N, dtype=np.float32), runs, run_len) == sim.expect
+    short = sim.sample_columns(1000, 512, 4)  # runs past a short row's end repeat its last column
+    assert short.min() == 0 and short.max() == 999
