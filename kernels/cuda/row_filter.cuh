@@ -164,6 +164,8 @@ __device__ void row_filter(FILTER_PARAMS) {
     thr = max(thr, HISA_KEY_NAN + 1u);  // NaN and HISA_KEY_NONE are never candidates
     const ScoreThreshold score_thr(thr);
     const u32 fill = never_kept_word<SRC>();  // the slots past the row's total
+    // chunk c holds none of the row's columns [lo_col, hi_col): nothing to load or keep
+    auto chunk_outside = [&](int c) { return c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col; };
 
     // Per chunk: its kept words are staged in shared memory in position order (when they fit),
     // which frees w for the next chunk's loads; those are issued before the look-back, so that
@@ -175,9 +177,8 @@ __device__ void row_filter(FILTER_PARAMS) {
         int ahead = 0;  // (thread 0) the chunk after the next one, claimed now
         if (!alone && tid == 0) ahead = atomicAdd(next_chunk + t, 1);
         const int first = c * FILTER_CHUNK + tid * R;
-        const bool outside = c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col;  // uniform
         u32 keep = 0u;  // this thread's words with key >= thr, as bits
-        if (!outside) {
+        if (!chunk_outside(c)) {  // uniform
             if (!loaded) load_row_keys<SRC, true>(words, lo_col, hi_col, first, w);
 #pragma unroll
             for (int j = 0; j < R; ++j) {
@@ -204,8 +205,7 @@ __device__ void row_filter(FILTER_PARAMS) {
                     ++s;
                 }
             }
-            const bool next_outside = c_next * FILTER_CHUNK >= hi_col || (c_next + 1) * FILTER_CHUNK <= lo_col;
-            if (c_next < P && !next_outside) load_row_keys<SRC, true>(words, lo_col, hi_col, c_next * FILTER_CHUNK + tid * R, w);
+            if (c_next < P && !chunk_outside(c_next)) load_row_keys<SRC, true>(words, lo_col, hi_col, c_next * FILTER_CHUNK + tid * R, w);
             loaded = true;  // (an outside chunk loads nothing)
         }
         if (tid == 0) {  // the chunk's offset in the row's list (look-back), then its running total
