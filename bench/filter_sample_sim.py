@@ -19,11 +19,12 @@ below k are what made both branches lose on the GPU (bench/NOTES.md, session 13)
 
     python3 bench/filter_sample_sim.py [SEGMENT_ROWS]    # default 64 rows: ~15 s
 """
+import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from hisa_cupy.reference import token_scores  # noqa: E402
 from hisa_cupy.workloads import make_workload  # noqa: E402
 
