@@ -1,9 +1,10 @@
 """How well row_filter's sample predicts the kept count (row_filter.cuh; bench/NOTES.md, session 13).
 
-For rows of N = 131072 scores the threshold is the ks-th largest sampled key, with ks chosen so
-that about `expect` = 5120 columns (2.5k for k = 2048) lie at or above it, and the kept count is
-the number of columns at or above it. A row is redone whole when the count falls below k = 2048
-or above n = 8192. Three kinds of rows:
+For rows of N = 131072 scores and k = 2048 the threshold is the ks-th largest sampled key, with
+ks chosen so that about `expect` columns lie at or above it, and the kept count is the number of
+columns at or above it; a row is redone whole when the count falls below k or above the n
+candidate slots. n and expect are the backend's own (cupy_backend._topk_filter: 8192 and 5120,
+2.5k). Three kinds of rows:
 
 * randn: i.i.d. normal scores (bench/kernels.py's hisa_cupy.topk target);
 * clustered: randn with three runs of 1500 columns raised by 4 (the GPU tests' rows);
@@ -25,10 +26,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from hisa_cupy.kernels import cupy_backend  # noqa: E402
 from hisa_cupy.reference import token_scores  # noqa: E402
 from hisa_cupy.workloads import make_workload  # noqa: E402
 
-N, k, n, expect = 131072, 2048, 8192, 5120
+N, k = 131072, 2048
+_, n, expect = cupy_backend._topk_filter(64, N, k, False)  # the candidate slots and the aim per row
 
 
 def sample_columns(L, runs, run_len):
@@ -38,8 +41,8 @@ def sample_columns(L, runs, run_len):
     return np.minimum(start[:, None] + np.arange(run_len)[None, :], L - 1).ravel()
 
 
-SAMPLES = {"2048 single": (2048, 1), "512 runs of 4": (512, 4), "1024 runs of 2": (1024, 2),
-           "1024 runs of 4": (1024, 4)}
+SAMPLES = {f"{cupy_backend.TOPK_FILTER_SAMPLES} single": (cupy_backend.TOPK_FILTER_SAMPLES, 1),
+           "512 runs of 4": (512, 4), "1024 runs of 2": (1024, 2), "1024 runs of 4": (1024, 4)}
 
 
 def kept(x, runs, run_len):
