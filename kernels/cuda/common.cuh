@@ -25,6 +25,24 @@ __device__ __forceinline__ float e4m3_to_f32(u32 v) {
     return __uint_as_float(sign | ((e + 120u) << 23) | (m << 20));
 }
 
+// The hardware e4m3 -> f16 conversion (sm_89 and later; exact: every e4m3 value, NaN included, is
+// an f16 value): two e4m3 values, the low (hi: the high) two bytes of v, low byte first, as f16x2.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define HISA_HAS_CVT_E4M3 1
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
+    u32 r;
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v));
+    return r;
+}
+__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 v) {
+    u32 r;
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(r) : "r"(v));
+    return r;
+}
+#else
+#define HISA_HAS_CVT_E4M3 0
+#endif
+
 __device__ __forceinline__ float bf16_to_f32(u32 v) { return __uint_as_float(v << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 v) {

@@ -106,10 +106,21 @@ template <int KDT, int VE>
 __device__ __forceinline__ void vec_values(const uint4& x, float (&f)[VE]) {
     constexpr int PER = VE / 4, WIDTH = 32 / PER;  // elements per 32-bit word, their bits
     const u32 w[4] = {x.x, x.y, x.z, x.w};
+    if constexpr (KDT == DT_E4M3 && HISA_HAS_CVT_E4M3) {  // the hardware conversion, two at a time (exact)
+#if HISA_HAS_CVT_E4M3
 #pragma unroll
-    for (int e = 0; e < VE; ++e) {
-        const u32 word = w[e / PER];
-        f[e] = bits_value<KDT>(PER == 1 ? word : (word >> (WIDTH * (e % PER))) & ((1u << (WIDTH % 32)) - 1u));
+        for (int i = 0; i < 4; ++i) {
+            const u32 h[2] = {e4m3x2_to_f16x2(w[i]), e4m3x2_hi_to_f16x2(w[i])};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f[4 * i + e] = f16_to_f32((u16)(h[e >> 1] >> (16 * (e & 1))));
+        }
+#endif
+    } else {
+#pragma unroll
+        for (int e = 0; e < VE; ++e) {
+            const u32 word = w[e / PER];
+            f[e] = bits_value<KDT>(PER == 1 ? word : (word >> (WIDTH * (e % PER))) & ((1u << (WIDTH % 32)) - 1u));
+        }
     }
 }
 

@@ -148,17 +148,6 @@ template <> struct WgmmaRS<128> {
     }
 };
 
-// two e4m3 values (low byte, high byte of v) -> f16x2 (low half, high half), exact
-__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
-    u32 r;
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v));
-    return r;
-}
-__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 v) {
-    u32 r;
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(r) : "r"(v));
-    return r;
-}
 #endif  // HISA_HAS_WGMMA
 
 #if HISA_HAS_WGMMA
