@@ -26,17 +26,15 @@ __device__ __forceinline__ float e4m3_to_f32(u32 v) {
 }
 
 // The hardware e4m3 -> f16 conversion (sm_89 and later; exact: every e4m3 value, NaN included, is
-// an f16 value): two e4m3 values, the low (hi: the high) two bytes of v, low byte first, as f16x2.
+// an f16 value): two e4m3 values, the low (HALF = 0) or high (HALF = 1) two bytes of v, low byte
+// first, as f16x2.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 #define HISA_HAS_CVT_E4M3 1
+template <int HALF>
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
+    static_assert(HALF == 0 || HALF == 1, "HALF: the low or high two bytes");
     u32 r;
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v));
-    return r;
-}
-__device__ __forceinline__ u32 e4m3x2_hi_to_f16x2(u32 v) {
-    u32 r;
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(r) : "r"(v));
+    asm("{\n.reg .b16 b0, b1;\nmov.b32 {b0, b1}, %1;\ncvt.rn.f16x2.e4m3x2 %0, b%2;\n}\n" : "=r"(r) : "r"(v), "n"(HALF));
     return r;
 }
 #else

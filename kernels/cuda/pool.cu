@@ -110,7 +110,7 @@ __device__ __forceinline__ void vec_values(const uint4& x, float (&f)[VE]) {
 #if HISA_HAS_CVT_E4M3
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const u32 h[2] = {e4m3x2_to_f16x2(w[i]), e4m3x2_hi_to_f16x2(w[i])};
+            const u32 h[2] = {e4m3x2_to_f16x2<0>(w[i]), e4m3x2_to_f16x2<1>(w[i])};
 #pragma unroll
             for (int e = 0; e < 4; ++e) f[4 * i + e] = f16_to_f32((u16)(h[e >> 1] >> (16 * (e & 1))));
         }

@@ -155,7 +155,7 @@ template <> struct WgmmaRS<128> {
 // representable in f16 and bf16; bf16 through f32, whose low 16 bits are then zero)
 template <int ENGINE>
 __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
-    const u32 h = e4m3x2_to_f16x2(v);
+    const u32 h = e4m3x2_to_f16x2<0>(v);
     if (ENGINE != ENGINE_BF16) return h;
     const u32 lo = __float_as_uint(f16_to_f32((u16)(h & 0xFFFFu)));
     const u32 hi = __float_as_uint(f16_to_f32((u16)(h >> 16)));
@@ -253,10 +253,10 @@ __device__ __forceinline__ void score_tile_wgmma(
         const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
         u32 o[4];
         if constexpr (Shape::FP8A && QB == 1) {  // fp8 q: the keys' conversion instruction
-            o[0] = e4m3x2_to_f16x2(w[0]);
-            o[1] = e4m3x2_hi_to_f16x2(w[0]);
-            o[2] = e4m3x2_to_f16x2(w[1]);
-            o[3] = e4m3x2_hi_to_f16x2(w[1]);
+            o[0] = e4m3x2_to_f16x2<0>(w[0]);
+            o[1] = e4m3x2_to_f16x2<1>(w[0]);
+            o[2] = e4m3x2_to_f16x2<0>(w[1]);
+            o[3] = e4m3x2_to_f16x2<1>(w[1]);
         } else if constexpr (QW == 4) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[e] = w[e];
@@ -586,8 +586,8 @@ __device__ __forceinline__ void score_tile_wgmma(
                 const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    af[4 * e + i][rr] = e4m3x2_to_f16x2(w[i]);
-                    af[4 * e + i][2 + rr] = e4m3x2_hi_to_f16x2(w[i]);
+                    af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
+                    af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
                 }
             }
         }
