@@ -465,13 +465,19 @@ __device__ __forceinline__ void score_tile_wgmma(
         fence_async_smem();
     }
 
-    // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows
-    // with lane pairs on one row (2 x 16 contiguous bytes: every request is a full 32-byte
-    // sector), 16 rows per instruction: lane l serves rows l / 2 and 16 + l / 2, chunks
-    // 2 i + l % 2. Row bases and the swizzle are computed once per row; chunk offsets are
-    // immediates (the swizzled chunk is (2 i) ^ x with x = (l % 2) ^ (row % 8)).
+    // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows.
+    // Rows of one 128-byte panel (fp8 keys): lane pairs on one row (2 x 16 contiguous bytes:
+    // every request is a full 32-byte sector), 16 rows per instruction: lane l serves rows l / 2
+    // and 16 + l / 2, chunks 2 i + l % 2. Row bases and the swizzle are computed once per row;
+    // chunk offsets are immediates (the swizzled chunk is (2 i) ^ x with x = (l % 2) ^ (row % 8)).
+    // Rows of two panels (16-bit keys): four whole rows per instruction, lane l on chunk l % 8
+    // of each panel of row 4 s + l / 8 (full lines; block scores at 128K/4096 181 -> 166 us on an
+    // H200, while the same pattern on fp8 rows made the union and dense kernels 15% / 8% slower:
+    // bench/NOTES.md, session 14).
+    constexpr bool WHOLE_ROWS = Shape::KCHUNKS == 16;
     const u32 sK0 = smem_addr(sK);
     const int pair = lane >> 1, sub = lane & 1;
+    const int sub8 = lane & 7, rq = lane >> 3;
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
     auto stage = [&](int j, int slot) {
         u32 f[ROWS];
@@ -488,15 +494,28 @@ __device__ __forceinline__ void score_tile_wgmma(
             sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
             if (UNION) sDst[(slot * ROWS + r) * SCORE_TILE + tid] = col[r];
         }
-        const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
+        if constexpr (WHOLE_ROWS) {
+            const u32 dst_warp = sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
-            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub * 16 : 0);
-            const u32 dst = dst_slot + h * 16 * 128;
+            for (int s = 0; s < 8; ++s) {
+                const int rl = 4 * s + rq;  // the row among the warp's 32
+                const int rw = __shfl_sync(0xFFFFFFFFu, row, rl);
+                const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub8 * 16 : 0);
+                const u32 dst = dst_warp + (u32)(rl * 128) + (u32)((sub8 ^ (rl & 7)) << 4);
 #pragma unroll
-            for (int i = 0; i < Shape::KCHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
-                cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, rw >= 0);
+                for (int p = 0; p < 2; ++p) cp_async16(dst + p * (SCORE_TILE * 128), src + p * 128, rw >= 0);
+            }
+        } else {
+            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
+                const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub * 16 : 0);
+                const u32 dst = dst_slot + h * 16 * 128;
+#pragma unroll
+                for (int i = 0; i < Shape::KCHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
+                    cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, rw >= 0);
+            }
         }
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
         cp_async_commit();
