@@ -19,7 +19,8 @@
 // stored K-major in 128-byte panels with the 128-byte swizzle (16-byte chunk c of row r lands at
 // chunk c ^ (r % 8)), 1024-byte aligned; a wgmma descriptor addresses 8-row groups 1024 bytes
 // apart and the k-th 32-byte slice by advancing its start address. Keys stream through NBUF
-// buffers with cp.async (lane pairs copy 32 contiguous bytes of a key row, a full sector), the
+// buffers with cp.async (fp8 rows: lane pairs copy 32 contiguous bytes of a row, a full sector;
+// 16-bit rows: eight lanes copy each 128-byte panel, four whole rows per instruction), the
 // tensor core works on tile j while tile j + NBUF - 1 loads, and the two 64-item halves are
 // committed as separate groups so the epilogue of the first overlaps the MMA of the second.
 //
