@@ -506,3 +506,44 @@ def test_filter_sample_sim_columns_and_kept_count():
         assert sim.kept(np.arange(sim.N, dtype=np.float32), runs, run_len) == sim.expect
     short = sim.sample_columns(1000, 512, 4)  # runs past a short row's end repeat its last column
     assert short.min() == 0 and short.max() == 999
+
+
+def test_wgmma_rate_source_compiles_without_spills(tmp_path):
+    # bench/wgmma_rate.py's microbenchmark (the engine's MMA chain alone) builds from the engine's
+    # own header for sm_90a, every mode without spills; nvcc is on the CI machine
+    wr = _load("wgmma_rate")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    insts = "\n".join(f"template __global__ void {wr.name_expr(m)}(int, float*);" for m in wr.MODES)
+    (tmp_path / "unit.cu").write_text(wr.source() + "\n" + insts + "\n")
+    proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-Xptxas", "-v", "-cubin",
+                           "unit.cu", "-o", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    usage = [line for line in proc.stderr.splitlines() if "spill stores" in line]
+    assert len(usage) == len(wr.MODES), proc.stderr[-4000:]
+    assert all("0 bytes spill stores" in line for line in usage), usage
+
+
+def test_wgmma_rate_occupancy_and_flops():
+    wr = _load("wgmma_rate")
+    for mode in wr.MODES:
+        for per_sm in (1, 2, 3, 4):
+            smem = wr.smem_bytes(mode, per_sm)
+            need = 1024 + wr.N_COLS * 256 + wr.TILE * (256 if mode == "ss" else 128)
+            assert smem >= need
+            if wr.fits(per_sm, smem, 32):  # the padding lets exactly per_sm CTAs share an SM
+                assert not wr.fits(per_sm + 1, smem, 32)
+    assert not wr.fits(4, wr.smem_bytes("rs", 4), 154)  # registers: 160 x 128 x 4 > 64 K
+    assert wr.fits(3, wr.smem_bytes("rs", 3), 154)
+    # one launch: per CTA and iteration, two halves of 64 keys x 128 columns x K = 128, 2 FLOP each
+    assert wr.flops(ctas=2, iters=3) == 2 * 3 * (2 * 64 * 128 * 128 * 2)
+
+
+def test_wgmma_rate_without_gpu_exits_cleanly():
+    from hisa_cupy.__main__ import probe_gpu
+
+    if probe_gpu()[0]:
+        pytest.skip("a GPU is present: bench/wgmma_rate.py would measure")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "wgmma_rate.py"), "--iters", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no measurement" in proc.stdout

@@ -1,0 +1,242 @@
+"""The MMA rate the wgmma engine's inner loop can reach, with nothing else in the loop.
+
+bench/NOTES.md, session 14: the union kernel (refine_union_wgmma_kernel, 1.05 of hisa_select's 1.40
+ms at 128K/4096) runs its MMAs at ~55% of the tensor pipe, takes 0.65 ms without its MMAs, and is
+*slower* without its head sums. Before rewriting it around warp specialisation, this measures the
+ceiling of its MMA structure alone: each CTA (one warpgroup, as in the engine) repeats one key
+tile's MMAs against a resident q tile, N = 128 (two query rows x 64 heads), K = D = 128, on
+operands that stay in shared memory (no copies, no barriers, no epilogue).
+
+Modes (the engine's own wrappers from kernels/cuda/score_wgmma.cuh; the A-fragment loads are the
+engine's load_a, written again here):
+  rs      the union path's chain today: per 64-key half, the thread's A fragments read from the
+          e4m3 tile and converted to f16 in registers, 8 wgmma (A from registers), commit, wait;
+  rs2     the same with both halves in flight (two fragment and accumulator sets), then one wait;
+  ss      both operands from shared memory (f16 key tile), both halves committed, then one wait:
+          the form a producer-converted f16 tile would allow.
+Each at 1-4 CTAs per SM (shared memory padded so that no more fit; fewer when registers or
+shared memory allow fewer), as TFLOP/s and as a share of torch.matmul's f16 rate in the same run.
+
+    python3 bench/wgmma_rate.py [--iters 2000] [--json OUT.json]       # H100 / H200 (sm_90a)
+
+Without a Hopper GPU it prints why and exits 0 (its source is compile-checked on the CPU by
+tests/test_bench.py with nvcc).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from hisa_cupy.kernels import cupy_backend  # noqa: E402
+
+MODES = ("rs", "rs2", "ss")
+N_COLS = 128          # MMA N: two query rows x 64 heads
+TILE = 128            # keys per tile (two 64-row halves)
+D = 128               # MMA K
+SMEM_PER_SM = 227 * 1024  # the most one SM gives CTAs (H100 / H200)
+
+KERNEL = r"""
+// bench/wgmma_rate.py: the engine's MMA chain alone (see the script's docstring)
+template <int MODE>
+__global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __restrict__ out) {
+#if HISA_HAS_WGMMA
+    constexpr int N = 128, KSTEPS = 8, TILE = 128;
+    extern __shared__ __align__(16) char smem_raw[];
+    char* base = reinterpret_cast<char*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023ull) & ~1023ull);
+    char* sQ = base;                  // q: N rows x 128 f16 in two 128-byte panels (32 KB)
+    char* sK = base + N * 256;        // keys: TILE rows of 128 e4m3 (16 KB) or 128 f16 (ss: 32 KB)
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int kbytes = MODE == 2 ? TILE * 256 : TILE * 128;
+    // finite values with varied bits (zeros would lower the tensor cores' power draw)
+    for (int i = tid; i < (N * 256 + kbytes) / 4; i += 128) {
+        const u32 h = (u32)i * 2654435761u + 12345u;
+        const u32 v = i < N * 64 ? (h & 0x37FF37FFu)                         // f16 below 1
+                      : MODE == 2 ? (h & 0x37FF37FFu) : (h & 0x77777777u);   // f16, or e4m3 below 2^8
+        reinterpret_cast<u32*>(base)[i] = v;
+    }
+    fence_async_smem();
+    __syncthreads();
+    const u32 q_lo = wgmma_desc_lo(smem_addr(sQ)), k_lo = wgmma_desc_lo(smem_addr(sK));
+    float acc[2][N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[0][i] = acc[1][i] = 0.0f;
+    // the engine's load_a: rows 16 warp + lane / 4 (+ 8) of the half, the thread's 32 bytes of each
+    auto load_a = [&](u32 (&af)[KSTEPS][4], int half) {
+        const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = half * 64 + warp * 16 + g + 8 * rr;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const uint4 v = *reinterpret_cast<const uint4*>(sK + r * 128 + (((2 * c + e) ^ g) << 4));
+                const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
+                    af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
+                }
+            }
+        }
+    };
+    auto q_desc = [&](int kk) { return q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4); };
+    auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), 1);
+        wgmma_commit();
+    };
+    auto issue_ss = [&](float (&a)[N / 2], int half) {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk)
+            Wgmma<ENGINE_F16, N>::run(a, k_lo + (u32)(((kk >> 2) * (TILE * 128) + half * 64 * 128 + (kk & 3) * 32) >> 4),
+                                      q_desc(kk), 1);
+        wgmma_commit();
+    };
+    for (int it = 0; it < iters; ++it) {
+        if constexpr (MODE == 0) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                u32 af[KSTEPS][4];
+                load_a(af, half);
+                issue_rs(acc[0], af);
+                wgmma_wait<0>();
+            }
+        } else if constexpr (MODE == 1) {
+            u32 af0[KSTEPS][4], af1[KSTEPS][4];
+            load_a(af0, 0);
+            issue_rs(acc[0], af0);
+            load_a(af1, 1);
+            issue_rs(acc[1], af1);
+            wgmma_wait<0>();
+        } else {
+            wgmma_fence();
+            issue_ss(acc[0], 0);
+            issue_ss(acc[1], 1);
+            wgmma_wait<0>();
+        }
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) s += acc[0][i] + acc[1][i];
+    out[blockIdx.x * 128 + tid] = s;
+#else
+    __trap();  // sm_90a only
+#endif
+}
+"""
+
+
+def source() -> str:
+    """The microbenchmark's CUDA source: score_wgmma.cuh (includes expanded) and the kernel."""
+    return cupy_backend.load_source("score_wgmma.cuh") + KERNEL
+
+
+def name_expr(mode: str) -> str:
+    return f"wgmma_rate_kernel<{MODES.index(mode)}>"
+
+
+def smem_bytes(mode: str, ctas_per_sm: int) -> int:
+    """Dynamic shared memory of one CTA: its tiles (+1 KB of alignment slack), padded so that no
+    more than ``ctas_per_sm`` fit on an SM (about 1 KB per CTA is the driver's)."""
+    need = 1024 + N_COLS * 256 + TILE * (256 if mode == "ss" else 128)
+    return max(need, SMEM_PER_SM // ctas_per_sm - 1024 - 1024 * (ctas_per_sm > 1))
+
+
+def fits(ctas_per_sm: int, smem: int, regs: int) -> bool:
+    """Whether ``ctas_per_sm`` CTAs of 128 threads with ``smem`` bytes of dynamic shared memory
+    (plus 1 KB each for the driver) and ``regs`` registers per thread (allocated in multiples of 8)
+    are resident on one SM at once (H100 / H200: 228 KB of shared memory, 64 K registers)."""
+    return ctas_per_sm * (smem + 1024) <= 228 * 1024 and ctas_per_sm * 128 * (-(-regs // 8) * 8) <= 65536
+
+
+def flops(ctas: int, iters: int) -> float:
+    """MMA FLOPs of one launch: per iteration and CTA two 64-key halves x N x K x 2."""
+    return 2.0 * TILE * N_COLS * D * iters * ctas
+
+
+def run(iters: int, reps: int = 7) -> dict:
+    import cupy
+    from cupy_backends.cuda.api import driver
+    from cupy_backends.cuda.libs import nvrtc
+
+    dev = cupy.cuda.Device()
+    cc = int(dev.compute_capability)
+    if cc != 90:
+        raise RuntimeError(f"needs an sm_90 GPU (wgmma), this one is sm_{cc}")
+    sms = dev.attributes["MultiProcessorCount"]
+    arch = cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
+    src = source()
+    rows = []
+    for mode in MODES:
+        binary, lowered = cupy_backend._nvrtc_compile(src, name_expr(mode), arch)
+        mod = cupy.cuda.function.Module()
+        mod.load(binary)
+        fn = mod.get_function(lowered)
+        regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+        for per_sm in (1, 2, 3, 4):
+            smem = smem_bytes(mode, per_sm)
+            if not fits(per_sm, smem, regs):  # fewer would be resident: the launch would run in waves
+                continue
+            driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            ctas = per_sm * sms
+            out = cupy.empty(ctas * 128, dtype=cupy.float32)
+            args = (cupy.int32(iters), out)
+            for _ in range(2):
+                fn((ctas,), (128,), args, shared_mem=smem)
+            times = []
+            for _ in range(reps):
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                fn((ctas,), (128,), args, shared_mem=smem)
+                end.record()
+                end.synchronize()
+                times.append(cupy.cuda.get_elapsed_time(start, end))
+            ms = sorted(times)[len(times) // 2]
+            rows.append({"mode": mode, "ctas_per_sm": per_sm, "smem": smem, "ms": ms,
+                         "tflops": flops(ctas, iters) / (ms * 1e-3) / 1e12,
+                         "registers": regs})
+    return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
+            "iters": iters, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=2000, help="key tiles per CTA and launch")
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args(argv)
+    try:
+        res = run(args.iters)
+    except Exception as e:  # no CuPy, no GPU, not Hopper
+        print(f"wgmma_rate: no measurement ({type(e).__name__}: {e})")
+        return 0
+    f16 = None
+    try:  # bench/kernels.py's measurement, loaded by path (the repository has a kernels/ package too)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+        bench_kernels = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_kernels)
+        f16 = bench_kernels.tensor_core_tflops("f16")
+    except Exception as e:  # torch missing: the share column stays empty
+        print(f"(no torch.matmul f16 rate: {type(e).__name__}: {e})")
+    res["f16_tflops"] = f16
+    print(f"{res['gpu']}, {res['sms']} SMs, {res['iters']} tiles per CTA"
+          + (f"; torch.matmul f16 rate {f16:.0f} TFLOP/s" if f16 else ""))
+    print("| mode | CTAs per SM | registers | shared bytes | ms | TFLOP/s | share of f16 rate |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        share = f"{100 * r['tflops'] / f16:.0f}%" if f16 else "-"
+        print(f"| {r['mode']} | {r['ctas_per_sm']} | {r['registers']} | {r['smem']} | {r['ms']:.3f} | "
+              f"{r['tflops']:.0f} | {share} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
