@@ -7,8 +7,7 @@ ceiling of its MMA structure alone: each CTA (one warpgroup, as in the engine) r
 tile's MMAs against a resident q tile, N = 128 (two query rows x 64 heads), K = D = 128, on
 operands that stay in shared memory (no copies, no barriers, no epilogue).
 
-Modes (the engine's own wrappers from kernels/cuda/score_wgmma.cuh; the A-fragment loads are the
-engine's load_a, written again here):
+Modes (the engine's own wrappers and A-fragment loads from kernels/cuda/score_wgmma.cuh):
   rs      the union path's chain today: per 64-key half, the thread's A fragments read from the
           e4m3 tile and converted to f16 in registers, 8 wgmma (A from registers), commit, wait;
   rs2     the same with both halves in flight (two fragment and accumulator sets), then one wait;
@@ -63,24 +62,8 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
     float acc[2][N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) acc[0][i] = acc[1][i] = 0.0f;
-    // the engine's load_a: rows 16 warp + lane / 4 (+ 8) of the half, the thread's 32 bytes of each
-    auto load_a = [&](u32 (&af)[KSTEPS][4], int half) {
-        const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int r = half * 64 + warp * 16 + g + 8 * rr;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const uint4 v = *reinterpret_cast<const uint4*>(sK + r * 128 + (((2 * c + e) ^ g) << 4));
-                const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
-                    af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
-                }
-            }
-        }
-    };
+    // the engine's own A-fragment loads (score_wgmma.cuh)
+    auto load_a = [&](u32 (&af)[KSTEPS][4], int half) { fp8a_fragments(sK, half, warp, lane, af); };
     auto q_desc = [&](int kk) { return q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4); };
     auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
         wgmma_fence();

@@ -149,9 +149,6 @@ template <> struct WgmmaRS<128> {
     }
 };
 
-#endif  // HISA_HAS_WGMMA
-
-#if HISA_HAS_WGMMA
 // two fp8 values (the low 16 bits of v) -> two 16-bit engine operands, exact (e4m3 values are
 // representable in f16 and bf16; bf16 through f32, whose low 16 bits are then zero)
 template <int ENGINE>
@@ -162,7 +159,31 @@ __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
     const u32 hi = __float_as_uint(f16_to_f32((u16)(h >> 16)));
     return (lo >> 16) | (hi & 0xFFFF0000u);
 }
-#endif
+
+// The register-A path (FP8A, D = 128): the thread's A fragments of one 64-key half of an e4m3 key
+// tile (rows of 128 bytes, swizzled like the wgmma tiles), converted to f16 in registers. Rows
+// g = 16 warp + lane / 4 and g + 8 of the half; the thread reads bytes [32 c, 32 c + 32) of each
+// (c = lane % 4: two 16-byte chunks, conflict-free), and k-step s takes bytes 32 c + 4 s + {0..3}:
+// the first two as MMA columns 2 c + {0, 1}, the last two as 2 c + 8 + {0, 1}. The MMA thus sums
+// over a permutation of D; q's B tile is staged in the same permuted order.
+__device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int warp, int lane, u32 (&af)[8][4]) {
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int r = half * 64 + warp * 16 + g + 8 * rr;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const uint4 v = *reinterpret_cast<const uint4*>(tile + r * 128 + (((2 * c + e) ^ g) << 4));
+            const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
+                af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
+            }
+        }
+    }
+}
+#endif  // HISA_HAS_WGMMA
 
 // The lane's head weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}, i.e. query row
 // n / H, head n % H (0 for a row past the end). A function of its own so that the pointer keeps
@@ -588,29 +609,9 @@ __device__ __forceinline__ void score_tile_wgmma(
                                   q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
         wgmma_commit();
     };
-    // register-A path (FP8A): the thread's A fragments of one 64-item half, converted from the
-    // e4m3 tile. Rows g = 16 warp + lane / 4 and g + 8 of the half; the thread reads bytes
-    // [32 c, 32 c + 32) of each (c = lane % 4: two 16-byte chunks, swizzled like the wgmma tiles,
-    // conflict-free), and k-step s takes bytes 32 c + 4 s + {0..3}: the first two as MMA columns
-    // 2 c + {0, 1}, the last two as 2 c + 8 + {0, 1}. The MMA thus sums over a permutation of D;
-    // q's B tile is staged in the same permuted order.
+    // register-A path (FP8A): the thread's A fragments of one 64-item half (fp8a_fragments)
     auto load_a = [&](u32 (&af)[KSTEPS][4], int slot, int half) {
-        const char* tile = sK + slot * Shape::K_BYTES;
-        const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int r = half * 64 + warp * 16 + g + 8 * rr;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const uint4 v = *reinterpret_cast<const uint4*>(tile + r * Shape::KROWB + (((2 * c + e) ^ g) << 4));
-                const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
-                    af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
-                }
-            }
-        }
+        if constexpr (Shape::FP8A) fp8a_fragments(sK + slot * Shape::K_BYTES, half, warp, lane, af);
     };
     auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
         wgmma_fence();  // the A registers were just written
