@@ -381,6 +381,40 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
         wgmma and fp8 and engine == "wgmma-fp8acc")
 
 
+@pytest.mark.parametrize("S,T,m,B,splits,chunk_rows", [
+    (8192, 37, 6, 128, 0, 0),       # odd T: the last pair has one row
+    (16384, 1024, 16, 128, 0, 0),   # many pairs
+    (8192, 300, 12, 64, 3, 0),      # B < 128: tiles span blocks
+    (8192, 512, 8, 256, 1, 0),      # one CTA per pair; two tiles per block
+    (8192, 258, 16, 128, 5, 80),    # row chunks: several launches, the last one short
+])
+def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
+                                                  chunk_rows):
+    # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
+    # union of their blocks) gives every candidate the same ranking key as refine() on the same blocks, which scores one row per CTA
+    # without a union (an independent code path), so hisa_select returns refine's indices, in
+    # score order too. topk = m * B returns every candidate: a key that differs in any bit that
+    # moves it past another changes the output
+    from hisa_cupy.kernels import cupy_backend
+
+    w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
+    args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
+    kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(w.ks), ke=to_torch(w.ke), backend="cupy")
+    monkeypatch.setattr(cupy_backend, "UNION_SPLITS", splits)
+    if chunk_rows:
+        monkeypatch.setattr(cupy_backend, "REFINE_WORKSPACE_BYTES", chunk_rows * m * B * 4)
+    pooled, _ = hisa_cupy.pool_keys(args[1], k_scale=kw["k_scale"], block_size=B, backend="cupy")
+    blocks = hisa_cupy.select_blocks(args[0], pooled, args[2], ks=kw["ks"], ke=kw["ke"], block_size=B,
+                                     block_topk=m, seq_len=S, backend="cupy")
+    for order in ("score", "position"):
+        want = to_np(hisa_cupy.refine(*args, blocks, block_size=B, topk=m * B, order=order, **kw))
+        launched_kernels.clear()
+        got = to_np(hisa_cupy.hisa_select(*args, block_size=B, block_topk=m, topk=m * B, order=order, **kw))
+        assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
+        np.testing.assert_array_equal(got, want, err_msg=order)
+        assert (want >= 0).sum() > T * B  # candidates were selected
+
+
 def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
     # general fp8 inputs: both engines' dense and refine (on the reference's blocks) pass the
     # tolerance-aware check against the reference scores
