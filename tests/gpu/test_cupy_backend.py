@@ -391,10 +391,10 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
                                                   chunk_rows):
     # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
-    # union of their blocks) gives every candidate the same ranking key as refine() on the same blocks, which scores one row per CTA
-    # without a union (an independent code path), so hisa_select returns refine's indices, in
-    # score order too. topk = m * B returns every candidate: a key that differs in any bit that
-    # moves it past another changes the output
+    # union of their blocks) gives every candidate the same ranking key as refine() on the same
+    # blocks, which scores one row per CTA without a union (an independent code path), so
+    # hisa_select returns refine's indices, in score order too. topk = m * B returns every
+    # candidate: a key that differs in any bit that moves it past another changes the output
     from hisa_cupy.kernels import cupy_backend
 
     w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
