@@ -12,7 +12,11 @@ Modes (the engine's own wrappers and A-fragment loads from kernels/cuda/score_wg
           e4m3 tile and converted to f16 in registers, 8 wgmma (A from registers), commit, wait;
   rs2     the same with both halves in flight (two fragment and accumulator sets), then one wait;
   ss      both operands from shared memory (f16 key tile), both halves committed, then one wait:
-          the form a producer-converted f16 tile would allow.
+          the form a producer-converted f16 tile would allow;
+  rs_sums rs with the union path's epilogue after each wait: the relu * weight head sums of the
+          half (each lane's 64 accumulators, two FMA chains per item, two shuffles), every
+          half's MMAs starting fresh as in the kernel -- the chain the kernel runs, less its
+          copies, barrier and key writes.
 Each at 1-4 CTAs per SM (shared memory padded so that no more fit; fewer when registers or
 shared memory allow fewer), as TFLOP/s and as a share of torch.matmul's f16 rate in the same run.
 
@@ -31,7 +35,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 
-MODES = ("rs", "rs2", "ss")
+MODES = ("rs", "rs2", "ss", "rs_sums")
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (two 64-row halves)
 D = 128               # MMA K
@@ -71,6 +75,38 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
         for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), 1);
         wgmma_commit();
     };
+    auto issue_rs_fresh = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {  // D = A B (k-step 0 overwrites)
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), kk);
+        wgmma_commit();
+    };
+    // rs_sums: the union path's head sums (score_wgmma.cuh, head_sums) over lane-varied weights
+    float wt[N / 8][2];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) wt[i][0] = 0.5f + 0.01f * (float)(lane & 3), wt[i][1] = 0.25f - 0.01f * (float)i;
+    float total = 0.0f;
+    auto head_sums = [&](const float (&a)[N / 2]) {
+        float p[2][2][2] = {};
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i) {
+            const int r = (8 * i) / 64;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
+                p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float v = p[r][e][0] + p[r][e][1];
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+                total += v;
+            }
+    };
     auto issue_ss = [&](float (&a)[N / 2], int half) {
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk)
@@ -94,14 +130,23 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
             load_a(af1, 1);
             issue_rs(acc[1], af1);
             wgmma_wait<0>();
-        } else {
+        } else if constexpr (MODE == 2) {
             wgmma_fence();
             issue_ss(acc[0], 0);
             issue_ss(acc[1], 1);
             wgmma_wait<0>();
+        } else {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                u32 af[KSTEPS][4];
+                load_a(af, half);
+                issue_rs_fresh(acc[0], af);
+                wgmma_wait<0>();
+                head_sums(acc[0]);
+            }
         }
     }
-    float s = 0.0f;
+    float s = total;
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) s += acc[0][i] + acc[1][i];
     out[blockIdx.x * 128 + tid] = s;
