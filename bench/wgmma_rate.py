@@ -81,31 +81,15 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
         for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), kk);
         wgmma_commit();
     };
-    // rs_sums: the union path's head sums (score_wgmma.cuh, head_sums) over lane-varied weights
+    // rs_sums: the engine's own head sums (score_wgmma.cuh, wgmma_head_sums) over lane-varied weights
     float wt[N / 8][2];
 #pragma unroll
     for (int i = 0; i < N / 8; ++i) wt[i][0] = 0.5f + 0.01f * (float)(lane & 3), wt[i][1] = 0.25f - 0.01f * (float)i;
     float total = 0.0f;
     auto head_sums = [&](const float (&a)[N / 2]) {
-        float p[2][2][2] = {};
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) {
-            const int r = (8 * i) / 64;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
-                p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float v = p[r][e][0] + p[r][e][1];
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
-                total += v;
-            }
+        float sum[2][2];
+        wgmma_head_sums<N, 64, 2>(a, wt, sum);
+        total += sum[0][0] + sum[0][1] + sum[1][0] + sum[1][1];
     };
     auto issue_ss = [&](float (&a)[N / 2], int half) {
 #pragma unroll

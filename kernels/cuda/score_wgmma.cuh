@@ -185,6 +185,37 @@ __device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int w
 }
 #endif  // HISA_HAS_WGMMA
 
+// The relu * weight head sums of one 64-item half from its accumulators a (N = ROWS * H operand
+// columns; the lane's columns 8 i + 2 (lane % 4) + {0, 1}, weights wt as head_weights loads them):
+// sum[r][e] = item 16 warp + lane / 4 + 8 e of the half for query row r, reduced over the 4 lanes
+// that share the item (all 4 hold it). Two independent FMA chains per item. A function of its own
+// so that bench/wgmma_rate.py times the engine's own epilogue.
+template <int N, int H, int ROWS>
+__device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const float (&wt)[N / 8][2],
+                                                float (&sum)[ROWS][2]) {
+    float p[ROWS][2][2];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) p[r][0][0] = p[r][0][1] = p[r][1][0] = p[r][1][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+        const int r = (8 * i) / H;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
+            p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float v = p[r][e][0] + p[r][e][1];
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            sum[r][e] = v;
+        }
+}
+
 // The lane's head weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}, i.e. query row
 // n / H, head n % H (0 for a row past the end). A function of its own so that the pointer keeps
 // its __restrict__ (read-only loads with folded offsets; a lambda's capture loses it).
@@ -559,31 +590,8 @@ __device__ __forceinline__ void score_tile_wgmma(
     // register-A path runs them one after the other with one set (its A fragments take the
     // registers, and three CTAs per SM overlap each other's epilogues instead)
     float acc[2][N / 2];
-    // head sums of one half: sum[r][e] = item 16 warp + lane / 4 + 8 e of the half, query row r
-    // (weights applied, relu'd), reduced over the 4 lanes that share the item (all 4 hold it)
-    auto head_sums = [&](const float (&a)[N / 2], float (&sum)[ROWS][2]) {
-        float p[ROWS][2][2];
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) p[r][0][0] = p[r][0][1] = p[r][1][0] = p[r][1][1] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) {
-            const int r = (8 * i) / H;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {  // two independent FMA chains per item
-                p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
-                p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float v = p[r][e][0] + p[r][e][1];
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
-                sum[r][e] = v;
-            }
-    };
+    // head sums of one half (wgmma_head_sums)
+    auto head_sums = [&](const float (&a)[N / 2], float (&sum)[ROWS][2]) { wgmma_head_sums<N, H, ROWS>(a, wt, sum); };
     // ranking keys of one tile: lane 4 g + x writes item (x / 2) * 64 + 16 warp + g + 8 (x % 2)
     auto write_keys = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int n0, int slot) {
         const int x = lane & 3;
