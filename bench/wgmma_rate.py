@@ -69,16 +69,11 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
     // the engine's own A-fragment loads (score_wgmma.cuh)
     auto load_a = [&](u32 (&af)[KSTEPS][4], int half) { fp8a_fragments(sK, half, warp, lane, af); };
     auto q_desc = [&](int kk) { return q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4); };
-    auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
+    // fresh: k-step 0 overwrites D (the kernel's halves, rs_sums); else every k-step accumulates
+    auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4], bool fresh) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), 1);
-        wgmma_commit();
-    };
-    auto issue_rs_fresh = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {  // D = A B (k-step 0 overwrites)
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), kk);
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(a, af[kk], q_desc(kk), fresh ? kk : 1);
         wgmma_commit();
     };
     // rs_sums: the engine's own head sums (score_wgmma.cuh, wgmma_head_sums) over lane-varied weights
@@ -104,15 +99,15 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
             for (int half = 0; half < 2; ++half) {
                 u32 af[KSTEPS][4];
                 load_a(af, half);
-                issue_rs(acc[0], af);
+                issue_rs(acc[0], af, false);
                 wgmma_wait<0>();
             }
         } else if constexpr (MODE == 1) {
             u32 af0[KSTEPS][4], af1[KSTEPS][4];
             load_a(af0, 0);
-            issue_rs(acc[0], af0);
+            issue_rs(acc[0], af0, false);
             load_a(af1, 1);
-            issue_rs(acc[1], af1);
+            issue_rs(acc[1], af1, false);
             wgmma_wait<0>();
         } else if constexpr (MODE == 2) {
             wgmma_fence();
@@ -124,7 +119,7 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
             for (int half = 0; half < 2; ++half) {
                 u32 af[KSTEPS][4];
                 load_a(af, half);
-                issue_rs_fresh(acc[0], af);
+                issue_rs(acc[0], af, true);
                 wgmma_wait<0>();
                 head_sums(acc[0]);
             }
