@@ -422,7 +422,8 @@ def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0, kdt: i
     nbuf = 3 if union_m and rowb == D else 2
     meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
     lists = (8 * union_m + 32) * 4 if union_m else 0
-    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * krowb + meta + lists
+    # + one mbarrier per key buffer (dense: bulk copies of its key tiles)
+    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * krowb + meta + lists + 8 * nbuf
 
 
 def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool):

@@ -23,6 +23,11 @@
 // 16-bit rows: eight lanes copy each 128-byte panel, four whole rows per instruction), the
 // tensor core works on tile j while tile j + NBUF - 1 loads, and the two 64-item halves are
 // committed as separate groups so the epilogue of the first overlaps the MMA of the second.
+// Dense fp8 key tiles are 128 consecutive rows: one thread copies each with one bulk copy
+// (cp.async.bulk, completion counted on an mbarrier per buffer); they land unswizzled, and the A
+// fragment reads are ordered to stay conflict-free (fp8a_fragments). The dense score kernel ran
+// 4% faster so (H200, 128K/4096); the union path's tiles, the same way, 3-4% slower (bench/NOTES.md,
+// session 16), so it keeps its per-thread copies.
 //
 // fp8 keys on the f16 engine (FP8A, the default for fp8 inputs): the key tiles stay e4m3 in
 // shared memory (half the bytes from L2, half the tile memory: three union CTAs per SM), and each
@@ -60,8 +65,8 @@ struct WgmmaShape {
     static constexpr int Q_BYTES = N * ROWB;
     static constexpr int K_BYTES = SCORE_TILE * KROWB;
     // flags and key scales, and on the union path output columns (the block lists and the union,
-    // 8 m + 32 ints, come on top: cupy_backend._wgmma_smem)
-    static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS + (ITEMS == ITEMS_UNION ? ROWS : 0));
+    // 8 m + 32 ints, come on top: cupy_backend._wgmma_smem), then one mbarrier per key buffer
+    static constexpr int META = NBUF * SCORE_TILE * 4 * (1 + ROWS + (ITEMS == ITEMS_UNION ? ROWS : 0)) + 8 * NBUF;
     // + 1024 bytes of slack to align the operand tiles to the 1024-byte swizzle pattern
     static constexpr int SMEM = 1024 + Q_BYTES + NBUF * K_BYTES + META;
     static constexpr bool supported = (ENGINE == ENGINE_E4M3 || ENGINE == ENGINE_BF16 || ENGINE == ENGINE_F16) &&
@@ -88,6 +93,24 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Bulk copies of whole key tiles: one thread arms a buffer's mbarrier with the tile's byte count
+// and issues one cp.async.bulk, whose completion ends the barrier's phase; every thread waits for
+// that phase (parity = how often the buffer was used before, mod 2).
+__device__ __forceinline__ void mbar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nRETRY:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra RETRY;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
 
 // D[64 x N] (+)= A[64 x K] * B[N x K]^T, fp32 accumulators, both operands K-major in shared memory
 // (descriptor low words a_lo, b_lo); acc = 0 overwrites D
@@ -165,21 +188,34 @@ __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
 // g = 16 warp + lane / 4 and g + 8 of the half; the thread reads bytes [32 c, 32 c + 32) of each
 // (c = lane % 4: two 16-byte chunks, conflict-free), and k-step s takes bytes 32 c + 4 s + {0..3}:
 // the first two as MMA columns 2 c + {0, 1}, the last two as 2 c + 8 + {0, 1}. The MMA thus sums
-// over a permutation of D; q's B tile is staged in the same permuted order.
+// over a permutation of D; q's B tile is staged in the same permuted order. LINEAR: the tile is
+// unswizzled (bulk copies); lanes of odd rows then read their second chunk first, so that the
+// two rows of each quarter warp cover all 32 banks, and swap the chunks back.
+template <bool LINEAR = false>
 __device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int warp, int lane, u32 (&af)[8][4]) {
     const int g = lane >> 2, c = lane & 3;
+    // chunk 2 c + e of the thread's row -> MMA columns of k-steps 4 e .. 4 e + 3
+    auto put = [&](int rr, int e, uint4 v) {
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
+            af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
+        }
+    };
+    auto chunk = [&](int r, int x) { return *reinterpret_cast<const uint4*>(tile + r * 128 + (x << 4)); };
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const int r = half * 64 + warp * 16 + g + 8 * rr;
+        if constexpr (LINEAR) {
+            const int odd = g & 1;
+            const uint4 p = chunk(r, 2 * c + odd), q = chunk(r, 2 * c + 1 - odd);
+            // component-wise selects (a select of the two structs would go through local memory)
+            put(rr, 0, make_uint4(odd ? q.x : p.x, odd ? q.y : p.y, odd ? q.z : p.z, odd ? q.w : p.w));
+            put(rr, 1, make_uint4(odd ? p.x : q.x, odd ? p.y : q.y, odd ? p.z : q.z, odd ? p.w : q.w));
+        } else {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const uint4 v = *reinterpret_cast<const uint4*>(tile + r * 128 + (((2 * c + e) ^ g) << 4));
-            const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                af[4 * e + i][rr] = e4m3x2_to_f16x2<0>(w[i]);
-                af[4 * e + i][2 + rr] = e4m3x2_to_f16x2<1>(w[i]);
-            }
+            for (int e = 0; e < 2; ++e) put(rr, e, chunk(r, (2 * c + e) ^ g));
         }
     }
 }
@@ -264,6 +300,10 @@ __device__ __forceinline__ void score_tile_wgmma(
     int* sList = sDst + (UNION ? NBUF * ROWS * SCORE_TILE : 0);
     int* sUnion = sList + 2 * m;
     int* sScan = sUnion + 6 * m;
+    // dense fp8 keys: one bulk copy per key tile, one mbarrier per buffer [NBUF] after the key
+    // scales (8-byte aligned)
+    constexpr bool BULK = Shape::FP8A && DENSE;
+    const u32 sBar0 = smem_addr(sDst);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int local0 = blockIdx.y * ROWS;
@@ -376,6 +416,9 @@ __device__ __forceinline__ void score_tile_wgmma(
             if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
     };
 
+    // the barriers are published by the first CTA-wide barrier below (tile_has_candidate)
+    if (BULK && tid == 0)
+        for (int s = 0; s < NBUF; ++s) mbar_init(sBar0 + 8 * s);
     if constexpr (UNION) {
         // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
         // output); a block in both lists is emitted once, from row 0. In block order, a block's
@@ -547,7 +590,17 @@ __device__ __forceinline__ void score_tile_wgmma(
             sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
             if (UNION) sDst[(slot * ROWS + r) * SCORE_TILE + tid] = col[r];
         }
-        if constexpr (WHOLE_ROWS) {
+        if constexpr (BULK) {
+            // thread 0: the tile's keys are rows col0 + n .. of k, those past S left out (they
+            // are no row's candidates: flag 0, whatever the buffer holds)
+            if (tid == 0) {
+                const long long start = (long long)col0 + j * SCORE_TILE;
+                const long long rows = j < j_stop ? min((long long)SCORE_TILE, (long long)S - start) : 0;
+                const u32 bytes = rows > 0 ? (u32)rows * Shape::KROWB : 0u;
+                mbar_arm(sBar0 + 8 * slot, bytes);
+                if (bytes) bulk_copy(sK0 + slot * Shape::K_BYTES, kbase + start * Shape::KROWB, bytes, sBar0 + 8 * slot);
+            }
+        } else if constexpr (WHOLE_ROWS) {
             const u32 dst_warp = sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128);
 #pragma unroll
             for (int s = 0; s < 8; ++s) {
@@ -619,7 +672,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
     // register-A path (FP8A): the thread's A fragments of one 64-item half (fp8a_fragments)
     auto load_a = [&](u32 (&af)[KSTEPS][4], int slot, int half) {
-        if constexpr (Shape::FP8A) fp8a_fragments(sK + slot * Shape::K_BYTES, half, warp, lane, af);
+        if constexpr (Shape::FP8A) fp8a_fragments<BULK>(sK + slot * Shape::K_BYTES, half, warp, lane, af);
     };
     auto issue_rs = [&](float (&a)[N / 2], const u32 (&af)[KSTEPS][4]) {
         wgmma_fence();  // the A registers were just written
@@ -674,6 +727,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
 
     int slot = 0;
+    u32 phases = 0;  // BULK: bit s = parity of buffer s's next completion
     if constexpr (SPLIT_ROWS) {
         // the union's tiles in three runs: blocks of both rows, of row 0 only, of row 1 only
         // (split_runs). One tile: only = -1 takes both rows, one N = 2H group per half as on the
@@ -713,6 +767,10 @@ __device__ __forceinline__ void score_tile_wgmma(
     } else {
         for (int j = j_first; j < j_stop; ++j) {
             cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
+            if constexpr (BULK) {
+                mbar_wait(sBar0 + 8 * slot, (phases >> slot) & 1u);
+                phases ^= 1u << slot;
+            }
             fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();

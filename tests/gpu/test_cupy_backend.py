@@ -387,6 +387,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8192, 300, 12, 64, 3, 0),      # B < 128: tiles span blocks
     (8192, 512, 8, 256, 1, 0),      # one CTA per pair; two tiles per block
     (8192, 258, 16, 128, 5, 80),    # row chunks: several launches, the last one short
+    (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
 ])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
                                                   chunk_rows):
