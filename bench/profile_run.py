@@ -2,10 +2,15 @@
 
     ncu -k regex:refine_union -s 2 -c 1 python bench/profile_run.py --op hisa --S 131072 --T 4096
     python bench/profile_run.py --op topk --rows 4096 --cols 8192 --times
+    python bench/profile_run.py --op hisa --kernels --calls 10 --checksum   # an A/B of two trees
+
 
 fp8 inputs from ``hisa_cupy.workloads`` (``--kind segments`` or ``random``), H=64, D=128, B=128,
 k=2048, torch CUDA tensors, validate=False. ``--times`` also prints the median CUDA-event time of
 the call (no L2 flush: a quick look, not a benchmark -- bench/kernels.py is the protocol).
+``--kernels --calls N`` profiles N calls and also prints each kernel's mean GPU time per call;
+``--checksum`` prints a checksum of the call's output (equal checksums: the same indices in the
+same places), so that two trees' outputs can be compared across processes.
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ def main(argv=None):
                    help="set a cupy_backend module knob first, e.g. USE_UNION_PAIRS=0 (repeatable)")
     p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
                    help="time the call once per value of one cupy_backend knob (implies --times)")
-    p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of one call")
+    p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of --calls calls")
+    p.add_argument("--calls", type=int, default=1, help="--kernels: calls profiled (per-call means printed)")
+    p.add_argument("--checksum", action="store_true", help="print a checksum of the call's output")
     args = p.parse_args(argv)
 
     import torch
@@ -89,10 +96,28 @@ def main(argv=None):
     if args.kernels:
         from torch.profiler import ProfilerActivity, profile
 
+        calls = max(1, args.calls)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            call()
+            for _ in range(calls):
+                call()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+        events = prof.key_averages()
+        print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+        if calls > 1:
+            per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events if e.count >= calls}
+            for name, us in sorted(per_call.items(), key=lambda kv: -kv[1])[:10]:
+                print(f"per call {us:10.1f} us  {name}")
+    if args.checksum:
+        res = call()
+        torch.cuda.synchronize()
+        outs = res if isinstance(res, tuple) else (res,)
+        total = 0
+        for o in outs:
+            o = o.reshape(o.shape[0], -1)
+            dt = torch.float64 if o.is_floating_point() else torch.int64  # int64: exact
+            weights = torch.arange(1, o.shape[1] + 1, device=o.device, dtype=dt)
+            total += (o.to(dt) * weights).sum().item()
+        print(f"checksum {total!r}")
 
 
 if __name__ == "__main__":

@@ -547,3 +547,17 @@ def test_wgmma_rate_without_gpu_exits_cleanly():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "no measurement" in proc.stdout
+
+
+def test_union_skeletons_apply_to_the_current_kernel(tmp_path):
+    # every skeleton's edits match the union kernel's source as it is (a kernel change that moves
+    # them fails here, not on the device), and each skeleton differs from the source
+    skeletons = _load("union_skeletons")
+    tree = tmp_path / "tree"
+    (tree / "kernels" / "cuda").mkdir(parents=True)
+    source = (ROOT / skeletons.KERNEL).read_text()
+    (tree / skeletons.KERNEL).write_text(source)
+    for name, edits in skeletons.SKELETONS.items():
+        skeletons.make(str(tree), name, edits)
+        changed = (tmp_path / f"tree-skel-{name}" / skeletons.KERNEL).read_text()
+        assert changed != source and len(changed) > len(source) - 200, name

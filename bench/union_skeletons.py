@@ -1,0 +1,78 @@
+"""Measurement skeletons of the union kernel (refine_union_wgmma_kernel): copies of a snapshot
+tree whose score_wgmma.cuh has one part of the union path's tile loop taken out, for an A/B that
+splits the kernel's time by subtraction (bench/NOTES.md, session 16). Results are wrong by design,
+except loop2's (each CTA runs its tile loop twice: loop2 - tree = the loop).
+
+    bash bench/snapshots.sh main                       # -> .snap/main
+    python bench/union_skeletons.py .snap/main         # -> .snap/main-skel-{nocopy,nokeys,...}
+    # then, on the device, per tree: python bench/profile_run.py --op hisa --kernels --calls 10
+
+The edits match main's source text exactly and fail loudly (an assertion) once it changes.
+"""
+import os
+import shutil
+import sys
+
+KERNEL = "kernels/cuda/score_wgmma.cuh"
+
+
+def make(tree, name, edits):
+    dst = f"{tree.rstrip('/')}-skel-{name}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(tree, dst)
+    path = os.path.join(dst, KERNEL)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for old, new in edits:
+        assert text.count(old) == 1, f"{name}: the source no longer holds {old[:60]!r}"
+        text = text.replace(old, new)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(dst)
+
+
+# 1. no key-row copies on the union path (scales still copied)
+nocopy = [("""            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {""", """            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
+#pragma unroll
+            for (int h = 0; h < (UNION ? 0 : 2); ++h) {""")]
+# 2. keys computed, not stored (a store only for an impossible key keeps the sums alive)
+nokeys = [("""            if (live[r] && (UNION ? col >= 0 : col < nitems))
+                orow(r)[col] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);""",
+"""            const u32 key = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
+            if (live[r] && (UNION ? col >= 0 : col < nitems) && (!UNION || key == 0xDEADBEEFu))
+                orow(r)[col] = key;""")]
+# 3. no MMAs on the union path (fence and commit kept)
+nomma = [("""            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);""",
+"""            if (!UNION) WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);"""),
+("""            WgmmaRS<H>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + r * H * 128 + (kk & 3) * 32) >> 4), kk);""",
+"""            if (!UNION) WgmmaRS<H>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + r * H * 128 + (kk & 3) * 32) >> 4), kk);""")]
+# 4. the tile loop twice (same keys rewritten: results still right); loop2 - main = the loop
+loop2 = [("""        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
+        for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
+        for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);""",
+"""        for (int rep = 0; rep < 2; ++rep) {
+            if (rep == 1) {
+#pragma unroll
+                for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, slot + s < NBUF ? slot + s : slot + s - NBUF);
+            }
+            for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
+            for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
+            for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
+        }""")]
+# 5. no per-tile barrier on the union path
+nobar = [("""        auto tile = [&](int j, int only) {
+            cp_async_wait<NBUF - 2>();
+            fence_async_smem();
+            __syncthreads();""", """        auto tile = [&](int j, int only) {
+            cp_async_wait<NBUF - 2>();
+            fence_async_smem();
+            __syncwarp();""")]
+SKELETONS = {"nocopy": nocopy, "nokeys": nokeys, "nomma": nomma, "loop2": loop2, "nobar": nobar}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(f"usage: python {sys.argv[0]} TREE [NAME...]  (names: {' '.join(SKELETONS)})")
+    for skel in sys.argv[2:] or SKELETONS:
+        make(sys.argv[1], skel, SKELETONS[skel])
