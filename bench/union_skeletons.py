@@ -1,7 +1,7 @@
 """Measurement skeletons of the union kernel (refine_union_wgmma_kernel): copies of a snapshot
 tree whose score_wgmma.cuh has one part of the union path's tile loop taken out, for an A/B that
 splits the kernel's time by subtraction (bench/NOTES.md, session 16). Results are wrong by design,
-except loop2's (each CTA runs its tile loop twice: loop2 - tree = the loop).
+except loop2's (each CTA runs its tile loop twice: loop2 - tree = the loop) and copy2's.
 
     bash bench/snapshots.sh main                       # -> .snap/main
     python bench/union_skeletons.py .snap/main         # -> .snap/main-skel-{nocopy,nokeys,...}
@@ -69,7 +69,19 @@ nobar = [("""        auto tile = [&](int j, int only) {
             cp_async_wait<NBUF - 2>();
             fence_async_smem();
             __syncwarp();""")]
-SKELETONS = {"nocopy": nocopy, "nokeys": nokeys, "nomma": nomma, "loop2": loop2, "nobar": nobar}
+# 6. the copies issued but never waited for (data racy: timing only)
+nowait = [("""        auto tile = [&](int j, int only) {
+            cp_async_wait<NBUF - 2>();
+            fence_async_smem();""", """        auto tile = [&](int j, int only) {
+            fence_async_smem();""")]
+# 7. every key-row copy issued twice (results right: the same bytes land twice)
+copy2 = [("""            for (int h = 0; h < 2; ++h) {
+                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""", """            for (int hh = 0; hh < (UNION ? 4 : 2); ++hh) {
+                const int h = hh & 1;
+                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""")]
+
+SKELETONS = {"nocopy": nocopy, "nokeys": nokeys, "nomma": nomma, "loop2": loop2, "nobar": nobar,
+             "nowait": nowait, "copy2": copy2}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
