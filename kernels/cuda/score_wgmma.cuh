@@ -26,7 +26,8 @@
 // Dense fp8 key tiles are 128 consecutive rows: one thread copies each with one bulk copy
 // (cp.async.bulk, completion counted on an mbarrier per buffer); they land unswizzled, and the A
 // fragment reads are ordered to stay conflict-free (fp8a_fragments). The dense score kernel ran
-// 4% faster so (H200, 128K/4096); the union path's tiles, the same way, 3-4% slower (bench/NOTES.md,
+// 4% faster so (H200, 128K/4096); the union path, whose tiles are whole blocks of the union, ran
+// no faster that way (-0.4% to +4%: its copies cost through the bytes they move, bench/NOTES.md,
 // session 16), so it keeps its per-thread copies.
 //
 // fp8 keys on the f16 engine (FP8A, the default for fp8 inputs): the key tiles stay e4m3 in
