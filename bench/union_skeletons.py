@@ -79,9 +79,19 @@ copy2 = [("""            for (int h = 0; h < 2; ++h) {
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""", """            for (int hh = 0; hh < (UNION ? 4 : 2); ++hh) {
                 const int h = hh & 1;
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""")]
+# 8. the A fragments not read from the tile buffers (made up in registers; the copies kept)
+nofrag = [("""        if constexpr (Shape::FP8A) fp8a_fragments<BULK>(sK + slot * Shape::K_BYTES, half, warp, lane, af);""",
+"""        if constexpr (UNION) {
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) af[kk][e] = 0x3C003C00u ^ (u32)(lane * 4 + kk + e + half + slot);
+        } else if constexpr (Shape::FP8A) {
+            fp8a_fragments<BULK>(sK + slot * Shape::K_BYTES, half, warp, lane, af);
+        }""")]
 
 SKELETONS = {"nocopy": nocopy, "nokeys": nokeys, "nomma": nomma, "loop2": loop2, "nobar": nobar,
-             "nowait": nowait, "copy2": copy2}
+             "nowait": nowait, "copy2": copy2, "nofrag": nofrag}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
