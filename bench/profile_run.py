@@ -4,7 +4,6 @@
     python bench/profile_run.py --op topk --rows 4096 --cols 8192 --times
     python bench/profile_run.py --op hisa --kernels --calls 10 --checksum   # an A/B of two trees
 
-
 fp8 inputs from ``hisa_cupy.workloads`` (``--kind segments`` or ``random``), H=64, D=128, B=128,
 k=2048, torch CUDA tensors, validate=False. ``--times`` also prints the median CUDA-event time of
 the call (no L2 flush: a quick look, not a benchmark -- bench/kernels.py is the protocol).
@@ -104,7 +103,8 @@ def main(argv=None):
         events = prof.key_averages()
         print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
         if calls > 1:
-            per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events if e.count >= calls}
+            per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events
+                        if e.count >= calls and getattr(e, "device_time_total", 0) > 0}
             for name, us in sorted(per_call.items(), key=lambda kv: -kv[1])[:10]:
                 print(f"per call {us:10.1f} us  {name}")
     if args.checksum:
