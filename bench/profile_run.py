@@ -103,13 +103,11 @@ def main(argv=None):
         events = prof.key_averages()
         print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
         if calls > 1:
-            per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events
-                        if e.count >= calls and getattr(e, "device_time_total", 0) > 0}
-            for name, us in sorted(per_call.items(), key=lambda kv: -kv[1])[:10]:
+            per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events if e.count >= calls}
+            for name, us in sorted((kv for kv in per_call.items() if kv[1] > 0), key=lambda kv: -kv[1])[:10]:
                 print(f"per call {us:10.1f} us  {name}")
     if args.checksum:
         res = call()
-        torch.cuda.synchronize()
         outs = res if isinstance(res, tuple) else (res,)
         total = 0
         for o in outs:
