@@ -9,7 +9,10 @@ k=2048, torch CUDA tensors, validate=False. ``--times`` also prints the median C
 the call (no L2 flush: a quick look, not a benchmark -- bench/kernels.py is the protocol).
 ``--kernels --calls N`` profiles N calls and also prints each kernel's mean GPU time per call;
 ``--checksum`` prints a checksum of the call's output (equal checksums: the same indices in the
-same places), so that two trees' outputs can be compared across processes.
+same places), so that two trees' outputs can be compared across processes. ``--timeline`` queues
+--calls calls behind a ``torch.cuda._sleep`` (so the GPU never waits for the host) and prints,
+per kernel of a call, its mean start, duration and the gap before it: what the launch boundaries
+between a call's kernels cost on the GPU.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true", help="print the GPU time of each kernel of --calls calls")
     p.add_argument("--calls", type=int, default=1, help="--kernels: calls profiled (per-call means printed)")
     p.add_argument("--checksum", action="store_true", help="print a checksum of the call's output")
+    p.add_argument("--timeline", action="store_true",
+                   help="print each kernel's mean start, duration and preceding gap over --calls queued calls")
     args = p.parse_args(argv)
 
     import torch
@@ -106,6 +111,8 @@ def main(argv=None):
             per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events if e.count >= calls}
             for name, us in sorted((kv for kv in per_call.items() if kv[1] > 0), key=lambda kv: -kv[1])[:10]:
                 print(f"per call {us:10.1f} us  {name}")
+    if args.timeline:
+        print_timeline(call, max(2, args.calls))
     if args.checksum:
         res = call()
         outs = res if isinstance(res, tuple) else (res,)
@@ -116,6 +123,39 @@ def main(argv=None):
             weights = torch.arange(1, o.shape[1] + 1, device=o.device, dtype=dt)
             total += (o.to(dt) * weights).sum().item()
         print(f"checksum {total!r}")
+
+
+def print_timeline(call, calls):
+    """Kernels of ``calls`` calls queued behind a sleep, grouped per call (every call launches the
+    same kernels): mean start relative to the call's first kernel, duration, and gap after the
+    kernel before (the first kernel's gap: after the previous call's last kernel)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(int(5e7))  # ~25 ms at ~2 GHz: every launch below is queued before the GPU gets to it
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA and "sleep" not in e.name), key=lambda t: t[0])
+    if not kernels or len(kernels) % calls:
+        print(f"timeline: {len(kernels)} GPU events over {calls} calls, not the same per call")
+        return
+    per = len(kernels) // calls
+    rows = []
+    for j in range(per):
+        starts = [kernels[c * per + j][0] - kernels[c * per][0] for c in range(calls)]
+        durs = [kernels[c * per + j][1] - kernels[c * per + j][0] for c in range(calls)]
+        gaps = [kernels[c * per + j][0] - kernels[c * per + j - 1][1] for c in range(1 if j == 0 else 0, calls)]
+        rows.append((sum(starts) / calls, sum(durs) / calls, sum(gaps) / len(gaps), kernels[j][2]))
+    span = sum(kernels[c * per + per - 1][1] - kernels[c * per][0] for c in range(calls)) / calls
+    print(f"timeline: {calls} queued calls, {per} GPU events each, span {span:.1f} us per call "
+          f"(first kernel start to last kernel end), kernels {sum(r[1] for r in rows):.1f} us, "
+          f"gaps {sum(r[2] for r in rows[1:]):.1f} us inside a call, {rows[0][2]:.1f} us between calls")
+    for start, dur, gap, name in rows:
+        print(f"  start {start:8.1f}  dur {dur:8.1f}  gap {gap:6.1f}  {name[:90]}")
 
 
 if __name__ == "__main__":
