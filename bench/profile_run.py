@@ -6,7 +6,8 @@
 
 fp8 inputs from ``hisa_cupy.workloads`` (``--kind segments`` or ``random``), H=64, D=128, B=128,
 k=2048, torch CUDA tensors, validate=False. ``--times`` also prints the median CUDA-event time of
-the call (no L2 flush: a quick look, not a benchmark -- bench/kernels.py is the protocol).
+the call (no L2 flush unless ``--flush``: a quick look, not a benchmark -- bench/kernels.py is the
+protocol).
 ``--kernels --calls N`` profiles N calls and also prints each kernel's mean GPU time per call;
 ``--checksum`` prints a checksum of the call's output (equal checksums: the same indices in the
 same places), so that two trees' outputs can be compared across processes. ``--timeline`` queues
@@ -34,6 +35,8 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=8192, help="topk: row length")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--times", action="store_true", help="print the median CUDA-event time per call")
+    p.add_argument("--flush", action="store_true",
+                   help="--times: write a 256 MB buffer before every timed call (the protocol's L2 flush)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                    help="set a cupy_backend module knob first, e.g. USE_UNION_PAIRS=0 (repeatable)")
     p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
@@ -82,13 +85,16 @@ def main(argv=None):
                 return hisa_cupy.dense_select(q, k, w, **kw)
     from stage_times import timed  # bench/ is this script's directory
 
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if args.flush else None
+
     def run(label):
         reps = max(1, args.reps - 1)
-        ms = timed(call, reps=reps)  # a first call, then the timed ones (no L2 flush)
+        ms = timed(call, reps=reps, flush=flush)  # a first call, then the timed ones
         if args.times or args.sweep:
             shape = f"S={args.S} T={args.T} m={args.m}" if args.op != "topk" else f"{args.rows}x{args.cols}"
             print(f"{torch.cuda.get_device_name()} {args.op} {args.kind} {shape} {label}: median "
-                  f"{ms:.3f} ms over {reps} calls (first call excluded)", flush=True)
+                  f"{ms:.4f} ms over {reps} calls (first call excluded, L2 {'flushed' if flush is not None else 'warm'})",
+                  flush=True)
 
     if args.sweep:
         name, _, values = args.sweep.partition("=")
