@@ -10,6 +10,19 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90 and later; cupy_backend.USE_PDL): the host launches a
+// call's kernels with the programmatic-serialization attribute, so each may be scheduled while
+// the kernel before it on the stream is finishing, into the room its last CTAs leave. Every
+// kernel calls this first: it waits until the grids it depends on have completed and their
+// writes are visible (so it sees exactly what stream order gives it, and nothing it writes can
+// race a reader before it), then lets the next kernel be scheduled. A no-op for a launch
+// without the attribute, and below sm_90.
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // ----------------------------------------------------------------------------------------------
 // Scalar decoders (exact) and encoders (round to nearest even).
 
