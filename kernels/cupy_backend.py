@@ -832,8 +832,8 @@ def _pdl_launches(fn) -> bool:
     a GPU of compute capability 9.0 or later, the driver's entry point, and CuPy's argument
     objects (whose ``.ptr`` is the address of their value, as cuLaunchKernel's kernelParams
     wants)."""
-    return (USE_PDL and isinstance(fn, _bindable_functions()) and bool(_arg_classes())
-            and _device_facts(_device_id())["cc"] >= 90 and bool(_driver_launch_ex()))
+    return (USE_PDL and isinstance(fn, _bindable_functions()) and bool(_arg_classes()) and bool(_driver_launch_ex())
+            and _device_facts(_device_id())["cc"] >= 90)
 
 
 def _pdl_config():
