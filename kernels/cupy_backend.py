@@ -27,6 +27,7 @@ import functools
 import hashlib
 import math
 import os
+import ctypes
 import re
 import struct
 import sys
@@ -117,6 +118,12 @@ WARP_SELECT_ROWS = 4
 UNION_SPLITS = 0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
+#: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and
+#: later): each kernel may be scheduled while the one before it on the stream finishes, into the
+#: room its last CTAs leave, and waits for it before doing anything (common.cuh,
+#: grid_dependency_sync), which saves the gap between a call's kernels. False: plain launches
+#: (a knob for bench/ and the GPU tests)
+USE_PDL = True
 
 SUPPORTED_HEADS = "a multiple of 16, at most 128"
 SUPPORTED_DIMS = "a multiple of 32, at most 128"
@@ -679,7 +686,8 @@ class _Direct:
 
     @staticmethod
     def launch(fn, grid, block, args, smem=0):
-        fn(grid, block, args, shared_mem=smem)
+        if not (_pdl_launches(fn) and _launch_pdl_args(fn, grid, block, args, smem)):
+            fn(grid, block, args, shared_mem=smem)
 
     @staticmethod
     def fill(a, value):
@@ -786,6 +794,87 @@ def _driver_launch():
 _thread = threading.local()  # .devices: devices whose CUDA context this thread has made current
 
 
+# Programmatic dependent launch (USE_PDL) goes through the driver's cuLaunchKernelEx with one
+# launch attribute, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION; CuPy has no launch
+# with attributes, so the entry point is called through ctypes with the driver's structures.
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: the attribute id, 4 bytes of padding, a 64-byte value union (here the
+    int programmaticStreamSerializationAllowed)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("nattrs", ctypes.c_uint)]
+
+
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_launch_kernel_ex = None  # cuLaunchKernelEx through ctypes, resolved on first use (False: none)
+
+
+def _driver_launch_ex():
+    global _launch_kernel_ex
+    if _launch_kernel_ex is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll").cuLaunchKernelEx
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _launch_kernel_ex = fn
+        except (OSError, AttributeError):  # a driver older than CUDA 12: plain launches
+            _launch_kernel_ex = False
+    return _launch_kernel_ex
+
+
+def _pdl_launches(fn) -> bool:
+    """Whether ``fn`` (a CuPy Function) is launched with programmatic dependent launch here: USE_PDL,
+    a GPU of compute capability 9.0 or later, the driver's entry point, and CuPy's argument
+    objects (whose ``.ptr`` is the address of their value, as cuLaunchKernel's kernelParams
+    wants)."""
+    return (USE_PDL and isinstance(fn, _bindable_functions()) and bool(_arg_classes()) and bool(_driver_launch_ex())
+            and _device_facts(_device_id())["cc"] >= 90)
+
+
+def _pdl_config():
+    """This thread's CUlaunchConfig, its attribute set once (the fields are written per launch)."""
+    cfg = getattr(_thread, "pdl_config", None)
+    if cfg is None:
+        attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        cfg = _LaunchConfig(attrs=ctypes.pointer(attr), nattrs=1)
+        cfg._attr = attr  # kept alive with the config
+        _thread.pdl_config = cfg
+    return cfg
+
+
+def _launch_pdl(f, gx, gy, gz, bx, by, bz, smem, stream, params):
+    """cuLaunchKernelEx of CUfunction ``f`` on ``stream`` with programmatic stream serialization;
+    ``params``: the address of the kernelParams array."""
+    cfg = _pdl_config()
+    cfg.grid[0], cfg.grid[1], cfg.grid[2] = gx, gy, gz
+    cfg.block[0], cfg.block[1], cfg.block[2] = bx, by, bz
+    cfg.smem, cfg.stream = smem, stream
+    err = _launch_kernel_ex(ctypes.addressof(cfg), f, params, None)
+    if err:
+        from cupy_backends.cuda.api import driver
+
+        driver.check_status(err)  # raises CUDADriverError with the driver's name for err
+
+
+def _launch_pdl_args(fn, grid, block, args, smem) -> bool:
+    """_Direct's launch of ``fn`` with programmatic dependent launch on the current CuPy stream;
+    False (nothing launched) where an argument is not one of CuPy's argument objects."""
+    try:
+        params = np.array([a.ptr for a in args], dtype=np.uint64)  # where each argument's value lives
+    except AttributeError:
+        return False
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    _context_ready(_device_id())
+    _launch_pdl(fn.ptr, max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]), max(1, block[1]),
+                max(1, block[2]), smem, _cupy().cuda.get_current_stream().ptr, params.ctypes.data)
+    return True
+
+
 def _context_ready(device: int, made: bool = False) -> None:
     """cuLaunchKernel needs a current context; CuPy's own launches make sure of it once per thread
     and device (a runtime call), and so does this. ``made``: this thread has just launched through
@@ -815,7 +904,7 @@ class _Bound:
     """
 
     __slots__ = ("_mem", "_pack", "_var", "_launches", "_fns", "_stream", "_device", "_ws", "_ws_key", "_gen",
-                 "_knobs", "_align", "_lock", "launches")
+                 "_knobs", "_align", "_lock", "_pdl", "launches")
 
     def __init__(self, records, nvar, var, stream, device, ws, ws_key, gen, knobs, align):
         nfixed = sum(1 for *_, args, _ in records for a in args if not isinstance(a, _Var))
@@ -848,6 +937,7 @@ class _Bound:
         self._ws, self._ws_key, self._gen, self._knobs = ws, ws_key, gen, knobs
         self._align = align
         self._lock = threading.Lock()
+        self._pdl = all(_pdl_launches(fn) for fn in self._fns)  # as _Direct would launch them
         self.launches = len(launches)
 
     @property
@@ -872,8 +962,12 @@ class _Bound:
         with self._lock:
             if self._var:
                 self._pack(self._mem, 0, *[ptrs[i] + offset for i, offset in self._var])
-            for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
-                launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
+            if self._pdl:
+                for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
+                    _launch_pdl(f, gx, gy, gz, bx, by, bz, smem, stream, params)
+            else:
+                for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
+                    launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
         return True
 
 
@@ -1071,7 +1165,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL)
 
 
 def _keep_plan(key, plan):

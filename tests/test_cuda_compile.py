@@ -62,3 +62,34 @@ def test_host_constants_match_the_kernels():
         assert int(defines[name]) == getattr(cupy_backend, "TOPK_" + name), name
     # register mode's longest row is SELECT_THREADS x REG_SELECT_R keys per thread
     assert int(defines["SELECT_THREADS"]) * int(defines["REG_SELECT_R"]) == cupy_backend.REG_SELECT_ITEMS
+
+
+def test_every_kernel_waits_for_its_predecessor_first():
+    # with programmatic dependent launch (cupy_backend.USE_PDL) a kernel may be scheduled before
+    # the kernel before it on the stream has finished; each kernel's first statement is
+    # grid_dependency_sync() (common.cuh), which waits for it. A kernel without it would read or
+    # overwrite buffers its predecessor still uses.
+    import re
+
+    seen = 0
+    for filename in CUDA_FILES:
+        src = cupy_backend.load_source(filename)
+        for m in re.finditer(r"__global__ void\b", src):
+            body = src.index("{", m.end())  # the parameter lists hold no braces
+            first = re.sub(r"[\s\\]+", " ", src[body + 1:body + 200]).strip()
+            name = re.search(r"(\w+)\s*\(", src[m.end():body].replace("__launch_bounds__", "")).group(1)
+            assert first.startswith("grid_dependency_sync();"), f"{filename}: {name} starts with {first[:60]!r}"
+            seen += 1
+    assert seen >= 27
+
+
+def test_pdl_launch_structures_match_the_driver():
+    # cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out (64-bit)
+    import ctypes
+
+    cfg, attr = cupy_backend._LaunchConfig, cupy_backend._LaunchAttribute
+    assert ctypes.sizeof(attr) == 72 and attr.value.offset == 8
+    assert ctypes.sizeof(cfg) == 56
+    assert (cfg.grid.offset, cfg.block.offset, cfg.smem.offset) == (0, 12, 24)
+    assert (cfg.stream.offset, cfg.attrs.offset, cfg.nattrs.offset) == (32, 40, 48)
+    assert cupy_backend._CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION == 6

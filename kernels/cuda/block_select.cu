@@ -10,6 +10,7 @@ template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) block_score_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S, B, 0,
                                                            nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
@@ -19,19 +20,23 @@ template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S,
                                                                  B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS);
 }
 
 // short rows in position order: one warp per row (row_select_warp), WARP_SELECT_ROWS rows per CTA
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows) {
+    grid_dependency_sync();
     row_select_warp<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS, rows);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) block_topm_regs_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select_regs<KEYS_U32, MAP_IDENTITY>(SELECT_ARGS);
 }

@@ -10,6 +10,21 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90 and later; cupy_backend.USE_PDL): the host launches a
+// call's kernels with the programmatic-serialization attribute. Every kernel calls this first:
+// it waits until the grids it depends on have completed and their writes are visible (so it
+// sees exactly what stream order gives it, and nothing it writes can race a reader before it).
+// No kernel triggers its dependents early (griddepcontrol.launch_dependents), so the next
+// kernel is scheduled once this one's CTAs have all exited: triggered at the start, the
+// dependents' CTAs took SM room as the first CTAs left and sat there packed (the filtered
+// top-k's 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). A no-op for a launch
+// without the attribute, and below sm_90.
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ----------------------------------------------------------------------------------------------
 // Scalar decoders (exact) and encoders (round to nearest even).
 

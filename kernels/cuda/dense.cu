@@ -12,6 +12,7 @@ template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) dense_score_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0, S, 0,
                                                            row0, nrows, out, ld, tiles_per_cta);
 }
@@ -21,20 +22,24 @@ template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) dense_score_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0,
                                                                  S, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) dense_topk_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
 }
 
 // short rows in position order: one warp per row (row_select_warp), WARP_SELECT_ROWS rows per CTA
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_topk_warp_kernel(SELECT_PARAMS, int rows) {
+    grid_dependency_sync();
     row_select_warp<KEYS_U32, MAP_TOKENS>(SELECT_ARGS, rows);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) dense_topk_regs_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select_regs<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
 }
 

@@ -70,6 +70,7 @@ template <int KDT, int POOL, int BATCH>
 __global__ void __launch_bounds__(256) pool_kernel(const void* __restrict__ k, const float* __restrict__ kscale,
                                                    int S, int D, int B, void* __restrict__ pooled,
                                                    float* __restrict__ pscale) {
+    grid_dependency_sync();
     __shared__ float sAmax[32];
     const int b = blockIdx.x, d = threadIdx.x;
     const int s0 = b * B, s1 = min(s0 + B, S);
@@ -129,6 +130,7 @@ __global__ void __launch_bounds__(POOL_VEC_THREADS, 8) pool_vec_kernel(const voi
                                                                    const float* __restrict__ kscale, int S, int D,
                                                                    int B, void* __restrict__ pooled,
                                                                    float* __restrict__ pscale) {
+    grid_dependency_sync();
     constexpr int EB = KDT == DT_E4M3 ? 1 : (KDT == DT_F32 ? 4 : 2);
     constexpr int VE = 16 / EB;  // elements per vector
     constexpr int U = EB == 1 ? 4 : 8;  // tokens a thread loads before it adds them (64 registers)

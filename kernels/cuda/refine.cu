@@ -10,6 +10,7 @@ template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_score_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile<ENGINE, QDT, KDT, H, D, ITEMS_GATHER, 1>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m, m * B,
                                                         0, row0, nrows, out, ld, tiles_per_cta);
 }
@@ -19,6 +20,7 @@ template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_GATHER, 1>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
                                                               m * B, 0, row0, nrows, out, ld, tiles_per_cta);
 }
@@ -30,19 +32,23 @@ template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    grid_dependency_sync();
     score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
                                                              m * B, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
 }
 
 // short rows in position order: one warp per row (row_select_warp), WARP_SELECT_ROWS rows per CTA
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel(SELECT_PARAMS, int rows) {
+    grid_dependency_sync();
     row_select_warp<KEYS_U32, MAP_GATHER>(SELECT_ARGS, rows);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select_regs<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
 }

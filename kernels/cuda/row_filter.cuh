@@ -288,17 +288,21 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
 // return at once).
 #define HISA_FILTER_KERNELS(STEM, SRC, MAP)                                                              \
     __global__ void __launch_bounds__(SELECT_THREADS) STEM##_filter_kernel(FILTER_PARAMS) {                 \
+        grid_dependency_sync();                                                                          \
         row_filter<SRC>(FILTER_ARGS);                                                                    \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS)                                                    \
         STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) {  \
+        grid_dependency_sync();                                                                          \
         filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed);                      \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS)                               \
         STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) { \
+        grid_dependency_sync();                                                                          \
         filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed);                       \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS) STEM##_rescue_kernel(SELECT_PARAMS, const int* failed) { \
+        grid_dependency_sync();                                                                          \
         if (failed[row0 + (int)blockIdx.x] == 0) return;                                                 \
         row_select<SRC, MAP>(SELECT_ARGS);                                                               \
     }

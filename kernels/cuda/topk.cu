@@ -5,10 +5,12 @@
 #include "row_filter.cuh"
 
 __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_regs_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select_regs<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
 }
 
@@ -19,16 +21,19 @@ __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_regs
 // each kept item's column back). The row's top k are among the chunks' top k: an item that fewer
 // than k items of the row outrank has fewer than k outranking it in its chunk.
 __global__ void __launch_bounds__(SELECT_THREADS) topk_chunks_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_F32, MAP_CHUNKS>(SELECT_ARGS);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) topk_merge_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select<KEYS_F32, MAP_GATHER>(SELECT_ARGS);
 }
 
 // the merge of at most REG_SELECT_ITEMS kept items per row (P * k; two chunks of k = 2048) in
 // register mode
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_merge_regs_kernel(SELECT_PARAMS) {
+    grid_dependency_sync();
     row_select_regs<KEYS_F32, MAP_GATHER>(SELECT_ARGS);
 }
 

@@ -23,7 +23,9 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture
 def bound_launches(monkeypatch):
-    """Launches made by bound plans (the fast path) during the test; a fresh call cache."""
+    """Launches made by bound plans (the fast path) during the test, plain (cuLaunchKernel) or
+    with programmatic dependent launch (_launch_pdl, which the ordinary path uses too: counted
+    only inside a bound plan's call); a fresh call cache."""
     from hisa_cupy.kernels import cupy_backend
 
     real = cupy_backend._launch_kernel or cupy_backend._driver_launch()
@@ -34,6 +36,25 @@ def bound_launches(monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(cupy_backend, "_launch_kernel", counting)
+    in_bound = threading.local()  # set while a bound plan's call runs (in this thread)
+    real_pdl = cupy_backend._launch_pdl
+
+    def counting_pdl(*a):
+        if getattr(in_bound, "on", False):
+            count[0] += 1
+        return real_pdl(*a)
+
+    monkeypatch.setattr(cupy_backend, "_launch_pdl", counting_pdl)
+    real_call = cupy_backend._Bound.__call__
+
+    def counting_call(self, ptrs):
+        in_bound.on = True
+        try:
+            return real_call(self, ptrs)
+        finally:
+            in_bound.on = False
+
+    monkeypatch.setattr(cupy_backend._Bound, "__call__", counting_call)
     monkeypatch.setattr(select, "_calls", {})
     return count
 

@@ -435,3 +435,55 @@ def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
         testing.assert_selection_equivalent(got, ref_refine, scores, ks=w.ks, err_msg=f"refine use_wgmma={use}")
         got = hisa_cupy.dense_select(*args, topk=2048, **kw)
         testing.assert_selection_equivalent(got, ref_dense, scores, ks=w.ks, err_msg=f"dense use_wgmma={use}")
+
+
+def test_programmatic_dependent_launch(cuda_device, monkeypatch):
+    # With USE_PDL each kernel may be scheduled while the one before it finishes and waits for it
+    # first (common.cuh, grid_dependency_sync). Calls queued back to back without a sync (each
+    # call's first kernels overwrite the workspace the previous call's last kernels read, so a
+    # kernel that did not wait would race) give exactly the reference, through the ordinary path
+    # and through bound plans (the call cache), for hisa_select, dense_select and topk; on sm_90
+    # the launches take the PDL path, and without the knob none does.
+    from hisa_cupy import select
+    from hisa_cupy.kernels import cupy_backend
+
+    pdl = [0]
+    real = cupy_backend._launch_pdl
+
+    def counting(*a):
+        pdl[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(cupy_backend, "_launch_pdl", counting)
+    inps = [testing.exact_inputs(96, 8192, 64, 128, dtype="float8_e4m3fn", seed=60 + i, ragged=i == 1)
+            for i in range(4)]
+    args = [([to_torch(inp[n]) for n in ("q", "k", "weights")],
+             dict(k_scale=to_torch(inp["k_scale"]), ks=to_torch(inp["ks"]), ke=to_torch(inp["ke"])))
+            for inp in inps]
+    kw = dict(block_size=128, block_topk=8, topk=512, validate=False)
+    refs = [reference.hisa_select(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"],
+                                  ke=inp["ke"], block_size=128, block_topk=8, topk=512) for inp in inps]
+    dense_refs = [reference.dense_select(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"],
+                                         ke=inp["ke"], topk=512) for inp in inps]
+    rng = np.random.default_rng(3)
+    scores = [rng.standard_normal((64, 131072)).astype(np.float32) for _ in range(2)]  # the filtered top-k
+    scores[1][5] = np.float32(0.5)  # a tied row: the filtered top-k's rescue launch does the work
+    top_refs = [reference.topk(s, 2048) for s in scores]
+    for use in (False, True):
+        monkeypatch.setattr(cupy_backend, "USE_PDL", use)
+        monkeypatch.setattr(select, "_calls", {})
+        pdl[0] = 0
+        for rnd in range(3):  # the first round records the call signatures, later ones are bound
+            outs = [hisa_cupy.hisa_select(*a, **k, **kw) for a, k in args]
+            dense = [hisa_cupy.dense_select(*a, **k, topk=512, validate=False) for a, k in args]
+            tops = [hisa_cupy.topk(to_torch(s), 2048) for s in scores]
+            torch.cuda.synchronize()
+            for got, ref in zip(outs, refs):
+                testing.assert_selection_equal(got, ref, err_msg=f"hisa pdl={use} round {rnd}")
+            for got, ref in zip(dense, dense_refs):
+                testing.assert_selection_equal(got, ref, err_msg=f"dense pdl={use} round {rnd}")
+            for (vals, idx), (ref_v, ref_i) in zip(tops, top_refs):
+                np.testing.assert_array_equal(to_np(idx), ref_i, err_msg=f"topk pdl={use} round {rnd}")
+                np.testing.assert_array_equal(to_np(vals), ref_v)
+        expect_pdl = use and cupy_backend._device_facts(cupy_backend._device_id())["cc"] >= 90
+        assert (pdl[0] > 0) == expect_pdl, (use, pdl[0])
