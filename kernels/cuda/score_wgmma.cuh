@@ -738,8 +738,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         // registers, no serialisation). Splitting the two-row tiles per row as well (four N = H
         // groups) measured slower: bench/NOTES.md, 312882e.
         auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();
-            fence_async_smem();
+            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
             __syncthreads();
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;
@@ -772,7 +771,9 @@ __device__ __forceinline__ void score_tile_wgmma(
                 mbar_wait(sBar0 + 8 * slot, (phases >> slot) & 1u);
                 phases ^= 1u << slot;
             }
-            fence_async_smem();
+            // the MMAs read the key tile through the async proxy only where both operands are in
+            // shared memory (the register-A path reads it with ordinary loads, and q was fenced once)
+            if constexpr (!Shape::FP8A) fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();
             const int n0 = j * SCORE_TILE;
