@@ -438,10 +438,10 @@ def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
 
 
 def test_programmatic_dependent_launch(cuda_device, monkeypatch):
-    # With USE_PDL each kernel may be scheduled while the one before it finishes and waits for it
-    # first (common.cuh, grid_dependency_sync). Calls queued back to back without a sync (each
-    # call's first kernels overwrite the workspace the previous call's last kernels read, so a
-    # kernel that did not wait would race) give exactly the reference, through the ordinary path
+    # With USE_PDL each kernel's launch is taken in while the one before it runs, and the kernel
+    # waits for it first (common.cuh, grid_dependency_sync). Calls queued back to back without a
+    # sync (each call's first kernels overwrite the workspace the previous call's last kernels
+    # read, so a kernel that did not wait could race) give exactly the reference, through the ordinary path
     # and through bound plans (the call cache), for hisa_select, dense_select and topk; on sm_90
     # the launches take the PDL path, and without the knob none does.
     from hisa_cupy import select
