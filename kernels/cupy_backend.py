@@ -836,25 +836,27 @@ def _pdl_launches(fn) -> bool:
             and _device_facts(_device_id())["cc"] >= 90)
 
 
-def _pdl_config():
-    """This thread's CUlaunchConfig, its attribute set once (the fields are written per launch)."""
-    cfg = getattr(_thread, "pdl_config", None)
+_PDL_ATTRIBUTE = None  # the one launch attribute every PDL launch passes (made on first use)
+
+
+def _pdl_config(gx, gy, gz, bx, by, bz, smem, stream, cfg=None):
+    """A CUlaunchConfig for one launch with the programmatic-serialization attribute (``cfg``:
+    one to fill in instead of a new one)."""
+    global _PDL_ATTRIBUTE
+    if _PDL_ATTRIBUTE is None:
+        _PDL_ATTRIBUTE = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     if cfg is None:
-        attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        cfg = _LaunchConfig(attrs=ctypes.pointer(attr), nattrs=1)
-        cfg._attr = attr  # kept alive with the config
-        _thread.pdl_config = cfg
-    return cfg
-
-
-def _launch_pdl(f, gx, gy, gz, bx, by, bz, smem, stream, params):
-    """cuLaunchKernelEx of CUfunction ``f`` on ``stream`` with programmatic stream serialization;
-    ``params``: the address of the kernelParams array."""
-    cfg = _pdl_config()
+        cfg = _LaunchConfig(attrs=ctypes.pointer(_PDL_ATTRIBUTE), nattrs=1)
     cfg.grid[0], cfg.grid[1], cfg.grid[2] = gx, gy, gz
     cfg.block[0], cfg.block[1], cfg.block[2] = bx, by, bz
     cfg.smem, cfg.stream = smem, stream
-    err = _launch_kernel_ex(ctypes.addressof(cfg), f, params, None)
+    return cfg
+
+
+def _launch_pdl(cfg, f, params):
+    """cuLaunchKernelEx of CUfunction ``f`` with the CUlaunchConfig at address ``cfg``;
+    ``params``: the address of the kernelParams array."""
+    err = _launch_kernel_ex(cfg, f, params, None)
     if err:
         from cupy_backends.cuda.api import driver
 
@@ -870,8 +872,11 @@ def _launch_pdl_args(fn, grid, block, args, smem) -> bool:
         return False
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
     _context_ready(_device_id())
-    _launch_pdl(fn.ptr, max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]), max(1, block[1]),
-                max(1, block[2]), smem, _cupy().cuda.get_current_stream().ptr, params.ctypes.data)
+    cfg = getattr(_thread, "pdl_config", None)  # this thread's, filled in per launch
+    cfg = _thread.pdl_config = _pdl_config(max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]),
+                                           max(1, block[1]), max(1, block[2]), smem,
+                                           _cupy().cuda.get_current_stream().ptr, cfg)
+    _launch_pdl(ctypes.addressof(cfg), fn.ptr, params.ctypes.data)
     return True
 
 
@@ -904,7 +909,7 @@ class _Bound:
     """
 
     __slots__ = ("_mem", "_pack", "_var", "_launches", "_fns", "_stream", "_device", "_ws", "_ws_key", "_gen",
-                 "_knobs", "_align", "_lock", "_pdl", "launches")
+                 "_knobs", "_align", "_lock", "_pdl", "_pdl_configs", "_pdl_launches", "launches")
 
     def __init__(self, records, nvar, var, stream, device, ws, ws_key, gen, knobs, align):
         nfixed = sum(1 for *_, args, _ in records for a in args if not isinstance(a, _Var))
@@ -938,6 +943,10 @@ class _Bound:
         self._align = align
         self._lock = threading.Lock()
         self._pdl = all(_pdl_launches(fn) for fn in self._fns)  # as _Direct would launch them
+        # PDL: one preset CUlaunchConfig per launch (the stream is the plan's), so that a call
+        # passes three addresses per launch and builds nothing
+        self._pdl_configs = [_pdl_config(*l[1:8], self._stream) for l in launches] if self._pdl else []
+        self._pdl_launches = tuple((ctypes.addressof(cfg), l[0], l[8]) for cfg, l in zip(self._pdl_configs, launches))
         self.launches = len(launches)
 
     @property
@@ -963,8 +972,8 @@ class _Bound:
             if self._var:
                 self._pack(self._mem, 0, *[ptrs[i] + offset for i, offset in self._var])
             if self._pdl:
-                for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
-                    _launch_pdl(f, gx, gy, gz, bx, by, bz, smem, stream, params)
+                for cfg, f, params in self._pdl_launches:
+                    _launch_pdl(cfg, f, params)
             else:
                 for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
                     launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)

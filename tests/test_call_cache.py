@@ -54,10 +54,12 @@ def _arg_value(arg):
 class _Fake:
     """CuPy on a device of capability ``cc``: kernels record their launches through CuPy
     (``direct``) and through the driver (``bound``), each as (name, grid, block, smem, stream,
-    [(value, width), ...])."""
+    [(value, width), ...]). ``pdl``: the driver has cuLaunchKernelEx, whose launches (both paths
+    then take it) are recorded in ``pdl`` as (name, grid, block, smem, stream, [8-byte slot, ...],
+    attributes); otherwise (the default, whatever this machine's driver) it has none."""
 
-    def __init__(self, monkeypatch, cc=90, smem_optin=227 * 1024):
-        self.direct, self.bound = [], []
+    def __init__(self, monkeypatch, cc=90, smem_optin=227 * 1024, pdl=False):
+        self.direct, self.bound, self.pdl = [], [], []
         self.fns = {}  # function pointer -> _Fn
         self.state = types.SimpleNamespace(device=0, stream=0, meminfo=0)
         fake = self
@@ -139,6 +141,24 @@ class _Fake:
             fake.bound.append((fn.name, (gx, gy, gz), (bx, by, bz), smem, stream, values))
 
         monkeypatch.setattr(cb, "_launch_kernel", launch_kernel)
+
+        def launch_kernel_ex(cfg, f, params, extra):
+            c = cb._LaunchConfig.from_address(cfg)
+            attrs = [(c.attrs[i].id, c.attrs[i].value) for i in range(c.nattrs)]
+            argv = (ctypes.c_uint64 * fake.nargs[f]).from_address(params)
+            values = [ctypes.c_uint64.from_address(a).value for a in argv]
+            assert extra is None
+            fake.pdl.append((fake.fns[f].name, tuple(c.grid), tuple(c.block), c.smem, c.stream or 0, values, attrs))
+            return 0
+
+        monkeypatch.setattr(cb, "_launch_kernel_ex", launch_kernel_ex if pdl else False)
+        real_pdl_args = cb._launch_pdl_args
+
+        def launch_pdl_args(fn, grid, block, args, smem):  # the argument count, as _Fn.__call__ notes it
+            fake.nargs[fn.ptr] = len(args)
+            return real_pdl_args(fn, grid, block, args, smem)
+
+        monkeypatch.setattr(cb, "_launch_pdl_args", launch_pdl_args)
 
 
 def _same_launches(bound, direct):
@@ -240,6 +260,56 @@ def test_bound_dense_launches_equal_the_ordinary_path(monkeypatch, cc, T, S, row
     _same_launches(fake.bound, fake.direct)
     if rows:
         assert sum(1 for x in fake.bound if x[0].startswith("dense_topk")) == -(-T // rows) > 1
+
+
+@pytest.mark.parametrize("op", ["hisa", "dense"])
+def test_pdl_launches_equal_the_plain_ones(monkeypatch, op):
+    # with cuLaunchKernelEx (USE_PDL on sm_90): the ordinary path and a bound plan both launch
+    # through it, with the programmatic-serialization attribute, the plain launches' grid, block,
+    # shared memory, stream and argument values; without the knob, or before sm_90, plainly
+    dense = dict(topk=64, index_base="relative", order="position")
+
+    def run(x):
+        if op == "hisa":
+            return _run_hisa(x, stream=7)
+        cb.dense_select(x["q"], x["k"], x["weights"], x["k_scale"], x["ks"], x["ke"], out=x["out"], stream=7, **dense)
+
+    def bind(x, p):
+        if op == "hisa":
+            return _bind_hisa(x, stream=7, **p)
+        return cb.bind_dense_select(x["q"], x["k"], x["weights"], x["k_scale"], x["ks"], x["ke"], out=x["out"],
+                                    stream=7, **dense)
+
+    T, S, topk = (65, 4096, 512) if op == "hisa" else (40, 5000, 64)
+    a = _inputs(T, S, ranges=True, topk=topk)
+    fake = _Fake(monkeypatch, cc=90, pdl=True)
+    monkeypatch.setattr(cb, "USE_PDL", False)
+    run(a)
+    direct = list(fake.direct)
+    assert direct and not fake.pdl
+    fake.direct.clear()
+    monkeypatch.setattr(cb, "USE_PDL", True)
+    p = run(a)
+    assert not fake.direct and len(fake.pdl) == len(direct)
+    bound = bind(a, p)
+    assert bound is not None and bound._pdl and len(fake.pdl) == len(direct)  # binding launches nothing
+    assert bound(_ptrs(a)) and not fake.bound and len(fake.pdl) == 2 * len(direct)
+    on_direct, on_bound = fake.pdl[:len(direct)], fake.pdl[len(direct):]
+    for launches in (on_direct, on_bound):
+        assert [x[:5] for x in launches] == [d[:5] for d in direct]
+        assert all(x[6] == [(6, 1)] for x in launches)  # PROGRAMMATIC_STREAM_SERIALIZATION, allowed
+        for x, d in zip(launches, direct):
+            assert len(x[5]) == len(d[5])
+            for slot, (value, width) in zip(x[5], d[5]):
+                mask = (1 << (8 * width)) - 1
+                assert slot & mask == value & mask, x[0]
+    monkeypatch.setattr(cb, "USE_PDL", False)
+    fake.pdl.clear()
+    run(a)
+    assert len(fake.direct) == len(direct) and not fake.pdl
+    fake = _Fake(monkeypatch, cc=89, pdl=True)
+    run(a)
+    assert fake.direct and not fake.pdl
 
 
 def test_bound_plan_buffer_layout(monkeypatch):
