@@ -63,17 +63,14 @@ loop2 = [("""        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) 
         }""")]
 # 5. no per-tile barrier on the union path
 nobar = [("""        auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();
-            fence_async_smem();
+            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
             __syncthreads();""", """        auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();
-            fence_async_smem();
+            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
             __syncwarp();""")]
 # 6. the copies issued but never waited for (data racy: timing only)
 nowait = [("""        auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();
-            fence_async_smem();""", """        auto tile = [&](int j, int only) {
-            fence_async_smem();""")]
+            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)""",
+           """        auto tile = [&](int j, int only) {""")]
 # 7. every key-row copy issued twice (results right: the same bytes land twice)
 copy2 = [("""            for (int h = 0; h < 2; ++h) {
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""", """            for (int hh = 0; hh < (UNION ? 4 : 2); ++hh) {
