@@ -23,11 +23,11 @@ buffers, so that a repeated call only writes its array addresses and launches th
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import math
 import os
-import ctypes
 import re
 import struct
 import sys
