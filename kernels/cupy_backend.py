@@ -686,7 +686,7 @@ class _Direct:
 
     @staticmethod
     def launch(fn, grid, block, args, smem=0):
-        if not (_pdl_launches(fn) and _launch_pdl_args(fn, grid, block, args, smem)):
+        if not (USE_PDL and _launch_pdl_args(fn, grid, block, args, smem)):
             fn(grid, block, args, shared_mem=smem)
 
     @staticmethod
@@ -827,13 +827,13 @@ def _driver_launch_ex():
     return _launch_kernel_ex
 
 
-def _pdl_launches(fn) -> bool:
-    """Whether ``fn`` (a CuPy Function) is launched with programmatic dependent launch here: USE_PDL,
-    a GPU of compute capability 9.0 or later, the driver's entry point, and CuPy's argument
-    objects (whose ``.ptr`` is the address of their value, as cuLaunchKernel's kernelParams
-    wants)."""
+def _pdl_launches(fn, device: int) -> bool:
+    """Whether ``fn`` (a CuPy Function) is launched with programmatic dependent launch on
+    ``device``: USE_PDL, a GPU of compute capability 9.0 or later, the driver's entry point, and
+    CuPy's argument objects (whose ``.ptr`` is the address of their value, as cuLaunchKernel's
+    kernelParams wants)."""
     return (USE_PDL and isinstance(fn, _bindable_functions()) and bool(_arg_classes()) and bool(_driver_launch_ex())
-            and _device_facts(_device_id())["cc"] >= 90)
+            and _device_facts(device)["cc"] >= 90)
 
 
 _PDL_ATTRIBUTE = None  # the one launch attribute every PDL launch passes (made on first use)
@@ -864,14 +864,18 @@ def _launch_pdl(cfg, f, params):
 
 
 def _launch_pdl_args(fn, grid, block, args, smem) -> bool:
-    """_Direct's launch of ``fn`` with programmatic dependent launch on the current CuPy stream;
-    False (nothing launched) where an argument is not one of CuPy's argument objects."""
+    """_Direct's launch of ``fn`` with programmatic dependent launch on the current CuPy device and
+    stream; False (nothing launched) where it does not apply (_pdl_launches) or an argument is not
+    one of CuPy's argument objects."""
+    device = _device_id()
+    if not _pdl_launches(fn, device):
+        return False
     try:
         params = np.array([a.ptr for a in args], dtype=np.uint64)  # where each argument's value lives
     except AttributeError:
         return False
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-    _context_ready(_device_id())
+    _context_ready(device)
     cfg = getattr(_thread, "pdl_config", None)  # this thread's, filled in per launch
     cfg = _thread.pdl_config = _pdl_config(max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]),
                                            max(1, block[1]), max(1, block[2]), smem,
@@ -942,9 +946,9 @@ class _Bound:
         self._ws, self._ws_key, self._gen, self._knobs = ws, ws_key, gen, knobs
         self._align = align
         self._lock = threading.Lock()
-        self._pdl = all(_pdl_launches(fn) for fn in self._fns)  # as _Direct would launch them
+        self._pdl = all(_pdl_launches(fn, device) for fn in self._fns)  # as _Direct would launch them
         # PDL: one preset CUlaunchConfig per launch (the stream is the plan's), so that a call
-        # passes three addresses per launch and builds nothing
+        # passes three addresses per launch and builds nothing (_pdl_configs keeps them alive)
         self._pdl_configs = [_pdl_config(*l[1:8], self._stream) for l in launches] if self._pdl else []
         self._pdl_launches = tuple((ctypes.addressof(cfg), l[0], l[8]) for cfg, l in zip(self._pdl_configs, launches))
         self.launches = len(launches)
@@ -965,9 +969,7 @@ class _Bound:
         for i in self._align:
             if ptrs[i] & 15:
                 return False
-        launch = _launch_kernel or _driver_launch()
         _context_ready(self._device)
-        stream = self._stream
         with self._lock:
             if self._var:
                 self._pack(self._mem, 0, *[ptrs[i] + offset for i, offset in self._var])
@@ -975,6 +977,7 @@ class _Bound:
                 for cfg, f, params in self._pdl_launches:
                     _launch_pdl(cfg, f, params)
             else:
+                launch, stream = _launch_kernel or _driver_launch(), self._stream
                 for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
                     launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
         return True
