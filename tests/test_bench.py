@@ -561,3 +561,28 @@ def test_union_skeletons_apply_to_the_current_kernel(tmp_path):
         skeletons.make(str(tree), name, edits)
         changed = (tmp_path / f"tree-skel-{name}" / skeletons.KERNEL).read_text()
         assert changed != source and len(changed) > len(source) - 200, name
+
+
+def test_ptxas_usage_parses_the_verbose_log():
+    # bench/ptxas_usage.py reads ptxas -v's lines per entry function: the stack / spill line and
+    # the registers line (with or without static shared memory); a function without a registers
+    # line is dropped rather than reported with missing numbers
+    pu = _load("ptxas_usage")
+    log = "\n".join([
+        "ptxas info    : 0 bytes gmem",
+        "ptxas info    : Compiling entry function '_Z18topk_filter_kernelPKj' for 'sm_90a'",
+        "ptxas info    : Function properties for _Z18topk_filter_kernelPKj",
+        "ptxas         .     40 bytes stack frame, 36 bytes spill stores, 40 bytes spill loads",
+        "ptxas info    : Used 40 registers, used 1 barriers, 40 bytes cumulative stack size, 16672 bytes smem",
+        "ptxas info    : Compiling entry function '_Z9broken_kv' for 'sm_90a'",
+        "ptxas info    : Compiling entry function '_Z16topk_regs_kernelPKj' for 'sm_90a'",
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 168 registers, used 1 barriers",
+    ])
+    rows = pu.parse_ptxas_log(log)
+    assert rows == [
+        dict(name="_Z18topk_filter_kernelPKj", stack=40, spill_stores=36, spill_loads=40, registers=40, smem=16672),
+        dict(name="_Z16topk_regs_kernelPKj", stack=0, spill_stores=0, spill_loads=0, registers=168, smem=0),
+    ]
+    with pytest.raises(SystemExit):
+        pu.main([])  # no kernel named
