@@ -863,6 +863,13 @@ def _launch_pdl(cfg, f, params):
         driver.check_status(err)  # raises CUDADriverError with the driver's name for err
 
 
+def _launch_dims(grid, block) -> tuple:
+    """(gx, gy, gz, bx, by, bz) of a launch's grid and block tuples, padded and clamped to 1 as
+    CuPy's own launch does: what the driver launches take."""
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    return (max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]), max(1, block[1]), max(1, block[2]))
+
+
 def _launch_pdl_args(fn, grid, block, args, smem) -> bool:
     """_Direct's launch of ``fn`` with programmatic dependent launch on the current CuPy device and
     stream; False (nothing launched) where it does not apply (_pdl_launches) or an argument is not
@@ -874,12 +881,10 @@ def _launch_pdl_args(fn, grid, block, args, smem) -> bool:
         params = np.array([a.ptr for a in args], dtype=np.uint64)  # where each argument's value lives
     except AttributeError:
         return False
-    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
     _context_ready(device)
     cfg = getattr(_thread, "pdl_config", None)  # this thread's, filled in per launch
-    cfg = _thread.pdl_config = _pdl_config(max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]),
-                                           max(1, block[1]), max(1, block[2]), smem,
-                                           _cupy().cuda.get_current_stream().ptr, cfg)
+    cfg = _thread.pdl_config = _pdl_config(*_launch_dims(grid, block), smem, _cupy().cuda.get_current_stream().ptr,
+                                           cfg)
     _launch_pdl(ctypes.addressof(cfg), fn.ptr, params.ctypes.data)
     return True
 
@@ -934,9 +939,7 @@ class _Bound:
                     fixed += 1
                 mem[at] = base + 8 * slot
                 at += 1
-            grid, block = (grid + (1, 1))[:3], (block + (1, 1))[:3]  # as CuPy's launch pads them
-            launches.append((fn.ptr, max(1, grid[0]), max(1, grid[1]), max(1, grid[2]), max(1, block[0]),
-                             max(1, block[1]), max(1, block[2]), smem, params))
+            launches.append((fn.ptr, *_launch_dims(grid, block), smem, params))
         self._mem = mem
         self._var = tuple(sorted(var, key=var.get))  # (array index, offset) per call-time slot
         self._pack = struct.Struct(f"<{nvar}Q").pack_into
