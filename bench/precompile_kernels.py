@@ -54,11 +54,15 @@ def names_from_cache(path: str) -> list[str]:
             for member in tar.getmembers():
                 if member.isfile() and member.name.endswith(".name"):
                     lowered.append(tar.extractfile(member).read().decode().strip())
-    lowered = [name for name in lowered if name]
+    return demangle([name for name in lowered if name])
+
+
+def demangle(lowered: list[str]) -> list[str]:
+    """Kernel name expressions of mangled (lowered) names, through c++filt: "void
+    refine_union_wgmma_kernel<2, 0, 0, 64, 128>(void const*, ...)" -> the expression."""
     if not lowered:
         return []
     out = subprocess.run(["c++filt"], input="\n".join(lowered), capture_output=True, text=True, check=True)
-    # "void refine_union_wgmma_kernel<2, 0, 0, 64, 128>(void const*, ...)" -> the expression
     return [line.removeprefix("void ").split("(")[0] for line in out.stdout.splitlines()]
 
 

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from precompile_kernels import backend_of, source_file  # noqa: E402  (bench/ is this script's directory)
+from precompile_kernels import backend_of, demangle, source_file  # noqa: E402  (bench/ is this script's directory)
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -54,15 +54,6 @@ def parse_ptxas_log(text: str) -> list[dict]:
     return out
 
 
-def demangle(names: list[str]) -> list[str]:
-    """``void f<1, 2>(int, ...)`` -> ``f<1, 2>`` through c++filt where it exists, else the names as given."""
-    try:
-        res = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return list(names)
-    return [line.removeprefix("void ").split("(")[0] for line in res.stdout.splitlines()]
-
-
 def usage(tree: str, exprs: list[str], arch: str) -> list[dict]:
     """Compile each source file of ``exprs`` once (with all of its expressions) and return the
     parsed ptxas lines of every entry function, with the file and the demangled name added."""
@@ -85,7 +76,12 @@ def usage(tree: str, exprs: list[str], arch: str) -> list[dict]:
             parsed = parse_ptxas_log(nvrtc.getProgramLog(prog))
         finally:
             nvrtc.destroyProgram(prog)
-        for row, name in zip(parsed, demangle([r["name"] for r in parsed])):
+        mangled = [r["name"] for r in parsed]
+        try:
+            names = demangle(mangled)
+        except (OSError, subprocess.CalledProcessError):  # no c++filt: the mangled names
+            names = mangled
+        for row, name in zip(parsed, names):
             rows.append(dict(row, file=filename, kernel=name))
     return rows
 
