@@ -625,6 +625,33 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
     __syncthreads();
 }
 
+// The bucket sort's counts sHist[0, SORT_BINS) become each bucket's first slot, highest bucket
+// first; sMisc[MISC_MAXB] gets the largest count where it exceeds LIST_BUCKET_MAX (the caller sets
+// it to 0 before). Ends synced.
+__device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc) {
+    constexpr int PER = SORT_BINS / SELECT_THREADS;  // buckets per thread in the scan
+    const int tid = threadIdx.x;
+    int* mine = sHist + SORT_BINS - PER * (tid + 1);  // this thread's buckets, highest last
+    int sum = 0, big = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int h = mine[j];
+        sum += h;
+        big = max(big, h);
+    }
+    int total;
+    int start = block_exclusive_scan(sum, sScan, &total);
+    // read again rather than kept: in register mode the row's keys are live here
+#pragma unroll
+    for (int j = PER - 1; j >= 0; --j) {
+        const int h = mine[j];
+        mine[j] = start;
+        start += h;
+    }
+    if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
+    __syncthreads();
+}
+
 // Sorts the n_out selected entries by sort value (score order: the entry; position order: its
 // low word, i.e. ascending item) descending and writes the output row. Bucket sort over
 // SORT_BINS equal ranges of the value; each item's slot is its bucket's start plus the number
@@ -635,7 +662,6 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
 template <int SRC, int MAP>
 __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
                               int* sHist, int* sScan, int* sMisc, u32 range_lo = 1u, u32 range_hi = 0u) {
-    constexpr int PER = SORT_BINS / SELECT_THREADS;  // buckets per thread in the scan
     const int tid = threadIdx.x, lane = tid & 31;
     const bool by_score = a.by_score != 0;
     auto value = [&](u64 e) -> u64 { return by_score ? e : (e & 0xFFFFFFFFull); };
@@ -673,24 +699,7 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
     auto bucket = [&](u64 e) -> int { return (int)((primary(e) - pmin) >> sh); };
     for (int i = tid; i < n_out; i += SELECT_THREADS) atomicAdd(&sHist[bucket(sSel[i])], 1);
     __syncthreads();
-    {  // bucket starts, highest bucket first; the largest bucket
-        int h[PER], sum = 0, big = 0;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            h[j] = sHist[SORT_BINS - 1 - PER * tid - j];
-            sum += h[j];
-            big = max(big, h[j]);
-        }
-        int total;
-        int start = block_exclusive_scan(sum, sScan, &total);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            sHist[SORT_BINS - 1 - PER * tid - j] = start;
-            start += h[j];
-        }
-        if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
-        __syncthreads();
-    }
+    bucket_starts(sHist, sScan, sMisc);
     if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
         // skewed values: bitonic sort of the sort values (all > 0, padding 0), descending
         int P = 1;
@@ -1031,6 +1040,54 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
     return L;
 }
 
+// Score order straight from the registers (row_select_regs): the items with keys in [floor_key,
+// key_hi] (floor_key >= 1, at most 2 a.sort_cap of them, the row's top n_out among them) go by a
+// bucket sort over that range into buf, and each one's slot is its bucket's start plus the number
+// of larger entries in its bucket (score, then position: SPEC §3); the n_out best are written
+// out. Needs no threshold: the rank is exact. Returns false, before writing anything, where a
+// bucket holds more than LIST_BUCKET_MAX entries (the caller then takes its general path). Ends
+// synced.
+template <int SRC, int MAP, int N>
+__device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N], int first,
+                                 u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan, int* sMisc,
+                                 u64* buf) {
+    const int tid = threadIdx.x;
+    const u32 span = key_hi - floor_key;
+    // bucket = (key - floor_key) >> sh lies in [0, SORT_BINS): sh keeps the top SORT_BITS bits of the span
+    const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - SORT_BITS);
+#pragma unroll
+    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    if (tid == 0) sMisc[MISC_MAXB] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
+    __syncthreads();
+    bucket_starts(sHist, sScan, sMisc);
+    if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
+        __syncthreads();  // every thread has read it before the general path reuses sMisc
+        return false;
+    }
+    // scatter; afterwards sHist[b] is the end of bucket b and the start of b - 1
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const u32 d = key[j] - floor_key;
+        if (d <= span) buf[atomicAdd(&sHist[d >> sh], 1)] = list_entry(key[j], first + j);
+    }
+    __syncthreads();
+    const int count = sHist[0];
+    for (int p = tid; p < count; p += SELECT_THREADS) {
+        const u64 e = buf[p];
+        const int b = (int)(((u32)(e >> 32) - floor_key) >> sh);
+        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        int rank = 0;
+#pragma unroll 1
+        for (int j = start; j < end; ++j) rank += buf[j] > e;
+        const int slot = start + rank;
+        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
+    }
+    return true;
+}
+
 template <int SRC, int MAP>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_R;
@@ -1089,6 +1146,29 @@ __device__ void row_select_regs(const SelectArgs& a) {
     const int n_valid = sMisc[MISC_RED_N];
     const u32 key_lo = lo, key_hi = hi;  // the row's range of candidate keys
     __syncthreads();  // sRed / sMisc are read before the first level clears sHist
+
+    if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
+        // score order (hisa_cupy.topk; the ranking-key selects keep the general path, whose
+        // registers this code would spill): the keys from the lowest of the first level's bin
+        // (the bin that holds the k-th largest; every key when all are selected) up are sorted
+        // straight from the registers where they fit the selected list and its scratch
+        // (regs_sort_direct)
+        u32 floor_key = key_lo;
+        int count = n_valid;
+        if (n_valid > k) {
+            const RangeLevel L = range_level(key, lo, hi, k, sHist, sScan, sMisc);
+            floor_key = L.blo;
+            count = L.above + L.in_bin;
+        }
+        const int n_out = min(k, n_valid);
+        const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+        if (count <= 2 * a.sort_cap &&
+            regs_sort_direct<SRC, MAP>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
+                                       sSel)) {
+            pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
+            return;
+        }
+    }
 
     // selected: key >= cut (cut >= 1 excludes HISA_KEY_NONE), plus, when ties, the first `need`
     // keys equal to `tie` in position order
