@@ -93,6 +93,10 @@ SCORE_CTAS_PER_SM = 2
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
+#: on the union path, the block top-m (warp mode) records each pair's union of blocks for the union
+#: kernel, which otherwise merges the pair's two lists in each of its CTAs; a knob for bench/ and
+#: the GPU tests
+PAIR_RECORDS = True
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True
@@ -112,6 +116,8 @@ DENSE_FILTER = True
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
+#: ints ahead of the lists in a pair's record (PAIR_RECORD_HEAD in common.cuh)
+PAIR_RECORD_HEAD = 4
 #: CTAs per pair of rows on the union path, each scoring an even share of the union's key tiles
 #: (more, shorter CTAs: a shorter tail when few pairs fill the GPU). 0: chosen per launch
 #: (_union_splits); a knob for bench/
@@ -1180,7 +1186,8 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL)
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
+            PAIR_RECORDS)
 
 
 def _keep_plan(key, plan):
@@ -1225,9 +1232,11 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
 
 def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
-    keys, after), ...)) of the candidate-score launches: pairs of rows over their blocks' union
-    where it applies (pairs_ok: the blocks come from select_blocks), else one row per CTA; rows in
-    chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES."""
+    keys, after), ...), grouped) of the candidate-score launches: pairs of rows over their blocks'
+    union where it applies (pairs_ok: the blocks come from select_blocks), else one row per CTA;
+    rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None without
+    pairs, else whether the union kernel orders a pair's union by group (its SPLIT_ROWS: fp8 keys
+    on the f16 engine) rather than by block."""
     n = m * block_size
     facts = _device_facts(_device_id())
     qdt, kdt = _dt_code(q), _dt_code(k)
@@ -1253,7 +1262,26 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
         nr = min(chunk, T - r0)
         gx = grid_x if grid_x is not None else _union_splits(-(-nr // 2), facts["sms"])
         launches.append((r0, nr, (gx, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail))
-    return name, smem, n, chunk, tuple(launches)
+    grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
+    return name, smem, n, chunk, tuple(launches), grouped
+
+
+def _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx):
+    """_refine_plan, kept per shape and context."""
+    pairs_ok = bool(blocks_from_select)
+    key = ("refine", T, H, D, S, m, block_size, q.dtype, k.dtype, pairs_ok, ctx)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _keep_plan(key, _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok))
+    return plan
+
+
+def _pair_records(T: int, nb: int, grouped) -> bool:
+    """Whether hisa_select's block top-m also records each pair's union of blocks for the union
+    kernel (row_select.cuh write_pair_record): PAIR_RECORDS, the refinement runs on pairs (grouped
+    is not None) and the block top-m in warp mode (its rows' selected sets as 1024-bit masks)."""
+    return (PAIR_RECORDS and grouped is not None and T > 1
+            and _warp_select("block_topm_kernel", True, nb, False))
 
 
 def _union_splits(pairs: int, sms: int) -> int:
@@ -1329,7 +1357,9 @@ def _plan_context():
 
 
 def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx,
-                   em=None):
+                   em=None, unions=None, grouped=False):
+    """``unions`` (with the block top-m in warp mode, _pair_records): also each pair of rows' union
+    of blocks, as the union kernel reads it (``grouped``: in its SPLIT_ROWS order)."""
     em = em or _DIRECT
     T, H, D = q.shape
     nb = pooled.shape[0]
@@ -1349,8 +1379,10 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
     ptrs = (ptr(q), ptr(pooled), ptr(weights), ptr(pooled_scale), ptr(ks), ptr(ke))
     for grid, head, offset, tail in launches:
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + (ptr(keys, offset),) + tail, smem)
+    warp = _warp_select("block_topm_kernel", True, nb, False)  # its warp twin takes two more arguments
     _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
-                   k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em)
+                   k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em,
+                   extra=(unions, int(grouped)) if warp else ())
     return out
 
 
@@ -1370,7 +1402,9 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
 
 
 def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
-            blocks_from_select, ws, ctx, em=None):
+            blocks_from_select, ws, ctx, em=None, unions=None):
+    """``unions``: the pairs' records written by the block top-m (_pair_records), which the union
+    kernel then reads instead of merging each pair's two block lists itself."""
     em = em or _DIRECT
     T, H, D = q.shape
     S = k.shape[0]
@@ -1380,20 +1414,16 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     if S == 0 or m * block_size == 0:
         em.fill(out, -1)
         return out
-    pairs_ok = bool(blocks_from_select)
-    key = ("refine", T, H, D, S, m, block_size, q.dtype, k.dtype, pairs_ok, ctx)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _keep_plan(key, _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok))
-    name, smem, n, chunk, launches = plan
+    name, smem, n, chunk, launches, grouped = _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx)
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
     ptr = em.ptr
     ptrs = (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), ptr(blocks))
     kp = (ptr(keys),)
+    after = (ptr(unions),) if grouped is not None else ()  # the union kernel's last argument
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail in launches:
-        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail, smem)
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after, smem)
         _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
                        T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size, relative=relative,
                        by_score=by_score, out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
@@ -1422,9 +1452,14 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale, em)
     blocks = ws.get("blocks", (T, block_topk), np.int32)
     ctx = _plan_context()
-    _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em)
+    grouped = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx)[-1]
+    unions = None
+    if _pair_records(T, nb, grouped):
+        unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
+    _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
+                   bool(grouped))
     _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
-            ws, ctx, em)
+            ws, ctx, em, unions)
 
 
 def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):

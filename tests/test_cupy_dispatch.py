@@ -90,6 +90,32 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     assert fake.opt_in  # above 48 KB the kernel was opted in
 
 
+def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
+    # the warp-mode block top-m gets a records buffer (33 pairs of 4 + 6 m ints) and the grouped
+    # order (fp8 keys: the union kernel's SPLIT_ROWS); the union kernel's last argument is the same
+    # buffer. With PAIR_RECORDS off both get a null pointer (the union kernel merges the lists)
+    fake = _Fake(monkeypatch, cc=90)
+    _hisa(T=65, m=8)
+    topm, union = fake.launches[2], fake.launches[3]
+    records = _value(topm.args[-2])
+    assert records != 0 and _value(topm.args[-1]) == 1 and _value(topm.args[-3]) == 65
+    assert _value(union.args[-1]) == records and len(union.args) == 17
+    ws = cb.workspace(0)
+    assert ws.get("pair_unions", (33, cb.PAIR_RECORD_HEAD + 6 * 8), np.int32).data.ptr == records
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "PAIR_RECORDS", False)
+    _hisa(T=65, m=8)
+    topm, union = fake.launches[2], fake.launches[3]
+    assert _value(topm.args[-2]) == 0 and _value(union.args[-1]) == 0
+    # 16-bit keys: the union kernel orders a pair's union by block, not by group
+    fake.launches.clear()
+    monkeypatch.setattr(cb, "PAIR_RECORDS", True)
+    _hisa(T=65, m=8, qdt=np.float16, kdt=np.float16)
+    topm, union = fake.launches[2], fake.launches[3]
+    assert union.name.startswith("refine_union_wgmma_kernel<2, 2, 2,")
+    assert _value(topm.args[-2]) != 0 and _value(topm.args[-1]) == 0 and _value(union.args[-1]) == _value(topm.args[-2])
+
+
 def test_union_splits(monkeypatch):
     # about 12 CTAs per SM, 2 to 4 per pair; a set knob wins
     assert [cb._union_splits(p, 132) for p in (2048, 1024, 512, 256, 8)] == [2, 2, 3, 4, 4]
@@ -323,13 +349,14 @@ def test_warp_select_where_rows_are_short_and_in_position_order():
 
 
 def test_warp_select_launch(monkeypatch):
-    # T = 65 rows of 32 blocks: 17 CTAs of 4 warps, the row count appended after out_val, no
-    # shared memory; with the knob off the 512-thread kernel, one CTA per row
+    # T = 65 rows of 32 blocks: 17 CTAs of 4 warps, the row count appended after out_val (then the
+    # pairs' records and their order), no shared memory; with the knob off the 512-thread kernel,
+    # one CTA per row
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     topm = fake.launches[2]
     assert topm.name == "block_topm_warp_kernel" and topm.grid == (17,) and topm.block == (128,)
-    assert topm.smem == 0 and len(topm.args) == 26 and _value(topm.args[-1]) == 65
+    assert topm.smem == 0 and len(topm.args) == 28 and _value(topm.args[-3]) == 65
     assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
     fake.launches.clear()
     monkeypatch.setattr(cb, "WARP_SELECT", False)  # register mode: one CTA per row, no row count

@@ -27,14 +27,17 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
 
 // Hopper, pairs of rows whose blocks come from select_blocks (strictly ascending, -1 padded): one
 // CTA scores the union of the two rows' blocks once for both rows (neighbouring queries share
-// most of their blocks, so each key tile is loaded once and the MMA is 64 x 128)
+// most of their blocks, so each key tile is loaded once and the MMA is 64 x 128). `unions`: the
+// pairs' unions as the block top-m recorded them (common.cuh, pair_record_ints), or null: each CTA
+// merges its pair's two lists itself
 template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
-    const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
+    const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta,
+    const int* unions) {
     grid_dependency_sync();
     score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
-                                                             m * B, 0, row0, nrows, out, ld, tiles_per_cta);
+                                                             m * B, 0, row0, nrows, out, ld, tiles_per_cta, unions);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARAMS) {

@@ -857,8 +857,77 @@ __device__ void row_select(const SelectArgs& a) {
 
 __device__ __forceinline__ int warp_sum(int v) { return (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)v); }
 
+// The pair record of rows t and t + 1 (t even; the layout of common.cuh, m ints per list) from
+// each row's selected set, a 1024-bit mask held as one word per lane (lane l: items 32 l + [0, 32)).
+// Called by both rows' warps of a CTA (or by row t's alone when t + 1 is past the launch's rows):
+// the odd row's warp leaves its mask in shared memory and returns; the even row's warp writes the
+// record. A block's index in a row's list is the number of that row's blocks below it; its place in
+// the union is its rank in its group (grouped: in both lists, row 0's only, row 1's only) plus the
+// groups before it, or (ascending) its rank in the union.
+__device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, int rows, int m, bool grouped,
+                                                  u32 word) {
+    __shared__ u32 sPairMask[WARP_SELECT_ROWS][32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const bool both = (r_in | 1) < rows;
+    if (both) {
+        sPairMask[w][lane] = word;
+        // the pair's two warps only (the CTA's other warps may have left): named barrier 1 + pair
+        if (w & 1) {
+            asm volatile("bar.arrive %0, 64;" ::"r"(1 + (w >> 1)) : "memory");
+            return;
+        }
+        asm volatile("bar.sync %0, 64;" ::"r"(1 + (w >> 1)) : "memory");
+    }
+    const u32 m0 = word, m1 = both ? sPairMask[w + 1][lane] : 0u;
+    const u32 c = m0 & m1, a0 = m0 & ~m1, a1 = m1 & ~m0, u = m0 | m1;
+    // exclusive prefix counts over the lanes (words) of each set, and the set's total
+    auto excl = [&](u32 bits, int& total) {
+        const int n = __popc(bits);
+        const int inc = warp_inclusive_scan(n);
+        total = __shfl_sync(0xFFFFFFFFu, inc, 31);
+        return inc - n;
+    };
+    int len0, len1, common, n_a0, n_a1, n_u;
+    const int p0 = excl(m0, len0), p1 = excl(m1, len1);
+    // the place in the union of this word's first block of each group (grouped), or of any block
+    int pc = 0, pa0 = 0, pa1 = 0, pu = 0;
+    if (grouped) {
+        pc = excl(c, common);
+        pa0 = common + excl(a0, n_a0);
+        pa1 = len0 + excl(a1, n_a1);
+    } else {
+        common = __popc(c);
+        common = warp_sum(common);
+        pu = excl(u, n_u);
+    }
+    int* rec = unions + (long long)(t >> 1) * pair_record_ints(m);
+    if (lane == 0) {
+        rec[0] = len0;
+        rec[1] = len1;
+        rec[2] = common;
+        rec[3] = 0;
+    }
+    // each lane its word's blocks, lowest first
+    for (u32 rest = u; rest != 0u; rest &= rest - 1u) {
+        const int b = __ffs(rest) - 1;
+        const u32 below = (1u << b) - 1u;
+        const bool in0 = (m0 >> b) & 1u, in1 = (m1 >> b) & 1u;
+        const int pos = !grouped ? pu + __popc(u & below)
+                        : in0 && in1 ? pc + __popc(c & below)
+                        : in0        ? pa0 + __popc(a0 & below)
+                                     : pa1 + __popc(a1 & below);
+        rec[PAIR_RECORD_HEAD + pos] = 32 * lane + b;
+        rec[PAIR_RECORD_HEAD + 2 * m + pos] = in0 ? p0 + __popc(m0 & below) : -1;
+        rec[PAIR_RECORD_HEAD + 4 * m + pos] = in1 ? p1 + __popc(m1 & below) : -1;
+    }
+}
+
+// With `unions` (the block top-m of hisa_select), rows t = 2p and 2p + 1 (a.row0 even) are also
+// the union path's pair p: the even row's warp writes the pair's record (common.cuh,
+// pair_record_ints(a.k) ints each; write_pair_record). `grouped`: the union kernel's order (its
+// SPLIT_ROWS: blocks of both rows, then row 0's own, then row 1's, each ascending), else ascending.
 template <int SRC, int MAP>
-__device__ void row_select_warp(const SelectArgs& a, int rows) {
+__device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nullptr, int grouped = 0) {
     static_assert(SRC == KEYS_U32, "warp mode: precomputed ranking keys only");
     constexpr int R = WARP_SELECT_ITEMS / 32;  // registers per lane
     const int lane = threadIdx.x & 31;
@@ -929,6 +998,7 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
     const u32 lower = (1u << lane) - 1u;
     int base = 0, eq_before = 0;
+    u32 word = 0u;  // lane l: the row's emitted items 32 l + [0, 32) as bits
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         const u32 kj = key[j];
@@ -937,11 +1007,17 @@ __device__ void row_select_warp(const SelectArgs& a, int rows) {
         const bool sel = kj != HISA_KEY_NONE && (kj > thr || (eq && eq_before + __popc(eq_mask & lower) < need));
         const u32 sel_mask = __ballot_sync(0xFFFFFFFFu, sel);
         const int slot = base + __popc(sel_mask & lower);
-        if (sel && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, 32 * j + lane);
+        const bool out = sel && slot < n_out;
+        if (out) emit_item<SRC, MAP>(a, row, t, rel, slot, 32 * j + lane);
+        if (unions != nullptr) {
+            const u32 out_mask = __ballot_sync(0xFFFFFFFFu, out);
+            if (lane == j) word = out_mask;
+        }
         base += __popc(sel_mask);
         eq_before += __popc(eq_mask);
     }
     pad_row<SRC>(a, row, n_out + lane, 32);
+    if (unions != nullptr) write_pair_record(unions, t, r_in, rows, a.k, grouped != 0, word);
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
-    u32* __restrict__ out, long long ld, int tiles_per_cta) {
+    u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr) {
     using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
@@ -428,58 +428,72 @@ __device__ __forceinline__ void score_tile_wgmma(
         // then row 1's own, each ascending (index d, common + i - d, len0 + i - d for entry i of
         // its list with d common entries below it; row 1 goes first, which counts the common
         // ones). The order decides only which CTA scores an item, never its key or column.
-        for (int i = tid; i < m; i += SCORE_THREADS)
+        // With `unions` (pair records of the block top-m, written in this order; rows row0 +
+        // local0 + {0, 1} are pair (row0 + local0) / 2, row0 even) the union is read, else merged here.
+        int len[2], common = 0;
+        if (unions != nullptr) {
+            const int* rec = unions + (long long)((row0 + local0) >> 1) * pair_record_ints(m);
+            len[0] = rec[0];
+            len[1] = rec[1];
+            common = rec[2];
+            const int nu = len[0] + len[1] - common;
+            for (int i = tid; i < nu; i += SCORE_THREADS)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int b = live[r] ? blocks[(long long)trow[r] * m + i] : -1;
-                sList[r * m + i] = (b >= 0 && b < nb) ? b : 0x7FFFFFFF;  // padding sorts last
-            }
-        __syncthreads();
-        auto lower_bound = [&](const int* a, int n, int v) {
-            int lo = 0;
-            while (n > 0) {
-                const int half = n >> 1;
-                if (a[lo + half] < v) { lo += half + 1; n -= half + 1; } else { n = half; }
-            }
-            return lo;
-        };
-        const int len[2] = {lower_bound(sList, m, 0x7FFFFFFF), lower_bound(sList + m, m, 0x7FFFFFFF)};
-        int common = 0;
+                for (int a = 0; a < 3; ++a) sUnion[2 * a * m + i] = rec[PAIR_RECORD_HEAD + 2 * a * m + i];
+        } else {
+            for (int i = tid; i < m; i += SCORE_THREADS)
 #pragma unroll
-        for (int pass = 0; pass < 2; ++pass) {
-            const int r = SPLIT_ROWS ? 1 - pass : pass;
-            const int* mine = sList + r * m;
-            const int* other = sList + (1 - r) * m;
-            int seen = 0;  // common entries in earlier chunks
-            for (int c0 = 0; c0 < len[r]; c0 += SCORE_THREADS) {
-                const int i = c0 + tid;
-                int lb = 0, dup = 0;
-                if (i < len[r]) {
-                    lb = lower_bound(other, len[1 - r], mine[i]);
-                    dup = lb < len[1 - r] && other[lb] == mine[i];
+                for (int r = 0; r < 2; ++r) {
+                    const int b = live[r] ? blocks[(long long)trow[r] * m + i] : -1;
+                    sList[r * m + i] = (b >= 0 && b < nb) ? b : 0x7FFFFFFF;  // padding sorts last
                 }
-                // exclusive prefix count of dup over the chunk
-                unsigned bal = __ballot_sync(0xFFFFFFFFu, dup);
-                const int in_warp = __popc(bal & ((1u << lane) - 1u));
-                if (lane == 0) sScan[warp] = __popc(bal);
-                __syncthreads();
-                int before = 0, total = 0;
+            __syncthreads();
+            auto lower_bound = [&](const int* a, int n, int v) {
+                int lo = 0;
+                while (n > 0) {
+                    const int half = n >> 1;
+                    if (a[lo + half] < v) { lo += half + 1; n -= half + 1; } else { n = half; }
+                }
+                return lo;
+            };
+            len[0] = lower_bound(sList, m, 0x7FFFFFFF);
+            len[1] = lower_bound(sList + m, m, 0x7FFFFFFF);
 #pragma unroll
-                for (int w = 0; w < SCORE_THREADS / 32; ++w) {
-                    before += w < warp ? sScan[w] : 0;
-                    total += sScan[w];
+            for (int pass = 0; pass < 2; ++pass) {
+                const int r = SPLIT_ROWS ? 1 - pass : pass;
+                const int* mine = sList + r * m;
+                const int* other = sList + (1 - r) * m;
+                int seen = 0;  // common entries in earlier chunks
+                for (int c0 = 0; c0 < len[r]; c0 += SCORE_THREADS) {
+                    const int i = c0 + tid;
+                    int lb = 0, dup = 0;
+                    if (i < len[r]) {
+                        lb = lower_bound(other, len[1 - r], mine[i]);
+                        dup = lb < len[1 - r] && other[lb] == mine[i];
+                    }
+                    // exclusive prefix count of dup over the chunk
+                    unsigned bal = __ballot_sync(0xFFFFFFFFu, dup);
+                    const int in_warp = __popc(bal & ((1u << lane) - 1u));
+                    if (lane == 0) sScan[warp] = __popc(bal);
+                    __syncthreads();
+                    int before = 0, total = 0;
+#pragma unroll
+                    for (int w = 0; w < SCORE_THREADS / 32; ++w) {
+                        before += w < warp ? sScan[w] : 0;
+                        total += sScan[w];
+                    }
+                    __syncthreads();
+                    if (i < len[r] && (r == 0 || !dup)) {
+                        const int d = seen + before + in_warp;
+                        const int pos = !SPLIT_ROWS ? i + lb - d : r == 1 ? len[0] + i - d : dup ? d : common + i - d;
+                        sUnion[pos] = mine[i];
+                        sUnion[2 * m + pos] = r == 0 ? i : -1;
+                        sUnion[4 * m + pos] = r == 0 ? (dup ? lb : -1) : i;
+                    }
+                    seen += total;
                 }
-                __syncthreads();
-                if (i < len[r] && (r == 0 || !dup)) {
-                    const int d = seen + before + in_warp;
-                    const int pos = !SPLIT_ROWS ? i + lb - d : r == 1 ? len[0] + i - d : dup ? d : common + i - d;
-                    sUnion[pos] = mine[i];
-                    sUnion[2 * m + pos] = r == 0 ? i : -1;
-                    sUnion[4 * m + pos] = r == 0 ? (dup ? lb : -1) : i;
-                }
-                seen += total;
+                common = seen;
             }
-            common = seen;
         }
         n_union = len[0] + len[1] - common;
         // list entries past a row's valid blocks hold no candidates
