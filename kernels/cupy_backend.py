@@ -1452,8 +1452,9 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale, em)
     blocks = ws.get("blocks", (T, block_topk), np.int32)
     ctx = _plan_context()
-    grouped = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx)[-1]
     unions = None
+    # (pairs need two rows and some keys; _refine plans nothing for an empty call)
+    grouped = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx)[-1] if T > 1 and S > 0 else None
     if _pair_records(T, nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
     _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
