@@ -1276,12 +1276,17 @@ def _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx):
     return plan
 
 
-def _pair_records(T: int, nb: int, grouped) -> bool:
+def _block_topm_warp(nb: int) -> bool:
+    """Whether the block top-m over nb blocks takes warp mode (block_topm_warp_kernel, whose two
+    arguments after the select parameters are the pairs' records and their order)."""
+    return _warp_select("block_topm_kernel", True, nb, False)
+
+
+def _pair_records(nb: int, grouped) -> bool:
     """Whether hisa_select's block top-m also records each pair's union of blocks for the union
     kernel (row_select.cuh write_pair_record): PAIR_RECORDS, the refinement runs on pairs (grouped
     is not None) and the block top-m in warp mode (its rows' selected sets as 1024-bit masks)."""
-    return (PAIR_RECORDS and grouped is not None and T > 1
-            and _warp_select("block_topm_kernel", True, nb, False))
+    return PAIR_RECORDS and grouped is not None and _block_topm_warp(nb)
 
 
 def _union_splits(pairs: int, sms: int) -> int:
@@ -1379,10 +1384,9 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
     ptrs = (ptr(q), ptr(pooled), ptr(weights), ptr(pooled_scale), ptr(ks), ptr(ke))
     for grid, head, offset, tail in launches:
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + (ptr(keys, offset),) + tail, smem)
-    warp = _warp_select("block_topm_kernel", True, nb, False)  # its warp twin takes two more arguments
     _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
                    k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em,
-                   extra=(unions, int(grouped)) if warp else ())
+                   extra=(unions, int(grouped)) if _block_topm_warp(nb) else ())
     return out
 
 
@@ -1402,9 +1406,10 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
 
 
 def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
-            blocks_from_select, ws, ctx, em=None, unions=None):
+            blocks_from_select, ws, ctx, em=None, unions=None, plan=None):
     """``unions``: the pairs' records written by the block top-m (_pair_records), which the union
-    kernel then reads instead of merging each pair's two block lists itself."""
+    kernel then reads instead of merging each pair's two block lists itself; ``plan``: this call's
+    _refine_plan_of where the caller has it already (hisa_select)."""
     em = em or _DIRECT
     T, H, D = q.shape
     S = k.shape[0]
@@ -1414,7 +1419,8 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     if S == 0 or m * block_size == 0:
         em.fill(out, -1)
         return out
-    name, smem, n, chunk, launches, grouped = _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx)
+    plan = plan or _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx)
+    name, smem, n, chunk, launches, grouped = plan
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
     ptr = em.ptr
@@ -1452,15 +1458,17 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     _pool_keys(k, k_scale, block_size, pool_dtype, pooled, pscale, em)
     blocks = ws.get("blocks", (T, block_topk), np.int32)
     ctx = _plan_context()
+    # the refinement's plan, asked once here (its pairs decide the block top-m's records); none for
+    # an empty call, where _refine plans nothing
+    plan = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx) if T > 0 and S > 0 else None
+    grouped = plan[-1] if plan else None
     unions = None
-    # (pairs need two rows and some keys; _refine plans nothing for an empty call)
-    grouped = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx)[-1] if T > 1 and S > 0 else None
-    if _pair_records(T, nb, grouped):
+    if _pair_records(nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
     _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
                    bool(grouped))
     _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
-            ws, ctx, em, unions)
+            ws, ctx, em, unions, plan)
 
 
 def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):
