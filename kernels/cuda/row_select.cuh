@@ -1164,6 +1164,135 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     return true;
 }
 
+// Score order in one level (row_select_regs, fp32 scores): each key, clamped to [flo, fhi] (the
+// keys of the row's smallest and largest finite scores), goes to one of SORT_BINS bins spread
+// linearly over those scores' values. Bins are monotone in the key (a rounded subtraction and a
+// rounded multiply-add of the score are), so they serve both as the threshold level and as the
+// bucket sort's buckets: one histogram and one scan give the bin of the k-th largest key and
+// every bin's first slot, and the keys from that bin up are scattered and ranked in their bucket
+// exactly (score, then position: SPEC §3; NaN, -inf and +inf rank by their keys inside the end
+// bins). Spread by value rather than by key bits, the keys of a row of scores that fill their
+// range (e.g. randn) land a few to a bucket. Returns false, before writing anything, where the
+// keys from that bin up exceed 2 a.sort_cap or a bucket among them holds more than
+// LIST_BUCKET_MAX (skewed scores); the caller then takes another path. Ends synced.
+template <int SRC, int MAP, int N>
+__device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
+                                                 int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
+                                                 int* sMisc, u64* buf) {
+    const int tid = threadIdx.x;
+    const int k = a.k, n_out = min(k, n_valid);
+    const float xmin = __uint_as_float(score_key_bits(flo)), xmax = __uint_as_float(score_key_bits(fhi));
+    // (xmax - xmin) * scale stays below SORT_BINS - 1/2; scale 0 (one bin) where the range is 0,
+    // or it or the scale overflows
+    const float range = __fsub_rn(xmax, xmin);
+    float scale = (SORT_BINS - 1) * (1.f - 1.f / 1024.f) / range;
+    if (!(range > 0.f && scale <= 3.0e38f)) scale = 0.f;
+    // bin: 2^23 + value * scale rounds to an integer, whose bits less 2^23's are the bin
+    auto bin = [&](u32 kk) -> int {
+        const float x = __uint_as_float(score_key_bits(min(max(kk, flo), fhi)));
+        return __float_as_int(__fmaf_rn(__fsub_rn(x, xmin), scale, 8388608.f)) - 0x4B000000;
+    };
+#pragma unroll
+    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    if (tid == 0) {  // where fewer than k keys: every bin
+        sMisc[MISC_BIN] = 0;
+        sMisc[MISC_ABOVE] = n_valid;
+        sMisc[MISC_MAXB] = 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+        if (key[j] != HISA_KEY_NONE) atomicAdd(&sHist[bin(key[j])], 1);
+    __syncthreads();
+    // sHist[b] <- the keys in the bins above b (bucket b's first slot), highest bin first; the
+    // bin where that count reaches k is the threshold's
+    constexpr int PER = SORT_BINS / SELECT_THREADS;
+    int* mine = sHist + SORT_BINS - PER * (tid + 1);  // this thread's bins, highest last
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) sum += mine[j];
+    int total;
+    int above = block_exclusive_scan(sum, sScan, &total);
+    int big = 0;
+#pragma unroll
+    for (int j = PER - 1; j >= 0; --j) {
+        const int h = mine[j];
+        mine[j] = above;
+        if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
+            big = max(big, h);
+            if (above + h >= k) {
+                sMisc[MISC_BIN] = SORT_BINS - PER * (tid + 1) + j;
+                sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
+            }
+        }
+        above += h;
+    }
+    if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
+    __syncthreads();
+    const int thr = sMisc[MISC_BIN], count = sMisc[MISC_ABOVE];
+    if (count > 2 * a.sort_cap || sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
+        __syncthreads();  // every thread has read sMisc before the next path reuses it
+        return false;
+    }
+    // scatter; afterwards sHist[b] is the end of bucket b and the start of b - 1
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const int b = bin(key[j]);
+        if (key[j] != HISA_KEY_NONE && b >= thr) buf[atomicAdd(&sHist[b], 1)] = list_entry(key[j], first + j);
+    }
+    __syncthreads();
+    for (int p = tid; p < count; p += SELECT_THREADS) {
+        const u64 e = buf[p];
+        const int b = bin((u32)(e >> 32));
+        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        int rank = 0;
+#pragma unroll 1
+        for (int j = start; j < end; ++j) rank += buf[j] > e;
+        const int slot = start + rank;
+        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
+    }
+    return true;
+}
+
+// The keys of the smallest and the largest finite scores among a thread block's keys in registers
+// (flo > fhi: none). Ends synced.
+template <int N>
+__device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed, int* sMisc, u32& flo, u32& fhi) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // key - (-inf's key + 1) wraps the non-numbers and -inf to the top; key + 2^23 wraps +inf's
+    // key to the bottom, below every finite key's
+    constexpr u32 LO = HISA_KEY_NEG_INF + 1u, HI = 0x00800000u;
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        mn = min(mn, key[j] - LO);
+        mx = max(mx, key[j] + HI);
+    }
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[SELECT_WARPS + warp] = mx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool has = lane < SELECT_WARPS;
+        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[SELECT_WARPS + lane] : 0u);
+        if (lane == 0) {
+            sMisc[MISC_RED_LO] = (int)wmn;
+            sMisc[MISC_RED_HI] = (int)wmx;
+        }
+    }
+    __syncthreads();
+    const u32 wmn = (u32)sMisc[MISC_RED_LO], wmx = (u32)sMisc[MISC_RED_HI];
+    // no finite key: wmx below the smallest finite key's image
+    const bool any = wmx >= 0x00800000u + HI;  // score_key(-FLT_MAX) = 0x00800000
+    flo = any ? wmn + LO : 1u;
+    fhi = any ? wmx - HI : 0u;
+    __syncthreads();
+}
+
 template <int SRC, int MAP>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_R;
@@ -1229,6 +1358,16 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // (the bin that holds the k-th largest; every key when all are selected) up are sorted
         // straight from the registers where they fit the selected list and its scratch
         // (regs_sort_direct)
+        const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+        // the finite scores' range: the row's own where its ends are numbers (most rows)
+        u32 flo = key_lo, fhi = key_hi;
+        if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf, NaN; +inf's key
+            finite_key_range(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
+        if (flo <= fhi && regs_sort_linear<SRC, MAP>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist, sScan,
+                                                     sMisc, sSel)) {
+            pad_row<SRC>(a, row, min(k, n_valid) + tid, SELECT_THREADS);
+            return;
+        }
         u32 floor_key = key_lo;
         int count = n_valid;
         if (n_valid > k) {
@@ -1237,7 +1376,6 @@ __device__ void row_select_regs(const SelectArgs& a) {
             count = L.above + L.in_bin;
         }
         const int n_out = min(k, n_valid);
-        const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
         if (count <= 2 * a.sort_cap &&
             regs_sort_direct<SRC, MAP>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
                                        sSel)) {

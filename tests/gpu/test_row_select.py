@@ -117,14 +117,28 @@ def _specials(rng, R, N):
     return x
 
 
+def _masked(rng, R, N):
+    # attention-style scores: a third of the row masked to -inf, the rest randn (the one-level
+    # path spreads the finite scores' range, -inf ranks inside its lowest bin)
+    x = _randn(rng, R, N)
+    x[rng.random((R, N)) < 0.3] = -np.inf
+    return x
+
+
+def _wide(rng, R, N):
+    # magnitudes over 60 decades: spread linearly by value, most keys share the lowest bins
+    # (the one-level path gives way to the levels over key bits)
+    return (rng.choice([-1.0, 1.0], size=(R, N)) * 10.0 ** rng.uniform(-30, 30, (R, N))).astype(np.float32)
+
+
 @pytest.mark.parametrize("N", [1025, 2047, 4097, 8191, 8192])
-@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials])
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _masked, _wide])
 def test_register_mode_topk(cuda_device, launched_kernels, gen, N):
     # register mode alone, by score: rows not a multiple of the 512 x 16 register layout, k from 1
     # to more than the row, NaN / inf / signed zeros, ragged lengths (empty rows included); the
-    # threshold levels on wide (randn) and narrow (one_bin) key ranges, ties split at the
-    # threshold (rounded, all_equal: in position order across warps) and the sort's bitonic
-    # fallback (skewed)
+    # threshold on wide (randn) and narrow (one_bin) key ranges, ties split at the threshold
+    # (rounded, all_equal: in position order across warps), the sort's bitonic fallback (skewed),
+    # masked rows (masked) and scores too spread for bins by value (wide)
     launched = launched_kernels
     rng = np.random.default_rng(N)
     scores = gen(rng, 6, N)
