@@ -151,7 +151,33 @@ __device__ void row_filter(FILTER_PARAMS) {
         // the sample rank that puts about `expect` of the row's len columns at or above t
         int remaining = (int)min((long long)FILTER_SAMPLES,
                                  max(1LL, ((long long)expect * FILTER_SAMPLES + len - 1) / len));
-        for (int level = 0; level < 3; ++level) {
+        // fp32 scores whose samples are all numbers: first one level of bins by value
+        // (LinearBins), where randn-like samples land one or two to a bin; t is the lowest
+        // sampled key of the bin that holds the remaining-th largest
+        bool found = false;
+        if (SRC == KEYS_F32 && lo > HISA_KEY_NEG_INF && hi < 0xFF800000u) {
+            const LinearBins bins(lo, hi, REG_SELECT_BINS);
+            u32* sLow = reinterpret_cast<u32*>(sMisc + MISC_RED_LO);  // the bin's lowest sampled key
+#pragma unroll
+            for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+            if (tid == 0) *sLow = 0xFFFFFFFFu;
+            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < PER; ++u) atomicAdd(&sHist[bins(smp[u])], 1);
+            __syncthreads();
+            find_bin(sHist, REG_SELECT_BINS, remaining, sScan, sMisc);  // every sample is counted: total >= remaining
+            const int b = sMisc[MISC_BIN];
+            found = sHist[b] <= 8;  // uniform
+            if (found) {
+#pragma unroll
+                for (int u = 0; u < PER; ++u)
+                    if (bins(smp[u]) == b) atomicMin(sLow, smp[u]);
+                __syncthreads();
+                thr = *sLow;
+            }
+            __syncthreads();  // sHist / sMisc are read before the levels or the stage reuse them
+        }
+        for (int level = 0; level < 3 && !found; ++level) {
             const RangeLevel L = range_level(smp, lo, hi, remaining, sHist, sScan, sMisc);
             if (L.total < remaining) break;  // fewer samples than the rank at all (first level only)
             remaining -= L.above;

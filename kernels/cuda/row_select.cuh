@@ -1164,36 +1164,48 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     return true;
 }
 
-// Score order in one level (row_select_regs, fp32 scores): each key, clamped to [flo, fhi] (the
-// keys of the row's smallest and largest finite scores), goes to one of SORT_BINS bins spread
-// linearly over those scores' values. Bins are monotone in the key (a rounded subtraction and a
-// rounded multiply-add of the score are), so they serve both as the threshold level and as the
-// bucket sort's buckets: one histogram and one scan give the bin of the k-th largest key and
-// every bin's first slot, and the keys from that bin up are scattered and ranked in their bucket
-// exactly (score, then position: SPEC §3; NaN, -inf and +inf rank by their keys inside the end
-// bins). Spread by value rather than by key bits, the keys of a row of scores that fill their
-// range (e.g. randn) land a few to a bucket. Returns false, before writing anything, where the
-// keys from that bin up exceed 2 a.sort_cap or a bucket among them holds more than
-// LIST_BUCKET_MAX (skewed scores); the caller then takes another path. Ends synced.
+#define LINEAR_BINS SORT_BINS  // bins of the one-level score order (<= SORT_BINS: sHist)
+
+// Bins by score value: a key clamped to [flo, fhi] (keys of finite scores, flo <= fhi) goes to one
+// of nb bins spread linearly over the scores [score(flo), score(fhi)]. The bin never decreases as
+// the key grows (a rounded subtraction and a rounded multiply-add of the score are monotone), so
+// bins can split a threshold search or a bucket sort whose ties are settled by the keys; keys of
+// one score share a bin. All keys go to bin 0 where the range is 0, or it or its scale overflows.
+struct LinearBins {
+    u32 flo, fhi;
+    float xmin, scale;
+    __device__ __forceinline__ LinearBins(u32 lo, u32 hi, int nb) : flo(lo), fhi(hi) {
+        xmin = __uint_as_float(score_key_bits(lo));
+        const float range = __fsub_rn(__uint_as_float(score_key_bits(hi)), xmin);
+        scale = (float)(nb - 1) * (1.f - 1.f / 1024.f) / range;  // (xmax - xmin) * scale < nb - 1/2
+        if (!(range > 0.f && scale <= 3.0e38f)) scale = 0.f;
+    }
+    // 2^23 + (score - xmin) * scale rounds to an integer, whose bits less 2^23's are the bin
+    __device__ __forceinline__ int operator()(u32 key) const {
+        const float x = __uint_as_float(score_key_bits(min(max(key, flo), fhi)));
+        return __float_as_int(__fmaf_rn(__fsub_rn(x, xmin), scale, 8388608.f)) - 0x4B000000;
+    }
+};
+
+// Score order in one level (row_select_regs, fp32 scores): each key goes to one of LINEAR_BINS
+// bins by score value (LinearBins over [flo, fhi], the keys of the row's smallest and largest
+// finite scores), which serve both as the threshold level and as the bucket sort's buckets: one
+// histogram and one scan give the bin of the k-th largest key and every bin's first slot, and the
+// keys from that bin up are scattered and ranked in their bucket exactly (score, then position:
+// SPEC §3; NaN, -inf and +inf rank by their keys inside the end bins). Spread by value rather than
+// by key bits, the keys of a row of scores that fill their range (e.g. randn) land a few to a
+// bucket. Returns false, before writing anything, where the keys from that bin up exceed
+// 2 a.sort_cap or a bucket among them holds more than LIST_BUCKET_MAX (skewed scores); the caller
+// then takes another path. Ends synced.
 template <int SRC, int MAP, int N>
 __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
     const int tid = threadIdx.x;
     const int k = a.k, n_out = min(k, n_valid);
-    const float xmin = __uint_as_float(score_key_bits(flo)), xmax = __uint_as_float(score_key_bits(fhi));
-    // (xmax - xmin) * scale stays below SORT_BINS - 1/2; scale 0 (one bin) where the range is 0,
-    // or it or the scale overflows
-    const float range = __fsub_rn(xmax, xmin);
-    float scale = (SORT_BINS - 1) * (1.f - 1.f / 1024.f) / range;
-    if (!(range > 0.f && scale <= 3.0e38f)) scale = 0.f;
-    // bin: 2^23 + value * scale rounds to an integer, whose bits less 2^23's are the bin
-    auto bin = [&](u32 kk) -> int {
-        const float x = __uint_as_float(score_key_bits(min(max(kk, flo), fhi)));
-        return __float_as_int(__fmaf_rn(__fsub_rn(x, xmin), scale, 8388608.f)) - 0x4B000000;
-    };
+    const LinearBins bin(flo, fhi, LINEAR_BINS);
 #pragma unroll
-    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < LINEAR_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
     if (tid == 0) {  // where fewer than k keys: every bin
         sMisc[MISC_BIN] = 0;
         sMisc[MISC_ABOVE] = n_valid;
@@ -1206,8 +1218,8 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     __syncthreads();
     // sHist[b] <- the keys in the bins above b (bucket b's first slot), highest bin first; the
     // bin where that count reaches k is the threshold's
-    constexpr int PER = SORT_BINS / SELECT_THREADS;
-    int* mine = sHist + SORT_BINS - PER * (tid + 1);  // this thread's bins, highest last
+    constexpr int PER = LINEAR_BINS / SELECT_THREADS;
+    int* mine = sHist + LINEAR_BINS - PER * (tid + 1);  // this thread's bins, highest last
     int sum = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) sum += mine[j];
@@ -1221,7 +1233,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
         if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
             big = max(big, h);
             if (above + h >= k) {
-                sMisc[MISC_BIN] = SORT_BINS - PER * (tid + 1) + j;
+                sMisc[MISC_BIN] = LINEAR_BINS - PER * (tid + 1) + j;
                 sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
             }
         }
@@ -1244,7 +1256,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     for (int p = tid; p < count; p += SELECT_THREADS) {
         const u64 e = buf[p];
         const int b = bin((u32)(e >> 32));
-        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        const int start = b == LINEAR_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
         int rank = 0;
 #pragma unroll 1
         for (int j = start; j < end; ++j) rank += buf[j] > e;
