@@ -75,8 +75,10 @@ __device__ void row_filter(FILTER_PARAMS) {
     __shared__ int sMisc[32];
     __shared__ u32 sRed[2 * SELECT_WARPS];
     __shared__ int sChunk, sOffset, sNext[2];
-    __shared__ int sStageIdx[FILTER_STAGE];
-    u32* sStageWord = reinterpret_cast<u32*>(sHist);  // [FILTER_STAGE], once the threshold is found
+    __shared__ int sStageIdx[2][FILTER_STAGE];
+    __shared__ u32 sStageWord1[FILTER_STAGE];
+    // the two stages' words: stage 0 in sHist's room, once the threshold is found
+    auto stage_words = [&](int stage) { return stage ? sStageWord1 : reinterpret_cast<u32*>(sHist); };
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = blockIdx.y;
     const int t = row0 + (int)row;
@@ -194,11 +196,62 @@ __device__ void row_filter(FILTER_PARAMS) {
     auto chunk_outside = [&](int c) { return c * FILTER_CHUNK >= hi_col || (c + 1) * FILTER_CHUNK <= lo_col; };
 
     // Per chunk: its kept words are staged in shared memory in position order (when they fit),
-    // which frees w for the next chunk's loads; those are issued before the look-back, so that
-    // they fly while this chunk waits for its offset and copies its stage out (coalesced).
-    int prev_c = -1;       // (thread 0) this CTA's last chunk, and the running total it posted
+    // which frees w for the next chunk's loads; those are issued at once. The chunk's offset in
+    // the row's list (look-back) is found one chunk later, while this CTA ranks its next chunk, so
+    // that the chunks before it, taken by other CTAs of the row, have posted their counts by then
+    // and the look-back seldom waits; two stages alternate. A chunk that keeps more than a stage
+    // holds is written from the registers at once (its look-back cannot wait).
+    int prev_c = -1;       // (thread 0) this CTA's last chunk with an offset, and its running total
     u32 prev_total = 0u;
     bool loaded = true;    // w holds chunk c (the first chunk's words were loaded above)
+    int pend_c = -1, pend_total = 0;  // the chunk staged last, its offset not found yet (-1: none)
+    // thread 0: the offset of chunk x (after those of this CTA's chunks before it), posted with x's
+    // running total as sOffset; every thread then reads it past a barrier
+    auto find_offset = [&](int x, int x_total) {
+        u32 offset = 0u;
+        if (x > 0 && x - 1 == prev_c) {
+            offset = prev_total;  // the chunk before is this CTA's own: nothing to wait for
+        } else if (x > 0) {
+            for (int j = x - 1; j >= 0; --j) {
+                if (j == prev_c) {  // this CTA's own last chunk: its running total
+                    offset += prev_total;
+                    break;
+                }
+                u32 v;
+                do v = *reinterpret_cast<volatile u32*>(state + j);
+                while (v == 0u);
+                offset += v & FILTER_STATE_VALUE;
+                if (v & FILTER_STATE_TOTAL) break;
+            }
+        }
+        prev_c = x;
+        prev_total = min(offset + (u32)x_total, FILTER_STATE_VALUE);
+        __stcg(state + x, FILTER_STATE_TOTAL | prev_total);
+        sOffset = (int)min(offset, (u32)n);
+    };
+    // the row's last chunk: the slots past its total
+    auto fill_tail = [&](int x, int offset, int x_total) {
+        if (x == P - 1) {
+            for (int i = offset + x_total + tid; i < n; i += SELECT_THREADS) {
+                cand_word[(long long)t * n + i] = fill;
+                cand_idx[(long long)t * n + i] = -1;
+            }
+        }
+    };
+    // the pending chunk out of its stage to its offset
+    auto flush_pending = [&](int stage) {
+        if (tid == 0) find_offset(pend_c, pend_total);
+        __syncthreads();  // sOffset is visible
+        const int offset = sOffset;
+        const long long base = (long long)t * n + offset;
+        for (int i = tid; i < pend_total && offset + i < n; i += SELECT_THREADS) {
+            cand_word[base + i] = stage_words(stage)[i];
+            cand_idx[base + i] = sStageIdx[stage][i];
+        }
+        fill_tail(pend_c, offset, pend_total);
+        pend_c = -1;
+    };
+    int pend_stage = 0;
     for (int iter = 0; c < P; ++iter) {
         int ahead = 0;  // (thread 0) the chunk after the next one, claimed now
         if (!alone && tid == 0) ahead = atomicAdd(next_chunk + t, 1);
@@ -219,53 +272,38 @@ __device__ void row_filter(FILTER_PARAMS) {
         int total;  // the chunk's kept words; slot: this thread's first among them
         int slot = block_exclusive_scan(__popc(keep), sScan, &total);
         const int c_next = sNext[iter & 1];
+        // this chunk's count, for the look-backs of the chunks after it (chunk 0: its total)
+        if (tid == 0) __stcg(state + c, (c == 0 ? FILTER_STATE_TOTAL : FILTER_STATE_POSTED) | (u32)total);
         const bool staged = total <= FILTER_STAGE;  // uniform
         loaded = false;
         if (staged) {
+            // the stage not holding the pending chunk (a stage is written again only past the
+            // scans of the chunk after its copy-out)
+            const int stage = pend_c >= 0 ? pend_stage ^ 1 : pend_stage;
             int s = slot;
 #pragma unroll
             for (int j = 0; j < R; ++j) {
                 if ((keep >> j) & 1u) {
-                    sStageWord[s] = w[j];
-                    sStageIdx[s] = first + j;
+                    stage_words(stage)[s] = w[j];
+                    sStageIdx[stage][s] = first + j;
                     ++s;
                 }
             }
             if (c_next < P && !chunk_outside(c_next)) load_row_keys<SRC, true>(words, lo_col, hi_col, c_next * FILTER_CHUNK + tid * R, w);
             loaded = true;  // (an outside chunk loads nothing)
-        }
-        if (tid == 0) {  // the chunk's offset in the row's list (look-back), then its running total
-            u32 offset = 0u;
-            if (c > 0 && c - 1 == prev_c) {
-                offset = prev_total;  // the chunk before is this CTA's own: nothing to wait for
-            } else if (c > 0) {
-                __stcg(state + c, FILTER_STATE_POSTED | (u32)total);
-                for (int j = c - 1; j >= 0; --j) {
-                    if (j == prev_c) {  // this CTA's own last chunk: its running total
-                        offset += prev_total;
-                        break;
-                    }
-                    u32 v;
-                    do v = *reinterpret_cast<volatile u32*>(state + j);
-                    while (v == 0u);
-                    offset += v & FILTER_STATE_VALUE;
-                    if (v & FILTER_STATE_TOTAL) break;
-                }
+            if (pend_c >= 0) flush_pending(pend_stage);
+            pend_c = c;
+            pend_total = total;
+            pend_stage = stage;
+        } else {  // more than a stage holds: the pending chunk out, then this one from the registers
+            if (pend_c >= 0) {
+                flush_pending(pend_stage);
+                __syncthreads();  // sOffset is read before it is written again
             }
-            prev_c = c;
-            prev_total = min(offset + (u32)total, FILTER_STATE_VALUE);
-            __stcg(state + c, FILTER_STATE_TOTAL | prev_total);
-            sOffset = (int)min(offset, (u32)n);
-        }
-        __syncthreads();  // the stage and sOffset are visible; read before the next chunk's scan
-        const int offset = sOffset;
-        const long long base = (long long)t * n + offset;
-        if (staged) {  // the stage out, coalesced
-            for (int i = tid; i < total && offset + i < n; i += SELECT_THREADS) {
-                cand_word[base + i] = sStageWord[i];
-                cand_idx[base + i] = sStageIdx[i];
-            }
-        } else {  // more than the stage holds: from the registers
+            if (tid == 0) find_offset(c, total);
+            __syncthreads();
+            const int offset = sOffset;
+            const long long base = (long long)t * n + offset;
 #pragma unroll
             for (int j = 0; j < R; ++j) {
                 const int s = (keep >> j) & 1u;
@@ -275,15 +313,14 @@ __device__ void row_filter(FILTER_PARAMS) {
                 }
                 slot += s;
             }
-        }
-        if (c == P - 1) {  // the row's last chunk: the slots past its total
-            for (int i = offset + total + tid; i < n; i += SELECT_THREADS) {
-                cand_word[(long long)t * n + i] = fill;
-                cand_idx[(long long)t * n + i] = -1;
-            }
+            fill_tail(c, offset, total);
         }
         c = c_next;
         pending = ahead;
+    }
+    if (pend_c >= 0) {
+        __syncthreads();  // the last copy-out's offset is read before it is written again
+        flush_pending(pend_stage);
     }
 }
 
