@@ -1649,7 +1649,8 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
     next_chunk = ws.get("filter_next_chunk", (rows,), np.int32, zeroed=True)
     failed = ws.get("filter_failed_rows", (rows,), np.int32)
     # CTAs per row: about two per SM in all (one wave), taking the row's chunks in order
-    per_row = min(P, -(-2 * _device_facts(_device_id())["sms"] // rows))
+    sms = _device_facts(_device_id())["sms"]
+    per_row = min(P, -(-2 * sms // rows))
     per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
     if ws.filter_dirty:  # an earlier call stopped between its launches: its states were not zeroed
         em.fill(ws.buffer("filter_chunk_states"), 0)  # whole buffers: that call's rows may have been more
@@ -1663,9 +1664,12 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
                   (ptr(keys), ptr(scores), _i64(ld), _i32(ncols), _i32(0), _i32(T), _i32(S), ptr(ks, range_off),
                    ptr(ke, range_off), _i32(int(ranged)), _i32(P), _i32(expect), _i32(n), _i32(min_len), ptr(cand),
                    ptr(cand_idx), ptr(states), ptr(next_chunk)))
+        # a select of one CTA per row in one wave triggers the rescue's launch at its start (common.cuh,
+        # grid_dependents_launch)
+        early = int(rows <= sms)
         _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
                        scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
-                       extra=(states, P, n, next_chunk, failed), **common)
+                       extra=(states, P, n, next_chunk, failed, early), **common)
         _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
                        extra=(failed,), **common)
     except BaseException:  # the filter may have run without the select that zeroes its states

@@ -596,10 +596,17 @@ def test_topk_filter_launches(monkeypatch):
         b = [_value(x) for x in sel.args]
         assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
         assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
-        assert b[24] == vals.data.ptr and b[25:] == [states.data.ptr, 16, 8192, nxt.data.ptr, failed.data.ptr]
+        # early = 1: 64 rows, one CTA each, are one wave (the select triggers the rescue's launch)
+        assert b[24] == vals.data.ptr and b[25:] == [states.data.ptr, 16, 8192, nxt.data.ptr, failed.data.ptr, 1]
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
         assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
+    # 200 rows: more than the SMs, so no early trigger
+    monkeypatch.setattr(cb, "REG_SELECT", True)
+    fake.launches.clear()
+    cb.topk(pointer_array((200, 131072), np.float32), None, k=2048, out_values=pointer_array((200, 2048), np.float32),
+            out_indices=pointer_array((200, 2048), np.int32), stream=0)
+    assert fake.launches[1].name == "topk_filtered_regs_kernel" and _value(fake.launches[1].args[-1]) == 0
     monkeypatch.setattr(cb, "TOPK_FILTER", False)
     assert _topk_64x131072(monkeypatch, fake, True)[0][0].name == "topk_chunks_kernel"
 
@@ -686,6 +693,7 @@ def test_dense_filter_launches(monkeypatch):
         assert sel.grid == (nr,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192] and b[7:10] == [0, T - r0, S]
         assert b[10:12] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0] and b[12] == cidx.data.ptr
         assert b[13:15] == [8192, 1] and b[16:18] == [1, 0] and b[22] == out.data.ptr + r0 * 2048 * 4
+        assert b[-1] == 1  # early: at most 16 rows, one wave
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (nr,) and c[0] == keys.data.ptr and c[2:4] == [S, S] and c[7:9] == [0, T - r0]
         assert c[10] == ks.data.ptr + 4 * r0 and c[22] == out.data.ptr + r0 * 2048 * 4

@@ -14,7 +14,7 @@ typedef unsigned long long u64;
 // call's kernels with the programmatic-serialization attribute. Every kernel calls this first:
 // it waits until the grids it depends on have completed and their writes are visible (so it
 // sees exactly what stream order gives it, and nothing it writes can race a reader before it).
-// No kernel triggers its dependents early (griddepcontrol.launch_dependents), so the next
+// Kernels do not trigger their dependents early (griddepcontrol.launch_dependents), so the next
 // kernel is scheduled once this one's CTAs have all exited: triggered at the start, the
 // dependents' CTAs took SM room as the first CTAs left and sat there packed (the filtered
 // top-k's 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). A no-op for a launch
@@ -22,6 +22,15 @@ typedef unsigned long long u64;
 __device__ __forceinline__ void grid_dependency_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// The one early trigger (row_filter.cuh's filtered select, when its launch is a single wave): its
+// dependent, the rescue, is launched at once and its CTAs wait in grid_dependency_sync on SMs
+// the select leaves free, so they start as the select ends. A no-op as above.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

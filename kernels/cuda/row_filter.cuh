@@ -325,10 +325,13 @@ __device__ void row_filter(FILTER_PARAMS) {
 }
 
 // step 2: the top k of the rows whose candidates hold it; `failed` marks the others. The row's
-// states and next_chunk go back to zero.
+// states and next_chunk go back to zero. `early`: see grid_dependents_launch.
 template <int SRC, bool REGS>
 __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states, int P, int n, int* next_chunk,
-                                                int* failed) {
+                                                int* failed, int early) {
+    // early (a launch of one wave): the rescue is launched now, its CTAs wait for this grid's end
+    // on SMs this one leaves free, and start as it ends instead of a launch later
+    if (early) grid_dependents_launch();
     const int t = a.row0 + (int)blockIdx.x;
     const u32 v = states[(long long)t * P + P - 1];
     const int kept = (int)(v & FILTER_STATE_VALUE);
@@ -340,7 +343,7 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
         failed[t] = ok ? 0 : 1;
     }
     if (!ok) return;
-    if (REGS) row_select_regs<SRC, MAP_GATHER>(a);
+    if (REGS) row_select_regs<SRC, MAP_GATHER, 2048>(a);  // fp32 scores: one level of 2048 bins by value
     else row_select<SRC, MAP_GATHER>(a);
 }
 
@@ -355,14 +358,16 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
         row_filter<SRC>(FILTER_ARGS);                                                                    \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS)                                                    \
-        STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) {  \
+        STEM##_filtered_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed,    \
+                               int early) {                                                              \
         grid_dependency_sync();                                                                          \
-        filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed);                      \
+        filtered_select<SRC, false>(SELECT_ARGS, states, P, n, next_chunk, failed, early);               \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS)                               \
-        STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed) { \
+        STEM##_filtered_regs_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed, \
+                                    int early) {                                                         \
         grid_dependency_sync();                                                                          \
-        filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed);                       \
+        filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed, early);                \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS) STEM##_rescue_kernel(SELECT_PARAMS, const int* failed) { \
         grid_dependency_sync();                                                                          \

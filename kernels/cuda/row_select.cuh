@@ -1164,8 +1164,6 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     return true;
 }
 
-#define LINEAR_BINS SORT_BINS  // bins of the one-level score order (<= SORT_BINS: sHist)
-
 // Bins by score value: a key clamped to [flo, fhi] (keys of finite scores, flo <= fhi) goes to one
 // of nb bins spread linearly over the scores [score(flo), score(fhi)]. The bin never decreases as
 // the key grows (a rounded subtraction and a rounded multiply-add of the score are monotone), so
@@ -1187,8 +1185,8 @@ struct LinearBins {
     }
 };
 
-// Score order in one level (row_select_regs, fp32 scores): each key goes to one of LINEAR_BINS
-// bins by score value (LinearBins over [flo, fhi], the keys of the row's smallest and largest
+// Score order in one level (row_select_regs, fp32 scores): each key goes to one of NB
+// (<= SORT_BINS) bins by score value (LinearBins over [flo, fhi], the keys of the row's smallest and largest
 // finite scores), which serve both as the threshold level and as the bucket sort's buckets: one
 // histogram and one scan give the bin of the k-th largest key and every bin's first slot, and the
 // keys from that bin up are scattered and ranked in their bucket exactly (score, then position:
@@ -1197,15 +1195,15 @@ struct LinearBins {
 // bucket. Returns false, before writing anything, where the keys from that bin up exceed
 // 2 a.sort_cap or a bucket among them holds more than LIST_BUCKET_MAX (skewed scores); the caller
 // then takes another path. Ends synced.
-template <int SRC, int MAP, int N>
+template <int SRC, int MAP, int NB, int N>
 __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
     const int tid = threadIdx.x;
     const int k = a.k, n_out = min(k, n_valid);
-    const LinearBins bin(flo, fhi, LINEAR_BINS);
+    const LinearBins bin(flo, fhi, NB);
 #pragma unroll
-    for (int u = 0; u < LINEAR_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < NB / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
     if (tid == 0) {  // where fewer than k keys: every bin
         sMisc[MISC_BIN] = 0;
         sMisc[MISC_ABOVE] = n_valid;
@@ -1218,8 +1216,8 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     __syncthreads();
     // sHist[b] <- the keys in the bins above b (bucket b's first slot), highest bin first; the
     // bin where that count reaches k is the threshold's
-    constexpr int PER = LINEAR_BINS / SELECT_THREADS;
-    int* mine = sHist + LINEAR_BINS - PER * (tid + 1);  // this thread's bins, highest last
+    constexpr int PER = NB / SELECT_THREADS;
+    int* mine = sHist + NB - PER * (tid + 1);  // this thread's bins, highest last
     int sum = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) sum += mine[j];
@@ -1233,7 +1231,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
         if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
             big = max(big, h);
             if (above + h >= k) {
-                sMisc[MISC_BIN] = LINEAR_BINS - PER * (tid + 1) + j;
+                sMisc[MISC_BIN] = NB - PER * (tid + 1) + j;
                 sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
             }
         }
@@ -1256,7 +1254,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     for (int p = tid; p < count; p += SELECT_THREADS) {
         const u64 e = buf[p];
         const int b = bin((u32)(e >> 32));
-        const int start = b == LINEAR_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
         int rank = 0;
 #pragma unroll 1
         for (int j = start; j < end; ++j) rank += buf[j] > e;
@@ -1305,7 +1303,11 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
     __syncthreads();
 }
 
-template <int SRC, int MAP>
+// LINEAR: bins of the one-level score order (regs_sort_linear) for fp32 scores by score, 0 for
+// none. It pays where a row's keys fill little more than the top k's range (the filtered top-k's
+// candidates: 2048 bins); over whole rows of randn scores most bins lie below the k-th key and
+// the buckets above it fill up (4096 bins: [4096 x 8192] 9% slower than the levels over key bits)
+template <int SRC, int MAP, int LINEAR = 0>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_R;
     extern __shared__ __align__(16) char smem[];
@@ -1366,19 +1368,22 @@ __device__ void row_select_regs(const SelectArgs& a) {
 
     if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
         // score order (hisa_cupy.topk; the ranking-key selects keep the general path, whose
-        // registers this code would spill): the keys from the lowest of the first level's bin
-        // (the bin that holds the k-th largest; every key when all are selected) up are sorted
-        // straight from the registers where they fit the selected list and its scratch
-        // (regs_sort_direct)
+        // registers this code would spill): with LINEAR, one level of bins by value
+        // (regs_sort_linear); else, or where that gives way, the keys from the lowest of the
+        // first level's bin (the bin that holds the k-th largest; every key when all are
+        // selected) up are sorted straight from the registers where they fit the selected list
+        // and its scratch (regs_sort_direct)
         const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
-        // the finite scores' range: the row's own where its ends are numbers (most rows)
-        u32 flo = key_lo, fhi = key_hi;
-        if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf, NaN; +inf's key
-            finite_key_range(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
-        if (flo <= fhi && regs_sort_linear<SRC, MAP>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist, sScan,
-                                                     sMisc, sSel)) {
-            pad_row<SRC>(a, row, min(k, n_valid) + tid, SELECT_THREADS);
-            return;
+        if (LINEAR > 0) {
+            // the finite scores' range: the row's own where its ends are numbers
+            u32 flo = key_lo, fhi = key_hi;
+            if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf or NaN; +inf's key
+                finite_key_range(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
+            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist,
+                                                                 sScan, sMisc, sSel)) {
+                pad_row<SRC>(a, row, min(k, n_valid) + tid, SELECT_THREADS);
+                return;
+            }
         }
         u32 floor_key = key_lo;
         int count = n_valid;
