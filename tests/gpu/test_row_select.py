@@ -118,16 +118,16 @@ def _specials(rng, R, N):
 
 
 def _masked(rng, R, N):
-    # attention-style scores: a third of the row masked to -inf, the rest randn (the one-level
-    # path spreads the finite scores' range, -inf ranks inside its lowest bin)
+    # attention-style scores: a third of the row masked to -inf, the rest randn
     x = _randn(rng, R, N)
     x[rng.random((R, N)) < 0.3] = -np.inf
     return x
 
 
 def _wide(rng, R, N):
-    # magnitudes over 60 decades: spread linearly by value, most keys share the lowest bins
-    # (the one-level path gives way to the levels over key bits)
+    # magnitudes over 60 decades: spread linearly by value (the filtered select's one level of
+    # bins), most keys would share the lowest bins, so that path gives way to the levels over key
+    # bits
     return (rng.choice([-1.0, 1.0], size=(R, N)) * 10.0 ** rng.uniform(-30, 30, (R, N))).astype(np.float32)
 
 
@@ -321,6 +321,9 @@ FILTER_CASES = [
     (_randn, 5, 100003, (700,), "none"),               # a partial last chunk, rows not 16-byte aligned
     (_ascending, 4, 131072, (2048,), "none"),          # every candidate in the last chunk
     (_clustered, 16, 131072, (2048,), "none"),         # candidates in a few runs of each row
+    (_skewed, 8, 131072, (2048,), "none"),             # candidates in one bin by value: the select's levels
+    (_wide, 8, 131072, (2048,), "none"),               # the same over 60 decades of magnitudes
+    (_masked, 8, 131072, (1, 2048), "none"),           # -inf never kept; NaN fill past the candidates
     (_all_equal, 4, 131072, (2048,), "all"),           # every column ties with t: overflow, rescued
     (_mostly_nan, 4, 131072, (2048,), "all"),          # fewer than k candidates: rescued
 ]
