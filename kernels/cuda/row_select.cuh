@@ -1116,6 +1116,26 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
     return L;
 }
 
+// The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
+// in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
+// start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
+// number of larger entries in its bucket (score, then position: exact); the entries with slots
+// below n_out are written out. bucket(e): the bucket of entry e.
+template <int SRC, int MAP, int NB, class Bucket>
+__device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
+                                                int count, int n_out, const int* sHist, Bucket bucket) {
+    for (int p = threadIdx.x; p < count; p += SELECT_THREADS) {
+        const u64 e = buf[p];
+        const int b = bucket(e);
+        const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        int rank = 0;
+#pragma unroll 1
+        for (int j = start; j < end; ++j) rank += buf[j] > e;
+        const int slot = start + rank;
+        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
+    }
+}
+
 // Score order straight from the registers (row_select_regs): the items with keys in [floor_key,
 // key_hi] (floor_key >= 1, at most 2 a.sort_cap of them, the row's top n_out among them) go by a
 // bucket sort over that range into buf, and each one's slot is its bucket's start plus the number
@@ -1150,17 +1170,8 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         if (d <= span) buf[atomicAdd(&sHist[d >> sh], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    const int count = sHist[0];
-    for (int p = tid; p < count; p += SELECT_THREADS) {
-        const u64 e = buf[p];
-        const int b = (int)(((u32)(e >> 32) - floor_key) >> sh);
-        const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
-        int rank = 0;
-#pragma unroll 1
-        for (int j = start; j < end; ++j) rank += buf[j] > e;
-        const int slot = start + rank;
-        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
-    }
+    rank_in_buckets<SRC, MAP, SORT_BINS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
+                                         [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
     return true;
 }
 
@@ -1251,16 +1262,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
         if (key[j] != HISA_KEY_NONE && b >= thr) buf[atomicAdd(&sHist[b], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    for (int p = tid; p < count; p += SELECT_THREADS) {
-        const u64 e = buf[p];
-        const int b = bin((u32)(e >> 32));
-        const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
-        int rank = 0;
-#pragma unroll 1
-        for (int j = start; j < end; ++j) rank += buf[j] > e;
-        const int slot = start + rank;
-        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
-    }
+    rank_in_buckets<SRC, MAP, NB>(a, row, t, rel, buf, count, n_out, sHist, [&](u64 e) { return bin((u32)(e >> 32)); });
     return true;
 }
 
@@ -1285,7 +1287,7 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
         sRed[SELECT_WARPS + warp] = mx;
     }
     __syncthreads();
-    if (warp == 0) {
+    if (warp == 0) {  // one warp combines the warps' values, for every thread through sMisc
         const bool has = lane < SELECT_WARPS;
         const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
         const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[SELECT_WARPS + lane] : 0u);
