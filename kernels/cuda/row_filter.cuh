@@ -79,7 +79,7 @@ __device__ void row_filter(FILTER_PARAMS) {
     __shared__ u32 sStageWord1[FILTER_STAGE];
     // the two stages' words: stage 0 in sHist's room, once the threshold is found
     auto stage_words = [&](int stage) { return stage ? sStageWord1 : reinterpret_cast<u32*>(sHist); };
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const long long row = blockIdx.y;
     const int t = row0 + (int)row;
     const u32* words = SRC == KEYS_U32 ? keys + row * ld : reinterpret_cast<const u32*>(scores + row * ld);
@@ -130,13 +130,7 @@ __device__ void row_filter(FILTER_PARAMS) {
         mn = min(mn, smp[u] - 1u);  // HISA_KEY_NONE wraps to the largest value
         mx = max(mx, smp[u]);
     }
-    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
-    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
-    if (lane == 0) {
-        sRed[warp] = mn;
-        sRed[SELECT_WARPS + warp] = mx;
-    }
-    __syncthreads();
+    warps_min_max(mn, mx, sRed);
     u32 lo = 0xFFFFFFFFu, hi = 0u;
 #pragma unroll
     for (int w = 0; w < SELECT_WARPS; ++w) {

@@ -179,6 +179,19 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* tota
     return before;
 }
 
+// Each warp's smallest mn and largest mx into sRed[warp] and sRed[SELECT_WARPS + warp] (sRed:
+// [2 * SELECT_WARPS]); the caller combines the warps' values (all threads, or one warp). Ends synced.
+__device__ __forceinline__ void warps_min_max(u32 mn, u32 mx, u32* sRed) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[SELECT_WARPS + warp] = mx;
+    }
+    __syncthreads();
+}
+
 template <int SRC, int MAP>
 __device__ void row_select_inorder(const SelectArgs& a) {
     extern __shared__ __align__(16) char smem[];
@@ -1280,13 +1293,7 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
         mn = min(mn, key[j] - LO);
         mx = max(mx, key[j] + HI);
     }
-    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
-    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
-    if (lane == 0) {
-        sRed[warp] = mn;
-        sRed[SELECT_WARPS + warp] = mx;
-    }
-    __syncthreads();
+    warps_min_max(mn, mx, sRed);
     if (warp == 0) {  // one warp combines the warps' values, for every thread through sMisc
         const bool has = lane < SELECT_WARPS;
         const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
