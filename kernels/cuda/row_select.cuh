@@ -1192,7 +1192,10 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
 // of nb bins spread linearly over the scores [score(flo), score(fhi)]. The bin never decreases as
 // the key grows (a rounded subtraction and a rounded multiply-add of the score are monotone), so
 // bins can split a threshold search or a bucket sort whose ties are settled by the keys; keys of
-// one score share a bin. All keys go to bin 0 where the range is 0, or it or its scale overflows.
+// one score share a bin. All keys go to bin 0 where the range is 0, or it or its scale overflows
+// (the callers then take their other path): scale 0 and xmin 0, so that each score's product is
+// 0 -- with xmin kept, a range past FLT_MAX (scores of both signs near it) would make
+// score - xmin infinite, its product NaN and the bin far outside [0, nb).
 struct LinearBins {
     u32 flo, fhi;
     float xmin, scale;
@@ -1200,7 +1203,10 @@ struct LinearBins {
         xmin = __uint_as_float(score_key_bits(lo));
         const float range = __fsub_rn(__uint_as_float(score_key_bits(hi)), xmin);
         scale = (float)(nb - 1) * (1.f - 1.f / 1024.f) / range;  // (xmax - xmin) * scale < nb - 1/2
-        if (!(range > 0.f && scale <= 3.0e38f)) scale = 0.f;
+        if (!(scale > 0.f && scale <= 3.0e38f)) {  // range 0, subnormal or infinite
+            scale = 0.f;
+            xmin = 0.f;
+        }
     }
     // 2^23 + (score - xmin) * scale rounds to an integer, whose bits less 2^23's are the bin
     __device__ __forceinline__ int operator()(u32 key) const {

@@ -131,8 +131,20 @@ def _wide(rng, R, N):
     return (rng.choice([-1.0, 1.0], size=(R, N)) * 10.0 ** rng.uniform(-30, 30, (R, N))).astype(np.float32)
 
 
+def _past_max(rng, R, N):
+    # finite scores of both signs near FLT_MAX, a few positive: the range of the filter's sample
+    # and of the filtered select's candidates (which hold negatives too) exceeds FLT_MAX, so the
+    # bins by value must give way (all in bin 0) rather than compute a bin from an infinite
+    # difference
+    x = -(1.0 + rng.random((R, N))) * 1.5e38
+    pos = rng.random((R, N)) < 0.01
+    x[pos] = (1.0 + rng.random(int(pos.sum()))) * 1.5e38
+    return x.astype(np.float32)
+
+
 @pytest.mark.parametrize("N", [1025, 2047, 4097, 8191, 8192])
-@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _masked, _wide])
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _masked, _wide,
+                                 _past_max])
 def test_register_mode_topk(cuda_device, launched_kernels, gen, N):
     # register mode alone, by score: rows not a multiple of the 512 x 16 register layout, k from 1
     # to more than the row, NaN / inf / signed zeros, ragged lengths (empty rows included); the
@@ -323,6 +335,7 @@ FILTER_CASES = [
     (_clustered, 16, 131072, (2048,), "none"),         # candidates in a few runs of each row
     (_skewed, 8, 131072, (2048,), "none"),             # candidates in one bin by value: the select's levels
     (_wide, 8, 131072, (2048,), "none"),               # the same over 60 decades of magnitudes
+    (_past_max, 8, 131072, (2048,), "none"),           # sample and candidates spanning more than FLT_MAX
     (_masked, 8, 131072, (1, 2048), "none"),           # -inf never kept; NaN fill past the candidates
     (_all_equal, 4, 131072, (2048,), "all"),           # every column ties with t: overflow, rescued
     (_mostly_nan, 4, 131072, (2048,), "all"),          # fewer than k candidates: rescued
