@@ -4,8 +4,8 @@ over the whole row), ties split at the threshold, the bitonic fallback of the bu
 cached in shared memory and rows read from global memory (through the ring of asynchronous
 copies, or with plain loads where a row is not 16-byte aligned), the in-order mode for
 large k, warp mode (one warp per short row in position order: the block top-m), register
-mode (one CTA per row of at most 8192 items, the keys in registers), and few long rows
-split into chunks whose top k are merged.
+mode (one CTA per row of at most 8192 items, the keys in registers; the refinement's on
+ranking keys of every kind), and few long rows split into chunks whose top k are merged.
 Run with ``pytest -m gpu``.
 """
 import numpy as np
@@ -415,3 +415,177 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
                     assert failed[lens < 65536].all()  # short rows are not filtered
                 else:  # every row long: all through the candidates (H200: no row rescued)
                     assert not failed.any(), f"rows rescued: {np.flatnonzero(failed)}"
+
+
+def _score_keys(s):
+    # SPEC ranking keys of fp32 scores (common.cuh, score_key): NaN 1, -0.0 as +0.0, order kept
+    u = np.asarray(s, np.float32).view(np.uint32).astype(np.uint64)
+    u = np.where(u == 0x80000000, 0, u)
+    key = np.where(u >> 31 == 1, ~u & 0xFFFFFFFF, u | 0x80000000)
+    return np.where(np.isnan(s), 1, key).astype(np.uint32)
+
+
+def _refine_rows(rng, R, n):
+    """R rows of n candidate scores, each of its own kind, and each candidate's mask (False: not a
+    candidate, HISA_KEY_NONE): distributions whose keys crowd few bins by key bits or by value."""
+    f32 = np.float32
+    rows, masks = [], []
+    kinds = ("randn", "skewed", "cauchy", "rounded", "bf16", "few_values", "all_equal", "tiny_range",
+             "inf_nan", "many_inf", "nan_most", "one_finite", "huge_range", "denormal", "zeros", "short")
+    for r in range(R):
+        kind = kinds[r % len(kinds)]
+        s = rng.standard_normal(n).astype(f32)
+        mask = rng.random(n) < (0.8 if r % 3 == 0 else 1.0)  # masked candidates in a third of the rows
+        if kind == "skewed":
+            s = (rng.exponential(1.0, n) ** 3).astype(f32)
+        elif kind == "cauchy":
+            s = rng.standard_cauchy(n).astype(f32)
+        elif kind == "rounded":
+            s = np.round(s * 8) / f32(8)
+        elif kind == "bf16":
+            s = (s.view(np.uint32) & 0xFFFF0000).view(f32)
+        elif kind == "few_values":
+            s = rng.choice(f32([-1.0, 0.0, 0.5, 2.0]), n)
+        elif kind == "all_equal":
+            s[:] = f32(0.75)
+        elif kind == "tiny_range":  # a few thousand ulps: keys differ in their low bits only
+            s = (f32(3.0).view(np.int32) + rng.integers(0, 3000, n)).astype(np.int32).view(f32)
+        elif kind == "inf_nan":
+            for v in (np.inf, -np.inf, np.nan):
+                s[rng.random(n) < 0.03] = v
+        elif kind == "many_inf":  # more +inf than k: ties at +inf's key
+            s[rng.random(n) < 0.4] = np.inf
+        elif kind == "nan_most":  # fewer numbers than k: the threshold among the NaN
+            s[rng.random(n) < 0.85] = np.nan
+            s[rng.random(n) < 0.05] = -np.inf
+        elif kind == "one_finite":
+            s[:] = np.inf
+            s[rng.random(n) < 0.5] = -np.inf
+            s[rng.integers(n)] = f32(1.0)
+        elif kind == "huge_range":  # the finite range overflows: no level by value
+            s = np.clip(s, -2, 2) * f32(1.5e38)
+            s[:2] = f32([-3.0e38, 3.0e38])
+        elif kind == "denormal":
+            s = (s * f32(1e-39)).astype(f32)
+        elif kind == "zeros":
+            s = rng.choice(f32([0.0, -0.0, 1e-45, -1e-45, 1e-30]), n)
+        elif kind == "short":  # fewer candidates than k
+            mask[rng.integers(1, 1500):] = False
+        rows.append(s)
+        masks.append(mask)
+    return kinds, np.stack(rows), np.stack(masks)
+
+
+def _check_refine_keys(rng, kinds, scores, mask, m, B, k, order):
+    """Runs the refinement's top-k on the ranking keys of ``scores`` (HISA_KEY_NONE where not
+    ``mask``), written straight into the candidate buffer (rows of m blocks of B candidates at
+    random block indices, random ranges' starts), with absolute and relative positions; checks it
+    against the reference's ranking of the scores, row by row."""
+    import cupy as cp
+
+    from hisa_cupy.kernels import cupy_backend
+
+    R, n = scores.shape
+    nb = 2 * m
+    S = nb * B
+    keys = np.where(mask, _score_keys(scores), 0).astype(np.uint32)
+    blocks = np.stack([np.sort(rng.choice(nb, m, replace=False)) for _ in range(R)]).astype(np.int32)
+    ks = rng.integers(0, S // 2, R).astype(np.int32)
+    ke = np.full(R, S, np.int32)
+    pos = (blocks[:, :, None] * B + np.arange(B)[None, None, :]).reshape(R, n)
+    for relative in (False, True):
+        out = cp.full((R, k), -7, dtype=cp.int32)
+        cupy_backend._launch_select("refine.cu", "refine_topk_kernel", rows=R, keys=cp.asarray(keys), ld=n,
+                                    ncols=n, k=k, T=R, S=S, ks=cp.asarray(ks), ke=cp.asarray(ke),
+                                    blocks=cp.asarray(blocks), m=m, B=B, relative=relative,
+                                    by_score=order == "score", out_idx=out, out_ld=k)
+        got = cp.asnumpy(out)
+        for r in range(R):
+            valid = np.flatnonzero(mask[r])
+            chosen = reference._rank_take(scores[r, valid], pos[r, valid], min(k, valid.size))
+            want = reference._format_row(chosen, k, offset=int(ks[r]) if relative else 0, order=order)
+            np.testing.assert_array_equal(got[r], want, err_msg=f"row {r} ({kinds[r]}) relative={relative} "
+                                                                f"order={order}")
+
+
+@pytest.mark.parametrize("m,B,k", [(64, 128, 2048), (64, 128, 5000), (40, 128, 1), (37, 200, 3333)])
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_refine_register_mode_keys(cuda_device, launched_kernels, m, B, k, order):
+    # the refinement's top-k in register mode (refine_topk_regs_kernel) on ranking keys written
+    # straight into the candidate buffer: rows whose keys crowd a few bins by key bits (randn) or
+    # by value (skewed, Cauchy), ties (rounded, bf16, few values, all equal, +inf), -inf / NaN /
+    # +inf keys, a finite range past FLT_MAX, denormals and signed zeros, masked candidates and
+    # rows with fewer candidates than k; exact vs the reference's ranking of the scores, with
+    # absolute and relative positions, by position and by score
+    rng = np.random.default_rng(m * 1000 + k)
+    kinds, scores, mask = _refine_rows(rng, 48, m * B)
+    launched_kernels.clear()
+    _check_refine_keys(rng, [kinds[r % len(kinds)] for r in range(48)], scores, mask, m, B, k, order)
+    assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
+
+
+def _cluster_rows(rng, n, k):
+    """Rows whose k-th largest score is the rb-th largest of a cluster of exactly `size` adjacent
+    floats (1 to 300), distinct or in pairs of equal keys (ties at the threshold), in the middle of
+    the finite range [-3, 3] (1.0 and the next floats up; masked candidates below) or at its bottom
+    (-3.0 and the next floats, with -inf and NaN; every other item masked: HISA_KEY_NONE)."""
+    f32 = np.float32
+    rows, masks, kinds = [], [], []
+    for size in (1, 2, 63, 64, 65, 300):
+        for where in ("middle", "bottom"):
+            # bottom: rb = size would select every candidate (no threshold), so size - 1
+            for rb in sorted({1, (size + 1) // 2, size if where == "middle" else max(1, size - 1)}):
+                for pairs in (False, True):
+                    j = (np.arange(size) // (2 if pairs else 1)).astype(np.uint32)
+                    if where == "middle":  # 1.0 and the next floats up
+                        cluster = (np.uint32(0x3F800000) + j).view(f32)
+                    else:  # -3.0 and the next floats up (their bits down), -inf and NaN
+                        cluster = (np.uint32(0xC0400000) - j).view(f32)
+                        if size >= 4:
+                            cluster[-1], cluster[-2] = f32(-np.inf), f32(np.nan)
+                    A = k - rb  # the items above the bin: in (2, 3], one at 3.0
+                    above = rng.uniform(2, 3, A).astype(f32)
+                    above[0] = f32(3.0)
+                    rest = n - A - size
+                    below = rng.uniform(-3, 0, rest).astype(f32)
+                    below[0] = f32(-3.0)  # the range's bottom (bottom: masked, the bin's -3.0 is)
+                    s = np.concatenate([above, cluster, below])
+                    mask = np.ones(n, bool)
+                    if where == "bottom":
+                        mask[A + size:] = False
+                    else:
+                        mask[A + size + 1:] &= rng.random(rest - 1) < 0.7
+                    perm = rng.permutation(n)
+                    rows.append(s[perm])
+                    masks.append(mask[perm])
+                    kinds.append(f"{where} bin of {size}{' pairs' if pairs else ''}, rb {rb}")
+    return kinds, np.stack(rows), np.stack(masks)
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_refine_register_mode_clusters(cuda_device, launched_kernels, order):
+    # refine_topk_regs_kernel where the k-th largest lies in a tight cluster of 1 to 300 adjacent
+    # keys, distinct or tied, in the middle of the range or at its bottom (with -inf, NaN and the
+    # masked candidates' HISA_KEY_NONE), exact vs the reference
+    rng = np.random.default_rng(64)
+    m, B, k = 64, 128, 2048
+    kinds, scores, mask = _cluster_rows(rng, m * B, k)
+    launched_kernels.clear()
+    _check_refine_keys(rng, kinds, scores, mask, m, B, k, order)
+    assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
+
+
+def test_refine_register_mode_end_to_end(cuda_device, launched_kernels):
+    # hisa_cupy.refine in position order over 64 blocks of 128 candidates (8192: register mode),
+    # exact fp8 inputs (many equal scores: ties at the threshold) with ragged ranges (masked
+    # candidates, short rows), topk 2048
+    inp = testing.exact_inputs(24, 16384, 64, 128, dtype="float8_e4m3fn", seed=5, ragged=True)
+    q, k, w = (testing.to_torch(inp[x]) for x in ("q", "k", "weights"))
+    ks, ke = testing.to_torch(inp["ks"]), testing.to_torch(inp["ke"])
+    rp, _ = reference.pool_keys(inp["k"])
+    rb = reference.select_blocks(inp["q"], rp, inp["weights"], ks=inp["ks"], ke=inp["ke"], block_topk=64,
+                                 seq_len=16384)
+    got = hisa_cupy.refine(q, k, w, testing.to_torch(rb), ks=ks, ke=ke, topk=2048, backend="cupy")
+    ref = reference.refine(inp["q"], inp["k"], inp["weights"], rb, ks=inp["ks"], ke=inp["ke"], topk=2048)
+    testing.assert_selection_equal(got, ref, err_msg="refine topk=2048")
+    assert "refine_topk_regs_kernel" in launched_kernels
