@@ -638,13 +638,14 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
     __syncthreads();
 }
 
-// The bucket sort's counts sHist[0, SORT_BINS) become each bucket's first slot, highest bucket
+// The bucket sort's counts sHist[0, BINS) become each bucket's first slot, highest bucket
 // first; sMisc[MISC_MAXB] gets the largest count where it exceeds LIST_BUCKET_MAX (the caller sets
 // it to 0 before). Ends synced.
+template <int BINS = SORT_BINS>
 __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc) {
-    constexpr int PER = SORT_BINS / SELECT_THREADS;  // buckets per thread in the scan
+    constexpr int PER = BINS / SELECT_THREADS;  // buckets per thread in the scan
     const int tid = threadIdx.x;
-    int* mine = sHist + SORT_BINS - PER * (tid + 1);  // this thread's buckets, highest last
+    int* mine = sHist + BINS - PER * (tid + 1);  // this thread's buckets, highest last
     int sum = 0, big = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
@@ -1155,23 +1156,25 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
 // of larger entries in its bucket (score, then position: SPEC §3); the n_out best are written
 // out. Needs no threshold: the rank is exact. Returns false, before writing anything, where a
 // bucket holds more than LIST_BUCKET_MAX entries (the caller then takes its general path). Ends
-// synced.
-template <int SRC, int MAP, int N>
+// synced. BITS: log2 of the bucket count (<= SORT_BITS).
+template <int SRC, int MAP, int BITS, int N>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N], int first,
                                  u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan, int* sMisc,
                                  u64* buf) {
+    static_assert(BITS <= SORT_BITS, "the buckets fit sHist");
+    constexpr int BINS = 1 << BITS;
     const int tid = threadIdx.x;
     const u32 span = key_hi - floor_key;
-    // bucket = (key - floor_key) >> sh lies in [0, SORT_BINS): sh keeps the top SORT_BITS bits of the span
-    const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - SORT_BITS);
+    // bucket = (key - floor_key) >> sh lies in [0, BINS): sh keeps the top BITS bits of the span
+    const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - BITS);
 #pragma unroll
-    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
     if (tid == 0) sMisc[MISC_MAXB] = 0;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
     __syncthreads();
-    bucket_starts(sHist, sScan, sMisc);
+    bucket_starts<BINS>(sHist, sScan, sMisc);
     if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
         __syncthreads();  // every thread has read it before the general path reuses sMisc
         return false;
@@ -1183,8 +1186,8 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         if (d <= span) buf[atomicAdd(&sHist[d >> sh], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    rank_in_buckets<SRC, MAP, SORT_BINS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
-                                         [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
+    rank_in_buckets<SRC, MAP, BINS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
+                                    [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
     return true;
 }
 
@@ -1321,8 +1324,12 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // LINEAR: bins of the one-level score order (regs_sort_linear) for fp32 scores by score, 0 for
 // none. It pays where a row's keys fill little more than the top k's range (the filtered top-k's
 // candidates: 2048 bins); over whole rows of randn scores most bins lie below the k-th key and
-// the buckets above it fill up (4096 bins: [4096 x 8192] 9% slower than the levels over key bits)
-template <int SRC, int MAP, int LINEAR = 0>
+// the buckets above it fill up (4096 bins: [4096 x 8192] 9% slower than the levels over key bits).
+// DIRECT_BITS: log2 of the bucket count of the score order straight from the registers
+// (regs_sort_direct): 12 by default; 11 for topk_regs_kernel, whose launches are mostly of many rows
+// (throughput-bound: fewer buckets to clear and scan), while the filtered select runs one
+// latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19)
+template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_R;
     extern __shared__ __align__(16) char smem[];
@@ -1409,7 +1416,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
         const int n_out = min(k, n_valid);
         if (count <= 2 * a.sort_cap &&
-            regs_sort_direct<SRC, MAP>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
+            regs_sort_direct<SRC, MAP, DIRECT_BITS>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
                                        sSel)) {
             pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
             return;
