@@ -462,7 +462,7 @@ def _refine_rows(rng, R, n):
             s[:] = np.inf
             s[rng.random(n) < 0.5] = -np.inf
             s[rng.integers(n)] = f32(1.0)
-        elif kind == "huge_range":  # the finite range overflows: no level by value
+        elif kind == "huge_range":  # finite scores whose range passes FLT_MAX
             s = np.clip(s, -2, 2) * f32(1.5e38)
             s[:2] = f32([-3.0e38, 3.0e38])
         elif kind == "denormal":
