@@ -113,6 +113,11 @@ TOPK_SPLIT = 0
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
+#: hisa_cupy.topk's filtered select of a launch of at most one row per SM (one wave of one CTA per
+#: row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads of 8 candidates each
+#: (topk_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for bench/ and the GPU tests
+FILTER_WIDE_SELECT = True
+FILTER_WIDE_THREADS = 1024
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
@@ -353,6 +358,7 @@ def kernel_instances():
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
             ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
             ("dense.cu", "dense_filtered_regs_kernel")]
+    out += [("topk.cu", name) for name in _WIDE_SELECT_KERNELS]
     return out
 
 
@@ -1085,9 +1091,15 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     if plan is None:
         facts = _device_facts(ctx[0])
         warp = _warp_select(kernel, keys is not None, ncols, by_score)
-        regs = not warp and kernel in _REG_SELECT_KERNELS and _reg_select_plan(k, ncols, by_score,
-                                                                                facts["smem_optin"])
-        if warp:
+        wide = kernel in _WIDE_SELECT_KERNELS
+        regs = not warp and (wide or kernel in _REG_SELECT_KERNELS) and _reg_select_plan(k, ncols, by_score,
+                                                                                          facts["smem_optin"])
+        if wide and not regs:
+            raise ValueError(f"{kernel} is register mode only: k = {k} over {ncols} columns does not fit it")
+        if wide:
+            (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
+            per_cta, block = 1, (FILTER_WIDE_THREADS,)
+        elif warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
@@ -1123,6 +1135,8 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
 _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
                        "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
+#: register-mode select kernels of FILTER_WIDE_THREADS threads (named as launched; no twins)
+_WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel",)
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1187,7 +1201,7 @@ def _knobs():
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
-            PAIR_RECORDS)
+            PAIR_RECORDS, FILTER_WIDE_SELECT)
 
 
 def _keep_plan(key, plan):
@@ -1629,6 +1643,16 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
     return out_values, out_indices
 
 
+def _filtered_select_kernel(stem: str, rows: int, sms: int) -> str:
+    """The filtered top-k's select launch (step 2 of row_filter.cuh) over ``rows`` rows:
+    hisa_cupy.topk's (fp32 scores) at FILTER_WIDE_THREADS threads per row where the rows fit one
+    wave (FILTER_WIDE_SELECT, REG_SELECT), else `<stem>_filtered_kernel` (register or list mode
+    by _launch_select's plan)."""
+    if stem == "topk" and FILTER_WIDE_SELECT and REG_SELECT and rows <= sms:
+        return "topk_filtered_wide_kernel"
+    return f"{stem}_filtered_kernel"
+
+
 def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, k, T, S, ks=None, ke=None,
                     ranged, range_off=0, relative=False, by_score, out_idx, out_ld, out_val=None, out_off=0,
                     min_len=0, ws, em=None):
@@ -1667,7 +1691,7 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
         # a select of one CTA per row in one wave triggers the rescue's launch at its start (common.cuh,
         # grid_dependents_launch)
         early = int(rows <= sms)
-        _launch_select(filename, f"{stem}_filtered_kernel", rows=rows, keys=cand if keys is not None else None,
+        _launch_select(filename, _filtered_select_kernel(stem, rows, sms), rows=rows, keys=cand if keys is not None else None,
                        scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
                        extra=(states, P, n, next_chunk, failed, early), **common)
         _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,

@@ -576,10 +576,14 @@ def test_topk_filter_launches(monkeypatch):
     # 4 CTAs per row: one wave of 256 CTAs), writing a list of 8192 candidate slots, 16 chunk
     # states and a chunk counter per row; then the candidates' select (register mode, MAP_GATHER
     # over the candidate columns, by score, with states / P / n / next_chunk / failed after the
-    # select parameters) and the rescue of the marked rows over the whole row (list mode, failed
-    # last)
+    # select parameters; 64 rows are one wave, so register mode at 1024 threads where
+    # FILTER_WIDE_SELECT is on) and the rescue of the marked rows over the whole row (list mode,
+    # failed last)
     fake = _Fake(monkeypatch, cc=90)
-    for reg, name in ((True, "topk_filtered_regs_kernel"), (False, "topk_filtered_kernel")):
+    for wide, reg, name, threads in ((True, True, "topk_filtered_wide_kernel", 1024),
+                                     (False, True, "topk_filtered_regs_kernel", 512),
+                                     (True, False, "topk_filtered_kernel", 512)):
+        monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", wide)
         launches, scores, vals, idx = _topk_64x131072(monkeypatch, fake, reg)
         assert [x.name for x in launches] == ["topk_filter_kernel", name, "topk_rescue_kernel"]
         filt, sel, rescue = launches
@@ -594,6 +598,9 @@ def test_topk_filter_launches(monkeypatch):
                                                   5120, 8192, 0, cv.data.ptr, ci.data.ptr, states.data.ptr,
                                                   nxt.data.ptr]
         b = [_value(x) for x in sel.args]
+        assert sel.block == (threads,)
+        if reg:  # register mode: no list, the selected list and its scratch (2 x 2048 entries) behind 16.5 KB
+            assert sel.smem == cb.SELECT_LIST_FIXED_SMEM + 16 * 2048 and b[19] == 0 and b[18] == 2048
         assert sel.grid == (64,) and b[1] == cv.data.ptr and b[2:4] == [8192, 8192] and b[5] == 2048
         assert b[12] == ci.data.ptr and b[13:15] == [8192, 1] and b[17] == 1 and b[22] == idx.data.ptr
         # early = 1: 64 rows, one CTA each, are one wave (the select triggers the rescue's launch)
@@ -601,8 +608,9 @@ def test_topk_filter_launches(monkeypatch):
         c = [_value(x) for x in rescue.args]
         assert rescue.grid == (64,) and c[1] == scores.data.ptr and c[2:4] == [131072, 131072] and c[17] == 1
         assert c[22] == idx.data.ptr and c[24] == vals.data.ptr and c[25:] == [failed.data.ptr]
-    # 200 rows: more than the SMs, so no early trigger
+    # 200 rows: more than the SMs, so no early trigger, and the 512-thread select
     monkeypatch.setattr(cb, "REG_SELECT", True)
+    monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", True)
     fake.launches.clear()
     cb.topk(pointer_array((200, 131072), np.float32), None, k=2048, out_values=pointer_array((200, 2048), np.float32),
             out_indices=pointer_array((200, 2048), np.int32), stream=0)

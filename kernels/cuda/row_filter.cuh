@@ -34,6 +34,10 @@
 static_assert(FILTER_CHUNK == SELECT_THREADS * REG_SELECT_R, "a chunk is one column per thread and register");
 static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 
+// The register-mode select of step 2 in one wave (no more rows than SMs, one CTA per row: the
+// latency-bound case, e.g. hisa_cupy.topk over [64 x 131072]) runs 1024 threads of 8 candidates
+// each instead of 512 of 16 (topk.cu, topk_filtered_wide_kernel)
+#define FILTER_WIDE_THREADS 1024
 #define FILTER_STAGE REG_SELECT_BINS  // kept columns of a chunk staged in shared memory (sHist's room)
 #define FILTER_STATE_POSTED 0x40000000u  // states: the chunk's own count is posted
 #define FILTER_STATE_TOTAL 0x80000000u   // states: the total of chunks 0.. up to this one is posted
@@ -319,8 +323,9 @@ __device__ void row_filter(FILTER_PARAMS) {
 }
 
 // step 2: the top k of the rows whose candidates hold it; `failed` marks the others. The row's
-// states and next_chunk go back to zero. `early`: see grid_dependents_launch.
-template <int SRC, bool REGS>
+// states and next_chunk go back to zero. `early`: see grid_dependents_launch. THREADS: the CTA
+// size of register mode (REGS), SELECT_THREADS or FILTER_WIDE_THREADS
+template <int SRC, bool REGS, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states, int P, int n, int* next_chunk,
                                                 int* failed, int early) {
     // early (a launch of one wave): the rescue is launched now, its CTAs wait for this grid's end
@@ -337,7 +342,7 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
         failed[t] = ok ? 0 : 1;
     }
     if (!ok) return;
-    if (REGS) row_select_regs<SRC, MAP_GATHER, 2048>(a);  // fp32 scores: one level of 2048 bins by value
+    if (REGS) row_select_regs<SRC, MAP_GATHER, 2048, SORT_BITS, THREADS>(a);  // fp32 scores: one level of 2048 bins by value
     else row_select<SRC, MAP_GATHER>(a);
 }
 

@@ -132,10 +132,11 @@ __device__ __forceinline__ void pad_row(const SelectArgs& a, long long row, int 
 }
 
 // Bitonic sort of v[0, P) descending (P a power of two); the whole CTA takes part, ends synced.
+template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void bitonic_sort_desc(u64* v, int P) {
     for (int size = 2; size <= P; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < P; i += SELECT_THREADS) {
+            for (int i = threadIdx.x; i < P; i += THREADS) {
                 const int j = i ^ stride;
                 if (j > i) {
                     const u64 x = v[i], y = v[j];
@@ -162,32 +163,36 @@ __device__ __forceinline__ int warp_inclusive_scan(int x) {
     return x;
 }
 
-// exclusive block-wide prefix sum of one int per thread; returns the block total in *total
+// exclusive block-wide prefix sum of one int per thread (THREADS <= 1024); returns the block
+// total in *total
+template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
+    constexpr int WARPS = THREADS / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int x = warp_inclusive_scan(v);
     if (lane == 31) sScan[warp] = x;
     __syncthreads();
     if (warp == 0) {
-        const int w = warp_inclusive_scan(lane < SELECT_WARPS ? sScan[lane] : 0);
-        if (lane < SELECT_WARPS) sScan[lane] = w;  // inclusive per-warp totals
+        const int w = warp_inclusive_scan(lane < WARPS ? sScan[lane] : 0);
+        if (lane < WARPS) sScan[lane] = w;  // inclusive per-warp totals
     }
     __syncthreads();
     const int before = (warp > 0 ? sScan[warp - 1] : 0) + x - v;
-    *total = sScan[SELECT_WARPS - 1];
+    *total = sScan[WARPS - 1];
     __syncthreads();
     return before;
 }
 
-// Each warp's smallest mn and largest mx into sRed[warp] and sRed[SELECT_WARPS + warp] (sRed:
-// [2 * SELECT_WARPS]); the caller combines the warps' values (all threads, or one warp). Ends synced.
+// Each warp's smallest mn and largest mx into sRed[warp] and sRed[THREADS / 32 + warp] (sRed:
+// [2 * THREADS / 32]); the caller combines the warps' values (all threads, or one warp). Ends synced.
+template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void warps_min_max(u32 mn, u32 mx, u32* sRed) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     mn = __reduce_min_sync(0xFFFFFFFFu, mn);
     mx = __reduce_max_sync(0xFFFFFFFFu, mx);
     if (lane == 0) {
         sRed[warp] = mn;
-        sRed[SELECT_WARPS + warp] = mx;
+        sRed[THREADS / 32 + warp] = mx;
     }
     __syncthreads();
 }
@@ -345,9 +350,10 @@ __device__ __forceinline__ void hist_inc_in_range(int* hist, u32 key, u32 lo, u3
         : "memory");
 }
 
-// Finds, counting from the top of hist[0, nbins) (nbins <= 4 * SELECT_THREADS), the bin b with
+// Finds, counting from the top of hist[0, nbins) (nbins <= 4 * THREADS), the bin b with
 // above(b) < r <= above(b) + hist[b], where above(b) is the count in the bins above b. Writes
 // sMisc[MISC_BIN] = b, sMisc[MISC_ABOVE] = above(b), sMisc[MISC_TOTAL] = total. Ends synced.
+template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void find_bin(const int* hist, int nbins, int r, int* sScan, int* sMisc) {
     const int tid = threadIdx.x;
     int h[4];
@@ -359,7 +365,7 @@ __device__ __forceinline__ void find_bin(const int* hist, int nbins, int r, int*
         sum += h[j];
     }
     int total;
-    int above = block_exclusive_scan(sum, sScan, &total);
+    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         if (above < r && above + h[j] >= r) {
@@ -641,9 +647,9 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
 // The bucket sort's counts sHist[0, BINS) become each bucket's first slot, highest bucket
 // first; sMisc[MISC_MAXB] gets the largest count where it exceeds LIST_BUCKET_MAX (the caller sets
 // it to 0 before). Ends synced.
-template <int BINS = SORT_BINS>
+template <int BINS = SORT_BINS, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc) {
-    constexpr int PER = BINS / SELECT_THREADS;  // buckets per thread in the scan
+    constexpr int PER = BINS / THREADS;  // buckets per thread in the scan
     const int tid = threadIdx.x;
     int* mine = sHist + BINS - PER * (tid + 1);  // this thread's buckets, highest last
     int sum = 0, big = 0;
@@ -654,7 +660,7 @@ __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc
         big = max(big, h);
     }
     int total;
-    int start = block_exclusive_scan(sum, sScan, &total);
+    int start = block_exclusive_scan<THREADS>(sum, sScan, &total);
     // read again rather than kept: in register mode the row's keys are live here
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
@@ -673,7 +679,7 @@ __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc
 // order (coalesced stores; by score, the values from the keys). [range_lo, range_hi], when given
 // (range_lo <= range_hi), holds every entry's primary part (the caller knows it), which saves a
 // pass over the entries.
-template <int SRC, int MAP>
+template <int SRC, int MAP, int THREADS = SELECT_THREADS>
 __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
                               int* sHist, int* sScan, int* sMisc, u32 range_lo = 1u, u32 range_hi = 0u) {
     const int tid = threadIdx.x, lane = tid & 31;
@@ -689,12 +695,12 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
         sMisc[MISC_MAXB] = 0;
     }
 #pragma unroll
-    for (int u = 0; u < SORT_BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < SORT_BINS / THREADS; ++u) sHist[tid + u * THREADS] = 0;
     const bool known = range_lo <= range_hi;
     if (!known) {
         __syncthreads();
         u32 lo = 0xFFFFFFFFu, hi = 0u;
-        for (int i = tid; i < n_out; i += SELECT_THREADS) {
+        for (int i = tid; i < n_out; i += THREADS) {
             const u32 p = primary(sSel[i]);
             lo = min(lo, p);
             hi = max(hi, p);
@@ -711,25 +717,25 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
     // bucket = (primary - pmin) >> sh lies in [0, SORT_BINS): sh keeps the top SORT_BITS bits of the span
     const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - SORT_BITS);
     auto bucket = [&](u64 e) -> int { return (int)((primary(e) - pmin) >> sh); };
-    for (int i = tid; i < n_out; i += SELECT_THREADS) atomicAdd(&sHist[bucket(sSel[i])], 1);
+    for (int i = tid; i < n_out; i += THREADS) atomicAdd(&sHist[bucket(sSel[i])], 1);
     __syncthreads();
-    bucket_starts(sHist, sScan, sMisc);
+    bucket_starts<SORT_BINS, THREADS>(sHist, sScan, sMisc);
     if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
         // skewed values: bitonic sort of the sort values (all > 0, padding 0), descending
         int P = 1;
         while (P < n_out) P <<= 1;
-        for (int i = tid; i < P; i += SELECT_THREADS) sSel[i] = i < n_out ? value(sSel[i]) : 0ull;
+        for (int i = tid; i < P; i += THREADS) sSel[i] = i < n_out ? value(sSel[i]) : 0ull;
         __syncthreads();
-        bitonic_sort_desc(sSel, P);
+        bitonic_sort_desc<THREADS>(sSel, P);
     } else {
         // scatter into buckets; afterwards sHist[b] is the end of bucket b and the start of b - 1
-        for (int i = tid; i < n_out; i += SELECT_THREADS) {
+        for (int i = tid; i < n_out; i += THREADS) {
             const u64 e = sSel[i];
             sAux[atomicAdd(&sHist[bucket(e)], 1)] = e;
         }
         __syncthreads();
         // each entry to its slot in sSel: its bucket's start plus its rank in the bucket
-        for (int p = tid; p < n_out; p += SELECT_THREADS) {
+        for (int p = tid; p < n_out; p += THREADS) {
             const u64 e = sAux[p];
             const int b = bucket(e);
             const int start = b == SORT_BINS - 1 ? 0 : sHist[b + 1], end = sHist[b];
@@ -749,7 +755,7 @@ __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel
         __syncthreads();
     }
     // the sorted values, out in slot order (coalesced); by score each holds its key
-    for (int i = tid; i < n_out; i += SELECT_THREADS) {
+    for (int i = tid; i < n_out; i += THREADS) {
         const u64 e = sSel[i];
         emit_item<SRC, MAP>(a, row, t, rel, i, entry_item(e), by_score ? (u32)(e >> 32) : 0u);
     }
@@ -1064,13 +1070,13 @@ __device__ __forceinline__ constexpr u32 never_kept_word() {
     return SRC == KEYS_F32 ? 0x7FC00000u : HISA_KEY_NONE;
 }
 
-// Items [first, first + REG_SELECT_R) of a row of 32-bit words (ranking keys or fp32 scores):
+// Items [first, first + N) of a row of 32-bit words (ranking keys or fp32 scores, N a multiple of 4):
 // their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, never_kept_word
 // outside. Four 16-byte loads where the row is aligned and the items all lie inside, else one
 // load per item.
-template <int SRC, bool RAW = false>
-__device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[REG_SELECT_R]) {
-    constexpr int R = REG_SELECT_R;
+template <int SRC, bool RAW = false, int N = REG_SELECT_R>
+__device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[N]) {
+    constexpr int R = N;
     constexpr u32 outside = RAW ? never_kept_word<SRC>() : HISA_KEY_NONE;
     auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
     if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
@@ -1102,7 +1108,7 @@ struct RangeLevel {
     int in_bin, above, total;
 };
 
-template <int N>
+template <int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
                                                   int* sMisc) {
     const int tid = threadIdx.x;
@@ -1110,13 +1116,13 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
     const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
     const int nb = (int)(span >> sh) + 1;
 #pragma unroll
-    for (int u = 0; u < REG_SELECT_BINS / SELECT_THREADS; ++u)
-        if (tid + u * SELECT_THREADS < nb) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < REG_SELECT_BINS / THREADS; ++u)
+        if (tid + u * THREADS < nb) sHist[tid + u * THREADS] = 0;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], lo, span, sh);
     __syncthreads();
-    find_bin(sHist, nb, r, sScan, sMisc);
+    find_bin<THREADS>(sHist, nb, r, sScan, sMisc);
     RangeLevel L{lo, hi, sh, 0, 0, sMisc[MISC_TOTAL]};
     if (L.total >= r) {
         const int b = sMisc[MISC_BIN];
@@ -1135,10 +1141,10 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
 // start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
 // number of larger entries in its bucket (score, then position: exact); the entries with slots
 // below n_out are written out. bucket(e): the bucket of entry e.
-template <int SRC, int MAP, int NB, class Bucket>
+template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, class Bucket>
 __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
                                                 int count, int n_out, const int* sHist, Bucket bucket) {
-    for (int p = threadIdx.x; p < count; p += SELECT_THREADS) {
+    for (int p = threadIdx.x; p < count; p += THREADS) {
         const u64 e = buf[p];
         const int b = bucket(e);
         const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
@@ -1157,7 +1163,7 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
 // out. Needs no threshold: the rank is exact. Returns false, before writing anything, where a
 // bucket holds more than LIST_BUCKET_MAX entries (the caller then takes its general path). Ends
 // synced. BITS: log2 of the bucket count (<= SORT_BITS).
-template <int SRC, int MAP, int BITS, int N>
+template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N], int first,
                                  u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan, int* sMisc,
                                  u64* buf) {
@@ -1168,13 +1174,13 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     // bucket = (key - floor_key) >> sh lies in [0, BINS): sh keeps the top BITS bits of the span
     const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - BITS);
 #pragma unroll
-    for (int u = 0; u < BINS / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < BINS / THREADS; ++u) sHist[tid + u * THREADS] = 0;
     if (tid == 0) sMisc[MISC_MAXB] = 0;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
     __syncthreads();
-    bucket_starts<BINS>(sHist, sScan, sMisc);
+    bucket_starts<BINS, THREADS>(sHist, sScan, sMisc);
     if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
         __syncthreads();  // every thread has read it before the general path reuses sMisc
         return false;
@@ -1186,7 +1192,7 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         if (d <= span) buf[atomicAdd(&sHist[d >> sh], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    rank_in_buckets<SRC, MAP, BINS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
+    rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
                                     [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
     return true;
 }
@@ -1228,7 +1234,7 @@ struct LinearBins {
 // bucket. Returns false, before writing anything, where the keys from that bin up exceed
 // 2 a.sort_cap or a bucket among them holds more than LIST_BUCKET_MAX (skewed scores); the caller
 // then takes another path. Ends synced.
-template <int SRC, int MAP, int NB, int N>
+template <int SRC, int MAP, int NB, int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
@@ -1236,7 +1242,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     const int k = a.k, n_out = min(k, n_valid);
     const LinearBins bin(flo, fhi, NB);
 #pragma unroll
-    for (int u = 0; u < NB / SELECT_THREADS; ++u) sHist[tid + u * SELECT_THREADS] = 0;
+    for (int u = 0; u < NB / THREADS; ++u) sHist[tid + u * THREADS] = 0;
     if (tid == 0) {  // where fewer than k keys: every bin
         sMisc[MISC_BIN] = 0;
         sMisc[MISC_ABOVE] = n_valid;
@@ -1249,13 +1255,13 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     __syncthreads();
     // sHist[b] <- the keys in the bins above b (bucket b's first slot), highest bin first; the
     // bin where that count reaches k is the threshold's
-    constexpr int PER = NB / SELECT_THREADS;
+    constexpr int PER = NB / THREADS;
     int* mine = sHist + NB - PER * (tid + 1);  // this thread's bins, highest last
     int sum = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) sum += mine[j];
     int total;
-    int above = block_exclusive_scan(sum, sScan, &total);
+    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
     int big = 0;
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
@@ -1284,13 +1290,14 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
         if (key[j] != HISA_KEY_NONE && b >= thr) buf[atomicAdd(&sHist[b], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    rank_in_buckets<SRC, MAP, NB>(a, row, t, rel, buf, count, n_out, sHist, [&](u64 e) { return bin((u32)(e >> 32)); });
+    rank_in_buckets<SRC, MAP, NB, THREADS>(a, row, t, rel, buf, count, n_out, sHist,
+                                           [&](u64 e) { return bin((u32)(e >> 32)); });
     return true;
 }
 
 // The keys of the smallest and the largest finite scores among a thread block's keys in registers
 // (flo > fhi: none). Ends synced.
-template <int N>
+template <int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed, int* sMisc, u32& flo, u32& fhi) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // key - (-inf's key + 1) wraps the non-numbers and -inf to the top; key + 2^23 wraps +inf's
@@ -1302,11 +1309,12 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
         mn = min(mn, key[j] - LO);
         mx = max(mx, key[j] + HI);
     }
-    warps_min_max(mn, mx, sRed);
+    warps_min_max<THREADS>(mn, mx, sRed);
     if (warp == 0) {  // one warp combines the warps' values, for every thread through sMisc
-        const bool has = lane < SELECT_WARPS;
+        constexpr int WARPS = THREADS / 32;
+        const bool has = lane < WARPS;
         const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
-        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[SELECT_WARPS + lane] : 0u);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
         if (lane == 0) {
             sMisc[MISC_RED_LO] = (int)wmn;
             sMisc[MISC_RED_HI] = (int)wmx;
@@ -1329,16 +1337,18 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // (regs_sort_direct): 12 by default; 11 for topk_regs_kernel, whose launches are mostly of many rows
 // (throughput-bound: fewer buckets to clear and scan), while the filtered select runs one
 // latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19)
-template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS>
+template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS>
 __device__ void row_select_regs(const SelectArgs& a) {
-    constexpr int R = REG_SELECT_R;
+    constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
+    constexpr int WARPS = THREADS / 32;
+    static_assert(R * THREADS == REG_SELECT_ITEMS && R % 4 == 0 && THREADS <= 1024, "the register layout");
     extern __shared__ __align__(16) char smem[];
     int* sHist = reinterpret_cast<int*>(smem);           // [SORT_BINS] (REG_SELECT_BINS for the levels)
     int* sScan = sHist + SORT_BINS;                      // [32]
     int* sMisc = sScan + 32;                             // [32]
     u64* sSel = reinterpret_cast<u64*>(sMisc + 32);      // [sort_cap] selected entries (by_score)
     u64* sAux = sSel + a.sort_cap;                       // [sort_cap] the sort's scratch (by_score)
-    u32* sRed = reinterpret_cast<u32*>(sHist);           // [3][SELECT_WARPS] the first reduction
+    u32* sRed = reinterpret_cast<u32*>(sHist);           // [3][WARPS] the first reduction
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = blockIdx.x;
@@ -1367,15 +1377,15 @@ __device__ void row_select_regs(const SelectArgs& a) {
     cnt = (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)cnt);
     if (lane == 0) {
         sRed[warp] = mn;
-        sRed[SELECT_WARPS + warp] = mx;
-        sRed[2 * SELECT_WARPS + warp] = (u32)cnt;
+        sRed[WARPS + warp] = mx;
+        sRed[2 * WARPS + warp] = (u32)cnt;
     }
     __syncthreads();
-    if (warp == 0) {  // one warp combines the warps' values (SELECT_WARPS <= 32)
-        const bool has = lane < SELECT_WARPS;
+    if (warp == 0) {  // one warp combines the warps' values (WARPS <= 32)
+        const bool has = lane < WARPS;
         const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
-        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[SELECT_WARPS + lane] : 0u);
-        const u32 wcnt = __reduce_add_sync(0xFFFFFFFFu, has ? sRed[2 * SELECT_WARPS + lane] : 0u);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
+        const u32 wcnt = __reduce_add_sync(0xFFFFFFFFu, has ? sRed[2 * WARPS + lane] : 0u);
         if (lane == 0) {
             sMisc[MISC_RED_LO] = (int)wmn;
             sMisc[MISC_RED_HI] = (int)wmx;
@@ -1400,25 +1410,25 @@ __device__ void row_select_regs(const SelectArgs& a) {
             // the finite scores' range: the row's own where its ends are numbers
             u32 flo = key_lo, fhi = key_hi;
             if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf or NaN; +inf's key
-                finite_key_range(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
-            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist,
+                finite_key_range<R, THREADS>(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
+            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR, R, THREADS>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist,
                                                                  sScan, sMisc, sSel)) {
-                pad_row<SRC>(a, row, min(k, n_valid) + tid, SELECT_THREADS);
+                pad_row<SRC>(a, row, min(k, n_valid) + tid, THREADS);
                 return;
             }
         }
         u32 floor_key = key_lo;
         int count = n_valid;
         if (n_valid > k) {
-            const RangeLevel L = range_level(key, lo, hi, k, sHist, sScan, sMisc);
+            const RangeLevel L = range_level<R, THREADS>(key, lo, hi, k, sHist, sScan, sMisc);
             floor_key = L.blo;
             count = L.above + L.in_bin;
         }
         const int n_out = min(k, n_valid);
         if (count <= 2 * a.sort_cap &&
-            regs_sort_direct<SRC, MAP, DIRECT_BITS>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
+            regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
                                        sSel)) {
-            pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
+            pad_row<SRC>(a, row, n_out + tid, THREADS);
             return;
         }
     }
@@ -1432,7 +1442,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
     if (n_valid > k && k > 0) {
         int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
         for (;;) {  // remaining <= the keys in [lo, hi], so the level finds its bin
-            const RangeLevel L = range_level(key, lo, hi, remaining, sHist, sScan, sMisc);
+            const RangeLevel L = range_level<R, THREADS>(key, lo, hi, remaining, sHist, sScan, sMisc);
             remaining -= L.above;
             if (L.in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
                 cut = L.blo;
@@ -1459,7 +1469,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
     int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
-    const int before = block_exclusive_scan(__popc(sel) | (__popc(eq) << 16), sScan, &total);
+    const int before = block_exclusive_scan<THREADS>(__popc(sel) | (__popc(eq) << 16), sScan, &total);
     const int eq_before = before >> 16;
     int slot = (before & 0xFFFF) + min(need, eq_before);  // ties kept by the threads before this one
     if (ties) {
@@ -1486,7 +1496,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // every selected key lies in [lowest, key_hi]: the threshold's key (or the row's lowest
         // key when all are selected) up to the row's largest
         const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
-        sort_and_emit<SRC, MAP>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
+        sort_and_emit<SRC, MAP, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
     } else {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
@@ -1495,7 +1505,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
             slot += s;
         }
     }
-    pad_row<SRC>(a, row, n_out + tid, SELECT_THREADS);
+    pad_row<SRC>(a, row, n_out + tid, THREADS);
 }
 
 // Flat kernel parameter list (CuPy passes scalars and pointers, not structs) and its packing.

@@ -57,6 +57,14 @@ CASES = [
 ]
 
 
+def _filtered_select_kernel(reg, R, sms, wide=True):
+    # the filtered top-k's select of R rows: register mode at 1024 threads where the rows fit one
+    # wave (FILTER_WIDE_SELECT), else at 512, or list mode
+    if reg and wide and R <= sms:
+        return "topk_filtered_wide_kernel"
+    return "topk_filtered_regs_kernel" if reg else "topk_filtered_kernel"
+
+
 def _merge_kernel(kept):
     # the split top-k's merge of `kept` items per row: register mode where they fit
     from hisa_cupy.kernels import cupy_backend
@@ -95,8 +103,7 @@ def test_topk_paths(cuda_device, monkeypatch, launched_kernels, name, gen, R, N,
                 _check_topk(scores, k, lens, f"{name} lengths={lens is not None} reg={reg} split={split}")
                 P = cupy_backend._topk_split(R, N, k, lens is not None, sms)
                 if cupy_backend._topk_filter(R, N, k, lens is not None) is not None:
-                    expected = ["topk_filter_kernel", "topk_filtered_regs_kernel" if reg else "topk_filtered_kernel",
-                                "topk_rescue_kernel"]
+                    expected = ["topk_filter_kernel", _filtered_select_kernel(reg, R, sms), "topk_rescue_kernel"]
                 elif P > 1:
                     expected = ["topk_chunks_kernel", _merge_kernel(P * k)]
                 elif reg and N <= cupy_backend.REG_SELECT_ITEMS:
@@ -349,21 +356,23 @@ def test_topk_filtered(cuda_device, monkeypatch, launched_kernels, gen, R, N, ks
     # 2.5k candidates per row, in column order (the chunks' offsets by look-back, several CTAs per
     # row claiming chunks), and their top k is exact; rows where it cannot be (more candidates
     # than the list holds, fewer than k kept) are marked and redone whole. Exact either way, ties
-    # to the lower column, with register mode's select of the candidates and with list mode's.
-    # Calls follow one another on one workspace, so each relies on the last one having zeroed
-    # the chunk states and counters
+    # to the lower column, with register mode's select of the candidates (1024 threads for rows
+    # that fit one wave, and 512) and with list mode's. Calls follow one another on one
+    # workspace, so each relies on the last one having zeroed the chunk states and counters
     from hisa_cupy.kernels import cupy_backend
 
     rng = np.random.default_rng(N + R)
     scores = gen(rng, R, N)
-    for reg in (True, False):
+    sms = cupy_backend._device_facts(cupy_backend._device_id())["sms"]
+    for reg, wide in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(cupy_backend, "REG_SELECT", reg)
+        monkeypatch.setattr(cupy_backend, "FILTER_WIDE_SELECT", wide)
         for k in ks:
             assert cupy_backend._topk_filter(R, N, k, False) is not None
             launched_kernels.clear()
-            _check_topk(scores, k, None, f"{gen.__name__} {R}x{N} k={k} reg={reg}")
-            assert launched_kernels == ["topk_filter_kernel", "topk_filtered_regs_kernel" if reg else
-                                        "topk_filtered_kernel", "topk_rescue_kernel"]
+            _check_topk(scores, k, None, f"{gen.__name__} {R}x{N} k={k} reg={reg} wide={wide}")
+            assert launched_kernels == ["topk_filter_kernel", _filtered_select_kernel(reg, R, sms, wide),
+                                        "topk_rescue_kernel"]
             failed = _failed_rows()
             assert failed.shape == (R,) and set(np.unique(failed)) <= {0, 1}
             if rescued == "none":
