@@ -650,6 +650,7 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
 template <int BINS = SORT_BINS, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc) {
     constexpr int PER = BINS / THREADS;  // buckets per thread in the scan
+    static_assert(PER * THREADS == BINS, "every thread scans as many buckets");
     const int tid = threadIdx.x;
     int* mine = sHist + BINS - PER * (tid + 1);  // this thread's buckets, highest last
     int sum = 0, big = 0;
@@ -682,6 +683,7 @@ __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc
 template <int SRC, int MAP, int THREADS = SELECT_THREADS>
 __device__ void sort_and_emit(const SelectArgs& a, long long row, int t, int rel, u64* sSel, u64* sAux, int n_out,
                               int* sHist, int* sScan, int* sMisc, u32 range_lo = 1u, u32 range_hi = 0u) {
+    static_assert(SORT_BINS % THREADS == 0, "every thread clears as many buckets");
     const int tid = threadIdx.x, lane = tid & 31;
     const bool by_score = a.by_score != 0;
     auto value = [&](u64 e) -> u64 { return by_score ? e : (e & 0xFFFFFFFFull); };
@@ -1042,9 +1044,11 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
 
 // ----------------------------------------------------------------------------------------------
 // Register mode: rows of at most REG_SELECT_ITEMS items (the refinement's m * B candidates, the
-// standalone top-k over 8192 columns), one CTA of SELECT_THREADS per row, every key read once from
-// global memory into registers. Thread i holds items [16i, 16i + 16) (four 16-byte loads where
-// the row is aligned), so thread order then register order is position order.
+// standalone top-k over 8192 columns), one CTA of SELECT_THREADS per row (THREADS, a template
+// parameter of row_select_regs and its helpers: 1024 for the filtered top-k's select of one wave,
+// with R = 8), every key read once from global memory into registers. Thread i holds items
+// [R i, R i + R) (R = 16: four 16-byte loads where the row is aligned), so thread order then
+// register order is position order.
 //
 // The threshold: the group [lo, hi] of keys that holds the k-th largest starts as the row's range
 // of keys (one reduction) and narrows by levels over the registers. A level spreads the group's
@@ -1058,7 +1062,7 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
 
 #define REG_SELECT_R 16                                     // keys per thread
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
-#define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * SELECT_THREADS)
+#define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * the CTA size)
 // resident CTAs per SM that register-mode kernels ask of their registers (launch bounds): at 2,
 // 56-64 registers and no spills; at 3, 40 registers and a few spilled bytes
 #define REG_SELECT_MIN_CTAS 3
@@ -1111,6 +1115,7 @@ struct RangeLevel {
 template <int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
                                                   int* sMisc) {
+    static_assert(REG_SELECT_BINS % THREADS == 0 && REG_SELECT_BINS <= 4 * THREADS, "the bins' clear and find_bin");
     const int tid = threadIdx.x;
     const u32 span = hi - lo;
     const int sh = span < REG_SELECT_BINS ? 0 : 32 - __clz((int)span) - 11;  // span >> sh < 2048
@@ -1164,10 +1169,11 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
 // bucket holds more than LIST_BUCKET_MAX entries (the caller then takes its general path). Ends
 // synced. BITS: log2 of the bucket count (<= SORT_BITS).
 template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS>
-__device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N], int first,
-                                 u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan, int* sMisc,
-                                 u64* buf) {
+__device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
+                                                 int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
+                                                 int* sMisc, u64* buf) {
     static_assert(BITS <= SORT_BITS, "the buckets fit sHist");
+    static_assert((1 << BITS) % THREADS == 0, "every thread clears as many buckets");
     constexpr int BINS = 1 << BITS;
     const int tid = threadIdx.x;
     const u32 span = key_hi - floor_key;
@@ -1238,6 +1244,7 @@ template <int SRC, int MAP, int NB, int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
+    static_assert(NB % THREADS == 0 && NB <= SORT_BINS, "every thread scans as many bins; they fit sHist");
     const int tid = threadIdx.x;
     const int k = a.k, n_out = min(k, n_valid);
     const LinearBins bin(flo, fhi, NB);
@@ -1411,8 +1418,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
             u32 flo = key_lo, fhi = key_hi;
             if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf or NaN; +inf's key
                 finite_key_range<R, THREADS>(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
-            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR, R, THREADS>(a, row, t, rel, key, first, flo, fhi, n_valid, sHist,
-                                                                 sScan, sMisc, sSel)) {
+            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR, R, THREADS>(a, row, t, rel, key, first, flo, fhi,
+                                                                             n_valid, sHist, sScan, sMisc, sSel)) {
                 pad_row<SRC>(a, row, min(k, n_valid) + tid, THREADS);
                 return;
             }
@@ -1426,8 +1433,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
         const int n_out = min(k, n_valid);
         if (count <= 2 * a.sort_cap &&
-            regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS>(a, row, t, rel, key, first, floor_key, key_hi, n_out, sHist, sScan, sMisc,
-                                       sSel)) {
+            regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS>(a, row, t, rel, key, first, floor_key, key_hi, n_out,
+                                                                sHist, sScan, sMisc, sSel)) {
             pad_row<SRC>(a, row, n_out + tid, THREADS);
             return;
         }
