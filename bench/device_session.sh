@@ -105,7 +105,8 @@ CONFIGS=(
 # the ncu step: "kernel name|profile_run.py arguments"
 NCU_SPECS=(
   "topk_regs_kernel|--op topk --rows 4096 --cols 8192"
-  "topk_chunks_kernel|--op topk --rows 64 --cols 131072"
+  "topk_filter_kernel|--op topk --rows 64 --cols 131072"
+  "topk_filtered_wide_kernel|--op topk --rows 64 --cols 131072"
 )
 if [ -n "${NCU_SPEC:-}" ]; then NCU_SPECS=("$NCU_SPEC"); fi
 # PROFILE_CONFIGS="cfg1;cfg2" replaces CONFIGS (the kernels and ab steps)

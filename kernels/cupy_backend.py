@@ -117,6 +117,7 @@ DENSE_FILTER = True
 #: row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads of 8 candidates each
 #: (topk_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for bench/ and the GPU tests
 FILTER_WIDE_SELECT = True
+#: that kernel's CTA size (FILTER_WIDE_THREADS in row_filter.cuh)
 FILTER_WIDE_THREADS = 1024
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
@@ -1691,8 +1692,9 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
         # a select of one CTA per row in one wave triggers the rescue's launch at its start (common.cuh,
         # grid_dependents_launch)
         early = int(rows <= sms)
-        _launch_select(filename, _filtered_select_kernel(stem, rows, sms), rows=rows, keys=cand if keys is not None else None,
-                       scores=cand if scores is not None else None, ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
+        _launch_select(filename, _filtered_select_kernel(stem, rows, sms), rows=rows,
+                       keys=cand if keys is not None else None, scores=cand if scores is not None else None,
+                       ld=n, ncols=n, blocks=cand_idx, m=n, B=1,
                        extra=(states, P, n, next_chunk, failed, early), **common)
         _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
                        extra=(failed,), **common)
