@@ -619,6 +619,24 @@ def test_topk_filter_launches(monkeypatch):
     assert _topk_64x131072(monkeypatch, fake, True)[0][0].name == "topk_chunks_kernel"
 
 
+def test_filtered_select_kernel_choice(monkeypatch):
+    # the 1024-thread select only for hisa_cupy.topk's launches of one wave (rows <= SMs) with
+    # register mode on; dense_select's filtered rows and launches past one wave keep the
+    # <stem>_filtered_kernel twins (register or list mode by the select plan)
+    monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", True)
+    monkeypatch.setattr(cb, "REG_SELECT", True)
+    assert cb._filtered_select_kernel("topk", 1, 132) == "topk_filtered_wide_kernel"
+    assert cb._filtered_select_kernel("topk", 132, 132) == "topk_filtered_wide_kernel"
+    assert cb._filtered_select_kernel("topk", 133, 132) == "topk_filtered_kernel"
+    assert cb._filtered_select_kernel("dense", 16, 132) == "dense_filtered_kernel"
+    monkeypatch.setattr(cb, "REG_SELECT", False)
+    assert cb._filtered_select_kernel("topk", 64, 132) == "topk_filtered_kernel"
+    monkeypatch.setattr(cb, "REG_SELECT", True)
+    monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", False)
+    assert cb._filtered_select_kernel("topk", 64, 132) == "topk_filtered_kernel"
+    assert cb.FILTER_WIDE_THREADS == 1024 and ("topk.cu", "topk_filtered_wide_kernel") in cb.kernel_instances()
+
+
 def test_filter_state_buffers_start_at_zero(monkeypatch):
     # the filter's chunk states and chunk counters must be zero before its first launch (the
     # select returns them to zero after each call): their buffers are allocated zeroed, and grow
