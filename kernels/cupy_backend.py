@@ -113,9 +113,10 @@ TOPK_SPLIT = 0
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
-#: hisa_cupy.topk's filtered select of a launch of at most one row per SM (one wave of one CTA per
-#: row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads of 8 candidates each
-#: (topk_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for bench/ and the GPU tests
+#: the filtered top-k's select (hisa_cupy.topk, dense_select) of a launch of at most one row per SM
+#: (one wave of one CTA per row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads
+#: of 8 candidates each (<stem>_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for
+#: bench/ and the GPU tests
 FILTER_WIDE_SELECT = True
 #: that kernel's CTA size (FILTER_WIDE_THREADS in row_filter.cuh)
 FILTER_WIDE_THREADS = 1024
@@ -359,7 +360,7 @@ def kernel_instances():
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
             ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
             ("dense.cu", "dense_filtered_regs_kernel")]
-    out += [("topk.cu", name) for name in _WIDE_SELECT_KERNELS]
+    out += [(name.split("_")[0] + ".cu", name) for name in _WIDE_SELECT_KERNELS]
     return out
 
 
@@ -1137,7 +1138,7 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
                        "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
 #: register-mode select kernels of FILTER_WIDE_THREADS threads (named as launched; no twins)
-_WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel",)
+_WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel", "dense_filtered_wide_kernel")
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1646,11 +1647,11 @@ def topk(scores, lengths, *, k, out_values, out_indices, stream):
 
 def _filtered_select_kernel(stem: str, rows: int, sms: int) -> str:
     """The filtered top-k's select launch (step 2 of row_filter.cuh) over ``rows`` rows:
-    hisa_cupy.topk's (fp32 scores) at FILTER_WIDE_THREADS threads per row where the rows fit one
-    wave (FILTER_WIDE_SELECT, REG_SELECT), else `<stem>_filtered_kernel` (register or list mode
-    by _launch_select's plan)."""
-    if stem == "topk" and FILTER_WIDE_SELECT and REG_SELECT and rows <= sms:
-        return "topk_filtered_wide_kernel"
+    `<stem>_filtered_wide_kernel` (FILTER_WIDE_THREADS threads per row) where the rows fit one
+    wave (FILTER_WIDE_SELECT, REG_SELECT), else `<stem>_filtered_kernel` (register or list mode by
+    _launch_select's plan)."""
+    if FILTER_WIDE_SELECT and REG_SELECT and rows <= sms:
+        return f"{stem}_filtered_wide_kernel"
     return f"{stem}_filtered_kernel"
 
 

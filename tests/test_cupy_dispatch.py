@@ -620,21 +620,23 @@ def test_topk_filter_launches(monkeypatch):
 
 
 def test_filtered_select_kernel_choice(monkeypatch):
-    # the 1024-thread select only for hisa_cupy.topk's launches of one wave (rows <= SMs) with
-    # register mode on; dense_select's filtered rows and launches past one wave keep the
-    # <stem>_filtered_kernel twins (register or list mode by the select plan)
+    # the 1024-thread select for launches of one wave (rows <= SMs) with register mode on, in
+    # hisa_cupy.topk and dense_select; launches past one wave keep the <stem>_filtered_kernel
+    # twins (register or list mode by the select plan)
     monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", True)
     monkeypatch.setattr(cb, "REG_SELECT", True)
     assert cb._filtered_select_kernel("topk", 1, 132) == "topk_filtered_wide_kernel"
     assert cb._filtered_select_kernel("topk", 132, 132) == "topk_filtered_wide_kernel"
     assert cb._filtered_select_kernel("topk", 133, 132) == "topk_filtered_kernel"
-    assert cb._filtered_select_kernel("dense", 16, 132) == "dense_filtered_kernel"
+    assert cb._filtered_select_kernel("dense", 16, 132) == "dense_filtered_wide_kernel"
+    assert cb._filtered_select_kernel("dense", 512, 132) == "dense_filtered_kernel"
     monkeypatch.setattr(cb, "REG_SELECT", False)
     assert cb._filtered_select_kernel("topk", 64, 132) == "topk_filtered_kernel"
     monkeypatch.setattr(cb, "REG_SELECT", True)
     monkeypatch.setattr(cb, "FILTER_WIDE_SELECT", False)
     assert cb._filtered_select_kernel("topk", 64, 132) == "topk_filtered_kernel"
     assert cb.FILTER_WIDE_THREADS == 1024 and ("topk.cu", "topk_filtered_wide_kernel") in cb.kernel_instances()
+    assert ("dense.cu", "dense_filtered_wide_kernel") in cb.kernel_instances()
 
 
 def test_filter_state_buffers_start_at_zero(monkeypatch):
@@ -705,7 +707,8 @@ def test_dense_filter_launches(monkeypatch):
     ks, ke = pointer_array((T,), np.int32), pointer_array((T,), np.int32)
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
     score = "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"
-    assert fake.names() == [score, "dense_filter_kernel", "dense_filtered_regs_kernel", "dense_rescue_kernel"] * 3
+    # chunks of at most 16 rows are one wave each: the 1024-thread select
+    assert fake.names() == [score, "dense_filter_kernel", "dense_filtered_wide_kernel", "dense_rescue_kernel"] * 3
     bufs = cb._workspaces[(0, 0)]._bufs
     keys, cand, cidx = bufs["dense_keys"], bufs["filter_cand_words"], bufs["filter_cand_indices"]
     for i, r0 in enumerate((0, 16, 32)):
@@ -716,7 +719,8 @@ def test_dense_filter_launches(monkeypatch):
         assert a[7:14] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0, 1, 16, 5120, 8192, 65536]
         assert a[14] == cand.data.ptr and a[15] == cidx.data.ptr
         b = [_value(x) for x in sel.args]
-        assert sel.grid == (nr,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192] and b[7:10] == [0, T - r0, S]
+        assert sel.grid == (nr,) and sel.block == (1024,) and b[0] == cand.data.ptr and b[2:4] == [8192, 8192]
+        assert b[7:10] == [0, T - r0, S]
         assert b[10:12] == [ks.data.ptr + 4 * r0, ke.data.ptr + 4 * r0] and b[12] == cidx.data.ptr
         assert b[13:15] == [8192, 1] and b[16:18] == [1, 0] and b[22] == out.data.ptr + r0 * 2048 * 4
         assert b[-1] == 1  # early: at most 16 rows, one wave

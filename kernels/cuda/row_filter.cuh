@@ -35,8 +35,8 @@ static_assert(FILTER_CHUNK == SELECT_THREADS * REG_SELECT_R, "a chunk is one col
 static_assert(FILTER_SAMPLES % SELECT_THREADS == 0, "samples per thread");
 
 // The register-mode select of step 2 in one wave (no more rows than SMs, one CTA per row: the
-// latency-bound case, e.g. hisa_cupy.topk over [64 x 131072]) runs 1024 threads of 8 candidates
-// each instead of 512 of 16 (topk.cu, topk_filtered_wide_kernel)
+// latency-bound case, e.g. hisa_cupy.topk over [64 x 131072], dense_select for up to 132 query
+// rows) runs 1024 threads of 8 candidates each instead of 512 of 16 (STEM_filtered_wide_kernel)
 #define FILTER_WIDE_THREADS 1024
 #define FILTER_STAGE REG_SELECT_BINS  // kept columns of a chunk staged in shared memory (sHist's room)
 #define FILTER_STATE_POSTED 0x40000000u  // states: the chunk's own count is posted
@@ -346,10 +346,11 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
     else row_select<SRC, MAP_GATHER>(a);
 }
 
-// The four kernels of a filtered top-k over SRC words, whose rescue ranks whole rows with MAP
+// The five kernels of a filtered top-k over SRC words, whose rescue ranks whole rows with MAP
 // (topk.cu: fp32 scores, MAP_IDENTITY; dense.cu: ranking keys, MAP_TOKENS), named as
 // cupy_backend._filtered_top_k launches them: STEM_filter_kernel, STEM_filtered_kernel,
-// STEM_filtered_regs_kernel (register mode) and STEM_rescue_kernel (its CTAs of unmarked rows
+// STEM_filtered_regs_kernel (register mode), STEM_filtered_wide_kernel (register mode at
+// FILTER_WIDE_THREADS, for a launch of one wave) and STEM_rescue_kernel (its CTAs of unmarked rows
 // return at once).
 #define HISA_FILTER_KERNELS(STEM, SRC, MAP)                                                              \
     __global__ void __launch_bounds__(SELECT_THREADS) STEM##_filter_kernel(FILTER_PARAMS) {                 \
@@ -367,6 +368,13 @@ __device__ __forceinline__ void filtered_select(const SelectArgs& a, u32* states
                                     int early) {                                                         \
         grid_dependency_sync();                                                                          \
         filtered_select<SRC, true>(SELECT_ARGS, states, P, n, next_chunk, failed, early);                \
+    }                                                                                                    \
+    __global__ void __launch_bounds__(FILTER_WIDE_THREADS, 1)                                            \
+        STEM##_filtered_wide_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed, \
+                                    int early) {                                                         \
+        grid_dependency_sync();                                                                          \
+        filtered_select<SRC, true, FILTER_WIDE_THREADS>(SELECT_ARGS, states, P, n, next_chunk, failed,   \
+                                                        early);                                          \
     }                                                                                                    \
     __global__ void __launch_bounds__(SELECT_THREADS) STEM##_rescue_kernel(SELECT_PARAMS, const int* failed) { \
         grid_dependency_sync();                                                                          \

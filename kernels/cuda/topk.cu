@@ -44,12 +44,3 @@ __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_merg
 // sampled threshold, their top k, and the rows where that cannot be exact redone whole.
 
 HISA_FILTER_KERNELS(topk, KEYS_F32, MAP_IDENTITY)
-
-// the candidates' select of a launch of at most one row per SM (cupy_backend._filtered_top_k):
-// register mode at FILTER_WIDE_THREADS, twice the threads of topk_filtered_regs_kernel on each
-// row's SM and half the serial work per thread
-__global__ void __launch_bounds__(FILTER_WIDE_THREADS, 1)
-    topk_filtered_wide_kernel(SELECT_PARAMS, u32* states, int P, int n, int* next_chunk, int* failed, int early) {
-    grid_dependency_sync();
-    filtered_select<KEYS_F32, true, FILTER_WIDE_THREADS>(SELECT_ARGS, states, P, n, next_chunk, failed, early);
-}

@@ -401,7 +401,8 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
     # dense_select over 131072 keys with topk = 2048 takes the filtered top-k (DENSE_FILTER):
     # exact inputs (many equal scores, so ties at the threshold are split by position) with the
     # causal default (every row long: the candidates' path) and with ragged ranges (rows shorter
-    # than 65536 keys, empty ones included, go to the rescue); the same with the filter off
+    # than 65536 keys, empty ones included, go to the rescue); the same with the filter off. The
+    # 16 rows are one wave: the candidates' select at 1024 threads, and at 512 (FILTER_WIDE_SELECT)
     from hisa_cupy.kernels import cupy_backend
 
     T, S = 16, 131072
@@ -411,12 +412,15 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
                                      order=order)
         args = [testing.to_torch(inp[n]) for n in ("q", "k", "weights")]
         rng_kw = {} if inp["ks"] is None else dict(ks=testing.to_torch(inp["ks"]), ke=testing.to_torch(inp["ke"]))
-        for filt in (True, False):
+        for filt, wide in ((True, True), (True, False), (False, True)):
             monkeypatch.setattr(cupy_backend, "DENSE_FILTER", filt)
+            monkeypatch.setattr(cupy_backend, "FILTER_WIDE_SELECT", wide)
             launched_kernels.clear()
             got = hisa_cupy.dense_select(*args, topk=2048, order=order, backend="cupy", **rng_kw)
-            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} filter={filt} order={order}")
+            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} filter={filt} wide={wide} order={order}")
             assert ("dense_filter_kernel" in launched_kernels) == filt
+            if filt:
+                assert ("dense_filtered_wide_kernel" if wide else "dense_filtered_regs_kernel") in launched_kernels
             if filt:
                 failed = _failed_rows()
                 if ragged:
