@@ -1098,17 +1098,14 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
                                                                                           facts["smem_optin"])
         if wide and not regs:
             raise ValueError(f"{kernel} is register mode only: k = {k} over {ncols} columns does not fit it")
-        if wide:
-            (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
-            per_cta, block = 1, (FILTER_WIDE_THREADS,)
-        elif warp:
+        if warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
-        elif regs:
-            kernel = kernel[:-len("_kernel")] + "_regs_kernel"
+        elif regs:  # the wide kernels are launched by their own names
+            kernel = kernel if wide else kernel[:-len("_kernel")] + "_regs_kernel"
             (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
-            per_cta, block = 1, (SELECT_THREADS,)
+            per_cta, block = 1, (FILTER_WIDE_THREADS if wide else SELECT_THREADS,)
         else:
             lists, sort_cap, cand_cap, ring, cache_cap, smem = _select_plan(k, ncols, by_score, facts["smem_optin"],
                                                                             rows, facts["sms"])

@@ -421,7 +421,6 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
             assert ("dense_filter_kernel" in launched_kernels) == filt
             if filt:
                 assert ("dense_filtered_wide_kernel" if wide else "dense_filtered_regs_kernel") in launched_kernels
-            if filt:
                 failed = _failed_rows()
                 if ragged:
                     lens = np.clip(inp["ke"], 0, S) - np.clip(inp["ks"], 0, S)
