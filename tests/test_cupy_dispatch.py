@@ -637,6 +637,13 @@ def test_filtered_select_kernel_choice(monkeypatch):
     assert cb._filtered_select_kernel("topk", 64, 132) == "topk_filtered_kernel"
     assert cb.FILTER_WIDE_THREADS == 1024 and ("topk.cu", "topk_filtered_wide_kernel") in cb.kernel_instances()
     assert ("dense.cu", "dense_filtered_wide_kernel") in cb.kernel_instances()
+    # the wide kernels are register mode only: rows past REG_SELECT_ITEMS are refused, not sent to
+    # another mode under the wide kernel's name
+    _Fake(monkeypatch, cc=90)
+    with pytest.raises(ValueError, match="register mode only"):
+        cb._launch_select("topk.cu", "topk_filtered_wide_kernel", rows=1, scores=pointer_array((1, 9000), np.float32),
+                          ld=9000, ncols=9000, k=2048, T=1, S=9000, out_idx=pointer_array((1, 2048), np.int32),
+                          out_ld=2048)
 
 
 def test_filter_state_buffers_start_at_zero(monkeypatch):
