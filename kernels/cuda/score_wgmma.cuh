@@ -93,6 +93,16 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Pins an accumulator set after the wgmma_wait that retires its MMAs: asm with the registers as
+// read-write operands, so the compiler cannot move their reads above the wait (it sees the wgmma's
+// asm as writing them when it is issued, and nothing else orders plain arithmetic after an asm
+// volatile). Every accumulator read follows one; on an H200 the kernels ran as fast with them
+// (bench/NOTES.md, session 24).
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&a)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(a[i])::"memory");
+}
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Bulk copies of whole key tiles: one thread arms a buffer's mbarrier with the tile's byte count
@@ -107,6 +117,12 @@ __device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_init_count(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     asm volatile("{\n.reg .pred done;\nRETRY:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
@@ -418,8 +434,14 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
 
     // the barriers are published by the first CTA-wide barrier below (tile_has_candidate)
+    // dense: a second mbarrier per buffer (in the flags' space, which dense does not use) counts
+    // the four warps done reading it, so that no CTA barrier is needed per tile
+    const u32 sEmpty0 = smem_addr(sFlag);
     if (BULK && tid == 0)
-        for (int s = 0; s < NBUF; ++s) mbar_init(sBar0 + 8 * s);
+        for (int s = 0; s < NBUF; ++s) {
+            mbar_init(sBar0 + 8 * s);
+            mbar_init_count(sEmpty0 + 8 * s, SCORE_THREADS / 32);
+        }
     if constexpr (UNION) {
         // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
         // output); a block in both lists is emitted once, from row 0. In block order, a block's
@@ -574,6 +596,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
         head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
         fence_async_smem();
+        // fp8 keys: the tile loop has no CTA barrier (empty mbarriers free the key buffers), so
+        // this one makes every thread's part of q visible before the first MMA reads it
+        if constexpr (BULK) __syncthreads();
     }
 
     // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows.
@@ -590,7 +615,24 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int pair = lane >> 1, sub = lane & 1;
     const int sub8 = lane & 7, rq = lane >> 3;
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
+    int staged = 0;  // dense: stage calls so far (thread 0)
     auto stage = [&](int j, int slot) {
+        if constexpr (BULK) {
+            // dense fp8 keys: only the key tile (flags and scales come in write_keys); thread 0:
+            // rows col0 + n .. of k, those past S left out (no row's candidates, whatever the
+            // buffer holds)
+            if (tid == 0) {
+                // the buffer's previous tile (two stages ago) read by every warp
+                if (staged >= NBUF) mbar_wait(sEmpty0 + 8 * slot, (u32)((staged / NBUF - 1) & 1));
+                ++staged;
+                const long long start = (long long)col0 + j * SCORE_TILE;
+                const long long rows = j < j_stop ? min((long long)SCORE_TILE, (long long)S - start) : 0;
+                const u32 bytes = rows > 0 ? (u32)rows * Shape::KROWB : 0u;
+                mbar_arm(sBar0 + 8 * slot, bytes);
+                if (bytes) bulk_copy(sK0 + slot * Shape::K_BYTES, kbase + start * Shape::KROWB, bytes, sBar0 + 8 * slot);
+            }
+            return;
+        }
         u32 f[ROWS];
         int col[ROWS];
         int row = -1;
@@ -605,17 +647,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             sFlag[(slot * ROWS + r) * SCORE_TILE + tid] = f[r];
             if (UNION) sDst[(slot * ROWS + r) * SCORE_TILE + tid] = col[r];
         }
-        if constexpr (BULK) {
-            // thread 0: the tile's keys are rows col0 + n .. of k, those past S left out (they
-            // are no row's candidates: flag 0, whatever the buffer holds)
-            if (tid == 0) {
-                const long long start = (long long)col0 + j * SCORE_TILE;
-                const long long rows = j < j_stop ? min((long long)SCORE_TILE, (long long)S - start) : 0;
-                const u32 bytes = rows > 0 ? (u32)rows * Shape::KROWB : 0u;
-                mbar_arm(sBar0 + 8 * slot, bytes);
-                if (bytes) bulk_copy(sK0 + slot * Shape::K_BYTES, kbase + start * Shape::KROWB, bytes, sBar0 + 8 * slot);
-            }
-        } else if constexpr (WHOLE_ROWS) {
+        if constexpr (WHOLE_ROWS) {
             const u32 dst_warp = sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128);
 #pragma unroll
             for (int s = 0; s < 8; ++s) {
@@ -661,9 +693,26 @@ __device__ __forceinline__ void score_tile_wgmma(
     // head sums of one half (wgmma_head_sums)
     auto head_sums = [&](const float (&a)[N / 2], float (&sum)[ROWS][2]) { wgmma_head_sums<N, H, ROWS>(a, wt, sum); };
     // ranking keys of one tile: lane 4 g + x writes item (x / 2) * 64 + 16 warp + g + 8 (x % 2)
-    auto write_keys = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int n0, int slot) {
+    const int key_item = ((lane & 3) >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (lane & 1);
+    // dense fp8 keys: the scale of the lane's item of tile j (write_keys), loaded before the tile's
+    // MMAs so that they hide its latency
+    auto item_scale = [&](int j) {
+        const int n = min(j * SCORE_TILE + key_item, nitems - 1);
+        return kscale ? kscale[col0 + n] : 1.0f;
+    };
+    auto write_keys = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int n0, int slot, float sc_bulk = 1.0f) {
         const int x = lane & 3;
-        const int item = (x >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (x & 1);
+        const int item = key_item;
+        if constexpr (BULK) {  // flags from the rows' key ranges, the scale prefetched (item_scale)
+            const int n = n0 + item, s = col0 + n;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
+                if (live[r] && n < nitems)
+                    orow(r)[n] = item_key(s >= rr[r].ks && s < rr[r].ke ? 1u : 0u, v, kscale != nullptr, sc_bulk);
+            }
+            return;
+        }
         const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
@@ -703,10 +752,16 @@ __device__ __forceinline__ void score_tile_wgmma(
         issue_rs(acc[0], af);
         stage(j + NBUF - 1, next);
         wgmma_wait<0>();
+        wgmma_fence_operands(acc[0]);
         head_sums(acc[0], s0);
         load_a(af, slot, 1);
+        if constexpr (BULK) {  // the warp's last read of the buffer
+            __syncwarp();
+            if (lane == 0) mbar_arrive(sEmpty0 + 8 * slot);
+        }
         issue_rs(acc[0], af);
         wgmma_wait<0>();
+        wgmma_fence_operands(acc[0]);
         head_sums(acc[0], s1);
     };
     // The union path's MMAs for one query row (SPLIT_ROWS, tiles of one row's blocks): one commit
@@ -766,10 +821,12 @@ __device__ __forceinline__ void score_tile_wgmma(
                 issue_rs_row(a0, af, only);
                 stage(j + NBUF - 1, next);
                 wgmma_wait<0>();
+                wgmma_fence_operands(a0);
                 load_a(af, slot, 1);
                 issue_rs_row(a1, af, only);
                 row_sums(a0, only, s0[only]);
                 wgmma_wait<0>();
+                wgmma_fence_operands(a1);
                 row_sums(a1, only, s1[only]);
             }
             write_keys(s0, s1, j * SCORE_TILE, slot);
@@ -789,11 +846,14 @@ __device__ __forceinline__ void score_tile_wgmma(
             // shared memory (the register-A path reads it with ordinary loads, and q was fenced once)
             if constexpr (!Shape::FP8A) fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
-            __syncthreads();
+            // (dense: the buffers' empty barriers do that)
+            if constexpr (!BULK) __syncthreads();
             const int n0 = j * SCORE_TILE;
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;
             float s0[ROWS][2], s1[ROWS][2];
+            float sc = 1.0f;
+            if constexpr (BULK) sc = item_scale(j);
             if constexpr (Shape::FP8A) {
                 u32 af[KSTEPS][4];
                 load_a(af, slot, 0);
@@ -804,11 +864,13 @@ __device__ __forceinline__ void score_tile_wgmma(
                 issue(acc[1], slot, 1);
                 stage(j + NBUF - 1, next);
                 wgmma_wait<1>();
+                wgmma_fence_operands(acc[0]);
                 head_sums(acc[0], s0);
                 wgmma_wait<0>();
+                wgmma_fence_operands(acc[1]);
                 head_sums(acc[1], s1);
             }
-            write_keys(s0, s1, n0, slot);
+            write_keys(s0, s1, n0, slot, sc);
             slot = slot + 1 == NBUF ? 0 : slot + 1;
         }
     }
