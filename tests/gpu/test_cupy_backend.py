@@ -457,6 +457,31 @@ def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
         testing.assert_selection_equivalent(got, ref_dense, scores, ks=w.ks, err_msg=f"dense use_wgmma={use}")
 
 
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_dense_equals_hisa_over_every_block(cuda_device, monkeypatch, launched_kernels, order):
+    # General fp8 inputs (per-token key scales), ragged key ranges and a partial last tile: dense_select
+    # on its bulk-copy wgmma path (dense_score_wgmma_kernel: flags from the rows' key ranges, each
+    # lane's key scale loaded before the tile's MMAs, key buffers freed by per-buffer mbarriers instead
+    # of a CTA barrier per tile) equals hisa_select with every block selected bit for bit: both score
+    # a (row, key) with the same products, FMA chains and scale (score_wgmma.cuh), and rank the keys
+    # the same way. One score CTA per SM in the split gives each CTA 13 tiles (132 SMs), so every key buffer is
+    # reused several times and its barriers' phases wrap.
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "SCORE_CTAS_PER_SM", 1)
+    S, T = 8000, 64
+    w = workloads.make_workload("random", seq_len=S, num_queries=T, seed=11)
+    ks = ((np.arange(T) * 37) % 500).astype(np.int32)
+    args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
+    kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(ks), ke=to_torch(w.ke), order=order, backend="cupy")
+    launched_kernels.clear()
+    dense = hisa_cupy.dense_select(*args, topk=512, **kw)
+    assert "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>" in launched_kernels, launched_kernels
+    hisa = hisa_cupy.hisa_select(*args, block_size=128, block_topk=-(-S // 128), topk=512, **kw)
+    testing.assert_selection_equal(to_np(dense), to_np(hisa), err_msg=f"order={order}")
+    assert (to_np(dense) >= 0).sum() > T * 400  # rows hold real selections
+
+
 def test_programmatic_dependent_launch(cuda_device, monkeypatch):
     # With USE_PDL each kernel's launch is taken in while the one before it runs, and the kernel
     # waits for it first (common.cuh, grid_dependency_sync). Calls queued back to back without a
