@@ -97,7 +97,8 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // read-write operands, so the compiler cannot move their reads above the wait (it sees the wgmma's
 // asm as writing them when it is issued, and nothing else orders plain arithmetic after an asm
 // volatile). Every accumulator read follows one; on an H200 the kernels ran as fast with them
-// (bench/NOTES.md, session 24).
+// (bench/NOTES.md, session 24). They emit no PTX, so they do not constrain ptxas: tests/test_sass.py
+// checks that its code keeps every relu of the head sums.
 template <int N>
 __device__ __forceinline__ void wgmma_fence_operands(float (&a)[N]) {
 #pragma unroll
@@ -108,8 +109,10 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 // Bulk copies of whole key tiles: one thread arms a buffer's mbarrier with the tile's byte count
 // and issues one cp.async.bulk, whose completion ends the barrier's phase; every thread waits for
 // that phase (parity = how often the buffer was used before, mod 2).
+// (COUNT: the arrivals that end a phase; 1 for a bulk copy's barrier, whose bytes complete it)
+template <int COUNT = 1>
 __device__ __forceinline__ void mbar_init(u32 bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar), "n"(COUNT) : "memory");
 }
 __device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -117,9 +120,6 @@ __device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_init_count(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -440,7 +440,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     if (BULK && tid == 0)
         for (int s = 0; s < NBUF; ++s) {
             mbar_init(sBar0 + 8 * s);
-            mbar_init_count(sEmpty0 + 8 * s, SCORE_THREADS / 32);
+            mbar_init<SCORE_THREADS / 32>(sEmpty0 + 8 * s);
         }
     if constexpr (UNION) {
         // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
