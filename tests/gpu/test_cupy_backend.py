@@ -470,6 +470,8 @@ def test_dense_equals_hisa_over_every_block(cuda_device, monkeypatch, launched_k
 
     monkeypatch.setattr(cupy_backend, "SCORE_CTAS_PER_SM", 1)
     S, T = 8000, 64
+    # 13 tiles per score CTA on 132 SMs (7 with the default split): each buffer's barriers wrap
+    assert cupy_backend._tiles_per_cta(-(-S // cupy_backend.SCORE_TILE), T // 2) >= 8
     w = workloads.make_workload("random", seq_len=S, num_queries=T, seed=11)
     ks = ((np.arange(T) * 37) % 500).astype(np.int32)
     args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
