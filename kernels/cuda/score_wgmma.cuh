@@ -25,7 +25,7 @@
 // committed as separate groups so the epilogue of the first overlaps the MMA of the second.
 // Dense fp8 key tiles are 128 consecutive rows: one thread copies each with one bulk copy
 // (cp.async.bulk, completion counted on an mbarrier per buffer); they land unswizzled, and the A
-// fragment reads are ordered to stay conflict-free (fp8a_fragments). The dense score kernel ran
+// fragment reads take a 2-way bank conflict (fp8a_fragments). The dense score kernel ran
 // 4% faster so (H200, 128K/4096); the union path, whose tiles are whole blocks of the union, ran
 // no faster that way (-0.4% to +4%: its copies cost through the bytes they move, bench/NOTES.md,
 // session 16), so it keeps its per-thread copies.
@@ -109,10 +109,8 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 // Bulk copies of whole key tiles: one thread arms a buffer's mbarrier with the tile's byte count
 // and issues one cp.async.bulk, whose completion ends the barrier's phase; every thread waits for
 // that phase (parity = how often the buffer was used before, mod 2).
-// (COUNT: the arrivals that end a phase; 1 for a bulk copy's barrier, whose bytes complete it)
-template <int COUNT = 1>
 __device__ __forceinline__ void mbar_init(u32 bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar), "n"(COUNT) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\nfence.mbarrier_init.release.cluster;\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -120,9 +118,6 @@ __device__ __forceinline__ void mbar_arm(u32 bar, u32 bytes) {
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     asm volatile("{\n.reg .pred done;\nRETRY:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
@@ -206,8 +201,9 @@ __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
 // (c = lane % 4: two 16-byte chunks, conflict-free), and k-step s takes bytes 32 c + 4 s + {0..3}:
 // the first two as MMA columns 2 c + {0, 1}, the last two as 2 c + 8 + {0, 1}. The MMA thus sums
 // over a permutation of D; q's B tile is staged in the same permuted order. LINEAR: the tile is
-// unswizzled (bulk copies); lanes of odd rows then read their second chunk first, so that the
-// two rows of each quarter warp cover all 32 banks, and swap the chunks back.
+// unswizzled (bulk copies), so the two rows of each quarter warp hit the same banks (a 2-way
+// conflict). Reading odd rows' chunks in swapped order avoids it but needs 16 selects per half
+// to swap them back, which cost more: dense -0.8% without them (bench/NOTES.md, session 25).
 template <bool LINEAR = false>
 __device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int warp, int lane, u32 (&af)[8][4]) {
     const int g = lane >> 2, c = lane & 3;
@@ -224,26 +220,29 @@ __device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int w
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const int r = half * 64 + warp * 16 + g + 8 * rr;
-        if constexpr (LINEAR) {
-            const int odd = g & 1;
-            const uint4 p = chunk(r, 2 * c + odd), q = chunk(r, 2 * c + 1 - odd);
-            // component-wise selects (a select of the two structs would go through local memory)
-            put(rr, 0, make_uint4(odd ? q.x : p.x, odd ? q.y : p.y, odd ? q.z : p.z, odd ? q.w : p.w));
-            put(rr, 1, make_uint4(odd ? p.x : q.x, odd ? p.y : q.y, odd ? p.z : q.z, odd ? p.w : q.w));
-        } else {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) put(rr, e, chunk(r, (2 * c + e) ^ g));
-        }
+        for (int e = 0; e < 2; ++e) put(rr, e, chunk(r, LINEAR ? 2 * c + e : (2 * c + e) ^ g));
     }
 }
 #endif  // HISA_HAS_WGMMA
+
+// relu (score_tile.cuh) against -0 (a zero of either sign for x <= 0): head sums of relu * weight
+// fused multiply-adds come out bit for bit the same with either (their chains start at +0, and
+// adding a zero product to a partial sum gives the partial sum, or +0). A different instruction
+// for ptxas: the dense kernel's first MMA half uses it (fp8a_tile).
+__device__ __forceinline__ float relu_nz(float x) {
+    float y;
+    asm("max.NaN.f32 %0, %1, 0f80000000;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // The relu * weight head sums of one 64-item half from its accumulators a (N = ROWS * H operand
 // columns; the lane's columns 8 i + 2 (lane % 4) + {0, 1}, weights wt as head_weights loads them):
 // sum[r][e] = item 16 warp + lane / 4 + 8 e of the half for query row r, reduced over the 4 lanes
 // that share the item (all 4 hold it). Two independent FMA chains per item. A function of its own
-// so that bench/wgmma_rate.py times the engine's own epilogue.
-template <int N, int H, int ROWS>
+// so that bench/wgmma_rate.py times the engine's own epilogue. NZ: the relus against -0 (relu_nz;
+// the same sums bit for bit).
+template <int N, int H, int ROWS, bool NZ = false>
 __device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const float (&wt)[N / 8][2],
                                                 float (&sum)[ROWS][2]) {
     float p[ROWS][2][2];
@@ -254,8 +253,8 @@ __device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const f
         const int r = (8 * i) / H;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            p[r][e][0] = fmaf(wt[i][0], relu(a[4 * i + 2 * e]), p[r][e][0]);
-            p[r][e][1] = fmaf(wt[i][1], relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
+            p[r][e][0] = fmaf(wt[i][0], NZ ? relu_nz(a[4 * i + 2 * e]) : relu(a[4 * i + 2 * e]), p[r][e][0]);
+            p[r][e][1] = fmaf(wt[i][1], NZ ? relu_nz(a[4 * i + 2 * e + 1]) : relu(a[4 * i + 2 * e + 1]), p[r][e][1]);
         }
     }
 #pragma unroll
@@ -434,14 +433,8 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
 
     // the barriers are published by the first CTA-wide barrier below (tile_has_candidate)
-    // dense: a second mbarrier per buffer (in the flags' space, which dense does not use) counts
-    // the four warps done reading it, so that no CTA barrier is needed per tile
-    const u32 sEmpty0 = smem_addr(sFlag);
     if (BULK && tid == 0)
-        for (int s = 0; s < NBUF; ++s) {
-            mbar_init(sBar0 + 8 * s);
-            mbar_init<SCORE_THREADS / 32>(sEmpty0 + 8 * s);
-        }
+        for (int s = 0; s < NBUF; ++s) mbar_init(sBar0 + 8 * s);
     if constexpr (UNION) {
         // Union of the two rows' block lists (strictly ascending, -1 padded: select_blocks'
         // output); a block in both lists is emitted once, from row 0. In block order, a block's
@@ -596,9 +589,6 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
         head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
         fence_async_smem();
-        // fp8 keys: the tile loop has no CTA barrier (empty mbarriers free the key buffers), so
-        // this one makes every thread's part of q visible before the first MMA reads it
-        if constexpr (BULK) __syncthreads();
     }
 
     // tile j -> buffer slot. Each thread maps its own item; the warp then copies its 32 key rows.
@@ -615,16 +605,12 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int pair = lane >> 1, sub = lane & 1;
     const int sub8 = lane & 7, rq = lane >> 3;
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
-    int staged = 0;  // dense: stage calls so far (thread 0)
     auto stage = [&](int j, int slot) {
         if constexpr (BULK) {
             // dense fp8 keys: only the key tile (flags and scales come in write_keys); thread 0:
             // rows col0 + n .. of k, those past S left out (no row's candidates, whatever the
             // buffer holds)
             if (tid == 0) {
-                // the buffer's previous tile (two stages ago) read by every warp
-                if (staged >= NBUF) mbar_wait(sEmpty0 + 8 * slot, (u32)((staged / NBUF - 1) & 1));
-                ++staged;
                 const long long start = (long long)col0 + j * SCORE_TILE;
                 const long long rows = j < j_stop ? min((long long)SCORE_TILE, (long long)S - start) : 0;
                 const u32 bytes = rows > 0 ? (u32)rows * Shape::KROWB : 0u;
@@ -753,12 +739,12 @@ __device__ __forceinline__ void score_tile_wgmma(
         stage(j + NBUF - 1, next);
         wgmma_wait<0>();
         wgmma_fence_operands(acc[0]);
-        head_sums(acc[0], s0);
+        // dense: the first half's relus against -0 (relu_nz), so that ptxas sees other
+        // instructions than the second half's, which read the same accumulator registers: in this
+        // form of the dense loop it merged them (bench/NOTES.md, session 24; tests/test_sass.py)
+        if constexpr (BULK) wgmma_head_sums<N, H, ROWS, true>(acc[0], wt, s0);
+        else head_sums(acc[0], s0);
         load_a(af, slot, 1);
-        if constexpr (BULK) {  // the warp's last read of the buffer
-            __syncwarp();
-            if (lane == 0) mbar_arrive(sEmpty0 + 8 * slot);
-        }
         issue_rs(acc[0], af);
         wgmma_wait<0>();
         wgmma_fence_operands(acc[0]);
@@ -846,8 +832,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             // shared memory (the register-A path reads it with ordinary loads, and q was fenced once)
             if constexpr (!Shape::FP8A) fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
-            // (dense: the buffers' empty barriers do that)
-            if constexpr (!BULK) __syncthreads();
+            __syncthreads();
             const int n0 = j * SCORE_TILE;
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;

@@ -461,8 +461,8 @@ def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
 def test_dense_equals_hisa_over_every_block(cuda_device, monkeypatch, launched_kernels, order):
     # General fp8 inputs (per-token key scales), ragged key ranges and a partial last tile: dense_select
     # on its bulk-copy wgmma path (dense_score_wgmma_kernel: flags from the rows' key ranges, each
-    # lane's key scale loaded before the tile's MMAs, key buffers freed by per-buffer mbarriers instead
-    # of a CTA barrier per tile) equals hisa_select with every block selected bit for bit: both score
+    # lane's key scale loaded before the tile's MMAs, unswizzled tiles read in plain order, the first
+    # MMA half's relus against -0) equals hisa_select with every block selected bit for bit: both score
     # a (row, key) with the same products, FMA chains and scale (score_wgmma.cuh), and rank the keys
     # the same way. One score CTA per SM in the split gives each CTA 13 tiles (132 SMs), so every key buffer is
     # reused several times and its barriers' phases wrap.
