@@ -203,7 +203,8 @@ __device__ __forceinline__ u32 e4m3x2_to_engine(u32 v) {
 // over a permutation of D; q's B tile is staged in the same permuted order. LINEAR: the tile is
 // unswizzled (bulk copies), so the two rows of each quarter warp hit the same banks (a 2-way
 // conflict). Reading odd rows' chunks in swapped order avoids it but needs 16 selects per half
-// to swap them back, which cost more: dense -0.8% without them (bench/NOTES.md, session 25).
+// to swap them back, which cost more: dense_select 0.7-1.2% faster without them (bench/NOTES.md,
+// session 25).
 template <bool LINEAR = false>
 __device__ __forceinline__ void fp8a_fragments(const char* tile, int half, int warp, int lane, u32 (&af)[8][4]) {
     const int g = lane >> 2, c = lane & 3;
