@@ -743,8 +743,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         // dense: the first half's relus against -0 (relu_nz), so that ptxas sees other
         // instructions than the second half's, which read the same accumulator registers: in this
         // form of the dense loop it merged them (bench/NOTES.md, session 24; tests/test_sass.py)
-        if constexpr (BULK) wgmma_head_sums<N, H, ROWS, true>(acc[0], wt, s0);
-        else head_sums(acc[0], s0);
+        wgmma_head_sums<N, H, ROWS, BULK>(acc[0], wt, s0);
         load_a(af, slot, 1);
         issue_rs(acc[0], af);
         wgmma_wait<0>();
