@@ -690,23 +690,16 @@ __device__ __forceinline__ void score_tile_wgmma(
     auto write_keys = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int n0, int slot, float sc_bulk = 1.0f) {
         const int x = lane & 3;
         const int item = key_item;
-        if constexpr (BULK) {  // flags from the rows' key ranges, the scale prefetched (item_scale)
-            const int n = n0 + item, s = col0 + n;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
-                if (live[r] && n < nitems)
-                    orow(r)[n] = item_key(s >= rr[r].ks && s < rr[r].ke ? 1u : 0u, v, kscale != nullptr, sc_bulk);
-            }
-            return;
-        }
-        const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
+        // dense fp8 keys (BULK): flags from the rows' key ranges, the scale prefetched (item_scale);
+        // the other paths read both from the tile's staging
+        const float sc = BULK ? sc_bulk : kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
             const int col = UNION ? sDst[(slot * ROWS + r) * SCORE_TILE + item] : n0 + item;
-            if (live[r] && (UNION ? col >= 0 : col < nitems))
-                orow(r)[col] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
+            const int s = col0 + col;
+            const u32 flag = BULK ? (s >= rr[r].ks && s < rr[r].ke ? 1u : 0u) : sFlag[(slot * ROWS + r) * SCORE_TILE + item];
+            if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start
