@@ -38,9 +38,8 @@ nocopy = [("""            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst
 #pragma unroll
             for (int h = 0; h < (UNION ? 0 : 2); ++h) {""")]
 # 2. keys computed, not stored (a store only for an impossible key keeps the sums alive)
-nokeys = [("""            if (live[r] && (UNION ? col >= 0 : col < nitems))
-                orow(r)[col] = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);""",
-"""            const u32 key = item_key(sFlag[(slot * ROWS + r) * SCORE_TILE + item], v, kscale != nullptr, sc);
+nokeys = [("""            if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);""",
+"""            const u32 key = item_key(flag, v, kscale != nullptr, sc);
             if (live[r] && (UNION ? col >= 0 : col < nitems) && (!UNION || key == 0xDEADBEEFu))
                 orow(r)[col] = key;""")]
 # 3. no MMAs on the union path (fence and commit kept)
