@@ -90,9 +90,6 @@ POOL_VEC = True
 #: against 8, the same at T = 4096 (bench/NOTES.md, v9). 2 rather than 1: the same launches on
 #: that grid, and two CTAs per SM (what the score kernels fit) for mid-sized T. A knob for bench/
 SCORE_CTAS_PER_SM = 2
-#: most key tiles per CTA of dense_select's score launches (_tiles_per_cta): each CTA stages its
-#: rows' q once; a knob for bench/
-DENSE_MAX_TILES_PER_CTA = 32
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -464,12 +461,12 @@ def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     return engine, _wgmma_rows(engine, kdt, H, D, cc, shared_keys)
 
 
-def _tiles_per_cta(ntiles: int, rows: int, cap: int = 32) -> int:
+def _tiles_per_cta(ntiles: int, rows: int) -> int:
     """Key tiles per CTA of score_tile: enough CTAs for SCORE_CTAS_PER_SM per SM, q staged as rarely
-    as possible (at most ``cap`` tiles per CTA), and a row's tiles spread evenly over its CTAs (8
-    tiles in 2 CTAs: 4 + 4, not 7 + 1)."""
+    as possible (at most 32 tiles per CTA), and a row's tiles spread evenly over its CTAs (8 tiles
+    in 2 CTAs: 4 + 4, not 7 + 1)."""
     sms = _device_facts(_device_id())["sms"]
-    tpc = max(1, min(cap, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
+    tpc = max(1, min(32, ntiles, (ntiles * rows) // (sms * SCORE_CTAS_PER_SM)))
     ctas = -(-ntiles // tpc)
     return -(-ntiles // ctas)
 
@@ -1203,7 +1200,7 @@ def _knobs():
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
-            PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_MAX_TILES_PER_CTA)
+            PAIR_RECORDS, FILTER_WIDE_SELECT)
 
 
 def _keep_plan(key, plan):
@@ -1324,7 +1321,7 @@ def _dense_plan(q, k, T, H, D, S):
     launches = []
     for r0 in range(0, T, rows):
         nr = min(rows, T - r0)
-        tpc = _tiles_per_cta(ntiles, nr // per_cta, DENSE_MAX_TILES_PER_CTA)
+        tpc = _tiles_per_cta(ntiles, nr // per_cta)
         launches.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), (_i32(T), _i32(S), _i32(r0), _i32(nr)),
                          (_i64(S), _i32(tpc))))
     return name, smem, rows, tuple(launches)

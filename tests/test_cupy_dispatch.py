@@ -740,21 +740,3 @@ def test_dense_filter_launches(monkeypatch):
     monkeypatch.setattr(cb, "DENSE_FILTER", False)
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
     assert fake.names() == [score, "dense_topk_kernel"] * 3
-
-
-def test_dense_max_tiles_per_cta(monkeypatch):
-    # dense_select's score CTAs take at most DENSE_MAX_TILES_PER_CTA key tiles (each stages its
-    # rows' q once): at 128K/4096 the split would give each CTA ~1000 tiles, so the knob decides
-    fake = _Fake(monkeypatch, cc=90)
-    S, T = 131072, 4096
-    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
-    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
-    ks, ke = pointer_array((T,), np.int32), pointer_array((T,), np.int32)
-    for cap in (32, 64):
-        monkeypatch.setattr(cb, "DENSE_MAX_TILES_PER_CTA", cap)
-        fake.launches.clear()
-        cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
-        scores = [launch for launch in fake.launches if launch.name.startswith("dense_score")]
-        assert len(scores) == 8  # chunks of 512 rows (DENSE_WORKSPACE_BYTES)
-        for launch in scores:
-            assert launch.grid == (1024 // cap, 256) and _value(launch.args[12]) == cap
