@@ -381,7 +381,9 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
 
     Same arguments and result as :func:`hisa_select` without the block parameters. The CUDA
     backend processes query rows in chunks so its workspace stays bounded (never a [T, S] buffer
-    for long S).
+    for long S): at most ``kernels.cupy_backend.DENSE_WORKSPACE_BYTES`` (512 MB) of ranking keys
+    per chunk plus 64 KiB of candidate slots per row of a chunk where the filtered top-k takes its
+    rows (608 MiB at S = 128K, T = 4096); lower the knob to trade speed for memory.
     """
     call, res = _look_up(validate, "dense", (q, k, weights, k_scale, ks, ke, out), (topk,),
                          (index_base, order, backend), dtype, out)
