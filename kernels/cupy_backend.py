@@ -61,9 +61,10 @@ SELECT_RING = True
 #: A knob for bench/ (--sweep SELECT_CACHE_ROWS=1,0) and the GPU tests
 SELECT_CACHE_ROWS = True
 #: dense path: bytes of ranking keys kept per row chunk (the [rows, S] workspace never exceeds this).
-#: 512 MB: 1024 rows of 128K keys, a quarter of [4096, 131072] fp32; half as many chunks as 256 MB
-#: (one score launch's tail and one top-k's partial last wave less per chunk), dense_select 1.1-1.6%
-#: faster at 128K / 4096 on an H200 (bench/NOTES.md, sessions 26 and 28)
+#: 512 MB: 1024 rows of 128K keys, a quarter of [4096, 131072] fp32; half as many chunks as 256 MB,
+#: so at 128K / 4096 on an H200 the score kernel 12.98 -> 12.70 ms, the filter 0.95 -> 0.88 and the
+#: candidate select 0.25 -> 0.19 per call, dense_select 1.1-1.6% faster (bench/NOTES.md, sessions 26
+#: and 28)
 DENSE_WORKSPACE_BYTES = 512 << 20
 #: query rows per score CTA where rows share their keys (1 or 2; a tuning knob for bench/)
 MAX_ROWS_PER_CTA = 2
