@@ -1315,11 +1315,14 @@ def _union_splits(pairs: int, sms: int) -> int:
     return min(4, max(2, round(12 * sms / max(1, pairs))))
 
 
-def _dense_plan(q, k, T, H, D, S):
+def _dense_plan(q, k, T, H, D, S, topk):
     """(name, smem, rows per chunk, ((row0, rows, grid, int arguments before the keys, after),
     ...)) of the dense score launches: row chunks whose [rows, S] ranking keys stay within
-    DENSE_WORKSPACE_BYTES."""
+    DENSE_WORKSPACE_BYTES, and no longer than the filtered top-k takes (TOPK_FILTER_MAX_ROWS)
+    where it takes rows of S keys: a longer chunk would send every row to list mode."""
     rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
+    if DENSE_FILTER and rows > TOPK_FILTER_MAX_ROWS and _topk_filter(TOPK_FILTER_MAX_ROWS, S, topk, False):
+        rows = TOPK_FILTER_MAX_ROWS
     name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)
     ntiles = -(-S // SCORE_TILE)
     launches = []
@@ -1505,10 +1508,10 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
     if S == 0:
         em.fill(out, -1)
         return
-    key = ("dense", T, H, D, S, q.dtype, k.dtype, _plan_context())
+    key = ("dense", T, H, D, S, topk, q.dtype, k.dtype, _plan_context())
     plan = _plans.get(key)
     if plan is None:
-        plan = _keep_plan(key, _dense_plan(q, k, T, H, D, S))
+        plan = _keep_plan(key, _dense_plan(q, k, T, H, D, S, topk))
     name, smem, rows, launches = plan
     keys = workspace(stream).get("dense_keys", (rows, S), np.uint32)
     fn = _kernel("dense.cu", name, smem)
@@ -1582,6 +1585,8 @@ def _topk_split(R: int, N: int, k: int, has_lengths: bool, sms: int) -> int:
 #: FILTER_SAMPLES in row_filter.cuh)
 TOPK_FILTER_CHUNK = 8192
 TOPK_FILTER_SAMPLES = 2048
+#: most rows of one filtered top-k (its candidate workspace: 64 KiB per row)
+TOPK_FILTER_MAX_ROWS = 1024
 
 
 def _filter_min_len(k: int) -> int:
@@ -1601,9 +1606,9 @@ def _topk_filter(R: int, N: int, k: int, has_lengths: bool):
     (up to half the slots). The kernel takes the threshold at sample rank ks = expect * 2048 /
     (the row's length), which for a full row must be >= 32 (a threshold of sample rank ks is off
     by ~1/sqrt(ks)). Taken for rows without lengths, N >= max(32k, 32768) (at least 16 columns
-    per candidate), at most 1024 rows (workspace: 64 KiB per row), k <= n / 4 and ks >= 32 on a
-    full row (N up to ~327680 for k = 2048)."""
-    if has_lengths or k > REG_SELECT_ITEMS // 4 or R > 1024:
+    per candidate), at most TOPK_FILTER_MAX_ROWS rows (workspace: 64 KiB per row), k <= n / 4
+    and ks >= 32 on a full row (N up to ~327680 for k = 2048)."""
+    if has_lengths or k > REG_SELECT_ITEMS // 4 or R > TOPK_FILTER_MAX_ROWS:
         return None
     if N < _filter_min_len(k):
         return None

@@ -740,3 +740,25 @@ def test_dense_filter_launches(monkeypatch):
     monkeypatch.setattr(cb, "DENSE_FILTER", False)
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="position", out=out, stream=0)
     assert fake.names() == [score, "dense_topk_kernel"] * 3
+
+
+def test_dense_chunks_fit_the_filter(monkeypatch):
+    # S = 98304: DENSE_WORKSPACE_BYTES (512 MB) would hold 1365 rows per chunk, more than the
+    # filtered top-k takes (TOPK_FILTER_MAX_ROWS), which would send every row to list mode; the
+    # chunks are cut to 1024 rows so that the filter takes them. Where the filter does not take
+    # rows of S keys (topk too large for S, or DENSE_FILTER off) the chunks stay as the bytes allow
+    _Fake(monkeypatch, cc=90)
+    T, S = 2048, 98304
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    filt = ["dense_filter_kernel", "dense_filtered_regs_kernel", "dense_rescue_kernel"]
+    rows = cb._dense_plan(q, k, T, 64, 128, S, 2048)[2]
+    assert rows == cb.TOPK_FILTER_MAX_ROWS == 1024 and cb._topk_filter(rows, S, 2048, False) is not None
+    assert cb._dense_plan(q, k, T, 64, 128, S, 4096)[2] == (512 << 20) // (S * 4)  # 32k > S: no filter
+    monkeypatch.setattr(cb, "DENSE_FILTER", False)
+    assert cb._dense_plan(q, k, T, 64, 128, S, 2048)[2] == (512 << 20) // (S * 4)
+    monkeypatch.setattr(cb, "DENSE_FILTER", True)
+    fake = _Fake(monkeypatch, cc=90)
+    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
+    cb.dense_select(q, k, w, ksc, None, None, topk=2048, index_base="relative", order="position", out=out, stream=0)
+    assert fake.names() == ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"] + filt + \
+        ["dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"] + filt
