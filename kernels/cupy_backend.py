@@ -117,6 +117,19 @@ TOPK_SPLIT = 0
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
+#: dense_select's threshold mode (wip/dense-append, a measurement; dense.cu): where S >= DENSE_THRESHOLD_MIN_S
+#: keys and the dense score kernel is the fp8 register-A wgmma one of two rows per CTA, each row's threshold
+#: is the DENSE_SAMPLE_RANK-th largest of its keys at every DENSE_SAMPLE_STRIDE-th position (a first,
+#: small score launch), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row)
+#: instead of writing every key, and one select ranks those lists; rows where that is not exact are
+#: scored again whole and ranked the usual way. 36 of 1024 samples: about 4600 keys per row kept, and
+#: both ways to fail (fewer than k kept, more than the cap) about 5 sigma away for randn-like rows.
+DENSE_THRESHOLD = True
+DENSE_THRESHOLD_MIN_S = 65536
+DENSE_SAMPLE_STRIDE = 128   # dense.cu
+DENSE_SAMPLE_RANK = 36
+DENSE_APPEND_CAP = 8192     # REG_SELECT_ITEMS: the select holds a row's list in registers
+APPEND_SMEM = 2 * 416 * 8 + 16  # score_wgmma.cuh
 #: the filtered top-k's select (hisa_cupy.topk, dense_select) of a launch of at most one row per SM
 #: (one wave of one CTA per row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads
 #: of 8 candidates each (<stem>_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for
@@ -365,6 +378,11 @@ def kernel_instances():
             ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
             ("dense.cu", "dense_filtered_regs_kernel")]
     out += [(name.split("_")[0] + ".cu", name) for name in _WIDE_SELECT_KERNELS]
+    # dense_select's threshold mode: fp8 keys on the f16 register-A engine, two rows of 64 heads
+    args = f"{ENGINE_F16}, {DT_E4M3}, {DT_E4M3}, 64, 128, 2"
+    out += [("dense.cu", "dense_sample_kernel"), ("dense.cu", "dense_sample_threshold_kernel"),
+            ("dense.cu", "dense_select_unordered_kernel"), ("dense.cu", f"dense_score_append_wgmma_kernel<{args}>"),
+            ("dense.cu", f"dense_score_rescue_wgmma_kernel<{args}>")]
     return out
 
 
@@ -1204,7 +1222,7 @@ def _knobs():
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
-            PAIR_RECORDS, FILTER_WIDE_SELECT)
+            PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_RANK)
 
 
 def _keep_plan(key, plan):
@@ -1500,6 +1518,96 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
     return out
 
 
+def _dense_threshold_plan(q, k, T, H, D, S, topk):
+    """The launches of dense_select's threshold mode (DENSE_THRESHOLD), or None where it does not
+    apply: (score name, smem, passes of (row0, rows, grid, tiles per CTA), sample score launches
+    (as _dense_plan's), ns, workspace rows of the rescue)."""
+    ns = S // DENSE_SAMPLE_STRIDE
+    if not (DENSE_THRESHOLD and S >= DENSE_THRESHOLD_MIN_S and ns <= 1024 and 0 < topk <= DENSE_APPEND_CAP // 2
+            and _dt_code(k) == DT_E4M3 and _dt_code(q) == DT_E4M3):
+        return None
+    name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)
+    if per_cta != 2 or not name.startswith(f"dense_score_wgmma_kernel<{ENGINE_F16}, "):
+        return None
+    ntiles = -(-S // SCORE_TILE)
+    rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (DENSE_APPEND_CAP * 8), MAX_ROWS_PER_LAUNCH))
+    passes = []
+    for r0 in range(0, T, rows):
+        nr = min(rows, T - r0)
+        tpc = _tiles_per_cta(ntiles, nr // per_cta)
+        passes.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), tpc))
+    ntiles_s = -(-ns // SCORE_TILE)
+    srows = min(T, MAX_ROWS_PER_LAUNCH)
+    sample = []
+    for r0 in range(0, T, srows):
+        nr = min(srows, T - r0)
+        tpc = _tiles_per_cta(ntiles_s, nr // per_cta)
+        sample.append((r0, nr, (-(-ntiles_s // tpc), -(-nr // per_cta)), tpc))
+    ws_rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
+    return name, smem, tuple(passes), tuple(sample), ns, ws_rows
+
+
+def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_score, out, stream, em):
+    """dense_select's threshold mode (dense.cu): the sample and its thresholds, the appending score
+    launches, the select of the lists, then the rescue of the rows it marked."""
+    name, smem, passes, sample, ns, ws_rows = plan
+    T, H, D = q.shape
+    S = k.shape[0]
+    cap = DENSE_APPEND_CAP
+    ws = workspace(stream)
+    k_s = ws.get("dense_sample_k", (ns, D), np.uint8)
+    kscale_s = ws.get("dense_sample_scale", (ns,), np.float32)
+    ks_s = ws.get("dense_sample_ks", (T,), np.int32)
+    ke_s = ws.get("dense_sample_ke", (T,), np.int32)
+    keys_s = ws.get("dense_sample_keys", (T, ns), np.uint32)
+    thr = ws.get("dense_thresholds", (T,), np.uint32)
+    rows = passes[0][1]
+    cand_key = ws.get("dense_cand_keys", (rows, cap), np.uint32)
+    cand_col = ws.get("dense_cand_cols", (rows, cap), np.int32)
+    count = ws.get("dense_cand_counts", (rows,), np.int32, zeroed=True)
+    failed = ws.get("dense_failed_rows", (T,), np.int32)
+    ptr = em.ptr
+    em.launch(_kernel("dense.cu", "dense_sample_kernel", 0), (-(-max(ns * 32, T) // 256),), (256,),
+              (ptr(k), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(ns), ptr(k_s), ptr(kscale_s),
+               ptr(ks_s), ptr(ke_s)))
+    fn = _kernel("dense.cu", name, smem)
+    for r0, nr, grid, tpc in sample:
+        em.launch(fn, grid, (SCORE_THREADS,), (ptr(q), ptr(k_s), ptr(weights), ptr(kscale_s), ptr(ks_s), ptr(ke_s),
+                                               _i32(T), _i32(ns), _i32(r0), _i32(nr), ptr(keys_s), _i64(ns), _i32(tpc)),
+                  smem)
+    em.launch(_kernel("dense.cu", "dense_sample_threshold_kernel", 0), (-(-T // WARP_SELECT_ROWS),),
+              (32 * WARP_SELECT_ROWS,), (ptr(keys_s), _i64(ns), _i32(ns), _i32(T), _i32(DENSE_SAMPLE_RANK), ptr(thr)))
+    fn_app = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_append_wgmma_kernel"),
+                     smem + APPEND_SMEM)
+    sort_cap = _list_cap(topk)
+    sel_smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
+    fn_sel = _kernel("dense.cu", "dense_select_unordered_kernel", sel_smem)
+    for r0, nr, grid, tpc in passes:
+        em.launch(fn_app, grid, (SCORE_THREADS,),
+                  (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
+                   ptr(thr, r0 * 4), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), _i32(tpc)),
+                  smem + APPEND_SMEM)
+        em.launch(fn_sel, (nr,), (SELECT_THREADS,),
+                  (ptr(None), ptr(None), _i64(cap), _i32(cap), ptr(None), _i32(topk), _i32(0), _i32(r0), _i32(T),
+                   _i32(S), ptr(ks), ptr(ke), ptr(None), _i32(0), _i32(1), _i32(0), _i32(int(relative)),
+                   _i32(int(by_score)), _i32(sort_cap), _i32(0), _i32(0), _i32(0), ptr(out, r0 * topk * 4), _i64(topk),
+                   ptr(None), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed)),
+                  sel_smem)
+    # the rescue: the marked rows scored whole (one CTA per row pair, the others return at once) and
+    # ranked the usual way
+    keys = ws.get("dense_keys", (ws_rows, S), np.uint32)
+    fn_res = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_rescue_wgmma_kernel"), smem)
+    ntiles = -(-S // SCORE_TILE)
+    for r0 in range(0, T, ws_rows):
+        nr = min(ws_rows, T - r0)
+        em.launch(fn_res, (1, -(-nr // 2)), (SCORE_THREADS,),
+                  (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
+                   ptr(keys), _i64(S), _i32(ntiles), ptr(failed)), smem)
+        _launch_select("dense.cu", "dense_rescue_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk, row0=r0, T=T,
+                       S=S, ks=ks, ke=ke, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
+                       out_off=r0 * topk * 4, extra=(failed,), em=em)
+
+
 def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream, em):
     T, H, D = q.shape
     S = k.shape[0]
@@ -1507,6 +1615,14 @@ def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream,
         return
     if S == 0:
         em.fill(out, -1)
+        return
+    tkey = ("dense_threshold", T, H, D, S, topk, q.dtype, k.dtype, _plan_context())
+    tplan = _plans.get(tkey, False)
+    if tplan is False:
+        tplan = _keep_plan(tkey, _dense_threshold_plan(q, k, T, H, D, S, topk))
+    if tplan is not None:
+        _dense_threshold(tplan, q, k, weights, k_scale, ks, ke, topk, index_base == "relative", order == "score",
+                         out, stream, em)
         return
     key = ("dense", T, H, D, S, topk, q.dtype, k.dtype, _plan_context())
     plan = _plans.get(key)

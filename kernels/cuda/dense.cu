@@ -27,6 +27,19 @@ __global__ void __launch_bounds__(SCORE_THREADS) dense_score_wgmma_kernel(
                                                                  S, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
+// threshold mode (a measurement, wip/dense-append): the keys >= thr[row] with their columns, unordered
+// (score_wgmma.cuh, AppendOut); smem: the score kernel's + APPEND_SMEM
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+__global__ void __launch_bounds__(SCORE_THREADS) dense_score_append_wgmma_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    int T, int S, int row0, int nrows, const u32* thr, u32* cand_key, int* cand_col, int* count, int cap,
+    int tiles_per_cta) {
+    grid_dependency_sync();
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS, true>(
+        q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0, S, 0, row0, nrows, nullptr, 0, tiles_per_cta, nullptr,
+        AppendOut{thr, cand_key, cand_col, count, cap});
+}
+
 __global__ void __launch_bounds__(SELECT_THREADS) dense_topk_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
     row_select<KEYS_U32, MAP_TOKENS>(SELECT_ARGS);
@@ -46,3 +59,219 @@ __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) dense_top
 // Long rows (cupy_backend._dense, DENSE_FILTER): the filtered top-k of row_filter.cuh over the
 // chunk's ranking keys; the launches take row 0 of the chunk as their row 0 (ks / ke offset).
 HISA_FILTER_KERNELS(dense, KEYS_U32, MAP_TOKENS)
+
+// ----------------------------------------------------------------------------------------------
+// Threshold mode (wip/dense-append, a measurement; cupy_backend._dense_threshold): a sample of
+// the keys gives each row a threshold below its k-th largest key, the score kernel appends the
+// keys at or above it (unordered, with their columns), and a select ranks those lists; rows
+// where that cannot be exact are scored again whole and take the usual top-k.
+
+// The sample: key rows j * DENSE_SAMPLE_STRIDE + DENSE_SAMPLE_STRIDE / 2 (j < ns = S / stride)
+// copied to k_s (fp8 rows of 128 bytes: 32 words) with their scales, and each row's range of
+// sample indices [ks_s, ke_s): the samples j with ks <= their position < ke.
+#define DENSE_SAMPLE_STRIDE 128
+__global__ void __launch_bounds__(256) dense_sample_kernel(const u32* k, const float* kscale, const int* ks,
+                                                           const int* ke, int T, int S, int ns, u32* k_s,
+                                                           float* kscale_s, int* ks_s, int* ke_s) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int HALF = DENSE_SAMPLE_STRIDE / 2;
+    if (i < (long long)ns * 32) {
+        const long long j = i >> 5;
+        k_s[i] = k[(j * DENSE_SAMPLE_STRIDE + HALF) * 32 + (i & 31)];
+        if ((i & 31) == 0) kscale_s[j] = kscale ? kscale[j * DENSE_SAMPLE_STRIDE + HALF] : 1.0f;
+    }
+    if (i < T) {
+        const RowRange rr = row_range(ks, ke, (int)i, T, S);
+        // the first sample at or past position x: ceil((x - HALF) / stride), within [0, ns]
+        auto first_at = [&](int x) {
+            const int v = x <= HALF ? 0 : (x - HALF + DENSE_SAMPLE_STRIDE - 1) / DENSE_SAMPLE_STRIDE;
+            return min(v, ns);
+        };
+        ks_s[i] = first_at(rr.ks);
+        ke_s[i] = max(first_at(rr.ks), first_at(rr.ke));
+    }
+}
+
+// Each row's threshold: the rank-th largest of its sampled keys ([T, ld], ns columns, at most
+// 1024), built bit by bit from warp sums (one warp per row, WARP_SELECT_ROWS rows per CTA); 1
+// (every candidate is kept, NaN included) where the row has fewer sampled candidates than `rank`.
+__global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_kernel(const u32* keys_s, long long ld,
+                                                                                      int ns, int T, int rank,
+                                                                                      u32* thr) {
+    grid_dependency_sync();
+    const int lane = threadIdx.x & 31;
+    const int t = blockIdx.x * WARP_SELECT_ROWS + (threadIdx.x >> 5);
+    if (t >= T) return;
+    u32 key[32];
+    int valid = 0;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        const int n = lane + 32 * i;
+        key[i] = n < ns ? keys_s[(long long)t * ld + n] : 0u;
+        valid += key[i] >= 1u;
+    }
+    valid = warp_sum(valid);
+    u32 prefix = 0u;
+    if (valid >= rank) {
+        for (int b = 31; b >= 0; --b) {
+            const u32 cand = prefix | (1u << b);
+            int c = 0;
+#pragma unroll
+            for (int i = 0; i < 32; ++i) c += key[i] >= cand;
+            if (warp_sum(c) >= rank) prefix = cand;
+        }
+    }
+    if (lane == 0) thr[t] = max(prefix, 1u);
+}
+
+// The top k of each row's unordered candidate list (cand_key / cand_col [rows, cap], count
+// [rows]; cap <= REG_SELECT_ITEMS) in register mode: entries (key, column) are unique, so the
+// threshold levels over the keys, then, for ties at the threshold key, levels over the tied
+// columns, select exactly the top k under SPEC §3; the selected entries go out through list
+// mode's sort (by score, or by position). A row is marked in `failed` (and left) where its list
+// overflowed or holds fewer than k keys while its threshold (above 1: NaN's key) dropped some.
+// count[row] goes back to 0.
+__global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kernel(
+    SELECT_PARAMS, const u32* cand_key, const int* cand_col, int* count, int cap, const u32* thr, int* failed) {
+    grid_dependency_sync();
+    const SelectArgs a = SELECT_ARGS;
+    constexpr int R = REG_SELECT_R, THREADS = SELECT_THREADS, WARPS = THREADS / 32;
+    extern __shared__ __align__(16) char smem[];
+    int* sHist = reinterpret_cast<int*>(smem);
+    int* sScan = sHist + SORT_BINS;
+    int* sMisc = sScan + 32;
+    u64* sSel = reinterpret_cast<u64*>(sMisc + 32);
+    u64* sAux = sSel + a.sort_cap;
+    u32* sRed = reinterpret_cast<u32*>(sHist);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = blockIdx.x;
+    const int t = a.row0 + (int)row;
+    const int n = count[row];
+    const int kk = a.k;
+    const bool ok = n <= cap && n <= REG_SELECT_ITEMS && (n >= kk || thr[row] <= 1u);
+    __syncthreads();  // every thread has read count
+    if (tid == 0) {
+        count[row] = 0;
+        failed[t] = ok ? 0 : 1;
+    }
+    if (!ok) return;
+    u32 key[R];
+    int col[R];
+    const int first = tid * R;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const int i = first + j;
+        key[j] = i < n ? cand_key[row * cap + i] : HISA_KEY_NONE;
+        col[j] = i < n ? cand_col[row * cap + i] : 0;
+    }
+    u32 mn = 0xFFFFFFFFu, mx = 0u;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        mn = min(mn, key[j] - 1u);
+        mx = max(mx, key[j]);
+    }
+    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
+    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
+    if (lane == 0) {
+        sRed[warp] = mn;
+        sRed[WARPS + warp] = mx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool has = lane < WARPS;
+        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
+        if (lane == 0) {
+            sMisc[MISC_RED_LO] = (int)wmn;
+            sMisc[MISC_RED_HI] = (int)wmx;
+        }
+    }
+    __syncthreads();
+    u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];
+    const u32 key_hi = hi;
+    __syncthreads();
+    // every list entry is a candidate (key >= thr >= 1)
+    const int n_out = min(kk, n);
+    u64 cut = 1u;
+    bool ties = false;
+    u32 tie = 0u, ccut = 0u;
+    if (n > kk && kk > 0) {
+        int remaining = kk;
+        for (;;) {
+            const RangeLevel L = range_level<R, THREADS>(key, lo, hi, remaining, sHist, sScan, sMisc);
+            remaining -= L.above;
+            if (L.in_bin == remaining) {
+                cut = L.blo;
+                break;
+            }
+            if (L.sh == 0) {
+                cut = (u64)L.blo + 1u;
+                ties = true;
+                tie = L.blo;
+                break;
+            }
+            lo = L.blo;
+            hi = L.bhi;
+        }
+        if (ties) {  // the `remaining` tied entries with the lowest columns: levels over ~column
+            u32 tk[R];
+#pragma unroll
+            for (int j = 0; j < R; ++j) tk[j] = key[j] == tie ? ~(u32)col[j] : 0u;
+            u32 clo = 1u, chi = 0xFFFFFFFFu;
+            for (;;) {
+                const RangeLevel L = range_level<R, THREADS>(tk, clo, chi, remaining, sHist, sScan, sMisc);
+                remaining -= L.above;
+                if (L.in_bin == remaining || L.sh == 0) {  // columns are unique: a one-value bin holds one
+                    ccut = L.blo;
+                    break;
+                }
+                clo = L.blo;
+                chi = L.bhi;
+            }
+        }
+    }
+    const u32 above = (u32)(cut - 1u);
+    u32 sel = 0u;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const bool s = key[j] > above || (ties && key[j] == tie && ~(u32)col[j] >= ccut);
+        sel |= (u32)(s && key[j] != HISA_KEY_NONE) << j;
+    }
+    int total;
+    int slot = block_exclusive_scan<THREADS>(__popc(sel), sScan, &total);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const int s = (sel >> j) & 1u;
+        if (s && slot < n_out) sSel[slot] = list_entry(key[j], col[j]);
+        slot += s;
+    }
+    __syncthreads();
+    const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
+    if (a.by_score) {
+        const u32 lowest = n > kk ? (ties ? tie : above + 1u) : lo;
+        sort_and_emit<KEYS_U32, MAP_TOKENS, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest,
+                                                     key_hi);
+    } else {
+        sort_and_emit<KEYS_U32, MAP_TOKENS, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc);
+    }
+    pad_row<KEYS_U32>(a, row, n_out + tid, THREADS);
+}
+
+// The rows the select marked, scored whole again into the chunk's key workspace (one CTA per
+// row pair over every tile; the CTAs of pairs with no marked row return at once), for
+// dense_rescue_kernel.
+template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
+__global__ void __launch_bounds__(SCORE_THREADS) dense_score_rescue_wgmma_kernel(
+    const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
+    int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta, const int* failed) {
+    grid_dependency_sync();
+    bool any = false;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int local = blockIdx.y * ROWS + r;
+        any |= local < nrows && failed[row0 + local] != 0;
+    }
+    if (!any) return;
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0,
+                                                                 S, 0, row0, nrows, out, ld, tiles_per_cta);
+}

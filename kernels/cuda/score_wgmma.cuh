@@ -284,12 +284,29 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
         }
 }
 
-template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS>
+// Threshold mode of the dense path (APPEND, a measurement: wip/dense-append): instead of writing every
+// ranking key, the keys >= max(thr[row], 1) (row: the chunk's row, local0 + r) are appended, unordered, with
+// their columns: first to a per-CTA list of APPEND_CAP entries per row in shared memory (one
+// shared atomic per warp, row and tile with any such key), which goes out at the CTA's end by one
+// global atomic per row; entries past APPEND_CAP go out at once, one global atomic each. count[row]
+// ends as the row's total (it may exceed cap: slots past cap are not written).
+#define APPEND_CAP 416
+struct AppendOut {
+    const u32* thr;
+    u32* cand_key;
+    int* cand_col;
+    int* count;
+    int cap;
+};
+#define APPEND_SMEM (2 * APPEND_CAP * 8 + 16)
+
+template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
-    u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr) {
+    u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr,
+    AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}) {
     using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
@@ -321,6 +338,10 @@ __device__ __forceinline__ void score_tile_wgmma(
     // scales (8-byte aligned)
     constexpr bool BULK = Shape::FP8A && DENSE;
     const u32 sBar0 = smem_addr(sDst);
+    static_assert(!APPEND || (BULK && ROWS == 2), "threshold mode: the dense fp8 path");
+    // APPEND: [ROWS][APPEND_CAP] (key, column) entries, then ROWS counts, after the barriers
+    uint2* sApp = reinterpret_cast<uint2*>(reinterpret_cast<char*>(sDst) + 8 * NBUF);
+    int* sAppN = reinterpret_cast<int*>(sApp + ROWS * APPEND_CAP);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int local0 = blockIdx.y * ROWS;
@@ -328,6 +349,12 @@ __device__ __forceinline__ void score_tile_wgmma(
     bool live[ROWS];
     RowRange rr[ROWS];
     cta_rows<ROWS>(local0, nrows, row0, ks, ke, T, S, trow, live, rr);
+    u32 app_thr[ROWS];
+    if constexpr (APPEND) {
+        if (tid < ROWS) sAppN[tid] = 0;  // published by the first CTA-wide barrier (tile_has_candidate)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) app_thr[r] = live[r] ? max(app.thr[local0 + r], 1u) : 0xFFFFFFFFu;
+    }
     // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk i = it *
     // SCORE_THREADS + tid is operand row i / CHUNKS, chunk i % CHUNKS. q_load reads a chunk's
     // source as QW raw words, q_store converts them and writes the chunk (zeros for a row past
@@ -427,10 +454,12 @@ __device__ __forceinline__ void score_tile_wgmma(
         return row;
     };
     auto write_unscored = [&](int n, const u32 (&f)[ROWS]) {
-        if (n >= nitems) return;
+        if constexpr (!APPEND) {  // threshold mode writes no keys
+            if (n >= nitems) return;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-            if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+            for (int r = 0; r < ROWS; ++r)
+                if (live[r]) orow(r)[n] = f[r] == 2u ? HISA_KEY_FORCED : HISA_KEY_NONE;
+        }
     };
 
     // the barriers are published by the first CTA-wide barrier below (tile_has_candidate)
@@ -699,7 +728,32 @@ __device__ __forceinline__ void score_tile_wgmma(
             const int col = UNION ? sDst[(slot * ROWS + r) * SCORE_TILE + item] : n0 + item;
             const int s = col0 + col;
             const u32 flag = BULK ? (s >= rr[r].ks && s < rr[r].ke ? 1u : 0u) : sFlag[(slot * ROWS + r) * SCORE_TILE + item];
-            if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
+            if constexpr (APPEND) {
+                const u32 key = item_key(flag, v, kscale != nullptr, sc);
+                const bool pass = col < nitems && key >= app_thr[r];
+                const unsigned bal = __ballot_sync(0xFFFFFFFFu, pass);
+                if (bal != 0u) {  // warp-uniform
+                    const int leader = __ffs(bal) - 1;
+                    int base = 0;
+                    if (lane == leader) base = atomicAdd(&sAppN[r], __popc(bal));
+                    base = __shfl_sync(0xFFFFFFFFu, base, leader);
+                    if (pass) {
+                        const int pos = base + __popc(bal & ((1u << lane) - 1u));
+                        if (pos < APPEND_CAP) {
+                            sApp[r * APPEND_CAP + pos] = make_uint2(key, (u32)col);
+                        } else {
+                            const long long row = local0 + r;
+                            const int g = atomicAdd(app.count + row, 1);
+                            if (g < app.cap) {
+                                app.cand_key[row * app.cap + g] = key;
+                                app.cand_col[row * app.cap + g] = col;
+                            }
+                        }
+                    }
+                }
+            } else {
+                if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
+            }
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start
@@ -853,5 +907,25 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
     }
     cp_async_wait<0>();
+    if constexpr (APPEND) {  // the CTA's lists out: one global atomic per row
+        __shared__ int sAppBase[ROWS];
+        __syncthreads();
+        if (tid < ROWS) {
+            const int n = min(sAppN[tid], APPEND_CAP);
+            sAppBase[tid] = (live[tid] && n > 0) ? atomicAdd(app.count + local0 + tid, n) : 0;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int n = min(sAppN[r], APPEND_CAP), base = sAppBase[r];
+            const long long row = local0 + r;
+            for (int i = tid; i < n; i += SCORE_THREADS)
+                if (base + i < app.cap) {
+                    const uint2 e = sApp[r * APPEND_CAP + i];
+                    app.cand_key[row * app.cap + base + i] = e.x;
+                    app.cand_col[row * app.cap + base + i] = (int)e.y;
+                }
+        }
+    }
 #endif
 }

@@ -601,3 +601,74 @@ def test_refine_register_mode_end_to_end(cuda_device, launched_kernels):
     ref = reference.refine(inp["q"], inp["k"], inp["weights"], rb, ks=inp["ks"], ke=inp["ke"], topk=2048)
     testing.assert_selection_equal(got, ref, err_msg="refine topk=2048")
     assert "refine_topk_regs_kernel" in launched_kernels
+
+
+def _threshold_marks():
+    # dense_select's threshold mode: the rows its select marked in its last call (the rescued ones)
+    from hisa_cupy.kernels import cupy_backend
+
+    torch.cuda.synchronize()
+    views = [ws._views["dense_failed_rows"][2] for ws in cupy_backend._workspaces.values()
+             if "dense_failed_rows" in ws._views]
+    assert len(views) == 1
+    return testing.to_numpy(views[0])
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
+    # dense_select's threshold mode (DENSE_THRESHOLD; dense.cu) on fp8 inputs, with its minimum S
+    # lowered to reach a small S: a sample of every 128th key gives each row a threshold (its
+    # DENSE_SAMPLE_RANK-th largest sampled key), the score kernel appends the keys at or above it
+    # unordered with their columns, one select ranks the lists, and the rows where that cannot be
+    # exact (fewer than k kept while keys were dropped, or more than the list holds) are scored
+    # again whole. SPEC §9 inputs (many equal scores: ties at the threshold split by column inside
+    # the lists) against the reference bit for bit, causal and ragged, and with NaN scores (whole
+    # rows, and some keys of every row: NaN ranks last, and rows whose sample has fewer candidates
+    # than the rank keep every key, NaN included); sample ranks from 2 (most rows keep fewer than k:
+    # rescued) to 36; both the lists' path and the rescue must be taken
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "DENSE_THRESHOLD_MIN_S", 4096)
+    T, S = 40, 16384 + 77
+    took = {"lists": 0, "rescue": 0}
+    for ragged, nan in ((False, False), (True, False), (True, True)):
+        inp = testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=31 + ragged + nan, ragged=ragged)
+        if nan:  # NaN scores: whole rows (NaN weights), and every row at some keys
+            inp["weights"][[3, 7, 20]] = np.nan
+            inp["k"][np.random.default_rng(0).choice(S, S // 10, replace=False), 5] = np.nan
+        args = [testing.to_torch(inp[n]) for n in ("q", "k", "weights")]
+        rng_kw = {} if inp["ks"] is None else dict(ks=testing.to_torch(inp["ks"]), ke=testing.to_torch(inp["ke"]))
+        for topk, rank in ((256, 8), (1000, 2), (2048, 36), (77, 36)):
+            ref = reference.dense_select(inp["q"], inp["k"], inp["weights"], ks=inp["ks"], ke=inp["ke"], topk=topk,
+                                         order=order)
+            monkeypatch.setattr(cupy_backend, "DENSE_SAMPLE_RANK", rank)
+            launched_kernels.clear()
+            got = hisa_cupy.dense_select(*args, topk=topk, order=order, backend="cupy", **rng_kw)
+            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} nan={nan} topk={topk} rank={rank}")
+            assert "dense_select_unordered_kernel" in launched_kernels, launched_kernels
+            assert "dense_filter_kernel" not in launched_kernels
+            failed = _threshold_marks()[:T]
+            took["rescue"] += int(failed.sum())
+            took["lists"] += int((failed == 0).sum())
+    assert took["lists"] > 0 and took["rescue"] > 0, took
+
+
+@pytest.mark.parametrize("kind", ["segments", "random"])
+def test_dense_threshold_equals_filter(cuda_device, monkeypatch, kind):
+    # general fp8 inputs at a target shape (S = 131072, 64 rows): threshold mode and the filtered
+    # top-k (DENSE_THRESHOLD off) rank the same ranking keys of the same score kernel, so their
+    # indices are equal, by position and by score; with the default sample rank no row is rescued
+    from hisa_cupy.kernels import cupy_backend
+    from hisa_cupy.workloads import make_workload
+
+    wl = make_workload(kind, seq_len=131072, num_queries=64, seed=5)
+    args = [testing.to_torch(x) for x in (wl.q, wl.k, wl.weights)]
+    for order in ("position", "score"):
+        outs = []
+        for thr in (True, False):
+            monkeypatch.setattr(cupy_backend, "DENSE_THRESHOLD", thr)
+            outs.append(testing.to_numpy(hisa_cupy.dense_select(*args, k_scale=testing.to_torch(wl.k_scale),
+                                                                topk=2048, order=order, backend="cupy")))
+            if thr:
+                assert not _threshold_marks()[:64].any()
+        np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{kind} {order}")
