@@ -117,18 +117,20 @@ TOPK_SPLIT = 0
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
-#: dense_select's threshold mode (wip/dense-append, a measurement; dense.cu): where S >= DENSE_THRESHOLD_MIN_S
-#: keys and the dense score kernel is the fp8 register-A wgmma one of two rows per CTA, each row's threshold
-#: is the DENSE_SAMPLE_RANK-th largest of its keys at every DENSE_SAMPLE_STRIDE-th position (a first,
-#: small score launch), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row)
-#: instead of writing every key, and one select ranks those lists; rows where that is not exact are
-#: scored again whole and ranked the usual way. 36 of 1024 samples: about 4600 keys per row kept, and
-#: both ways to fail (fewer than k kept, more than the cap) about 5 sigma away for randn-like rows.
+#: dense_select's threshold mode (wip/dense-append; dense.cu): where S >= DENSE_THRESHOLD_MIN_S keys
+#: and the dense score kernel is the fp8 register-A wgmma one of two rows per CTA, each row's threshold
+#: is the r-th largest of its keys at every DENSE_SAMPLE_STRIDE-th position (a first, small score
+#: launch; r = DENSE_SAMPLE_RANK, or where 0, twice the top k's expected share of the sample and at
+#: least 16), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row) instead
+#: of writing every key, and one select ranks those lists; rows where that is not exact are scored
+#: again whole and ranked the usual way.
 DENSE_THRESHOLD = True
 DENSE_THRESHOLD_MIN_S = 65536
-DENSE_SAMPLE_STRIDE = 128   # dense.cu
-DENSE_SAMPLE_RANK = 36
+DENSE_SAMPLE_STRIDE = 64
+DENSE_SAMPLE_RANK = 0
 DENSE_APPEND_CAP = 8192     # REG_SELECT_ITEMS: the select holds a row's list in registers
+DENSE_SAMPLE_MAX = 2048     # sampled keys per row: dense_sample_threshold_kernel<64>
+DENSE_RESCUE_SLOTS = 4      # failed row pairs scored at once by the rescue (a tile group per CTA)
 APPEND_SMEM = 2 * 416 * 8 + 16  # score_wgmma.cuh
 #: the filtered top-k's select (hisa_cupy.topk, dense_select) of a launch of at most one row per SM
 #: (one wave of one CTA per row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads
@@ -380,7 +382,8 @@ def kernel_instances():
     out += [(name.split("_")[0] + ".cu", name) for name in _WIDE_SELECT_KERNELS]
     # dense_select's threshold mode: fp8 keys on the f16 register-A engine, two rows of 64 heads
     args = f"{ENGINE_F16}, {DT_E4M3}, {DT_E4M3}, 64, 128, 2"
-    out += [("dense.cu", "dense_sample_kernel"), ("dense.cu", "dense_sample_threshold_kernel"),
+    out += [("dense.cu", "dense_sample_kernel"), ("dense.cu", "dense_sample_threshold_kernel<32>"),
+            ("dense.cu", "dense_sample_threshold_kernel<64>"),
             ("dense.cu", "dense_select_unordered_kernel"), ("dense.cu", f"dense_score_append_wgmma_kernel<{args}>"),
             ("dense.cu", f"dense_score_rescue_wgmma_kernel<{args}>")]
     return out
@@ -1222,7 +1225,8 @@ def _knobs():
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
-            PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_RANK)
+            PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
+            DENSE_SAMPLE_RANK)
 
 
 def _keep_plan(key, plan):
@@ -1523,7 +1527,8 @@ def _dense_threshold_plan(q, k, T, H, D, S, topk):
     apply: (score name, smem, passes of (row0, rows, grid, tiles per CTA), sample score launches
     (as _dense_plan's), ns, workspace rows of the rescue)."""
     ns = S // DENSE_SAMPLE_STRIDE
-    if not (DENSE_THRESHOLD and S >= DENSE_THRESHOLD_MIN_S and ns <= 1024 and 0 < topk <= DENSE_APPEND_CAP // 2
+    if not (DENSE_THRESHOLD and S >= DENSE_THRESHOLD_MIN_S and 0 < ns <= DENSE_SAMPLE_MAX
+            and 0 < topk <= DENSE_APPEND_CAP // 2
             and _dt_code(k) == DT_E4M3 and _dt_code(q) == DT_E4M3):
         return None
     name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)
@@ -1543,14 +1548,16 @@ def _dense_threshold_plan(q, k, T, H, D, S, topk):
         nr = min(srows, T - r0)
         tpc = _tiles_per_cta(ntiles_s, nr // per_cta)
         sample.append((r0, nr, (-(-ntiles_s // tpc), -(-nr // per_cta)), tpc))
-    ws_rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH))
-    return name, smem, tuple(passes), tuple(sample), ns, ws_rows
+    ws_rows = max(2, min(T + T % 2, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH) // 2 * 2)  # whole pairs
+    rank = DENSE_SAMPLE_RANK or max(16, -(-2 * topk // DENSE_SAMPLE_STRIDE))
+    rescue_tpc = _tiles_per_cta(ntiles, DENSE_RESCUE_SLOTS)  # about a wave for DENSE_RESCUE_SLOTS pairs
+    return name, smem, tuple(passes), tuple(sample), ns, ws_rows, rank, rescue_tpc
 
 
 def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_score, out, stream, em):
     """dense_select's threshold mode (dense.cu): the sample and its thresholds, the appending score
     launches, the select of the lists, then the rescue of the rows it marked."""
-    name, smem, passes, sample, ns, ws_rows = plan
+    name, smem, passes, sample, ns, ws_rows, rank, rescue_tpc = plan
     T, H, D = q.shape
     S = k.shape[0]
     cap = DENSE_APPEND_CAP
@@ -1566,17 +1573,20 @@ def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_sc
     cand_col = ws.get("dense_cand_cols", (rows, cap), np.int32)
     count = ws.get("dense_cand_counts", (rows,), np.int32, zeroed=True)
     failed = ws.get("dense_failed_rows", (T,), np.int32)
+    fail_count = ws.get("dense_fail_count", (1,), np.int32)
+    fail_pairs = ws.get("dense_fail_pairs", (T,), np.int32)
     ptr = em.ptr
     em.launch(_kernel("dense.cu", "dense_sample_kernel", 0), (-(-max(ns * 32, T) // 256),), (256,),
-              (ptr(k), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(ns), ptr(k_s), ptr(kscale_s),
-               ptr(ks_s), ptr(ke_s)))
+              (ptr(k), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(DENSE_SAMPLE_STRIDE), _i32(ns), ptr(k_s),
+               ptr(kscale_s), ptr(ks_s), ptr(ke_s), ptr(fail_count)))
     fn = _kernel("dense.cu", name, smem)
     for r0, nr, grid, tpc in sample:
         em.launch(fn, grid, (SCORE_THREADS,), (ptr(q), ptr(k_s), ptr(weights), ptr(kscale_s), ptr(ks_s), ptr(ke_s),
                                                _i32(T), _i32(ns), _i32(r0), _i32(nr), ptr(keys_s), _i64(ns), _i32(tpc)),
                   smem)
-    em.launch(_kernel("dense.cu", "dense_sample_threshold_kernel", 0), (-(-T // WARP_SELECT_ROWS),),
-              (32 * WARP_SELECT_ROWS,), (ptr(keys_s), _i64(ns), _i32(ns), _i32(T), _i32(DENSE_SAMPLE_RANK), ptr(thr)))
+    per = 32 if ns <= 1024 else 64
+    em.launch(_kernel("dense.cu", f"dense_sample_threshold_kernel<{per}>", 0), (-(-T // WARP_SELECT_ROWS),),
+              (32 * WARP_SELECT_ROWS,), (ptr(keys_s), _i64(ns), _i32(ns), _i32(T), _i32(rank), ptr(thr)))
     fn_app = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_append_wgmma_kernel"),
                      smem + APPEND_SMEM)
     sort_cap = _list_cap(topk)
@@ -1591,18 +1601,19 @@ def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_sc
                   (ptr(None), ptr(None), _i64(cap), _i32(cap), ptr(None), _i32(topk), _i32(0), _i32(r0), _i32(T),
                    _i32(S), ptr(ks), ptr(ke), ptr(None), _i32(0), _i32(1), _i32(0), _i32(int(relative)),
                    _i32(int(by_score)), _i32(sort_cap), _i32(0), _i32(0), _i32(0), ptr(out, r0 * topk * 4), _i64(topk),
-                   ptr(None), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed)),
+                   ptr(None), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed),
+                   ptr(fail_count), ptr(fail_pairs)),
                   sel_smem)
-    # the rescue: the marked rows scored whole (one CTA per row pair, the others return at once) and
-    # ranked the usual way
+    # the rescue, per chunk of the key workspace: the failed pairs' rows scored whole (with no failed
+    # pair every CTA returns at once) and ranked the usual way (the unmarked rows' CTAs return at once)
     keys = ws.get("dense_keys", (ws_rows, S), np.uint32)
     fn_res = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_rescue_wgmma_kernel"), smem)
     ntiles = -(-S // SCORE_TILE)
     for r0 in range(0, T, ws_rows):
         nr = min(ws_rows, T - r0)
-        em.launch(fn_res, (1, -(-nr // 2)), (SCORE_THREADS,),
+        em.launch(fn_res, (-(-ntiles // rescue_tpc), DENSE_RESCUE_SLOTS), (SCORE_THREADS,),
                   (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
-                   ptr(keys), _i64(S), _i32(ntiles), ptr(failed)), smem)
+                   ptr(keys), _i64(S), _i32(rescue_tpc), ptr(fail_count), ptr(fail_pairs)), smem)
         _launch_select("dense.cu", "dense_rescue_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk, row0=r0, T=T,
                        S=S, ks=ks, ke=ke, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
                        out_off=r0 * topk * 4, extra=(failed,), em=em)

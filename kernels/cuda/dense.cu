@@ -66,25 +66,25 @@ HISA_FILTER_KERNELS(dense, KEYS_U32, MAP_TOKENS)
 // keys at or above it (unordered, with their columns), and a select ranks those lists; rows
 // where that cannot be exact are scored again whole and take the usual top-k.
 
-// The sample: key rows j * DENSE_SAMPLE_STRIDE + DENSE_SAMPLE_STRIDE / 2 (j < ns = S / stride)
-// copied to k_s (fp8 rows of 128 bytes: 32 words) with their scales, and each row's range of
-// sample indices [ks_s, ke_s): the samples j with ks <= their position < ke.
-#define DENSE_SAMPLE_STRIDE 128
+// The sample: key rows j * stride + stride / 2 (j < ns = S / stride) copied to k_s (fp8 rows of
+// 128 bytes: 32 words) with their scales, and each row's range of sample indices [ks_s, ke_s): the
+// samples j with ks <= their position < ke. Thread 0 also zeroes the call's count of failed pairs.
 __global__ void __launch_bounds__(256) dense_sample_kernel(const u32* k, const float* kscale, const int* ks,
-                                                           const int* ke, int T, int S, int ns, u32* k_s,
-                                                           float* kscale_s, int* ks_s, int* ke_s) {
+                                                           const int* ke, int T, int S, int stride, int ns, u32* k_s,
+                                                           float* kscale_s, int* ks_s, int* ke_s, int* fail_count) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    constexpr int HALF = DENSE_SAMPLE_STRIDE / 2;
+    const int half = stride / 2;
+    if (i == 0) *fail_count = 0;
     if (i < (long long)ns * 32) {
         const long long j = i >> 5;
-        k_s[i] = k[(j * DENSE_SAMPLE_STRIDE + HALF) * 32 + (i & 31)];
-        if ((i & 31) == 0) kscale_s[j] = kscale ? kscale[j * DENSE_SAMPLE_STRIDE + HALF] : 1.0f;
+        k_s[i] = k[(j * stride + half) * 32 + (i & 31)];
+        if ((i & 31) == 0) kscale_s[j] = kscale ? kscale[j * stride + half] : 1.0f;
     }
     if (i < T) {
         const RowRange rr = row_range(ks, ke, (int)i, T, S);
-        // the first sample at or past position x: ceil((x - HALF) / stride), within [0, ns]
+        // the first sample at or past position x: ceil((x - half) / stride), within [0, ns]
         auto first_at = [&](int x) {
-            const int v = x <= HALF ? 0 : (x - HALF + DENSE_SAMPLE_STRIDE - 1) / DENSE_SAMPLE_STRIDE;
+            const int v = x <= half ? 0 : (x - half + stride - 1) / stride;
             return min(v, ns);
         };
         ks_s[i] = first_at(rr.ks);
@@ -92,9 +92,10 @@ __global__ void __launch_bounds__(256) dense_sample_kernel(const u32* k, const f
     }
 }
 
-// Each row's threshold: the rank-th largest of its sampled keys ([T, ld], ns columns, at most
-// 1024), built bit by bit from warp sums (one warp per row, WARP_SELECT_ROWS rows per CTA); 1
-// (every candidate is kept, NaN included) where the row has fewer sampled candidates than `rank`.
+// Each row's threshold: the rank-th largest of its sampled keys ([T, ld], ns <= 32 PER columns),
+// built bit by bit from warp sums (one warp per row, WARP_SELECT_ROWS rows per CTA); 1 (every
+// candidate is kept, NaN included) where the row has fewer sampled candidates than `rank`.
+template <int PER>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_kernel(const u32* keys_s, long long ld,
                                                                                       int ns, int T, int rank,
                                                                                       u32* thr) {
@@ -102,10 +103,10 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * WARP_SELECT_ROWS + (threadIdx.x >> 5);
     if (t >= T) return;
-    u32 key[32];
+    u32 key[PER];
     int valid = 0;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < PER; ++i) {
         const int n = lane + 32 * i;
         key[i] = n < ns ? keys_s[(long long)t * ld + n] : 0u;
         valid += key[i] >= 1u;
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_
             const u32 cand = prefix | (1u << b);
             int c = 0;
 #pragma unroll
-            for (int i = 0; i < 32; ++i) c += key[i] >= cand;
+            for (int i = 0; i < PER; ++i) c += key[i] >= cand;
             if (warp_sum(c) >= rank) prefix = cand;
         }
     }
@@ -129,10 +130,11 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_
 // threshold levels over the keys, then, for ties at the threshold key, levels over the tied
 // columns, select exactly the top k under SPEC §3; the selected entries go out through list
 // mode's sort (by score, or by position). A row is marked in `failed` (and left) where its list
-// overflowed or holds fewer than k keys while its threshold (above 1: NaN's key) dropped some.
-// count[row] goes back to 0.
+// overflowed or holds fewer than k keys while its threshold (above 1: NaN's key) dropped some, and
+// its row pair (rows 2p, 2p + 1) is added to fail_pairs. count[row] goes back to 0.
 __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kernel(
-    SELECT_PARAMS, const u32* cand_key, const int* cand_col, int* count, int cap, const u32* thr, int* failed) {
+    SELECT_PARAMS, const u32* cand_key, const int* cand_col, int* count, int cap, const u32* thr, int* failed,
+    int* fail_count, int* fail_pairs) {
     grid_dependency_sync();
     const SelectArgs a = SELECT_ARGS;
     constexpr int R = REG_SELECT_R, THREADS = SELECT_THREADS, WARPS = THREADS / 32;
@@ -153,6 +155,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
     if (tid == 0) {
         count[row] = 0;
         failed[t] = ok ? 0 : 1;
+        if (!ok) fail_pairs[atomicAdd(fail_count, 1)] = t >> 1;  // the rescue's list (a pair may come twice)
     }
     if (!ok) return;
     u32 key[R];
@@ -257,21 +260,24 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
     pad_row<KEYS_U32>(a, row, n_out + tid, THREADS);
 }
 
-// The rows the select marked, scored whole again into the chunk's key workspace (one CTA per
-// row pair over every tile; the CTAs of pairs with no marked row return at once), for
-// dense_rescue_kernel.
+// The rows the select marked, scored whole again into the chunk's key workspace for
+// dense_rescue_kernel: the call's failed pairs (fail_pairs, fail_count entries; rows 2p, 2p + 1)
+// whose rows lie in the chunk [row0, row0 + nrows) (row0 even), CTA (x, y) taking tile group x of
+// entries y, y + gridDim.y, ...; with no failed pair every CTA returns at once.
 template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) dense_score_rescue_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
-    int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta, const int* failed) {
+    int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta, const int* fail_count,
+    const int* fail_pairs) {
+    static_assert(ROWS == 2, "row pairs");
     grid_dependency_sync();
-    bool any = false;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const int local = blockIdx.y * ROWS + r;
-        any |= local < nrows && failed[row0 + local] != 0;
+    const int nf = *fail_count;
+    for (int i = blockIdx.y; i < nf; i += gridDim.y) {
+        const int local0 = 2 * fail_pairs[i] - row0;
+        if (local0 < 0 || local0 >= nrows) continue;  // uniform
+        score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(
+            q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0, S, 0, row0, nrows, out, ld, tiles_per_cta, nullptr,
+            AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, local0);
+        __syncthreads();  // the next pair reuses the shared memory
     }
-    if (!any) return;
-    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_TOKENS, ROWS>(q, k, weights, kscale, ks, ke, nullptr, T, S, 1, 0,
-                                                                 S, 0, row0, nrows, out, ld, tiles_per_cta);
 }

@@ -287,9 +287,9 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
 // Threshold mode of the dense path (APPEND, a measurement: wip/dense-append): instead of writing every
 // ranking key, the keys >= max(thr[row], 1) (row: the chunk's row, local0 + r) are appended, unordered, with
 // their columns: first to a per-CTA list of APPEND_CAP entries per row in shared memory (one
-// shared atomic per warp, row and tile with any such key), which goes out at the CTA's end by one
-// global atomic per row; entries past APPEND_CAP go out at once, one global atomic each. count[row]
-// ends as the row's total (it may exceed cap: slots past cap are not written).
+// shared atomic per warp, row and tile with any such key), which goes out by one global atomic per
+// row whenever a tile could fill it, and at the CTA's end. count[row] ends as the row's total (it
+// may exceed cap: slots past cap are not written).
 #define APPEND_CAP 416
 struct AppendOut {
     const u32* thr;
@@ -306,7 +306,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr,
-    AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}) {
+    AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, int local0_at = -1) {
     using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
@@ -344,12 +344,42 @@ __device__ __forceinline__ void score_tile_wgmma(
     int* sAppN = reinterpret_cast<int*>(sApp + ROWS * APPEND_CAP);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int local0 = blockIdx.y * ROWS;
+    const int local0 = local0_at >= 0 ? local0_at : blockIdx.y * ROWS;  // local0_at: the dense rescue's rows
     int trow[ROWS];
     bool live[ROWS];
     RowRange rr[ROWS];
     cta_rows<ROWS>(local0, nrows, row0, ks, ke, T, S, trow, live, rr);
     u32 app_thr[ROWS];
+    __shared__ int sAppBase[ROWS];
+    // APPEND: every thread, past a CTA barrier (the lists' counts are final): where a row's list
+    // holds more than `limit` entries, both lists go out (one global atomic per row) and start
+    // again. Each tile adds at most SCORE_TILE entries per row, so at the start of a tile a limit
+    // of APPEND_CAP - SCORE_TILE keeps every append inside the list.
+    auto append_flush = [&](int limit) {
+        int n[ROWS], most = 0;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            n[r] = sAppN[r];
+            most = max(most, n[r]);
+        }
+        if (most <= limit) return;  // uniform
+        if (tid < ROWS) sAppBase[tid] = (live[tid] && n[tid] > 0) ? atomicAdd(app.count + local0 + tid, n[tid]) : 0;
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int base = sAppBase[r];
+            const long long row = local0 + r;
+            for (int i = tid; i < n[r]; i += SCORE_THREADS)
+                if (base + i < app.cap) {
+                    const uint2 e = sApp[r * APPEND_CAP + i];
+                    app.cand_key[row * app.cap + base + i] = e.x;
+                    app.cand_col[row * app.cap + base + i] = (int)e.y;
+                }
+        }
+        __syncthreads();  // every entry is out before the lists start again
+        if (tid < ROWS) sAppN[tid] = 0;
+        __syncthreads();
+    };
     if constexpr (APPEND) {
         if (tid < ROWS) sAppN[tid] = 0;  // published by the first CTA-wide barrier (tile_has_candidate)
 #pragma unroll
@@ -737,19 +767,8 @@ __device__ __forceinline__ void score_tile_wgmma(
                     int base = 0;
                     if (lane == leader) base = atomicAdd(&sAppN[r], __popc(bal));
                     base = __shfl_sync(0xFFFFFFFFu, base, leader);
-                    if (pass) {
-                        const int pos = base + __popc(bal & ((1u << lane) - 1u));
-                        if (pos < APPEND_CAP) {
-                            sApp[r * APPEND_CAP + pos] = make_uint2(key, (u32)col);
-                        } else {
-                            const long long row = local0 + r;
-                            const int g = atomicAdd(app.count + row, 1);
-                            if (g < app.cap) {
-                                app.cand_key[row * app.cap + g] = key;
-                                app.cand_col[row * app.cap + g] = col;
-                            }
-                        }
-                    }
+                    // below APPEND_CAP: at most APPEND_CAP - SCORE_TILE at the tile's start (append_flush)
+                    if (pass) sApp[r * APPEND_CAP + base + __popc(bal & ((1u << lane) - 1u))] = make_uint2(key, (u32)col);
                 }
             } else {
                 if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
@@ -880,6 +899,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             if constexpr (!Shape::FP8A) fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();
+            if constexpr (APPEND) append_flush(APPEND_CAP - SCORE_TILE);
             const int n0 = j * SCORE_TILE;
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;
@@ -907,25 +927,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
     }
     cp_async_wait<0>();
-    if constexpr (APPEND) {  // the CTA's lists out: one global atomic per row
-        __shared__ int sAppBase[ROWS];
+    if constexpr (APPEND) {  // the CTA's lists out
         __syncthreads();
-        if (tid < ROWS) {
-            const int n = min(sAppN[tid], APPEND_CAP);
-            sAppBase[tid] = (live[tid] && n > 0) ? atomicAdd(app.count + local0 + tid, n) : 0;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int n = min(sAppN[r], APPEND_CAP), base = sAppBase[r];
-            const long long row = local0 + r;
-            for (int i = tid; i < n; i += SCORE_THREADS)
-                if (base + i < app.cap) {
-                    const uint2 e = sApp[r * APPEND_CAP + i];
-                    app.cand_key[row * app.cap + base + i] = e.x;
-                    app.cand_col[row * app.cap + base + i] = (int)e.y;
-                }
-        }
+        append_flush(0);
     }
 #endif
 }

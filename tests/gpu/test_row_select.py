@@ -629,6 +629,7 @@ def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
     from hisa_cupy.kernels import cupy_backend
 
     monkeypatch.setattr(cupy_backend, "DENSE_THRESHOLD_MIN_S", 4096)
+    monkeypatch.setattr(cupy_backend, "DENSE_SAMPLE_STRIDE", 128)
     T, S = 40, 16384 + 77
     took = {"lists": 0, "rescue": 0}
     for ragged, nan in ((False, False), (True, False), (True, True)):
