@@ -66,29 +66,41 @@ HISA_FILTER_KERNELS(dense, KEYS_U32, MAP_TOKENS)
 // keys at or above it (unordered, with their columns), and a select ranks those lists; rows
 // where that cannot be exact are scored again whole and take the usual top-k.
 
-// The sample: key rows j * stride + stride / 2 (j < ns = S / stride) copied to k_s (fp8 rows of
-// 128 bytes: 32 words) with their scales, and each row's range of sample indices [ks_s, ke_s): the
-// samples j with ks <= their position < ke. Thread 0 also zeroes the call's count of failed pairs.
+// The sample: key row j * stride + off(j) of each group of `stride` rows (j < ns = S / stride; off a
+// hash of j, so that the sample does not alias with runs or periods in the keys: on the segments
+// workload a fixed offset put 11-63 samples among a row's top 2048 against 21-43 this way, for an
+// expected 32) copied to k_s (fp8 rows of 128 bytes: 32 words) with their scales, and each row's
+// range of sample indices [ks_s, ke_s): the samples with ks <= their position < ke. Thread 0 also
+// zeroes the call's count of failed pairs.
+__device__ __forceinline__ int dense_sample_offset(int j, int stride) {
+    u32 x = (u32)j * 0x9E3779B1u;
+    x ^= x >> 15;
+    return (int)(x % (u32)stride);
+}
+
 __global__ void __launch_bounds__(256) dense_sample_kernel(const u32* k, const float* kscale, const int* ks,
                                                            const int* ke, int T, int S, int stride, int ns, u32* k_s,
                                                            float* kscale_s, int* ks_s, int* ke_s, int* fail_count) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int half = stride / 2;
     if (i == 0) *fail_count = 0;
     if (i < (long long)ns * 32) {
-        const long long j = i >> 5;
-        k_s[i] = k[(j * stride + half) * 32 + (i & 31)];
-        if ((i & 31) == 0) kscale_s[j] = kscale ? kscale[j * stride + half] : 1.0f;
+        const int j = (int)(i >> 5);
+        const long long pos = (long long)j * stride + dense_sample_offset(j, stride);
+        k_s[i] = k[pos * 32 + (i & 31)];
+        if ((i & 31) == 0) kscale_s[j] = kscale ? kscale[pos] : 1.0f;
     }
     if (i < T) {
         const RowRange rr = row_range(ks, ke, (int)i, T, S);
-        // the first sample at or past position x: ceil((x - half) / stride), within [0, ns]
+        // the first sample at or past position x (positions ascend with j): j0 = x / stride, or the
+        // next one where j0's offset lies below x
         auto first_at = [&](int x) {
-            const int v = x <= half ? 0 : (x - half + stride - 1) / stride;
-            return min(v, ns);
+            const int j0 = x / stride;
+            if (j0 >= ns) return ns;
+            return j0 + (j0 * stride + dense_sample_offset(j0, stride) < x ? 1 : 0);
         };
-        ks_s[i] = first_at(rr.ks);
-        ke_s[i] = max(first_at(rr.ks), first_at(rr.ke));
+        const int a = first_at(rr.ks);
+        ks_s[i] = a;
+        ke_s[i] = max(a, first_at(rr.ke));
     }
 }
 
