@@ -120,8 +120,8 @@ DENSE_FILTER = True
 #: dense_select's threshold mode (wip/dense-append; dense.cu): where S >= DENSE_THRESHOLD_MIN_S keys
 #: and the dense score kernel is the fp8 register-A wgmma one of two rows per CTA, each row's threshold
 #: is the r-th largest of its keys at every DENSE_SAMPLE_STRIDE-th position (a first, small score
-#: launch; r = DENSE_SAMPLE_RANK, or where 0, twice the top k's expected share of the sample and at
-#: least 16), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row) instead
+#: launch; r = DENSE_SAMPLE_RANK, or where 0, the top k's expected share e of the sample plus 5 sqrt(e),
+#: at least 16), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row) instead
 #: of writing every key, and one select ranks those lists; rows where that is not exact are scored
 #: again whole and ranked the usual way.
 DENSE_THRESHOLD = True
@@ -1549,7 +1549,8 @@ def _dense_threshold_plan(q, k, T, H, D, S, topk):
         tpc = _tiles_per_cta(ntiles_s, nr // per_cta)
         sample.append((r0, nr, (-(-ntiles_s // tpc), -(-nr // per_cta)), tpc))
     ws_rows = max(2, min(T + T % 2, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH) // 2 * 2)  # whole pairs
-    rank = DENSE_SAMPLE_RANK or max(16, -(-2 * topk // DENSE_SAMPLE_STRIDE))
+    expect = topk / DENSE_SAMPLE_STRIDE  # samples among the top k, on average
+    rank = DENSE_SAMPLE_RANK or max(16, math.ceil(expect + 5 * math.sqrt(expect)))
     rescue_tpc = _tiles_per_cta(ntiles, DENSE_RESCUE_SLOTS)  # about a wave for DENSE_RESCUE_SLOTS pairs
     return name, smem, tuple(passes), tuple(sample), ns, ws_rows, rank, rescue_tpc
 

@@ -770,7 +770,8 @@ def test_dense_threshold_launches(monkeypatch):
     # dense_select's threshold mode (DENSE_THRESHOLD) over S = 131072 fp8 keys, topk = 2048: the
     # sample (every 64th key: 2048 per row, with each row's range of them; the failed pairs' count
     # zeroed), its scores (the dense score kernel over the sample, all rows at once), each row's
-    # threshold (its 64th largest sampled key: twice the top 2048's share of 2048 samples), the
+    # threshold (its 61st largest sampled key: the top 2048's share e = 32 of 2048 samples plus
+    # 5 sqrt(e)), the
     # appending score kernel over passes of rows (candidate lists of 8192 entries per row within
     # DENSE_WORKSPACE_BYTES), each pass's select; then per chunk of the key workspace the rescue's
     # score launch (DENSE_RESCUE_SLOTS failed pairs at once, a tile group per CTA) and its select
@@ -795,7 +796,7 @@ def test_dense_threshold_launches(monkeypatch):
     assert a[1] == bufs["dense_sample_k"].data.ptr and a[6:10] == [T, 2048, 0, T]
     assert fake.launches[1].grid[1] == T // 2
     a = [_value(x) for x in thr.args]
-    assert a[1:5] == [2048, 2048, T, 64] and thr.grid == (T // 4,)
+    assert a[1:5] == [2048, 2048, T, 61] and thr.grid == (T // 4,)  # 32 expected among the top 2048: 32 + 5 sqrt(32)
     app, sel = fake.launches[3], fake.launches[4]
     a = [_value(x) for x in app.args]
     assert a[6:10] == [T, S, 0, T] and a[14] == 8192 and app.smem == fake.launches[1].smem + cb.APPEND_SMEM

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(SCORE_THREADS) dense_score_wgmma_kernel(
 // threshold mode (a measurement, wip/dense-append): the keys >= thr[row] with their columns, unordered
 // (score_wgmma.cuh, AppendOut); smem: the score kernel's + APPEND_SMEM
 template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
-__global__ void __launch_bounds__(SCORE_THREADS) dense_score_append_wgmma_kernel(
+__global__ void __launch_bounds__(SCORE_THREADS, 3) dense_score_append_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     int T, int S, int row0, int nrows, const u32* thr, u32* cand_key, int* cand_col, int* count, int cap,
     int tiles_per_cta) {

@@ -286,11 +286,12 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
 
 // Threshold mode of the dense path (APPEND, a measurement: wip/dense-append): instead of writing every
 // ranking key, the keys >= max(thr[row], 1) (row: the chunk's row, local0 + r) are appended, unordered, with
-// their columns: first to a per-CTA list of APPEND_CAP entries per row in shared memory (one
-// shared atomic per warp, row and tile with any such key), which goes out by one global atomic per
-// row whenever a tile could fill it, and at the CTA's end. count[row] ends as the row's total (it
-// may exceed cap: slots past cap are not written).
+// their columns: first to per-warp lists of APPEND_WCAP entries per row in shared memory (the
+// warp's count in a register), which go out by one global atomic each whenever a tile could fill
+// them, and at the CTA's end. count[row] ends as the row's total (it may exceed cap: slots past cap
+// are not written).
 #define APPEND_CAP 416
+#define APPEND_WCAP (APPEND_CAP / 4)  // per warp and row
 struct AppendOut {
     const u32* thr;
     u32* cand_key;
@@ -339,9 +340,8 @@ __device__ __forceinline__ void score_tile_wgmma(
     constexpr bool BULK = Shape::FP8A && DENSE;
     const u32 sBar0 = smem_addr(sDst);
     static_assert(!APPEND || (BULK && ROWS == 2), "threshold mode: the dense fp8 path");
-    // APPEND: [ROWS][APPEND_CAP] (key, column) entries, then ROWS counts, after the barriers
+    // APPEND: [warps][ROWS][APPEND_WCAP] (key, column) entries, after the barriers
     uint2* sApp = reinterpret_cast<uint2*>(reinterpret_cast<char*>(sDst) + 8 * NBUF);
-    int* sAppN = reinterpret_cast<int*>(sApp + ROWS * APPEND_CAP);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int local0 = local0_at >= 0 ? local0_at : blockIdx.y * ROWS;  // local0_at: the dense rescue's rows
@@ -349,41 +349,38 @@ __device__ __forceinline__ void score_tile_wgmma(
     bool live[ROWS];
     RowRange rr[ROWS];
     cta_rows<ROWS>(local0, nrows, row0, ks, ke, T, S, trow, live, rr);
+    // APPEND: each warp appends to its own lists (APPEND_WCAP entries per row, its count in a
+    // register: no shared atomics), and sends a row's list out (one global atomic, then the warp's
+    // copy) when a tile could fill it: at a tile's start every list holds at most
+    // APPEND_WCAP - 32 entries, and a warp adds at most 32 per row and tile
     u32 app_thr[ROWS];
-    __shared__ int sAppBase[ROWS];
-    // APPEND: every thread, past a CTA barrier (the lists' counts are final): where a row's list
-    // holds more than `limit` entries, both lists go out (one global atomic per row) and start
-    // again. Each tile adds at most SCORE_TILE entries per row, so at the start of a tile a limit
-    // of APPEND_CAP - SCORE_TILE keeps every append inside the list.
-    auto append_flush = [&](int limit) {
-        int n[ROWS], most = 0;
+    int app_n[ROWS];
+    uint2* app_list = sApp + warp * ROWS * APPEND_WCAP;  // [ROWS][APPEND_WCAP] of this warp
+    const unsigned lanes_below = (1u << lane) - 1u;
+    auto append_flush = [&](int limit) {  // the warp's lists, warp-uniform
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            n[r] = sAppN[r];
-            most = max(most, n[r]);
-        }
-        if (most <= limit) return;  // uniform
-        if (tid < ROWS) sAppBase[tid] = (live[tid] && n[tid] > 0) ? atomicAdd(app.count + local0 + tid, n[tid]) : 0;
-        __syncthreads();
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int base = sAppBase[r];
+            if (app_n[r] <= limit) continue;
             const long long row = local0 + r;
-            for (int i = tid; i < n[r]; i += SCORE_THREADS)
+            int base = 0;
+            if (lane == 0) base = atomicAdd(app.count + row, app_n[r]);
+            base = __shfl_sync(0xFFFFFFFFu, base, 0);
+            for (int i = lane; i < app_n[r]; i += 32)
                 if (base + i < app.cap) {
-                    const uint2 e = sApp[r * APPEND_CAP + i];
+                    const uint2 e = app_list[r * APPEND_WCAP + i];
                     app.cand_key[row * app.cap + base + i] = e.x;
                     app.cand_col[row * app.cap + base + i] = (int)e.y;
                 }
+            __syncwarp();  // read before the list is written again
+            app_n[r] = 0;
         }
-        __syncthreads();  // every entry is out before the lists start again
-        if (tid < ROWS) sAppN[tid] = 0;
-        __syncthreads();
     };
     if constexpr (APPEND) {
-        if (tid < ROWS) sAppN[tid] = 0;  // published by the first CTA-wide barrier (tile_has_candidate)
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) app_thr[r] = live[r] ? max(app.thr[local0 + r], 1u) : 0xFFFFFFFFu;
+        for (int r = 0; r < ROWS; ++r) {
+            app_thr[r] = live[r] ? max(app.thr[local0 + r], 1u) : 0xFFFFFFFFu;
+            app_n[r] = 0;
+        }
     }
     // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk i = it *
     // SCORE_THREADS + tid is operand row i / CHUNKS, chunk i % CHUNKS. q_load reads a chunk's
@@ -762,13 +759,9 @@ __device__ __forceinline__ void score_tile_wgmma(
                 const u32 key = item_key(flag, v, kscale != nullptr, sc);
                 const bool pass = col < nitems && key >= app_thr[r];
                 const unsigned bal = __ballot_sync(0xFFFFFFFFu, pass);
-                if (bal != 0u) {  // warp-uniform
-                    const int leader = __ffs(bal) - 1;
-                    int base = 0;
-                    if (lane == leader) base = atomicAdd(&sAppN[r], __popc(bal));
-                    base = __shfl_sync(0xFFFFFFFFu, base, leader);
-                    // below APPEND_CAP: at most APPEND_CAP - SCORE_TILE at the tile's start (append_flush)
-                    if (pass) sApp[r * APPEND_CAP + base + __popc(bal & ((1u << lane) - 1u))] = make_uint2(key, (u32)col);
+                if (bal != 0u) {  // warp-uniform; inside the list (append_flush)
+                    if (pass) app_list[r * APPEND_WCAP + app_n[r] + __popc(bal & lanes_below)] = make_uint2(key, (u32)col);
+                    app_n[r] += __popc(bal);
                 }
             } else {
                 if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
@@ -899,7 +892,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             if constexpr (!Shape::FP8A) fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();
-            if constexpr (APPEND) append_flush(APPEND_CAP - SCORE_TILE);
+            if constexpr (APPEND) append_flush(APPEND_WCAP - 32);
             const int n0 = j * SCORE_TILE;
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;
@@ -927,9 +920,6 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
     }
     cp_async_wait<0>();
-    if constexpr (APPEND) {  // the CTA's lists out
-        __syncthreads();
-        append_flush(0);
-    }
+    if constexpr (APPEND) append_flush(0);  // the warp's lists out
 #endif
 }
