@@ -117,20 +117,21 @@ TOPK_SPLIT = 0
 TOPK_FILTER = True
 #: dense_select's top-k of long rows through the same filter (row_filter.cuh); False: list mode
 DENSE_FILTER = True
-#: dense_select's threshold mode (wip/dense-append; dense.cu): where S >= DENSE_THRESHOLD_MIN_S keys
+#: dense_select's threshold mode (dense.cu; docs/internals.md): where S >= DENSE_THRESHOLD_MIN_S keys
 #: and the dense score kernel is the fp8 register-A wgmma one of two rows per CTA, each row's threshold
 #: is the r-th largest of its keys at every DENSE_SAMPLE_STRIDE-th position (a first, small score
 #: launch; r = DENSE_SAMPLE_RANK, or where 0, the top k's expected share e of the sample plus 5 sqrt(e),
 #: at least 16), the score kernel appends the keys at or above it (up to DENSE_APPEND_CAP per row) instead
 #: of writing every key, and one select ranks those lists; rows where that is not exact are scored
-#: again whole and ranked the usual way.
+#: again whole and ranked the usual way. It replaces the filtered top-k's second pass over 2.1 GB
+#: of written keys at 128K / 4096 (H200: dense_select 3-6% faster; bench/NOTES.md, session 29).
 DENSE_THRESHOLD = True
 DENSE_THRESHOLD_MIN_S = 65536
-DENSE_SAMPLE_STRIDE = 64
+DENSE_SAMPLE_STRIDE = 128
 DENSE_SAMPLE_RANK = 0
 DENSE_APPEND_CAP = 8192     # REG_SELECT_ITEMS: the select holds a row's list in registers
 DENSE_SAMPLE_MAX = 2048     # sampled keys per row: dense_sample_threshold_kernel<64>
-DENSE_RESCUE_SLOTS = 4      # failed row pairs scored at once by the rescue (a tile group per CTA)
+DENSE_RESCUE_SLOTS = 12     # failed row pairs scored at once by the rescue (a tile group per CTA: about a wave)
 APPEND_SMEM = 2 * 416 * 8 + 16  # score_wgmma.cuh
 #: the filtered top-k's select (hisa_cupy.topk, dense_select) of a launch of at most one row per SM
 #: (one wave of one CTA per row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads
@@ -1569,9 +1570,10 @@ def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_sc
     ke_s = ws.get("dense_sample_ke", (T,), np.int32)
     keys_s = ws.get("dense_sample_keys", (T, ns), np.uint32)
     thr = ws.get("dense_thresholds", (T,), np.uint32)
+    # one buffer for a pass's candidate lists (keys [rows, cap], then columns) and, once every pass is
+    # ranked, the rescue's ranking keys [ws_rows, S]
     rows = passes[0][1]
-    cand_key = ws.get("dense_cand_keys", (rows, cap), np.uint32)
-    cand_col = ws.get("dense_cand_cols", (rows, cap), np.int32)
+    big = ws.get("dense_keys", (max(rows * cap * 8, ws_rows * S * 4),), np.uint8)
     count = ws.get("dense_cand_counts", (rows,), np.int32, zeroed=True)
     failed = ws.get("dense_failed_rows", (T,), np.int32)
     fail_count = ws.get("dense_fail_count", (1,), np.int32)
@@ -1596,18 +1598,18 @@ def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_sc
     for r0, nr, grid, tpc in passes:
         em.launch(fn_app, grid, (SCORE_THREADS,),
                   (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
-                   ptr(thr, r0 * 4), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), _i32(tpc)),
+                   ptr(thr, r0 * 4), ptr(big), ptr(big, rows * cap * 4), ptr(count), _i32(cap), _i32(tpc)),
                   smem + APPEND_SMEM)
         em.launch(fn_sel, (nr,), (SELECT_THREADS,),
                   (ptr(None), ptr(None), _i64(cap), _i32(cap), ptr(None), _i32(topk), _i32(0), _i32(r0), _i32(T),
                    _i32(S), ptr(ks), ptr(ke), ptr(None), _i32(0), _i32(1), _i32(0), _i32(int(relative)),
                    _i32(int(by_score)), _i32(sort_cap), _i32(0), _i32(0), _i32(0), ptr(out, r0 * topk * 4), _i64(topk),
-                   ptr(None), ptr(cand_key), ptr(cand_col), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed),
+                   ptr(None), ptr(big), ptr(big, rows * cap * 4), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed),
                    ptr(fail_count), ptr(fail_pairs)),
                   sel_smem)
     # the rescue, per chunk of the key workspace: the failed pairs' rows scored whole (with no failed
     # pair every CTA returns at once) and ranked the usual way (the unmarked rows' CTAs return at once)
-    keys = ws.get("dense_keys", (ws_rows, S), np.uint32)
+    keys = big
     fn_res = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_rescue_wgmma_kernel"), smem)
     ntiles = -(-S // SCORE_TILE)
     for r0 in range(0, T, ws_rows):

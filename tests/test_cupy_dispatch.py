@@ -768,45 +768,49 @@ def test_dense_chunks_fit_the_filter(monkeypatch):
 
 def test_dense_threshold_launches(monkeypatch):
     # dense_select's threshold mode (DENSE_THRESHOLD) over S = 131072 fp8 keys, topk = 2048: the
-    # sample (every 64th key: 2048 per row, with each row's range of them; the failed pairs' count
-    # zeroed), its scores (the dense score kernel over the sample, all rows at once), each row's
-    # threshold (its 61st largest sampled key: the top 2048's share e = 32 of 2048 samples plus
-    # 5 sqrt(e)), the
-    # appending score kernel over passes of rows (candidate lists of 8192 entries per row within
-    # DENSE_WORKSPACE_BYTES), each pass's select; then per chunk of the key workspace the rescue's
-    # score launch (DENSE_RESCUE_SLOTS failed pairs at once, a tile group per CTA) and its select
+    # sample (one key in every 128: 1024 per row, with each row's range of them; the failed pairs'
+    # count zeroed), its scores (the dense score kernel over the sample, all rows at once), each
+    # row's threshold (its 36th largest sampled key: the top 2048's share e = 16 of 1024 samples
+    # plus 5 sqrt(e)), the appending score kernel over passes of rows (candidate lists of 8192
+    # entries per row within DENSE_WORKSPACE_BYTES), each pass's select; then per chunk of the key
+    # workspace (the same buffer as the lists) the rescue's score launch (DENSE_RESCUE_SLOTS failed
+    # pairs at once, a tile group per CTA) and its select
     fake = _Fake(monkeypatch, cc=90)
     T, S = 40, 131072
-    monkeypatch.setattr(cb, "DENSE_WORKSPACE_BYTES", 16 * S * 4)  # passes of 1024 rows: one; key chunks of 16
+    monkeypatch.setattr(cb, "DENSE_WORKSPACE_BYTES", 16 * S * 4)  # passes of 128 rows: one; key chunks of 16
     q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
     w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
     ks, ke = pointer_array((T,), np.int32), pointer_array((T,), np.int32)
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="score", out=out, stream=0)
     score = "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"
     rescue = ["dense_score_rescue_wgmma_kernel<2, 0, 0, 64, 128, 2>", "dense_rescue_kernel"]
-    assert fake.names() == ["dense_sample_kernel", score, "dense_sample_threshold_kernel<64>",
+    assert fake.names() == ["dense_sample_kernel", score, "dense_sample_threshold_kernel<32>",
                             "dense_score_append_wgmma_kernel<2, 0, 0, 64, 128, 2>",
                             "dense_select_unordered_kernel"] + rescue * 3
     bufs = cb._workspaces[(0, 0)]._bufs
+    big = bufs["dense_keys"].data.ptr
+    assert bufs["dense_keys"].nbytes == 16 * S * 4  # the rescue's keys; the lists take 40 * 8192 * 8 bytes of it
     smp, thr = fake.launches[0], fake.launches[2]
     a = [_value(x) for x in smp.args]
-    assert a[:8] == [k.data.ptr, ksc.data.ptr, ks.data.ptr, ke.data.ptr, T, S, 64, 2048]
-    assert smp.grid == (256,) and a[8] == bufs["dense_sample_k"].data.ptr and a[12] == bufs["dense_fail_count"].data.ptr
+    assert a[:8] == [k.data.ptr, ksc.data.ptr, ks.data.ptr, ke.data.ptr, T, S, 128, 1024]
+    assert smp.grid == (128,) and a[8] == bufs["dense_sample_k"].data.ptr and a[12] == bufs["dense_fail_count"].data.ptr
     a = [_value(x) for x in fake.launches[1].args]
-    assert a[1] == bufs["dense_sample_k"].data.ptr and a[6:10] == [T, 2048, 0, T]
+    assert a[1] == bufs["dense_sample_k"].data.ptr and a[6:10] == [T, 1024, 0, T]
     assert fake.launches[1].grid[1] == T // 2
     a = [_value(x) for x in thr.args]
-    assert a[1:5] == [2048, 2048, T, 61] and thr.grid == (T // 4,)  # 32 expected among the top 2048: 32 + 5 sqrt(32)
+    assert a[1:5] == [1024, 1024, T, 36] and thr.grid == (T // 4,)
     app, sel = fake.launches[3], fake.launches[4]
     a = [_value(x) for x in app.args]
-    assert a[6:10] == [T, S, 0, T] and a[14] == 8192 and app.smem == fake.launches[1].smem + cb.APPEND_SMEM
+    assert a[6:10] == [T, S, 0, T] and a[11:13] == [big, big + T * 8192 * 4] and a[14] == 8192
+    assert app.smem == fake.launches[1].smem + cb.APPEND_SMEM
     b = [_value(x) for x in sel.args]
     assert sel.grid == (T,) and sel.block == (512,) and b[5] == 2048 and b[16:18] == [1, 1]
+    assert b[25:27] == [big, big + T * 8192 * 4]
     assert b[-2:] == [bufs["dense_fail_count"].data.ptr, bufs["dense_fail_pairs"].data.ptr]
     for i, r0 in enumerate((0, 16, 32)):
         res = fake.launches[5 + 2 * i]
         a = [_value(x) for x in res.args]
-        assert res.grid == (-(-1024 // a[12]), cb.DENSE_RESCUE_SLOTS) and a[8:10] == [r0, min(16, T - r0)]
+        assert res.grid == (-(-1024 // a[12]), cb.DENSE_RESCUE_SLOTS) and a[8:11] == [r0, min(16, T - r0), big]
         assert a[-2:] == [bufs["dense_fail_count"].data.ptr, bufs["dense_fail_pairs"].data.ptr]
     monkeypatch.setattr(cb, "DENSE_THRESHOLD", False)
     fake.launches.clear()
@@ -815,6 +819,6 @@ def test_dense_threshold_launches(monkeypatch):
     # bf16 keys, S below DENSE_THRESHOLD_MIN_S, or more samples than a row's threshold takes: the filtered path
     monkeypatch.setattr(cb, "DENSE_THRESHOLD", True)
     assert cb._dense_threshold_plan(q, k, T, 64, 128, 32768, 2048) is None
-    assert cb._dense_threshold_plan(q, k, T, 64, 128, 2048 * 64 + 64, 2048) is None
+    assert cb._dense_threshold_plan(q, k, T, 64, 128, 2048 * 128 + 128, 2048) is None  # 2049 samples
     assert cb._dense_threshold_plan(pointer_array((T, 64, 128), np.uint16), pointer_array((S, 128), np.uint16),
                                     T, 64, 128, S, 2048) is None

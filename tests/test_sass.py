@@ -6,7 +6,7 @@ many FMNMX instructions as the PTX has ``max.NaN.f32`` relus. A dense-kernel var
 (bench/NOTES.md) had right PTX and wrong keys: ptxas merged the relus of row 0's two MMA halves,
 which read the same PTX accumulator registers with a ``wgmma.mma_async`` redefining them in
 between (96 FMNMX against 128). The GPU tests caught that one by its keys; this catches the same
-miscompile in any of the three kernels without a GPU.
+miscompile in any of these kernels without a GPU.
 """
 import glob
 import os
@@ -23,6 +23,8 @@ from test_cuda_compile import _nvcc
 
 KERNELS = [
     ("dense.cu", "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>"),
+    ("dense.cu", "dense_score_append_wgmma_kernel<2, 0, 0, 64, 128, 2>"),
+    ("dense.cu", "dense_score_rescue_wgmma_kernel<2, 0, 0, 64, 128, 2>"),
     ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>"),
     ("block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>"),
 ]

@@ -1,7 +1,8 @@
 // dense.cu — the flat DSA baseline (SPEC §4): token scores of every key in [ks, ke) for a chunk of
 // query rows (score_tile, ITEMS_TOKENS; tiles past the causal edge are skipped), then the exact
 // top-k (row_select, MAP_TOKENS; long rows through row_filter.cuh's sampled threshold). The host
-// processes row chunks so the workspace stays bounded.
+// processes row chunks so the workspace stays bounded. For long rows of fp8 keys on Hopper the
+// host takes threshold mode instead (the end of this file): the keys are never all written.
 #include "common.cuh"
 #include "score_tile.cuh"
 #include "score_wgmma.cuh"
@@ -27,8 +28,9 @@ __global__ void __launch_bounds__(SCORE_THREADS) dense_score_wgmma_kernel(
                                                                  S, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
-// threshold mode (a measurement, wip/dense-append): the keys >= thr[row] with their columns, unordered
-// (score_wgmma.cuh, AppendOut); smem: the score kernel's + APPEND_SMEM
+// threshold mode: the scores as dense_score_wgmma_kernel, but of each row (of the launch) only the
+// keys >= thr[row] go out, unordered, with their columns (score_wgmma.cuh, AppendOut); smem: the
+// score kernel's + APPEND_SMEM. Three CTAs per SM as the score kernel (ptxas would take 234 registers)
 template <int ENGINE, int QDT, int KDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS, 3) dense_score_append_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
@@ -61,17 +63,23 @@ __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) dense_top
 HISA_FILTER_KERNELS(dense, KEYS_U32, MAP_TOKENS)
 
 // ----------------------------------------------------------------------------------------------
-// Threshold mode (wip/dense-append, a measurement; cupy_backend._dense_threshold): a sample of
-// the keys gives each row a threshold below its k-th largest key, the score kernel appends the
-// keys at or above it (unordered, with their columns), and a select ranks those lists; rows
-// where that cannot be exact are scored again whole and take the usual top-k.
+// Threshold mode (cupy_backend._dense_threshold, knob DENSE_THRESHOLD): the filtered top-k above
+// reads every ranking key the score kernel wrote a second time (2.1 GB at 128K / 4096); here a
+// sample of the keys is scored first, gives each row a threshold well below its k-th largest key,
+// and the score kernel keeps only the keys at or above it (dense_score_append_wgmma_kernel,
+// unordered, with their columns: a few thousand per row), which one select ranks exactly. Rows
+// where that cannot be exact (fewer than k kept while keys were dropped, or more than a list
+// holds) are scored again whole and take the usual top-k. Launches: dense_sample_kernel, the
+// dense score kernel over the sample, dense_sample_threshold_kernel, then per pass of rows the
+// appending score kernel and dense_select_unordered_kernel, then per chunk of the key workspace
+// dense_score_rescue_wgmma_kernel and dense_rescue_kernel (both return at once without failed rows).
 
 // The sample: key row j * stride + off(j) of each group of `stride` rows (j < ns = S / stride; off a
-// hash of j, so that the sample does not alias with runs or periods in the keys: on the segments
-// workload a fixed offset put 11-63 samples among a row's top 2048 against 21-43 this way, for an
-// expected 32) copied to k_s (fp8 rows of 128 bytes: 32 words) with their scales, and each row's
-// range of sample indices [ks_s, ke_s): the samples with ks <= their position < ke. Thread 0 also
-// zeroes the call's count of failed pairs.
+// hash of j, so that the sample does not alias with runs or periods in the keys: over 48 rows of
+// the segments workload at 128K, every 128th key at a fixed offset put 4-37 samples among a row's
+// top 2048, hashed offsets 12-28, for an expected 16) copied to k_s (fp8 rows of 128 bytes: 32
+// words) with their scales, and each row's range of sample indices [ks_s, ke_s): the samples with
+// ks <= their position < ke. Thread 0 also zeroes the call's count of failed pairs.
 __device__ __forceinline__ int dense_sample_offset(int j, int stride) {
     u32 x = (u32)j * 0x9E3779B1u;
     x ^= x >> 15;

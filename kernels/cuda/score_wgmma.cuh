@@ -284,12 +284,16 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
         }
 }
 
-// Threshold mode of the dense path (APPEND, a measurement: wip/dense-append): instead of writing every
-// ranking key, the keys >= max(thr[row], 1) (row: the chunk's row, local0 + r) are appended, unordered, with
-// their columns: first to per-warp lists of APPEND_WCAP entries per row in shared memory (the
-// warp's count in a register), which go out by one global atomic each whenever a tile could fill
-// them, and at the CTA's end. count[row] ends as the row's total (it may exceed cap: slots past cap
-// are not written).
+// Threshold mode of the dense path (APPEND; dense.cu, dense_score_append_wgmma_kernel): instead of
+// writing every ranking key, the keys >= max(thr[row], 1) (row: the launch's row, local0 + r; 1
+// keeps NaN's key, never HISA_KEY_NONE) are appended, unordered, with their columns: first to
+// per-warp lists of APPEND_WCAP entries per row in shared memory (the warp's count in a register:
+// one ballot per row and tile, no atomics), which go out by one global atomic each whenever a tile
+// could fill them, and at the CTA's end. count[row] ends as the row's total (it may exceed cap:
+// slots past cap are not written). On an H200 the appending kernel takes the score kernel's time
+// (12.69 against 12.70 ms at 128K / 4096; one shared list per CTA with a shared atomic per warp,
+// row and tile had cost 2.3%: bench/NOTES.md, session 29). The lists take the shared memory left
+// by three CTAs per SM.
 #define APPEND_CAP 416
 #define APPEND_WCAP (APPEND_CAP / 4)  // per warp and row
 struct AppendOut {
