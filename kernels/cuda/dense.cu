@@ -89,6 +89,7 @@ __device__ __forceinline__ int dense_sample_offset(int j, int stride) {
 __global__ void __launch_bounds__(256) dense_sample_kernel(const u32* k, const float* kscale, const int* ks,
                                                            const int* ke, int T, int S, int stride, int ns, u32* k_s,
                                                            float* kscale_s, int* ks_s, int* ke_s, int* fail_count) {
+    grid_dependency_sync();  // the call before may still read fail_count (its rescue)
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i == 0) *fail_count = 0;
     if (i < (long long)ns * 32) {
@@ -289,8 +290,8 @@ __global__ void __launch_bounds__(SCORE_THREADS) dense_score_rescue_wgmma_kernel
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     int T, int S, int row0, int nrows, u32* out, long long ld, int tiles_per_cta, const int* fail_count,
     const int* fail_pairs) {
-    static_assert(ROWS == 2, "row pairs");
     grid_dependency_sync();
+    static_assert(ROWS == 2, "row pairs");
     const int nf = *fail_count;
     for (int i = blockIdx.y; i < nf; i += gridDim.y) {
         const int local0 = 2 * fail_pairs[i] - row0;
