@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
     int* fail_count, int* fail_pairs) {
     grid_dependency_sync();
     const SelectArgs a = SELECT_ARGS;
-    constexpr int R = REG_SELECT_R, THREADS = SELECT_THREADS, WARPS = THREADS / 32;
+    constexpr int R = REG_SELECT_R, THREADS = SELECT_THREADS;
     extern __shared__ __align__(16) char smem[];
     int* sHist = reinterpret_cast<int*>(smem);
     int* sScan = sHist + SORT_BINS;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
     u64* sSel = reinterpret_cast<u64*>(sMisc + 32);
     u64* sAux = sSel + a.sort_cap;
     u32* sRed = reinterpret_cast<u32*>(sHist);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const long long row = blockIdx.x;
     const int t = a.row0 + (int)row;
     const int n = count[row];
@@ -194,22 +194,8 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
         mn = min(mn, key[j] - 1u);
         mx = max(mx, key[j]);
     }
-    mn = __reduce_min_sync(0xFFFFFFFFu, mn);
-    mx = __reduce_max_sync(0xFFFFFFFFu, mx);
-    if (lane == 0) {
-        sRed[warp] = mn;
-        sRed[WARPS + warp] = mx;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const bool has = lane < WARPS;
-        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
-        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
-        if (lane == 0) {
-            sMisc[MISC_RED_LO] = (int)wmn;
-            sMisc[MISC_RED_HI] = (int)wmx;
-        }
-    }
+    warps_min_max<THREADS>(mn, mx, sRed);
+    combine_warps_min_max<THREADS>(sRed, sMisc);
     __syncthreads();
     u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];
     const u32 key_hi = hi;

@@ -1302,11 +1302,27 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     return true;
 }
 
+// warps_min_max's per-warp values combined by warp 0 into sMisc[MISC_RED_LO] (the smallest) and
+// sMisc[MISC_RED_HI] (the largest), for every thread past the caller's next barrier
+template <int THREADS = SELECT_THREADS>
+__device__ __forceinline__ void combine_warps_min_max(const u32* sRed, int* sMisc) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (warp == 0) {
+        constexpr int WARPS = THREADS / 32;
+        const bool has = lane < WARPS;
+        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
+        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
+        if (lane == 0) {
+            sMisc[MISC_RED_LO] = (int)wmn;
+            sMisc[MISC_RED_HI] = (int)wmx;
+        }
+    }
+}
+
 // The keys of the smallest and the largest finite scores among a thread block's keys in registers
 // (flo > fhi: none). Ends synced.
 template <int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed, int* sMisc, u32& flo, u32& fhi) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // key - (-inf's key + 1) wraps the non-numbers and -inf to the top; key + 2^23 wraps +inf's
     // key to the bottom, below every finite key's
     constexpr u32 LO = HISA_KEY_NEG_INF + 1u, HI = 0x00800000u;
@@ -1317,16 +1333,7 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
         mx = max(mx, key[j] + HI);
     }
     warps_min_max<THREADS>(mn, mx, sRed);
-    if (warp == 0) {  // one warp combines the warps' values, for every thread through sMisc
-        constexpr int WARPS = THREADS / 32;
-        const bool has = lane < WARPS;
-        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
-        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
-        if (lane == 0) {
-            sMisc[MISC_RED_LO] = (int)wmn;
-            sMisc[MISC_RED_HI] = (int)wmx;
-        }
-    }
+    combine_warps_min_max<THREADS>(sRed, sMisc);  // one warp, for every thread through sMisc
     __syncthreads();
     const u32 wmn = (u32)sMisc[MISC_RED_LO], wmx = (u32)sMisc[MISC_RED_HI];
     // no finite key: wmx below the smallest finite key's image

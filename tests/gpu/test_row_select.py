@@ -321,13 +321,13 @@ def _mostly_nan(rng, R, N):
     return x
 
 
-def _failed_rows():
-    # the filtered path's per-row marks of its last call (cupy_backend._filtered_top_k's workspace)
+def _failed_rows(name="filter_failed_rows"):
+    # the per-row marks of the last call of the filtered path (cupy_backend._filtered_top_k's
+    # workspace) or, with name="dense_failed_rows", of dense_select's threshold mode: the rescued rows
     from hisa_cupy.kernels import cupy_backend
 
     torch.cuda.synchronize()
-    views = [ws._views["filter_failed_rows"][2] for ws in cupy_backend._workspaces.values()
-             if "filter_failed_rows" in ws._views]
+    views = [ws._views[name][2] for ws in cupy_backend._workspaces.values() if name in ws._views]
     assert len(views) == 1
     return testing.to_numpy(views[0])
 
@@ -603,16 +603,6 @@ def test_refine_register_mode_end_to_end(cuda_device, launched_kernels):
     assert "refine_topk_regs_kernel" in launched_kernels
 
 
-def _threshold_marks():
-    # dense_select's threshold mode: the rows its select marked in its last call (the rescued ones)
-    from hisa_cupy.kernels import cupy_backend
-
-    torch.cuda.synchronize()
-    views = [ws._views["dense_failed_rows"][2] for ws in cupy_backend._workspaces.values()
-             if "dense_failed_rows" in ws._views]
-    assert len(views) == 1
-    return testing.to_numpy(views[0])
-
 
 @pytest.mark.parametrize("order", ["position", "score"])
 def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
@@ -648,7 +638,7 @@ def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
             testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} nan={nan} topk={topk} rank={rank}")
             assert "dense_select_unordered_kernel" in launched_kernels, launched_kernels
             assert "dense_filter_kernel" not in launched_kernels
-            failed = _threshold_marks()[:T]
+            failed = _failed_rows("dense_failed_rows")[:T]
             took["rescue"] += int(failed.sum())
             took["lists"] += int((failed == 0).sum())
     assert took["lists"] > 0 and took["rescue"] > 0, took
@@ -671,5 +661,5 @@ def test_dense_threshold_equals_filter(cuda_device, monkeypatch, kind):
             outs.append(testing.to_numpy(hisa_cupy.dense_select(*args, k_scale=testing.to_torch(wl.k_scale),
                                                                 topk=2048, order=order, backend="cupy")))
             if thr:
-                assert not _threshold_marks()[:64].any()
+                assert not _failed_rows("dense_failed_rows")[:64].any()
         np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{kind} {order}")
