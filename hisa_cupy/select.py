@@ -383,11 +383,11 @@ def dense_select(q, k, weights, *, k_scale=None, ks=None, ke=None, topk=2048, dt
     backend processes query rows in chunks so its workspace stays bounded (never a [T, S] buffer
     for long S): at most ``kernels.cupy_backend.DENSE_WORKSPACE_BYTES`` (512 MB) of ranking keys
     per chunk plus 64 KiB of candidate slots per row of a chunk where the filtered top-k takes its
-    rows; lower the knob to trade speed for memory. With fp8 q and k, 64 heads and 65536 or more
-    keys on Hopper it keeps, per row, only the keys above a threshold taken from a scored sample
-    (``DENSE_THRESHOLD``): up to 8192 candidates of 8 bytes per row in the same 512 MB buffer, which
-    then holds the keys of rows scored again whole where that cannot be exact, plus about 16 MB
-    of sample scores at S = 128K, T = 4096.
+    rows; lower the knob to trade speed for memory. With fp8 q and k, 64 heads, topk <= 2048 and
+    65536 or more keys on Hopper it keeps, per row, only the keys above a threshold taken from a
+    scored sample (``DENSE_THRESHOLD``): up to 8192 candidates of 8 bytes per row in the same
+    512 MB buffer, which then holds the keys of rows scored again whole where that cannot be
+    exact, plus about 16 MB of sample scores at S = 128K, T = 4096 (560 MiB in all there).
     """
     call, res = _look_up(validate, "dense", (q, k, weights, k_scale, ks, ke, out), (topk,),
                          (index_base, order, backend), dtype, out)

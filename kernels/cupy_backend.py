@@ -1526,10 +1526,12 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
 def _dense_threshold_plan(q, k, T, H, D, S, topk):
     """The launches of dense_select's threshold mode (DENSE_THRESHOLD), or None where it does not
     apply: (score name, smem, passes of (row0, rows, grid, tiles per CTA), sample score launches
-    (as _dense_plan's), ns, workspace rows of the rescue)."""
+    (as _dense_plan's), ns, workspace rows of the rescue, the sample rank, the rescue's tiles per
+    CTA). topk is at most a quarter of a list (2048): a row keeps about topk + 5 sqrt(topk *
+    stride) keys (4608 at 2048), which must stay well below the list's 8192."""
     ns = S // DENSE_SAMPLE_STRIDE
     if not (DENSE_THRESHOLD and S >= DENSE_THRESHOLD_MIN_S and 0 < ns <= DENSE_SAMPLE_MAX
-            and 0 < topk <= DENSE_APPEND_CAP // 2
+            and 0 < topk <= DENSE_APPEND_CAP // 4
             and _dt_code(k) == DT_E4M3 and _dt_code(q) == DT_E4M3):
         return None
     name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)

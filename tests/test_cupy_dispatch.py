@@ -816,9 +816,11 @@ def test_dense_threshold_launches(monkeypatch):
     fake.launches.clear()
     cb.dense_select(q, k, w, ksc, ks, ke, topk=2048, index_base="relative", order="score", out=out, stream=0)
     assert "dense_sample_kernel" not in fake.names() and "dense_filter_kernel" in fake.names()
-    # bf16 keys, S below DENSE_THRESHOLD_MIN_S, or more samples than a row's threshold takes: the filtered path
+    # bf16 keys, S below DENSE_THRESHOLD_MIN_S, topk above 2048, or more samples than a row's threshold
+    # takes: the filtered path
     monkeypatch.setattr(cb, "DENSE_THRESHOLD", True)
     assert cb._dense_threshold_plan(q, k, T, 64, 128, 32768, 2048) is None
+    assert cb._dense_threshold_plan(q, k, T, 64, 128, S, 2049) is None  # lists would crowd their 8192 slots
     assert cb._dense_threshold_plan(q, k, T, 64, 128, 2048 * 128 + 128, 2048) is None  # 2049 samples
     assert cb._dense_threshold_plan(pointer_array((T, 64, 128), np.uint16), pointer_array((S, 128), np.uint16),
                                     T, 64, 128, S, 2048) is None
