@@ -57,7 +57,7 @@ def test_host_constants_match_the_kernels():
         with open(os.path.join(cupy_backend.CUDA_DIR, f)) as src:
             defines.update(re.findall(r"^#define (\w+) (\d+)\b", src.read(), flags=re.M))
     for name in ("SCORE_TILE", "SCORE_THREADS", "SELECT_THREADS", "WARP_SELECT_ITEMS", "WARP_SELECT_ROWS",
-                 "PAIR_RECORD_HEAD", "FILTER_WIDE_THREADS"):
+                 "PAIR_RECORD_HEAD", "FILTER_WIDE_THREADS", "APPEND_CAP"):
         assert int(defines[name]) == getattr(cupy_backend, name), name
     for name in ("FILTER_CHUNK", "FILTER_SAMPLES"):  # topk.cu's filtered path
         assert int(defines[name]) == getattr(cupy_backend, "TOPK_" + name), name

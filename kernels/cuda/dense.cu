@@ -197,54 +197,29 @@ __global__ void __launch_bounds__(SELECT_THREADS, 2) dense_select_unordered_kern
     warps_min_max<THREADS>(mn, mx, sRed);
     combine_warps_min_max<THREADS>(sRed, sMisc);
     __syncthreads();
-    u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];
-    const u32 key_hi = hi;
+    const u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, key_hi = (u32)sMisc[MISC_RED_HI];
     __syncthreads();
     // every list entry is a candidate (key >= thr >= 1)
     const int n_out = min(kk, n);
-    u64 cut = 1u;
-    bool ties = false;
-    u32 tie = 0u, ccut = 0u;
+    u64 cut = 1u, ccut = 0u;  // cut 1: every candidate
+    bool ties = false, col_ties = false;
+    u32 tie = 0u, col_tie = 0u;
+    int need = 0, col_need = 0;
     if (n > kk && kk > 0) {
-        int remaining = kk;
-        for (;;) {
-            const RangeLevel L = range_level<R, THREADS>(key, lo, hi, remaining, sHist, sScan, sMisc);
-            remaining -= L.above;
-            if (L.in_bin == remaining) {
-                cut = L.blo;
-                break;
-            }
-            if (L.sh == 0) {
-                cut = (u64)L.blo + 1u;
-                ties = true;
-                tie = L.blo;
-                break;
-            }
-            lo = L.blo;
-            hi = L.bhi;
-        }
-        if (ties) {  // the `remaining` tied entries with the lowest columns: levels over ~column
+        cut_by_levels<R, THREADS>(key, lo, key_hi, kk, sHist, sScan, sMisc, cut, ties, tie, need);
+        if (ties) {  // the `need` tied entries with the lowest columns: levels over ~column (unique, so
+                     // no ties among them)
             u32 tk[R];
 #pragma unroll
             for (int j = 0; j < R; ++j) tk[j] = key[j] == tie ? ~(u32)col[j] : 0u;
-            u32 clo = 1u, chi = 0xFFFFFFFFu;
-            for (;;) {
-                const RangeLevel L = range_level<R, THREADS>(tk, clo, chi, remaining, sHist, sScan, sMisc);
-                remaining -= L.above;
-                if (L.in_bin == remaining || L.sh == 0) {  // columns are unique: a one-value bin holds one
-                    ccut = L.blo;
-                    break;
-                }
-                clo = L.blo;
-                chi = L.bhi;
-            }
+            cut_by_levels<R, THREADS>(tk, 1u, 0xFFFFFFFFu, need, sHist, sScan, sMisc, ccut, col_ties, col_tie, col_need);
         }
     }
     const u32 above = (u32)(cut - 1u);
     u32 sel = 0u;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-        const bool s = key[j] > above || (ties && key[j] == tie && ~(u32)col[j] >= ccut);
+        const bool s = key[j] > above || (ties && key[j] == tie && (u64)~(u32)col[j] >= ccut);
         sel |= (u32)(s && key[j] != HISA_KEY_NONE) << j;
     }
     int total;

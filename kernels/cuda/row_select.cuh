@@ -1141,6 +1141,33 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
     return L;
 }
 
+// The threshold of the r-th largest of the keys in [lo, hi] (N per thread), by levels of
+// range_level until the bin that holds it is needed whole (cut: its lowest key) or is one key
+// value (ties: cut = that key + 1, and `need` of the keys equal to `tie` are still to be taken);
+// the keys >= cut are selected. r must not exceed the keys in [lo, hi]. cut, ties, tie and need
+// are left as they are until then. (dense.cu's unordered select; row_select_regs writes it out.)
+template <int N, int THREADS = SELECT_THREADS>
+__device__ __forceinline__ void cut_by_levels(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
+                                              int* sMisc, u64& cut, bool& ties, u32& tie, int& need) {
+    for (;;) {  // r <= the keys in [lo, hi], so the level finds its bin
+        const RangeLevel L = range_level<N, THREADS>(key, lo, hi, r, sHist, sScan, sMisc);
+        r -= L.above;
+        if (L.in_bin == r) {  // the whole bin is needed: every key >= its lowest
+            cut = L.blo;
+            break;
+        }
+        if (L.sh == 0) {  // one key value, more items than needed: ties at it
+            cut = (u64)L.blo + 1u;
+            ties = true;
+            tie = L.blo;
+            need = r;
+            break;
+        }
+        lo = L.blo;
+        hi = L.bhi;
+    }
+}
+
 // The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
 // in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
 // start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
@@ -1454,6 +1481,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
     u32 tie = 0u;
     int need = 0;
     if (n_valid > k && k > 0) {
+        // cut_by_levels' loop, written out: through the helper ptxas schedules the register-mode
+        // kernels differently (147 instructions of topk.cu), not measured on a GPU yet
         int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
         for (;;) {  // remaining <= the keys in [lo, hi], so the level finds its bin
             const RangeLevel L = range_level<R, THREADS>(key, lo, hi, remaining, sHist, sScan, sMisc);

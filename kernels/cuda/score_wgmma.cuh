@@ -294,8 +294,8 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
 // (12.69 against 12.70 ms at 128K / 4096; one shared list per CTA with a shared atomic per warp,
 // row and tile had cost 2.3%: bench/NOTES.md, session 29). The lists take the shared memory left
 // by three CTAs per SM.
-#define APPEND_CAP 416
-#define APPEND_WCAP (APPEND_CAP / 4)  // per warp and row
+#define APPEND_CAP 416                                  // entries per row and CTA (cupy_backend.APPEND_CAP)
+#define APPEND_WCAP (APPEND_CAP / (SCORE_THREADS / 32))  // per warp and row
 struct AppendOut {
     const u32* thr;
     u32* cand_key;
@@ -303,7 +303,7 @@ struct AppendOut {
     int* count;
     int cap;
 };
-#define APPEND_SMEM (2 * APPEND_CAP * 8 + 16)
+#define APPEND_SMEM (2 * APPEND_CAP * 8)  // two rows of (key, column) entries: cupy_backend.APPEND_SMEM
 
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false>
 __device__ __forceinline__ void score_tile_wgmma(
