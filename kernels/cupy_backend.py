@@ -132,7 +132,8 @@ DENSE_SAMPLE_RANK = 0
 DENSE_APPEND_CAP = 8192     # REG_SELECT_ITEMS: the select holds a row's list in registers
 DENSE_SAMPLE_MAX = 2048     # sampled keys per row: dense_sample_threshold_kernel<64>
 DENSE_RESCUE_SLOTS = 12     # failed row pairs scored at once by the rescue (a tile group per CTA: about a wave)
-APPEND_SMEM = 2 * 416 * 8 + 16  # score_wgmma.cuh
+APPEND_CAP = 416                # score_wgmma.cuh: a CTA's shared-memory list entries per row
+APPEND_SMEM = 2 * APPEND_CAP * 8  # the appending kernel's shared memory past the score kernel's
 #: the filtered top-k's select (hisa_cupy.topk, dense_select) of a launch of at most one row per SM
 #: (one wave of one CTA per row: latency-bound) takes register mode at FILTER_WIDE_THREADS threads
 #: of 8 candidates each (<stem>_filtered_wide_kernel) instead of SELECT_THREADS of 16; a knob for
@@ -524,7 +525,9 @@ class _Workspace:
         self._bufs = {}
         self._views = {}
         self.gen = 0
-        self.filter_dirty = False  # a filtered top-k stopped between its launches (_filtered_top_k)
+        # zero-kept buffers (each call's last kernel returns them to zero) that a call which stopped
+        # between its launches may have left non-zero: the next call that uses them zeroes them first
+        self.stale = set()
 
     def get(self, name, shape, dtype, zeroed=False):
         """A view [shape] of dtype of buffer ``name``, grown as needed. ``zeroed``: a new buffer
@@ -547,6 +550,13 @@ class _Workspace:
     def buffer(self, name):
         """The whole buffer behind ``name``'s views (uint8)."""
         return self._bufs[name]
+
+    def zero_stale(self, em, names):
+        """Zero those of the whole buffers ``names`` that a stopped call left stale (see ``stale``)."""
+        for name in names:
+            if name in self.stale:
+                em.fill(self._bufs[name], 0)  # whole buffers: that call's rows may have been more
+                self.stale.discard(name)
 
     @property
     def nbytes(self):
@@ -1107,7 +1117,8 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
                    by_score=False, out_idx, out_ld, out_val=None, out_off=0, em=None, extra=(), range_off=0):
     """Row top-k launches (row_select.cuh) of ``rows`` rows of ``keys`` / ``scores`` (row stride
     ``ld``), writing row r to ``out_idx`` (and ``out_val``) ``out_off`` bytes + r * out_ld items in.
-    ``extra``: arguments after the select parameters (arrays as pointers, ints as int32), for
+    ``extra``: arguments after the select parameters (arrays as pointers, (array, byte offset)
+    pairs as pointers into them, ints as int32), for
     the kernels that take more (the filtered paths, row_filter.cuh); ``range_off``: bytes into
     ``ks`` / ``ke`` (a launch whose row 0 is a later row of them)."""
     em = em or _DIRECT
@@ -1128,6 +1139,10 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
+        elif kernel in _SORTED_REG_SELECT_KERNELS:  # register mode, list mode's sort in either order
+            sort_cap = _list_cap(k)
+            smem, lists, cand_cap, ring, cache_cap = SELECT_LIST_FIXED_SMEM + 16 * sort_cap, False, 0, False, 0
+            per_cta, block = 1, (SELECT_THREADS,)
         elif regs:  # the wide kernels are launched by their own names
             kernel = kernel if wide else kernel[:-len("_kernel")] + "_regs_kernel"
             (sort_cap, smem), lists, cand_cap, ring, cache_cap = regs, False, 0, False, 0
@@ -1150,7 +1165,7 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     fn = _kernel(filename, kernel, smem)
     ptr = em.ptr
     side = (ptr(ks, range_off), ptr(ke, range_off), ptr(blocks))
-    tail = tuple(_i32(x) if isinstance(x, int) else ptr(x) for x in extra)
+    tail = tuple(_i32(x) if isinstance(x, int) else ptr(*x) if isinstance(x, tuple) else ptr(x) for x in extra)
     for grid, koff, ooff, a, b, c, d in launches:
         em.launch(fn, grid, block, (ptr(keys, koff), ptr(scores, koff)) + a + (ptr(lengths),) + b
                   + side + c + (ptr(out_idx, out_off + ooff),) + d[:1] + (ptr(out_val, out_off + ooff),) + d[1:]
@@ -1162,6 +1177,9 @@ _REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_ke
                        "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
 #: register-mode select kernels of FILTER_WIDE_THREADS threads (named as launched; no twins)
 _WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel", "dense_filtered_wide_kernel")
+#: register-mode select kernels that sort their selected items in either order (named as launched;
+#: dense.cu's select of unordered candidate lists)
+_SORTED_REG_SELECT_KERNELS = ("dense_select_unordered_kernel",)
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
 
@@ -1338,6 +1356,17 @@ def _union_splits(pairs: int, sms: int) -> int:
     return min(4, max(2, round(12 * sms / max(1, pairs))))
 
 
+def _score_chunks(T, rows, ntiles, per_cta):
+    """((row0, rows, grid, tiles per CTA), ...) of score launches over T query rows in chunks of
+    ``rows``, ``per_cta`` rows per CTA, ``ntiles`` key tiles per row."""
+    out = []
+    for r0 in range(0, T, rows):
+        nr = min(rows, T - r0)
+        tpc = _tiles_per_cta(ntiles, nr // per_cta)
+        out.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), tpc))
+    return tuple(out)
+
+
 def _dense_plan(q, k, T, H, D, S, topk):
     """(name, smem, rows per chunk, ((row0, rows, grid, int arguments before the keys, after),
     ...)) of the dense score launches: row chunks whose [rows, S] ranking keys stay within
@@ -1347,14 +1376,9 @@ def _dense_plan(q, k, T, H, D, S, topk):
     if DENSE_FILTER and rows > TOPK_FILTER_MAX_ROWS and _topk_filter(TOPK_FILTER_MAX_ROWS, S, topk, False):
         rows = TOPK_FILTER_MAX_ROWS
     name, smem, per_cta = _score_instance("dense.cu", "dense_score_kernel", q, k, H, D, True)
-    ntiles = -(-S // SCORE_TILE)
-    launches = []
-    for r0 in range(0, T, rows):
-        nr = min(rows, T - r0)
-        tpc = _tiles_per_cta(ntiles, nr // per_cta)
-        launches.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), (_i32(T), _i32(S), _i32(r0), _i32(nr)),
-                         (_i64(S), _i32(tpc))))
-    return name, smem, rows, tuple(launches)
+    launches = tuple((r0, nr, grid, (_i32(T), _i32(S), _i32(r0), _i32(nr)), (_i64(S), _i32(tpc)))
+                     for r0, nr, grid, tpc in _score_chunks(T, rows, -(-S // SCORE_TILE), per_cta))
+    return name, smem, rows, launches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1525,9 +1549,9 @@ def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out
 
 def _dense_threshold_plan(q, k, T, H, D, S, topk):
     """The launches of dense_select's threshold mode (DENSE_THRESHOLD), or None where it does not
-    apply: (score name, smem, passes of (row0, rows, grid, tiles per CTA), sample score launches
-    (as _dense_plan's), ns, workspace rows of the rescue, the sample rank, the rescue's tiles per
-    CTA). topk is at most a quarter of a list (2048): a row keeps about topk + 5 sqrt(topk *
+    apply: (score name, smem, passes and sample score launches (_score_chunks), ns, workspace rows
+    of the rescue, the sample rank, (grid, tiles per CTA) of the rescue's score launches). topk is
+    at most a quarter of a list (2048): a row keeps about topk + 5 sqrt(topk *
     stride) keys (4608 at 2048), which must stay well below the list's 8192."""
     ns = S // DENSE_SAMPLE_STRIDE
     if not (DENSE_THRESHOLD and S >= DENSE_THRESHOLD_MIN_S and 0 < ns <= DENSE_SAMPLE_MAX
@@ -1539,29 +1563,20 @@ def _dense_threshold_plan(q, k, T, H, D, S, topk):
         return None
     ntiles = -(-S // SCORE_TILE)
     rows = max(1, min(T, DENSE_WORKSPACE_BYTES // (DENSE_APPEND_CAP * 8), MAX_ROWS_PER_LAUNCH))
-    passes = []
-    for r0 in range(0, T, rows):
-        nr = min(rows, T - r0)
-        tpc = _tiles_per_cta(ntiles, nr // per_cta)
-        passes.append((r0, nr, (-(-ntiles // tpc), -(-nr // per_cta)), tpc))
-    ntiles_s = -(-ns // SCORE_TILE)
-    srows = min(T, MAX_ROWS_PER_LAUNCH)
-    sample = []
-    for r0 in range(0, T, srows):
-        nr = min(srows, T - r0)
-        tpc = _tiles_per_cta(ntiles_s, nr // per_cta)
-        sample.append((r0, nr, (-(-ntiles_s // tpc), -(-nr // per_cta)), tpc))
+    passes = _score_chunks(T, rows, ntiles, per_cta)
+    sample = _score_chunks(T, min(T, MAX_ROWS_PER_LAUNCH), -(-ns // SCORE_TILE), per_cta)
     ws_rows = max(2, min(T + T % 2, DENSE_WORKSPACE_BYTES // (S * 4), MAX_ROWS_PER_LAUNCH) // 2 * 2)  # whole pairs
     expect = topk / DENSE_SAMPLE_STRIDE  # samples among the top k, on average
     rank = DENSE_SAMPLE_RANK or max(16, math.ceil(expect + 5 * math.sqrt(expect)))
-    rescue_tpc = _tiles_per_cta(ntiles, DENSE_RESCUE_SLOTS)  # about a wave for DENSE_RESCUE_SLOTS pairs
-    return name, smem, tuple(passes), tuple(sample), ns, ws_rows, rank, rescue_tpc
+    tpc = _tiles_per_cta(ntiles, DENSE_RESCUE_SLOTS)  # about a wave for DENSE_RESCUE_SLOTS pairs
+    rescue = ((-(-ntiles // tpc), DENSE_RESCUE_SLOTS), tpc)
+    return name, smem, passes, sample, ns, ws_rows, rank, rescue
 
 
 def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_score, out, stream, em):
     """dense_select's threshold mode (dense.cu): the sample and its thresholds, the appending score
     launches, the select of the lists, then the rescue of the rows it marked."""
-    name, smem, passes, sample, ns, ws_rows, rank, rescue_tpc = plan
+    name, smem, passes, sample, ns, ws_rows, rank, (rescue_grid, rescue_tpc) = plan
     T, H, D = q.shape
     S = k.shape[0]
     cap = DENSE_APPEND_CAP
@@ -1576,52 +1591,50 @@ def _dense_threshold(plan, q, k, weights, k_scale, ks, ke, topk, relative, by_sc
     # ranked, the rescue's ranking keys [ws_rows, S]
     rows = passes[0][1]
     big = ws.get("dense_keys", (max(rows * cap * 8, ws_rows * S * 4),), np.uint8)
-    count = ws.get("dense_cand_counts", (rows,), np.int32, zeroed=True)
+    count = ws.get("dense_cand_counts", (rows,), np.int32, zeroed=True)  # zero-kept: the select zeroes it
+    ws.zero_stale(em, ("dense_cand_counts",))
     failed = ws.get("dense_failed_rows", (T,), np.int32)
     fail_count = ws.get("dense_fail_count", (1,), np.int32)
     fail_pairs = ws.get("dense_fail_pairs", (T,), np.int32)
     ptr = em.ptr
-    em.launch(_kernel("dense.cu", "dense_sample_kernel", 0), (-(-max(ns * 32, T) // 256),), (256,),
-              (ptr(k), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(DENSE_SAMPLE_STRIDE), _i32(ns), ptr(k_s),
-               ptr(kscale_s), ptr(ks_s), ptr(ke_s), ptr(fail_count)))
-    fn = _kernel("dense.cu", name, smem)
-    for r0, nr, grid, tpc in sample:
-        em.launch(fn, grid, (SCORE_THREADS,), (ptr(q), ptr(k_s), ptr(weights), ptr(kscale_s), ptr(ks_s), ptr(ke_s),
-                                               _i32(T), _i32(ns), _i32(r0), _i32(nr), ptr(keys_s), _i64(ns), _i32(tpc)),
-                  smem)
-    per = 32 if ns <= 1024 else 64
-    em.launch(_kernel("dense.cu", f"dense_sample_threshold_kernel<{per}>", 0), (-(-T // WARP_SELECT_ROWS),),
-              (32 * WARP_SELECT_ROWS,), (ptr(keys_s), _i64(ns), _i32(ns), _i32(T), _i32(rank), ptr(thr)))
-    fn_app = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_append_wgmma_kernel"),
-                     smem + APPEND_SMEM)
-    sort_cap = _list_cap(topk)
-    sel_smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
-    fn_sel = _kernel("dense.cu", "dense_select_unordered_kernel", sel_smem)
-    for r0, nr, grid, tpc in passes:
-        em.launch(fn_app, grid, (SCORE_THREADS,),
-                  (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
-                   ptr(thr, r0 * 4), ptr(big), ptr(big, rows * cap * 4), ptr(count), _i32(cap), _i32(tpc)),
-                  smem + APPEND_SMEM)
-        em.launch(fn_sel, (nr,), (SELECT_THREADS,),
-                  (ptr(None), ptr(None), _i64(cap), _i32(cap), ptr(None), _i32(topk), _i32(0), _i32(r0), _i32(T),
-                   _i32(S), ptr(ks), ptr(ke), ptr(None), _i32(0), _i32(1), _i32(0), _i32(int(relative)),
-                   _i32(int(by_score)), _i32(sort_cap), _i32(0), _i32(0), _i32(0), ptr(out, r0 * topk * 4), _i64(topk),
-                   ptr(None), ptr(big), ptr(big, rows * cap * 4), ptr(count), _i32(cap), ptr(thr, r0 * 4), ptr(failed),
-                   ptr(fail_count), ptr(fail_pairs)),
-                  sel_smem)
-    # the rescue, per chunk of the key workspace: the failed pairs' rows scored whole (with no failed
-    # pair every CTA returns at once) and ranked the usual way (the unmarked rows' CTAs return at once)
-    keys = big
+    try:
+        em.launch(_kernel("dense.cu", "dense_sample_kernel", 0), (-(-max(ns * 32, T) // 256),), (256,),
+                  (ptr(k), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(DENSE_SAMPLE_STRIDE), _i32(ns),
+                   ptr(k_s), ptr(kscale_s), ptr(ks_s), ptr(ke_s), ptr(fail_count)))
+        fn = _kernel("dense.cu", name, smem)
+        for r0, nr, grid, tpc in sample:
+            em.launch(fn, grid, (SCORE_THREADS,), (ptr(q), ptr(k_s), ptr(weights), ptr(kscale_s), ptr(ks_s), ptr(ke_s),
+                                                   _i32(T), _i32(ns), _i32(r0), _i32(nr), ptr(keys_s), _i64(ns),
+                                                   _i32(tpc)), smem)
+        per = 32 if ns <= 1024 else 64
+        em.launch(_kernel("dense.cu", f"dense_sample_threshold_kernel<{per}>", 0), (-(-T // WARP_SELECT_ROWS),),
+                  (32 * WARP_SELECT_ROWS,), (ptr(keys_s), _i64(ns), _i32(ns), _i32(T), _i32(rank), ptr(thr)))
+        fn_app = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_append_wgmma_kernel"),
+                         smem + APPEND_SMEM)
+        common = dict(k=topk, T=T, S=S, ks=ks, ke=ke, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
+                      em=em)
+        for r0, nr, grid, tpc in passes:  # nr <= MAX_ROWS_PER_LAUNCH: one select launch, so `extra` is its rows'
+            em.launch(fn_app, grid, (SCORE_THREADS,),
+                      (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0),
+                       _i32(nr), ptr(thr, r0 * 4), ptr(big), ptr(big, rows * cap * 4), ptr(count), _i32(cap),
+                       _i32(tpc)), smem + APPEND_SMEM)
+            _launch_select("dense.cu", "dense_select_unordered_kernel", rows=nr, ld=cap, ncols=cap, row0=r0,
+                           out_off=r0 * topk * 4, extra=(big, (big, rows * cap * 4), count, cap, (thr, r0 * 4), failed,
+                                                         fail_count, fail_pairs), **common)
+    except BaseException:  # the appending kernel may have run without the select that zeroes the counts
+        ws.stale.add("dense_cand_counts")
+        raise
+    # the rescue, per chunk of the key workspace (the lists' buffer): the failed pairs' rows scored
+    # whole (with no failed pair every CTA returns at once) and ranked the usual way (the unmarked
+    # rows' CTAs return at once)
     fn_res = _kernel("dense.cu", name.replace("dense_score_wgmma_kernel", "dense_score_rescue_wgmma_kernel"), smem)
-    ntiles = -(-S // SCORE_TILE)
     for r0 in range(0, T, ws_rows):
         nr = min(ws_rows, T - r0)
-        em.launch(fn_res, (-(-ntiles // rescue_tpc), DENSE_RESCUE_SLOTS), (SCORE_THREADS,),
+        em.launch(fn_res, rescue_grid, (SCORE_THREADS,),
                   (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), _i32(T), _i32(S), _i32(r0), _i32(nr),
-                   ptr(keys), _i64(S), _i32(rescue_tpc), ptr(fail_count), ptr(fail_pairs)), smem)
-        _launch_select("dense.cu", "dense_rescue_kernel", rows=nr, keys=keys, ld=S, ncols=S, k=topk, row0=r0, T=T,
-                       S=S, ks=ks, ke=ke, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
-                       out_off=r0 * topk * 4, extra=(failed,), em=em)
+                   ptr(big), _i64(S), _i32(rescue_tpc), ptr(fail_count), ptr(fail_pairs)), smem)
+        _launch_select("dense.cu", "dense_rescue_kernel", rows=nr, keys=big, ld=S, ncols=S, row0=r0,
+                       out_off=r0 * topk * 4, extra=(failed,), **common)
 
 
 def _dense(q, k, weights, k_scale, ks, ke, topk, index_base, order, out, stream, em):
@@ -1816,10 +1829,8 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
     sms = _device_facts(_device_id())["sms"]
     per_row = min(P, -(-2 * sms // rows))
     per_row = -(-P // -(-P // per_row))  # as few as give the same number of rounds per CTA
-    if ws.filter_dirty:  # an earlier call stopped between its launches: its states were not zeroed
-        em.fill(ws.buffer("filter_chunk_states"), 0)  # whole buffers: that call's rows may have been more
-        em.fill(ws.buffer("filter_next_chunk"), 0)
-        ws.filter_dirty = False
+    zero_kept = ("filter_chunk_states", "filter_next_chunk")
+    ws.zero_stale(em, zero_kept)
     ptr = em.ptr
     common = dict(k=k, T=T, S=S, ks=ks, ke=ke, range_off=range_off, relative=relative, by_score=by_score,
                   out_idx=out_idx, out_ld=out_ld, out_val=out_val, out_off=out_off, em=em)
@@ -1838,5 +1849,5 @@ def _filtered_top_k(filename, plan, *, rows, keys=None, scores=None, ld, ncols, 
         _launch_select(filename, f"{stem}_rescue_kernel", rows=rows, keys=keys, scores=scores, ld=ld, ncols=ncols,
                        extra=(failed,), **common)
     except BaseException:  # the filter may have run without the select that zeroes its states
-        ws.filter_dirty = True
+        ws.stale.update(zero_kept)
         raise

@@ -677,7 +677,7 @@ def test_filter_states_zeroed_after_a_call_that_stopped(monkeypatch):
     _topk_64x131072(monkeypatch, fake, True)
     ws = cb._workspaces[(0, 0)]
     states, nxt = ws.buffer("filter_chunk_states"), ws.buffer("filter_next_chunk")
-    assert not ws.filter_dirty and states.nbytes == 64 * 16 * 4 and nxt.nbytes == 64 * 4
+    assert not ws.stale and states.nbytes == 64 * 16 * 4 and nxt.nbytes == 64 * 4
     real = cb._launch_select
 
     def failing(filename, kernel, **kw):
@@ -688,13 +688,13 @@ def test_filter_states_zeroed_after_a_call_that_stopped(monkeypatch):
     monkeypatch.setattr(cb, "_launch_select", failing)
     with pytest.raises(RuntimeError, match="launch failed"):
         _topk_64x131072(monkeypatch, fake, True)
-    assert ws.filter_dirty
+    assert ws.stale == {"filter_chunk_states", "filter_next_chunk"}
     monkeypatch.setattr(cb, "_launch_select", real)
     states[:], nxt[:] = 7, 7  # what the filter left behind
     scores = pointer_array((8, 131072), np.float32)  # fewer rows: a smaller view of the same buffers
     cb.topk(scores, None, k=2048, out_values=pointer_array((8, 2048), np.float32),
             out_indices=pointer_array((8, 2048), np.int32), stream=0)
-    assert not ws.filter_dirty and not states.any() and not nxt.any()
+    assert not ws.stale and not states.any() and not nxt.any()
     states[:] = 7
     _topk_64x131072(monkeypatch, fake, True)
     assert (states == 7).all()  # a clean workspace is left to the select
@@ -824,3 +824,42 @@ def test_dense_threshold_launches(monkeypatch):
     assert cb._dense_threshold_plan(q, k, T, 64, 128, 2048 * 128 + 128, 2048) is None  # 2049 samples
     assert cb._dense_threshold_plan(pointer_array((T, 64, 128), np.uint16), pointer_array((S, 128), np.uint16),
                                     T, 64, 128, S, 2048) is None
+
+
+def test_threshold_counts_zeroed_after_a_call_that_stopped(monkeypatch):
+    # dense_select's threshold mode: the appending kernel adds to each row's count and the select
+    # zeroes it. A call that stops between them (here the select's launch raises) marks the counts
+    # stale, and the next call zeroes the whole buffer before its appending kernel runs; calls that
+    # complete zero nothing (the filtered path's states follow the same rule)
+    fake = _Fake(monkeypatch, cc=90)
+    T, S = 40, 131072
+    q, k = pointer_array((T, 64, 128), np.uint8), pointer_array((S, 128), np.uint8)
+    w, ksc, out = pointer_array((T, 64), np.float32), pointer_array((S,), np.float32), pointer_array((T, 2048), np.int32)
+
+    def call():
+        cb.dense_select(q, k, w, ksc, None, None, topk=2048, index_base="relative", order="position", out=out,
+                        stream=0)
+
+    call()
+    ws = cb._workspaces[(0, 0)]
+    counts = ws.buffer("dense_cand_counts")
+    assert not ws.stale and counts.nbytes == T * 4
+    real = cb._launch_select
+
+    def failing(filename, kernel, **kw):
+        if kernel == "dense_select_unordered_kernel":
+            raise RuntimeError("launch failed")
+        return real(filename, kernel, **kw)
+
+    monkeypatch.setattr(cb, "_launch_select", failing)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        call()
+    assert ws.stale == {"dense_cand_counts"}
+    monkeypatch.setattr(cb, "_launch_select", real)
+    counts[:] = 7  # what the appending kernel left behind
+    call()
+    assert not ws.stale and not counts.any()
+    counts[:] = 7
+    call()
+    assert (counts == 7).all()  # a clean workspace is left to the select
+    assert fake.names().count("dense_select_unordered_kernel") == 3

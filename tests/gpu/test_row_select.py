@@ -615,14 +615,18 @@ def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
     # the lists) against the reference bit for bit, causal and ragged, and with NaN scores (whole
     # rows, and some keys of every row: NaN ranks last, and rows whose sample has fewer candidates
     # than the rank keep every key, NaN included); sample ranks from 2 (most rows keep fewer than k:
-    # rescued) to 36; both the lists' path and the rescue must be taken
+    # rescued) to 36, and passes and rescue chunks of fewer rows than T; both the lists' path and the
+    # rescue must be taken
     from hisa_cupy.kernels import cupy_backend
 
     monkeypatch.setattr(cupy_backend, "DENSE_THRESHOLD_MIN_S", 4096)
     monkeypatch.setattr(cupy_backend, "DENSE_SAMPLE_STRIDE", 128)
     T, S = 40, 16384 + 77
     took = {"lists": 0, "rescue": 0}
-    for ragged, nan in ((False, False), (True, False), (True, True)):
+    # the last round in passes of 16 rows (lists of 16 rows at a time) and rescue chunks of 14 rows
+    for ragged, nan, chunked in ((False, False, False), (True, False, False), (True, True, False), (True, False, True)):
+        if chunked:
+            monkeypatch.setattr(cupy_backend, "DENSE_WORKSPACE_BYTES", 16 * cupy_backend.DENSE_APPEND_CAP * 8)
         inp = testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=31 + ragged + nan, ragged=ragged)
         if nan:  # NaN scores: whole rows (NaN weights), and every row at some keys
             inp["weights"][[3, 7, 20]] = np.nan
@@ -635,8 +639,10 @@ def test_dense_threshold(cuda_device, monkeypatch, launched_kernels, order):
             monkeypatch.setattr(cupy_backend, "DENSE_SAMPLE_RANK", rank)
             launched_kernels.clear()
             got = hisa_cupy.dense_select(*args, topk=topk, order=order, backend="cupy", **rng_kw)
-            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} nan={nan} topk={topk} rank={rank}")
-            assert "dense_select_unordered_kernel" in launched_kernels, launched_kernels
+            testing.assert_selection_equal(got, ref, err_msg=f"ragged={ragged} nan={nan} chunked={chunked} topk={topk} "
+                                                             f"rank={rank}")
+            assert launched_kernels.count("dense_select_unordered_kernel") == (3 if chunked else 1), launched_kernels
+            assert launched_kernels.count("dense_rescue_kernel") == (3 if chunked else 1), launched_kernels
             assert "dense_filter_kernel" not in launched_kernels
             failed = _failed_rows("dense_failed_rows")[:T]
             took["rescue"] += int(failed.sum())
