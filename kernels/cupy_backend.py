@@ -150,6 +150,11 @@ PAIR_RECORD_HEAD = 4
 #: (more, shorter CTAs: a shorter tail when few pairs fill the GPU). 0: chosen per launch
 #: (_union_splits); a knob for bench/
 UNION_SPLITS = 0
+#: CTAs per pair for the pairs at the end of a union launch (more, shorter CTAs there: a shorter
+#: tail), and how many waves of CTAs those pairs fill (_union_layout); 0: UNION_SPLITS for every
+#: pair. Knobs for bench/
+UNION_TAIL_SPLITS = 0
+UNION_TAIL_WAVES = 1.0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 #: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and
@@ -1245,7 +1250,7 @@ def _knobs():
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
-            DENSE_SAMPLE_RANK)
+            DENSE_SAMPLE_RANK, UNION_TAIL_SPLITS, UNION_TAIL_WAVES)
 
 
 def _keep_plan(key, plan):
@@ -1290,8 +1295,9 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
 
 def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
-    keys, after), ...), grouped) of the candidate-score launches: pairs of rows over their blocks'
-    union where it applies (pairs_ok: the blocks come from select_blocks), else one row per CTA;
+    keys, after, the union kernel's layout after its records), ...), grouped) of the candidate-score
+    launches: pairs of rows over their blocks' union where it applies (pairs_ok: the blocks come
+    from select_blocks; the pairs' shares laid out by _union_layout), else one row per CTA;
     rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None without
     pairs, else whether the union kernel orders a pair's union by group (its SPLIT_ROWS: fp8 keys
     on the f16 engine) rather than by block."""
@@ -1318,8 +1324,13 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     launches = []
     for r0 in range(0, T, chunk):
         nr = min(chunk, T - r0)
-        gx = grid_x if grid_x is not None else _union_splits(-(-nr // 2), facts["sms"])
-        launches.append((r0, nr, (gx, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail))
+        if grid_x is None:  # pairs: one CTA per share of a pair (refine_union_wgmma_kernel)
+            head_pairs, head_splits, tail_splits = _union_layout(-(-nr // 2), facts["sms"])
+            ctas = head_pairs * head_splits + (-(-nr // 2) - head_pairs) * tail_splits
+            launches.append((r0, nr, (ctas, 1), head + (_i32(r0), _i32(nr)), tail,
+                             (_i32(head_pairs), _i32(head_splits), _i32(tail_splits))))
+            continue
+        launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail, ()))
     grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
     return name, smem, n, chunk, tuple(launches), grouped
 
@@ -1354,6 +1365,19 @@ def _union_splits(pairs: int, sms: int) -> int:
     if UNION_SPLITS:
         return max(1, int(UNION_SPLITS))
     return min(4, max(2, round(12 * sms / max(1, pairs))))
+
+
+def _union_layout(pairs: int, sms: int):
+    """(head pairs, their CTAs per pair, CTAs per pair of the others) of a union launch over
+    ``pairs`` pairs in order: _union_splits per pair, and where UNION_TAIL_SPLITS is set that many
+    for the last pairs, as many as fill UNION_TAIL_WAVES waves of three CTAs per SM (the union
+    kernel's residency at m <= 64 on an H100 / H200)."""
+    splits = _union_splits(pairs, sms)
+    tail_splits = int(UNION_TAIL_SPLITS) or splits
+    if tail_splits == splits:
+        return pairs, splits, splits
+    tail = min(pairs, max(1, round(UNION_TAIL_WAVES * 3 * sms / tail_splits)))
+    return pairs - tail, splits, tail_splits
 
 
 def _score_chunks(T, rows, ntiles, per_cta):
@@ -1495,8 +1519,8 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     kp = (ptr(keys),)
     after = (ptr(unions),) if grouped is not None else ()  # the union kernel's last argument
     relative, by_score = index_base == "relative", order == "score"
-    for r0, nr, grid, head, tail in launches:
-        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after, smem)
+    for r0, nr, grid, head, tail, layout in launches:
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + layout, smem)
         _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
                        T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size, relative=relative,
                        by_score=by_score, out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)

@@ -84,8 +84,10 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
                             "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
-    # 65 rows in pairs, each pair's union split over a few CTAs (few pairs here: 4)
-    assert union.grid == (4, 33) and union.block == (cb.SCORE_THREADS,)
+    # 65 rows in 33 pairs, each pair's union split over a few CTAs (few pairs here: 4), one CTA per
+    # share in a 1-D grid (its layout: every pair in the head, 4 shares each)
+    assert union.grid == (4 * 33, 1) and union.block == (cb.SCORE_THREADS,)
+    assert [_value(a) for a in union.args[-3:]] == [33, 4, 4]
     assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=cb.DT_E4M3) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
 
@@ -99,21 +101,21 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     topm, union = fake.launches[2], fake.launches[3]
     records = _value(topm.args[-2])
     assert records != 0 and _value(topm.args[-1]) == 1 and _value(topm.args[-3]) == 65
-    assert _value(union.args[-1]) == records and len(union.args) == 17
+    assert _value(union.args[-4]) == records and len(union.args) == 20
     ws = cb.workspace(0)
     assert ws.get("pair_unions", (33, cb.PAIR_RECORD_HEAD + 6 * 8), np.int32).data.ptr == records
     fake.launches.clear()
     monkeypatch.setattr(cb, "PAIR_RECORDS", False)
     _hisa(T=65, m=8)
     topm, union = fake.launches[2], fake.launches[3]
-    assert _value(topm.args[-2]) == 0 and _value(union.args[-1]) == 0
+    assert _value(topm.args[-2]) == 0 and _value(union.args[-4]) == 0
     # 16-bit keys: the union kernel orders a pair's union by block, not by group
     fake.launches.clear()
     monkeypatch.setattr(cb, "PAIR_RECORDS", True)
     _hisa(T=65, m=8, qdt=np.float16, kdt=np.float16)
     topm, union = fake.launches[2], fake.launches[3]
     assert union.name.startswith("refine_union_wgmma_kernel<2, 2, 2,")
-    assert _value(topm.args[-2]) != 0 and _value(topm.args[-1]) == 0 and _value(union.args[-1]) == _value(topm.args[-2])
+    assert _value(topm.args[-2]) != 0 and _value(topm.args[-1]) == 0 and _value(union.args[-4]) == _value(topm.args[-2])
 
 
 def test_union_splits(monkeypatch):
@@ -122,6 +124,25 @@ def test_union_splits(monkeypatch):
     assert cb._union_splits(4096, 132) == 2
     monkeypatch.setattr(cb, "UNION_SPLITS", 1)
     assert cb._union_splits(8, 132) == 1
+
+
+def test_union_layout(monkeypatch):
+    # every pair takes _union_splits CTAs, unless UNION_TAIL_SPLITS: then the last pairs, as many as
+    # fill UNION_TAIL_WAVES waves of 3 CTAs per SM, take that many
+    assert cb._union_layout(512, 132) == (512, 3, 3)
+    monkeypatch.setattr(cb, "UNION_TAIL_SPLITS", 6)
+    assert cb._union_layout(512, 132) == (512 - 66, 3, 6)
+    monkeypatch.setattr(cb, "UNION_TAIL_WAVES", 0.5)
+    assert cb._union_layout(512, 132) == (512 - 33, 3, 6)
+    assert cb._union_layout(20, 132) == (0, 4, 6)  # fewer pairs than the tail: all of them
+    monkeypatch.setattr(cb, "UNION_SPLITS", 1)
+    monkeypatch.setattr(cb, "UNION_TAIL_WAVES", 1.0)
+    fake = _Fake(monkeypatch, cc=90)
+    _hisa(T=400, m=8)
+    union = fake.launches[3]
+    head_pairs = 200 - 66
+    assert [_value(a) for a in union.args[-3:]] == [head_pairs, 1, 6]
+    assert union.grid == (head_pairs + 66 * 6, 1)
 
 
 def test_fp8_key_tiles_take_half_the_shared_memory():

@@ -29,15 +29,23 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
 // CTA scores the union of the two rows' blocks once for both rows (neighbouring queries share
 // most of their blocks, so each key tile is loaded once and the MMA is 64 x 128). `unions`: the
 // pairs' unions as the block top-m recorded them (common.cuh, pair_record_ints), or null: each CTA
-// merges its pair's two lists itself
+// merges its pair's two lists itself. The launch's pairs in order, each split into even shares
+// (UnionShare), one CTA each: the first head_pairs pairs into head_splits shares, the others into
+// tail_splits (more, shorter CTAs at the end of the launch: a shorter tail where the first pairs
+// take fewer CTAs, each staging q and its union once).
 template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta,
-    const int* unions) {
+    const int* unions, int head_pairs, int head_splits, int tail_splits) {
     grid_dependency_sync();
-    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
-                                                             m * B, 0, row0, nrows, out, ld, tiles_per_cta, unions);
+    const int b = blockIdx.x, head = head_pairs * head_splits;
+    const bool in_head = b < head;
+    const int splits = in_head ? head_splits : tail_splits, i = in_head ? b : b - head;
+    const int pair = (in_head ? 0 : head_pairs) + i / splits;
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2>(
+        q, k, weights, kscale, ks, ke, blocks, T, S, B, m, m * B, 0, row0, nrows, out, ld, tiles_per_cta, unions,
+        AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, 2 * pair, UnionShare{i % splits, splits});
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) refine_topk_kernel(SELECT_PARAMS) {

@@ -305,13 +305,21 @@ struct AppendOut {
 };
 #define APPEND_SMEM (2 * APPEND_CAP * 8)  // two rows of (key, column) entries: cupy_backend.APPEND_SMEM
 
+// A union CTA's share of its pair's union: part `part` of `parts` even shares (by work on the
+// SPLIT_ROWS path, by tiles elsewhere); part 0 also writes the pair's padding. parts 0: part
+// blockIdx.x of gridDim.x.
+struct UnionShare {
+    int part, parts;
+};
+
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr,
-    AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, int local0_at = -1) {
+    AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, int local0_at = -1,
+    UnionShare share = UnionShare{0, 0}) {
     using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
@@ -572,31 +580,33 @@ __device__ __forceinline__ void score_tile_wgmma(
             }
         }
         n_union = len[0] + len[1] - common;
+        const int part = share.parts > 0 ? share.part : (int)blockIdx.x;
+        const int parts = share.parts > 0 ? share.parts : (int)gridDim.x;
         // list entries past a row's valid blocks hold no candidates
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            if (live[r] && blockIdx.x == 0)
+            if (live[r] && part == 0)
                 for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
         __syncthreads();
         const int total = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
         if constexpr (SPLIT_ROWS) {
             // whole tiles per block: a tile holds blocks of one group (else every tile takes both
-            // rows' MMAs). The tiles split over the gridDim.x CTAs of the pair by work, a tile of
-            // both rows counting twice: CTA x takes the tiles of work [x W / G, (x + 1) W / G)
+            // rows' MMAs). The tiles split over the pair's `parts` CTAs by work, a tile of both
+            // rows counting twice: part x takes the tiles of work [x W / G, (x + 1) W / G)
             if (B % SCORE_TILE == 0) {
                 split_runs[0] = common * (B / SCORE_TILE);
                 split_runs[1] = len[0] * (B / SCORE_TILE);
             } else {
                 split_runs[0] = split_runs[1] = total;
             }
-            const int both = split_runs[0], work = total + both, G = (int)gridDim.x;
+            const int both = split_runs[0], work = total + both, G = parts;
             auto tile_at = [&](int w) { return w <= 2 * both ? (w + 1) / 2 : w - both; };
-            j_first = tile_at((int)((long long)work * blockIdx.x / G));
-            j_stop = tile_at((int)((long long)work * (blockIdx.x + 1) / G));
+            j_first = tile_at((int)((long long)work * part / G));
+            j_stop = tile_at((int)((long long)work * (part + 1) / G));
         } else {
-            // the union's tiles split evenly over the gridDim.x CTAs of the pair (shorter tail)
-            const int per = (total + (int)gridDim.x - 1) / (int)gridDim.x;
-            j_first = (int)blockIdx.x * per;
+            // the union's tiles split evenly over the pair's CTAs (shorter tail)
+            const int per = (total + parts - 1) / parts;
+            j_first = part * per;
             j_stop = min(total, j_first + per);
         }
         if (j_first >= j_stop) return;

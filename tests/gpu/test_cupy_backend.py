@@ -405,23 +405,31 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8192, 258, 16, 128, 5, 80),    # row chunks: several launches, the last one short
     (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
 ])
-@pytest.mark.parametrize("records", [True, False])
+@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty"])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
-                                                  chunk_rows, records):
+                                                  chunk_rows, mode):
     # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
     # union of their blocks) gives every candidate the same ranking key as refine() on the same
     # blocks, which scores one row per CTA without a union (an independent code path), so
     # hisa_select returns refine's indices, in score order too. topk = m * B returns every
     # candidate: a key that differs in any bit that moves it past another changes the output.
-    # records: the pairs' unions come from the block top-m (PAIR_RECORDS), else each union CTA
-    # merges its pair's lists
+    # mode: records, the pairs' unions come from the block top-m (PAIR_RECORDS), else (merge) each
+    # union CTA merges its pair's lists; tail, records and the last pairs of each launch in 7 shares
+    # (UNION_TAIL_SPLITS; the others in `splits`); tail-empty, the same with a run of rows that see
+    # no keys (pairs without blocks: only their padding is written) and an empty last row
     from hisa_cupy.kernels import cupy_backend
 
     w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
+    if mode == "tail-empty":
+        w.ks[6:20] = w.ke[6:20]
+        w.ks[-1] = w.ke[-1]
     args = [to_torch(w.q), to_torch(w.k), to_torch(w.weights)]
     kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(w.ks), ke=to_torch(w.ke), backend="cupy")
     monkeypatch.setattr(cupy_backend, "UNION_SPLITS", splits)
-    monkeypatch.setattr(cupy_backend, "PAIR_RECORDS", records)
+    monkeypatch.setattr(cupy_backend, "PAIR_RECORDS", mode != "merge")
+    if mode.startswith("tail"):  # a tenth of a wave of tail pairs: head and tail in every launch but the shortest
+        monkeypatch.setattr(cupy_backend, "UNION_TAIL_SPLITS", 7)
+        monkeypatch.setattr(cupy_backend, "UNION_TAIL_WAVES", 0.1)
     if chunk_rows:
         monkeypatch.setattr(cupy_backend, "REFINE_WORKSPACE_BYTES", chunk_rows * m * B * 4)
     pooled, _ = hisa_cupy.pool_keys(args[1], k_scale=kw["k_scale"], block_size=B, backend="cupy")
@@ -434,6 +442,8 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
         assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
         np.testing.assert_array_equal(got, want, err_msg=order)
         assert (want >= 0).sum() > T * B  # candidates were selected
+        if mode == "tail-empty":
+            assert (want[6:20] == -1).all() and (want[-1] == -1).all() and (want[20] >= 0).any()
 
 
 def test_wgmma_engine_general_inputs(cuda_device, monkeypatch):
