@@ -150,9 +150,12 @@ PAIR_RECORD_HEAD = 4
 #: (more, shorter CTAs: a shorter tail when few pairs fill the GPU). 0: chosen per launch
 #: (_union_splits); a knob for bench/
 UNION_SPLITS = 0
-#: CTAs per pair for the pairs at the end of a union launch (more, shorter CTAs there: a shorter
-#: tail), and how many waves of CTAs those pairs fill (_union_layout); 0: UNION_SPLITS for every
-#: pair. Knobs for bench/
+#: how a union launch lays out its pairs' CTAs (_union_layout): "model", whole pairs first and the
+#: last pairs in shorter shares, as a model of the launch's waves picks; "uniform", UNION_SPLITS
+#: (or _union_splits) CTAs for every pair. UNION_TAIL_SPLITS > 0 sets the layout instead: that
+#: many shares for the last pairs, as many as fill UNION_TAIL_WAVES waves, and UNION_SPLITS (or
+#: _union_splits) for the others. Knobs for bench/
+UNION_LAYOUT = "model"
 UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
 #: largest grid.y of one launch (CUDA limit 65535)
@@ -343,6 +346,15 @@ def _kernel(filename: str, name_expr: str, smem: int):
         _kernels.clear()
     _kernels[key] = fn
     return fn
+
+
+def _ctas_per_sm(filename: str, name_expr: str, smem: int, threads: int) -> int:
+    """CTAs of one kernel instance resident per SM at ``threads`` threads and ``smem`` bytes of
+    dynamic shared memory (the driver's occupancy calculator; at least 1)."""
+    from cupy_backends.cuda.api import driver
+
+    fn = _kernel(filename, name_expr, smem)
+    return max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, smem)))
 
 
 def kernel_instances():
@@ -1250,7 +1262,7 @@ def _knobs():
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
-            DENSE_SAMPLE_RANK, UNION_TAIL_SPLITS, UNION_TAIL_WAVES)
+            DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES)
 
 
 def _keep_plan(key, plan):
@@ -1325,7 +1337,8 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     for r0 in range(0, T, chunk):
         nr = min(chunk, T - r0)
         if grid_x is None:  # pairs: one CTA per share of a pair (refine_union_wgmma_kernel)
-            head_pairs, head_splits, tail_splits = _union_layout(-(-nr // 2), facts["sms"])
+            slots = _ctas_per_sm("refine.cu", name, smem, SCORE_THREADS) * facts["sms"]
+            head_pairs, head_splits, tail_splits = _union_layout(-(-nr // 2), facts["sms"], slots)
             ctas = head_pairs * head_splits + (-(-nr // 2) - head_pairs) * tail_splits
             launches.append((r0, nr, (ctas, 1), head + (_i32(r0), _i32(nr)), tail,
                              (_i32(head_pairs), _i32(head_splits), _i32(tail_splits))))
@@ -1367,17 +1380,58 @@ def _union_splits(pairs: int, sms: int) -> int:
     return min(4, max(2, round(12 * sms / max(1, pairs))))
 
 
-def _union_layout(pairs: int, sms: int):
+def _union_layout(pairs: int, sms: int, slots: int):
     """(head pairs, their CTAs per pair, CTAs per pair of the others) of a union launch over
-    ``pairs`` pairs in order: _union_splits per pair, and where UNION_TAIL_SPLITS is set that many
-    for the last pairs, as many as fill UNION_TAIL_WAVES waves of three CTAs per SM (the union
-    kernel's residency at m <= 64 on an H100 / H200)."""
-    splits = _union_splits(pairs, sms)
-    tail_splits = int(UNION_TAIL_SPLITS) or splits
-    if tail_splits == splits:
-        return pairs, splits, splits
-    tail = min(pairs, max(1, round(UNION_TAIL_WAVES * 3 * sms / tail_splits)))
-    return pairs - tail, splits, tail_splits
+    ``pairs`` pairs in launch order (refine_union_wgmma_kernel), ``slots`` CTAs resident at once.
+
+    Each CTA stages q and its pair's union and fills its key pipeline (H200: ~9 us of a slot), so
+    fewer CTAs per pair pay less; but CTAs start in launch order as slots free up, and the last
+    ones decide when the launch ends, so the last pairs want short CTAs. UNION_LAYOUT "model" takes
+    the layout with the earliest end in _union_makespan among one uniform split per pair
+    (_union_splits, the former layout) and whole pairs followed by 2-8 shares for the last pairs,
+    as many as fill 0.5-2 waves. H200 at 128K keys (bench/NOTES.md, session 30): 3 shares per pair
+    at 512 pairs, 2 at 2048; 1 share, then 3 for the last 132 pairs: -3.5%; 1, then 4 for the last
+    99 of 2048: -4% (the whole hisa_select call)."""
+    splits = int(UNION_SPLITS) if UNION_SPLITS else _union_splits(pairs, sms)
+    if UNION_TAIL_SPLITS:
+        tail = min(pairs, max(1, round(UNION_TAIL_WAVES * slots / int(UNION_TAIL_SPLITS))))
+        return pairs - tail, splits, int(UNION_TAIL_SPLITS)
+    uniform = (pairs, splits, splits)
+    if UNION_LAYOUT != "model" or UNION_SPLITS or pairs < slots:
+        return uniform
+    best, best_end = uniform, _union_makespan(pairs, uniform, slots)
+    for tail_splits in range(2, 9):
+        for waves in (0.5, 1.0, 1.5, 2.0):
+            tail = min(pairs, max(1, round(waves * slots / tail_splits)))
+            layout = (pairs - tail, 1, tail_splits)
+            end = _union_makespan(pairs, layout, slots)
+            if end < best_end * 0.99:  # a clear gain in the model, else the former layout
+                best, best_end = layout, end
+    return best
+
+
+#: a CTA's fixed cost in _union_makespan, in pairs' work (H200: ~9 us of ~200 per pair)
+UNION_CTA_COST = 0.05
+
+
+def _union_makespan(pairs: int, layout, slots: int) -> float:
+    """When a union launch over ``pairs`` pairs laid out as ``layout`` (_union_layout) ends, in
+    pairs' work, if every pair is the same work, each CTA costs UNION_CTA_COST more and starts on
+    the slot that frees first (launch order). Slots are counted by end time (few distinct ones)."""
+    head_pairs, head_splits, tail_splits = layout
+    ends = {0.0: slots}
+    for ctas, size in ((head_pairs * head_splits, 1.0 / head_splits + UNION_CTA_COST),
+                       ((pairs - head_pairs) * tail_splits, 1.0 / tail_splits + UNION_CTA_COST)):
+        while ctas > 0:
+            t = min(ends)
+            free = ends.pop(t)
+            take = min(free, ctas)
+            if free > take:
+                ends[t] = free - take
+            t2 = round(t + size, 9)
+            ends[t2] = ends.get(t2, 0) + take
+            ctas -= take
+    return max(ends)
 
 
 def _score_chunks(T, rows, ntiles, per_cta):

@@ -131,6 +131,7 @@ class _Fake:
         from cupy_backends.cuda.api import driver
 
         monkeypatch.setattr(driver, "funcSetAttribute", lambda ptr, attr, value: None)
+        monkeypatch.setattr(driver, "occupancyMaxActiveBlocksPerMultiprocessor", lambda ptr, threads, smem: 3)
 
         def launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
             fn = fake.fns[f]

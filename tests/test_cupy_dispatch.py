@@ -63,6 +63,8 @@ class _Fake:
 
         monkeypatch.setattr(driver, "funcSetAttribute",
                             lambda ptr, attr, value: self_.opt_in.__setitem__(ptr, value))
+        # three CTAs per SM, as the union kernel gets on an H100 / H200 at m <= 64
+        monkeypatch.setattr(driver, "occupancyMaxActiveBlocksPerMultiprocessor", lambda ptr, threads, smem: 3)
 
     def names(self):
         return [launch.name for launch in self.launches]
@@ -127,22 +129,37 @@ def test_union_splits(monkeypatch):
 
 
 def test_union_layout(monkeypatch):
-    # every pair takes _union_splits CTAs, unless UNION_TAIL_SPLITS: then the last pairs, as many as
-    # fill UNION_TAIL_WAVES waves of 3 CTAs per SM, take that many
-    assert cb._union_layout(512, 132) == (512, 3, 3)
+    # where the pairs fill a wave of CTAs (396 slots here), whole pairs first and the last pairs in
+    # shorter shares, as the makespan model picks: at 512 and 2048 pairs the layouts that measured
+    # fastest on an H200 (bench/NOTES.md, session 30); fewer pairs than slots keep the uniform split
+    assert cb._union_layout(512, 132, 396) == (380, 1, 3)
+    assert cb._union_layout(2048, 132, 396) == (1949, 1, 4)
+    assert cb._union_layout(200, 132, 396) == (200, 4, 4)
+    for pairs in (396, 512, 700, 1024, 2048, 4096, 9999):  # never later than the uniform split in the model
+        u = cb._union_splits(pairs, 132)
+        assert cb._union_makespan(pairs, cb._union_layout(pairs, 132, 396), 396) <= cb._union_makespan(
+            pairs, (pairs, u, u), 396)
+    # the model: 396 slots, 512 whole pairs of cost 1.05: 396 end at 1.05, 116 more at 2.1
+    assert cb._union_makespan(512, (512, 1, 1), 396) == pytest.approx(2.1)
+    assert cb._union_makespan(512, (0, 1, 2), 396) == pytest.approx(3 * 0.55)  # 1024 halves: 3 rounds
+    # the knobs: uniform, a set UNION_SPLITS, or a set tail
+    monkeypatch.setattr(cb, "UNION_LAYOUT", "uniform")
+    assert cb._union_layout(512, 132, 396) == (512, 3, 3)
+    monkeypatch.setattr(cb, "UNION_LAYOUT", "model")
+    monkeypatch.setattr(cb, "UNION_SPLITS", 2)
+    assert cb._union_layout(512, 132, 396) == (512, 2, 2)
     monkeypatch.setattr(cb, "UNION_TAIL_SPLITS", 6)
-    assert cb._union_layout(512, 132) == (512 - 66, 3, 6)
+    assert cb._union_layout(512, 132, 396) == (512 - 66, 2, 6)
     monkeypatch.setattr(cb, "UNION_TAIL_WAVES", 0.5)
-    assert cb._union_layout(512, 132) == (512 - 33, 3, 6)
-    assert cb._union_layout(20, 132) == (0, 4, 6)  # fewer pairs than the tail: all of them
-    monkeypatch.setattr(cb, "UNION_SPLITS", 1)
-    monkeypatch.setattr(cb, "UNION_TAIL_WAVES", 1.0)
+    assert cb._union_layout(512, 132, 396) == (512 - 33, 2, 6)
+    assert cb._union_layout(20, 132, 396) == (0, 2, 6)  # fewer pairs than the tail: all of them
+    # a launch: the layout's three integers after the records, one CTA per share in a 1-D grid
+    monkeypatch.setattr(cb, "UNION_SPLITS", 0)
+    monkeypatch.setattr(cb, "UNION_TAIL_SPLITS", 0)
     fake = _Fake(monkeypatch, cc=90)
-    _hisa(T=400, m=8)
+    _hisa(T=1024, S=16384, m=16)
     union = fake.launches[3]
-    head_pairs = 200 - 66
-    assert [_value(a) for a in union.args[-3:]] == [head_pairs, 1, 6]
-    assert union.grid == (head_pairs + 66 * 6, 1)
+    assert [_value(a) for a in union.args[-3:]] == [380, 1, 3] and union.grid == (380 + 132 * 3, 1)
 
 
 def test_fp8_key_tiles_take_half_the_shared_memory():
