@@ -1389,9 +1389,10 @@ def _union_layout(pairs: int, sms: int, slots: int):
     ones decide when the launch ends, so the last pairs want short CTAs. UNION_LAYOUT "model" takes
     the layout with the earliest end in _union_makespan among one uniform split per pair
     (_union_splits, the former layout) and whole pairs followed by 2-8 shares for the last pairs,
-    as many as fill 0.5-2 waves. H200 at 128K keys (bench/NOTES.md, session 30): 3 shares per pair
-    at 512 pairs, 2 at 2048; 1 share, then 3 for the last 132 pairs: -3.5%; 1, then 4 for the last
-    99 of 2048: -4% (the whole hisa_select call)."""
+    as many as fill 0.5-2 waves. H200 at 128K keys (bench/NOTES.md, session 30), against the uniform
+    split (3 shares per pair at 512 pairs, 2 at 2048): 1 share, then 3 for the last 132 of 512
+    pairs, -3.6%; 1, then 4 for the last 99 of 2048, -3.6% to -4.7% (the whole hisa_select call);
+    the model picks both."""
     splits = int(UNION_SPLITS) if UNION_SPLITS else _union_splits(pairs, sms)
     if UNION_TAIL_SPLITS:
         tail = min(pairs, max(1, round(UNION_TAIL_WAVES * slots / int(UNION_TAIL_SPLITS))))
@@ -1410,18 +1411,18 @@ def _union_layout(pairs: int, sms: int, slots: int):
     return best
 
 
-#: a CTA's fixed cost in _union_makespan, in pairs' work (H200: ~9 us of ~200 per pair)
-UNION_CTA_COST = 0.05
+# a CTA's fixed cost in _union_makespan, in pairs' work (H200: ~9 us of ~200 per pair)
+_UNION_CTA_COST = 0.05
 
 
 def _union_makespan(pairs: int, layout, slots: int) -> float:
     """When a union launch over ``pairs`` pairs laid out as ``layout`` (_union_layout) ends, in
-    pairs' work, if every pair is the same work, each CTA costs UNION_CTA_COST more and starts on
+    pairs' work, if every pair is the same work, each CTA costs _UNION_CTA_COST more and starts on
     the slot that frees first (launch order). Slots are counted by end time (few distinct ones)."""
     head_pairs, head_splits, tail_splits = layout
     ends = {0.0: slots}
-    for ctas, size in ((head_pairs * head_splits, 1.0 / head_splits + UNION_CTA_COST),
-                       ((pairs - head_pairs) * tail_splits, 1.0 / tail_splits + UNION_CTA_COST)):
+    for ctas, size in ((head_pairs * head_splits, 1.0 / head_splits + _UNION_CTA_COST),
+                       ((pairs - head_pairs) * tail_splits, 1.0 / tail_splits + _UNION_CTA_COST)):
         while ctas > 0:
             t = min(ends)
             free = ends.pop(t)
@@ -1571,7 +1572,7 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     ptr = em.ptr
     ptrs = (ptr(q), ptr(k), ptr(weights), ptr(k_scale), ptr(ks), ptr(ke), ptr(blocks))
     kp = (ptr(keys),)
-    after = (ptr(unions),) if grouped is not None else ()  # the union kernel's last argument
+    after = (ptr(unions),) if grouped is not None else ()  # the union kernel's records, before its layout
     relative, by_score = index_base == "relative", order == "score"
     for r0, nr, grid, head, tail, layout in launches:
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + layout, smem)

@@ -96,7 +96,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
 
 def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     # the warp-mode block top-m gets a records buffer (33 pairs of 4 + 6 m ints) and the grouped
-    # order (fp8 keys: the union kernel's SPLIT_ROWS); the union kernel's last argument is the same
+    # order (fp8 keys: the union kernel's SPLIT_ROWS); the union kernel's records argument is the same
     # buffer. With PAIR_RECORDS off both get a null pointer (the union kernel merges the lists)
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65, m=8)
