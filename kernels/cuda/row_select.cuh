@@ -1145,7 +1145,7 @@ __device__ __forceinline__ RangeLevel range_level(const u32 (&key)[N], u32 lo, u
 // range_level until the bin that holds it is needed whole (cut: its lowest key) or is one key
 // value (ties: cut = that key + 1, and `need` of the keys equal to `tie` are still to be taken);
 // the keys >= cut are selected. r must not exceed the keys in [lo, hi]. cut, ties, tie and need
-// are left as they are until then. (dense.cu's unordered select; row_select_regs writes it out.)
+// are left as they are until then. (dense.cu's unordered select and row_select_regs.)
 template <int N, int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void cut_by_levels(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
                                               int* sMisc, u64& cut, bool& ties, u32& tie, int& need) {
@@ -1480,28 +1480,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
     bool ties = false;
     u32 tie = 0u;
     int need = 0;
-    if (n_valid > k && k > 0) {
-        // cut_by_levels' loop, written out: through the helper ptxas schedules the register-mode
-        // kernels differently (147 instructions of topk.cu), not measured on a GPU yet
-        int remaining = k;  // still to select from the group [lo, hi] (the keys above it are selected)
-        for (;;) {  // remaining <= the keys in [lo, hi], so the level finds its bin
-            const RangeLevel L = range_level<R, THREADS>(key, lo, hi, remaining, sHist, sScan, sMisc);
-            remaining -= L.above;
-            if (L.in_bin == remaining) {  // the whole bin is needed: every key >= its lowest
-                cut = L.blo;
-                break;
-            }
-            if (L.sh == 0) {  // one key value, more items than needed: ties at it
-                cut = (u64)L.blo + 1u;
-                ties = true;
-                tie = L.blo;
-                need = remaining;
-                break;
-            }
-            lo = L.blo;
-            hi = L.bhi;
-        }
-    }
+    if (n_valid > k && k > 0)
+        cut_by_levels<R, THREADS>(key, lo, hi, k, sHist, sScan, sMisc, cut, ties, tie, need);
 
     // this thread's selected items as bits (item first + j), then the tied ones it keeps
     const u32 above = (u32)(cut - 1u);  // cut in [1, 2^32]: key >= cut is key > above
