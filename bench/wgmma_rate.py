@@ -16,7 +16,16 @@ Modes (the engine's own wrappers and A-fragment loads from kernels/cuda/score_wg
   rs_sums rs with the union path's epilogue after each wait: the relu * weight head sums of the
           half (each lane's 64 accumulators, two FMA chains per item, two shuffles), every
           half's MMAs starting fresh as in the kernel -- the chain the kernel runs, less its
-          copies, barrier and key writes.
+          copies, barrier and key writes;
+  wg2_sums, wg3_sums
+          rs_sums in 2 or 3 warpgroups per CTA that share the q and key tiles, each on its own;
+  pp2_sums, pp3_sums
+          the same with the warpgroups taking turns to issue their MMAs (ping-pong: warpgroup w
+          waits on named barrier 1 + w, which the one before it arrives at after its issue), so
+          that one's head sums run under another's MMAs by construction, not by chance;
+  wg3q_sums
+          wg3_sums with each warpgroup on its own copy of the key tile, q shared (its own q too
+          makes ptxas keep the q descriptors in ordinary registers: 168 registers and a spill).
 Each at 1-4 CTAs per SM (shared memory padded so that no more fit; fewer when registers or
 shared memory allow fewer), as TFLOP/s and as a share of torch.matmul's f16 rate in the same run.
 
@@ -35,7 +44,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 
-MODES = ("rs", "rs2", "ss", "rs_sums")
+MODES = ("rs", "rs2", "ss", "rs_sums", "wg2_sums", "pp2_sums", "wg3_sums", "pp3_sums", "wg3q_sums")
+# warpgroups per CTA of each mode (the rest: one)
+WARPGROUPS = {"wg2_sums": 2, "pp2_sums": 2, "wg3_sums": 3, "pp3_sums": 3, "wg3q_sums": 3}
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (two 64-row halves)
 D = 128               # MMA K
@@ -43,20 +54,29 @@ SMEM_PER_SM = 227 * 1024  # the most one SM gives CTAs (H100 / H200)
 
 KERNEL = r"""
 // bench/wgmma_rate.py: the engine's MMA chain alone (see the script's docstring)
-template <int MODE>
-__global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __restrict__ out) {
+__device__ __forceinline__ void rate_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void rate_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+// MODE: the index in MODES; WGS: warpgroups per CTA (modes 4-7: the rs_sums chain in each, 5 and 7
+// taking turns to issue)
+template <int MODE, int WGS>
+__global__ void __launch_bounds__(128 * WGS) wgmma_rate_kernel(int iters, float* __restrict__ out) {
 #if HISA_HAS_WGMMA
     constexpr int N = 128, KSTEPS = 8, TILE = 128;
+    constexpr bool PINGPONG = MODE == 5 || MODE == 7;
     extern __shared__ __align__(16) char smem_raw[];
     char* base = reinterpret_cast<char*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023ull) & ~1023ull);
-    char* sQ = base;                  // q: N rows x 128 f16 in two 128-byte panels (32 KB)
-    char* sK = base + N * 256;        // keys: TILE rows of 128 e4m3 (16 KB) or 128 f16 (ss: 32 KB)
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31, wg = tid >> 7;
     const int kbytes = MODE == 2 ? TILE * 256 : TILE * 128;
+    // mode 8: the warpgroup's own key tile after the shared pair of tiles
+    constexpr bool OWN_K = MODE == 8;
+    constexpr int PAIR = N * 256 + TILE * 128;  // 48 KB: a multiple of the 1024-byte swizzle pattern
+    char* sQ = base;                                            // q: N rows x 128 f16 in two 128-byte panels (32 KB)
+    char* sK = base + (OWN_K ? (1 + wg) * PAIR : 0) + N * 256;  // keys: TILE rows of 128 e4m3 (16 KB) or 128 f16 (ss: 32 KB)
     // finite values with varied bits (zeros would lower the tensor cores' power draw)
-    for (int i = tid; i < (N * 256 + kbytes) / 4; i += 128) {
+    for (int i = tid; i < (N * 256 + kbytes) / 4 * (OWN_K ? 1 + WGS : 1); i += 128 * WGS) {
         const u32 h = (u32)i * 2654435761u + 12345u;
-        const u32 v = i < N * 64 ? (h & 0x37FF37FFu)                         // f16 below 1
+        const int j = i % (PAIR / 4);  // the word's place in its pair of tiles
+        const u32 v = j < N * 64 ? (h & 0x37FF37FFu)                         // f16 below 1
                       : MODE == 2 ? (h & 0x37FF37FFu) : (h & 0x77777777u);   // f16, or e4m3 below 2^8
         reinterpret_cast<u32*>(base)[i] = v;
     }
@@ -119,16 +139,20 @@ __global__ void __launch_bounds__(128) wgmma_rate_kernel(int iters, float* __res
             for (int half = 0; half < 2; ++half) {
                 u32 af[KSTEPS][4];
                 load_a(af, half);
+                // ping-pong: the first issue of warpgroup 0 goes ahead, every other waits its turn
+                if (PINGPONG && (it > 0 || half > 0 || wg > 0)) rate_bar_sync(1 + wg, 256);
                 issue_rs(acc[0], af, true);
+                if (PINGPONG) rate_bar_arrive(1 + (wg + 1) % WGS, 256);
                 wgmma_wait<0>();
                 head_sums(acc[0]);
             }
         }
     }
+    if (PINGPONG && wg == 0) rate_bar_sync(1, 256);  // the last warpgroup's last arrival
     float s = total;
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) s += acc[0][i] + acc[1][i];
-    out[blockIdx.x * 128 + tid] = s;
+    out[blockIdx.x * 128 * WGS + tid] = s;
 #else
     __trap();  // sm_90a only
 #endif
@@ -142,26 +166,30 @@ def source() -> str:
 
 
 def name_expr(mode: str) -> str:
-    return f"wgmma_rate_kernel<{MODES.index(mode)}>"
+    return f"wgmma_rate_kernel<{MODES.index(mode)}, {WARPGROUPS.get(mode, 1)}>"
 
 
 def smem_bytes(mode: str, ctas_per_sm: int) -> int:
     """Dynamic shared memory of one CTA: its tiles (+1 KB of alignment slack), padded so that no
     more than ``ctas_per_sm`` fit on an SM (about 1 KB per CTA is the driver's)."""
     need = 1024 + N_COLS * 256 + TILE * (256 if mode == "ss" else 128)
+    if mode == "wg3q_sums":  # the shared pair, then one pair of tiles per warpgroup (its key tile used)
+        need = 1024 + (1 + WARPGROUPS[mode]) * (N_COLS * 256 + TILE * 128)
     return max(need, SMEM_PER_SM // ctas_per_sm - 1024 - 1024 * (ctas_per_sm > 1))
 
 
-def fits(ctas_per_sm: int, smem: int, regs: int) -> bool:
-    """Whether ``ctas_per_sm`` CTAs of 128 threads with ``smem`` bytes of dynamic shared memory
-    (plus 1 KB each for the driver) and ``regs`` registers per thread (allocated in multiples of 8)
-    are resident on one SM at once (H100 / H200: 228 KB of shared memory, 64 K registers)."""
-    return ctas_per_sm * (smem + 1024) <= 228 * 1024 and ctas_per_sm * 128 * (-(-regs // 8) * 8) <= 65536
+def fits(ctas_per_sm: int, smem: int, regs: int, warpgroups: int = 1) -> bool:
+    """Whether ``ctas_per_sm`` CTAs of 128 x ``warpgroups`` threads with ``smem`` bytes of dynamic
+    shared memory (plus 1 KB each for the driver) and ``regs`` registers per thread (allocated in
+    multiples of 8) are resident on one SM at once (H100 / H200: 228 KB of shared memory, 64 K
+    registers)."""
+    return (ctas_per_sm * (smem + 1024) <= 228 * 1024
+            and ctas_per_sm * 128 * warpgroups * (-(-regs // 8) * 8) <= 65536)
 
 
-def flops(ctas: int, iters: int) -> float:
-    """MMA FLOPs of one launch: per iteration and CTA two 64-key halves x N x K x 2."""
-    return 2.0 * TILE * N_COLS * D * iters * ctas
+def flops(ctas: int, iters: int, warpgroups: int = 1) -> float:
+    """MMA FLOPs of one launch: per iteration and warpgroup two 64-key halves x N x K x 2."""
+    return 2.0 * TILE * N_COLS * D * iters * ctas * warpgroups
 
 
 def run(iters: int, reps: int = 7) -> dict:
@@ -183,27 +211,28 @@ def run(iters: int, reps: int = 7) -> dict:
         mod.load(binary)
         fn = mod.get_function(lowered)
         regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+        wgs = WARPGROUPS.get(mode, 1)
         for per_sm in (1, 2, 3, 4):
             smem = smem_bytes(mode, per_sm)
-            if not fits(per_sm, smem, regs):  # fewer would be resident: the launch would run in waves
+            if not fits(per_sm, smem, regs, wgs):  # fewer would be resident: the launch would run in waves
                 continue
             driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
             ctas = per_sm * sms
-            out = cupy.empty(ctas * 128, dtype=cupy.float32)
+            out = cupy.empty(ctas * 128 * wgs, dtype=cupy.float32)
             args = (cupy.int32(iters), out)
             for _ in range(2):
-                fn((ctas,), (128,), args, shared_mem=smem)
+                fn((ctas,), (128 * wgs,), args, shared_mem=smem)
             times = []
             for _ in range(reps):
                 start, end = cupy.cuda.Event(), cupy.cuda.Event()
                 start.record()
-                fn((ctas,), (128,), args, shared_mem=smem)
+                fn((ctas,), (128 * wgs,), args, shared_mem=smem)
                 end.record()
                 end.synchronize()
                 times.append(cupy.cuda.get_elapsed_time(start, end))
             ms = sorted(times)[len(times) // 2]
-            rows.append({"mode": mode, "ctas_per_sm": per_sm, "smem": smem, "ms": ms,
-                         "tflops": flops(ctas, iters) / (ms * 1e-3) / 1e12,
+            rows.append({"mode": mode, "ctas_per_sm": per_sm, "warpgroups": wgs, "smem": smem, "ms": ms,
+                         "tflops": flops(ctas, iters, wgs) / (ms * 1e-3) / 1e12,
                          "registers": regs})
     return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
             "iters": iters, "rows": rows}
@@ -233,11 +262,11 @@ def main(argv=None) -> int:
     res["f16_tflops"] = f16
     print(f"{res['gpu']}, {res['sms']} SMs, {res['iters']} tiles per CTA"
           + (f"; torch.matmul f16 rate {f16:.0f} TFLOP/s" if f16 else ""))
-    print("| mode | CTAs per SM | registers | shared bytes | ms | TFLOP/s | share of f16 rate |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | CTAs per SM | warpgroups per CTA | registers | shared bytes | ms | TFLOP/s | share of f16 rate |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         share = f"{100 * r['tflops'] / f16:.0f}%" if f16 else "-"
-        print(f"| {r['mode']} | {r['ctas_per_sm']} | {r['registers']} | {r['smem']} | {r['ms']:.3f} | "
+        print(f"| {r['mode']} | {r['ctas_per_sm']} | {r['warpgroups']} | {r['registers']} | {r['smem']} | {r['ms']:.3f} | "
               f"{r['tflops']:.0f} | {share} |")
     if args.json:
         with open(args.json, "w") as fh:
