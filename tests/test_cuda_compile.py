@@ -40,10 +40,15 @@ def test_compiles(tmp_path, filename, arch):
     refs = ",\n".join(f"    (void*)&{e}" for e in instances[filename])
     (tmp_path / "unit.cu").write_text(src + f"\nvoid* hisa_instances[] = {{\n{refs}\n}};\n")
     proc = subprocess.run([_nvcc(), "-std=c++17", f"-arch={arch}", "-c", "unit.cu", "-o", "unit.o",
-                           "-Werror", "all-warnings"],
+                           "-Werror", "all-warnings", "-Xptxas", "-v"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "unit.o").stat().st_size > 0
+    # a named barrier whose id is in a register makes ptxas reserve all 16 of a CTA's barriers,
+    # which caps the CTAs per SM (block_topm_warp_kernel: 4 per SM, two waves at T = 4096)
+    usage = [line for line in proc.stderr.splitlines() if "registers" in line and "barriers" in line]
+    assert usage, proc.stderr[-4000:]
+    assert not [u for u in usage if "used 16 barriers" in u], usage
 
 
 def test_host_constants_match_the_kernels():

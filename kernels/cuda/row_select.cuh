@@ -886,6 +886,21 @@ __device__ __forceinline__ int warp_sum(int v) { return (int)__reduce_add_sync(0
 // record. A block's index in a row's list is the number of that row's blocks below it; its place in
 // the union is its rank in its group (grouped: in both lists, row 0's only, row 1's only) plus the
 // groups before it, or (ascending) its rank in the union.
+// Named barrier 1 + pair of a CTA's pair of warps (64 threads): the odd warp arrives, the even one
+// waits. The ids are immediates: with the id in a register ptxas reserves all 16 of a CTA's
+// barriers, which held block_topm_warp_kernel to 4 CTAs per SM (H200, ncu: 25% theoretical
+// occupancy, two waves of CTAs at T = 4096; bench/NOTES.md, session 31).
+__device__ __forceinline__ void pair_barrier(int pair, bool arrive) {
+    static_assert(WARP_SELECT_ROWS == 4, "two pairs of warps per CTA: barriers 1 and 2");
+    if (pair == 0) {
+        if (arrive) asm volatile("bar.arrive 1, 64;" ::: "memory");
+        else asm volatile("bar.sync 1, 64;" ::: "memory");
+    } else {
+        if (arrive) asm volatile("bar.arrive 2, 64;" ::: "memory");
+        else asm volatile("bar.sync 2, 64;" ::: "memory");
+    }
+}
+
 __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, int rows, int m, bool grouped,
                                                   u32 word) {
     __shared__ u32 sPairMask[WARP_SELECT_ROWS][32];
@@ -893,12 +908,9 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
     const bool both = (r_in | 1) < rows;
     if (both) {
         sPairMask[w][lane] = word;
-        // the pair's two warps only (the CTA's other warps may have left): named barrier 1 + pair
-        if (w & 1) {
-            asm volatile("bar.arrive %0, 64;" ::"r"(1 + (w >> 1)) : "memory");
-            return;
-        }
-        asm volatile("bar.sync %0, 64;" ::"r"(1 + (w >> 1)) : "memory");
+        // the pair's two warps only (the CTA's other warps may have left)
+        pair_barrier(w >> 1, (w & 1) != 0);
+        if (w & 1) return;
     }
     const u32 m0 = word, m1 = both ? sPairMask[w + 1][lane] : 0u;
     const u32 c = m0 & m1, a0 = m0 & ~m1, a1 = m1 & ~m0, u = m0 | m1;
