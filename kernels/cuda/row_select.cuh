@@ -879,13 +879,6 @@ __device__ void row_select(const SelectArgs& a) {
 
 __device__ __forceinline__ int warp_sum(int v) { return (int)__reduce_add_sync(0xFFFFFFFFu, (unsigned)v); }
 
-// The pair record of rows t and t + 1 (t even; the layout of common.cuh, m ints per list) from
-// each row's selected set, a 1024-bit mask held as one word per lane (lane l: items 32 l + [0, 32)).
-// Called by both rows' warps of a CTA (or by row t's alone when t + 1 is past the launch's rows):
-// the odd row's warp leaves its mask in shared memory and returns; the even row's warp writes the
-// record. A block's index in a row's list is the number of that row's blocks below it; its place in
-// the union is its rank in its group (grouped: in both lists, row 0's only, row 1's only) plus the
-// groups before it, or (ascending) its rank in the union.
 // Named barrier 1 + pair of a CTA's pair of warps (64 threads): the odd warp arrives, the even one
 // waits. The ids are immediates: with the id in a register ptxas reserves all 16 of a CTA's
 // barriers, which held block_topm_warp_kernel to 4 CTAs per SM (H200, ncu: 25% theoretical
@@ -901,6 +894,13 @@ __device__ __forceinline__ void pair_barrier(int pair, bool arrive) {
     }
 }
 
+// The pair record of rows t and t + 1 (t even; the layout of common.cuh, m ints per list) from
+// each row's selected set, a 1024-bit mask held as one word per lane (lane l: items 32 l + [0, 32)).
+// Called by both rows' warps of a CTA (or by row t's alone when t + 1 is past the launch's rows):
+// the odd row's warp leaves its mask in shared memory and returns; the even row's warp writes the
+// record. A block's index in a row's list is the number of that row's blocks below it; its place in
+// the union is its rank in its group (grouped: in both lists, row 0's only, row 1's only) plus the
+// groups before it, or (ascending) its rank in the union.
 __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, int rows, int m, bool grouped,
                                                   u32 word) {
     __shared__ u32 sPairMask[WARP_SELECT_ROWS][32];
