@@ -144,6 +144,8 @@ FILTER_WIDE_THREADS = 1024
 #: longest row of warp mode (WARP_SELECT_ITEMS in row_select.cuh) and rows per CTA (WARP_SELECT_ROWS)
 WARP_SELECT_ITEMS = 1024
 WARP_SELECT_ROWS = 4
+#: keys per lane of the block top-m's warp-mode instances (block_topm_warp_kernel<R>), ascending
+WARP_KEYS_PER_LANE = (8, 16, 32)
 #: ints ahead of the lists in a pair's record (PAIR_RECORD_HEAD in common.cuh)
 PAIR_RECORD_HEAD = 4
 #: CTAs per pair of rows on the union path, each scoring an even share of the union's key tiles
@@ -392,8 +394,8 @@ def kernel_instances():
             ("topk.cu", "topk_merge_kernel"), ("topk.cu", "topk_filter_kernel"), ("topk.cu", "topk_filtered_kernel"),
             ("topk.cu", "topk_rescue_kernel"), ("dense.cu", "dense_filter_kernel"), ("dense.cu", "dense_filtered_kernel"),
             ("dense.cu", "dense_rescue_kernel")]
-    out += [("block_select.cu", "block_topm_warp_kernel"), ("refine.cu", "refine_topk_warp_kernel"),
-            ("dense.cu", "dense_topk_warp_kernel")]
+    out += [("block_select.cu", f"block_topm_warp_kernel<{r}>") for r in WARP_KEYS_PER_LANE]
+    out += [("refine.cu", "refine_topk_warp_kernel"), ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
             ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
@@ -1154,6 +1156,8 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
             raise ValueError(f"{kernel} is register mode only: k = {k} over {ncols} columns does not fit it")
         if warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
+            if kernel == "block_topm_warp_kernel":  # its keys per lane fitted to the rows
+                kernel += f"<{_warp_keys_per_lane(ncols)}>"
             lists, sort_cap, cand_cap, ring, cache_cap, smem = False, 0, 0, False, 0, 0
             per_cta, block = WARP_SELECT_ROWS, (32 * WARP_SELECT_ROWS,)
         elif kernel in _SORTED_REG_SELECT_KERNELS:  # register mode, list mode's sort in either order
@@ -1210,6 +1214,13 @@ def _reg_select_plan(k: int, ncols: int, by_score: bool, smem_optin: int):
     sort_cap = _list_cap(k) if by_score else 0
     smem = SELECT_LIST_FIXED_SMEM + 16 * sort_cap
     return (sort_cap, smem) if smem <= smem_optin - 1024 else None
+
+
+def _warp_keys_per_lane(ncols: int) -> int:
+    """Keys per lane of block_topm_warp_kernel<R> for rows of ``ncols`` blocks: the fewest of
+    WARP_KEYS_PER_LANE that hold them (its threshold search and in-order pass take R steps per bit
+    and per row; at 256 blocks, 32K keys, 8 instead of 32)."""
+    return next(r for r in WARP_KEYS_PER_LANE if 32 * r >= ncols)
 
 
 def _warp_select(kernel: str, u32_keys: bool, ncols: int, by_score: bool) -> bool:

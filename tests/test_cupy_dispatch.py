@@ -83,7 +83,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     assert fake.names() == ["pool_vec_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                            "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                            "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
     # 65 rows in 33 pairs, each pair's union split over a few CTAs (few pairs here: 4), one CTA per
@@ -368,7 +368,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
         assert fake.names() == ["pool_vec_kernel<0, 1>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                                "block_topm_warp_kernel", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
         assert _value(pool.args[0]) == k.data_ptr() and _value(pool.args[1]) == ksc.data_ptr()
@@ -386,6 +386,16 @@ def test_warp_select_where_rows_are_short_and_in_position_order():
     assert not cb._warp_select("dense_topk_kernel", True, 0, False)
 
 
+def test_block_topm_keys_per_lane_fit_the_rows():
+    # block_topm_warp_kernel<R> holds rows of at most 32 R blocks; the fewest keys per lane that
+    # hold a row are taken (its search and in-order pass take R steps), up to warp mode's longest
+    assert cb.WARP_KEYS_PER_LANE[-1] * 32 == cb.WARP_SELECT_ITEMS
+    picks = {n: cb._warp_keys_per_lane(n) for n in (1, 31, 256, 257, 512, 513, 1000, 1024)}
+    assert picks == {1: 8, 31: 8, 256: 8, 257: 16, 512: 16, 513: 32, 1000: 32, 1024: 32}
+    assert {e for f, e in cb.kernel_instances() if e.startswith("block_topm_warp_kernel")} == {
+        "block_topm_warp_kernel<8>", "block_topm_warp_kernel<16>", "block_topm_warp_kernel<32>"}
+
+
 def test_warp_select_launch(monkeypatch):
     # T = 65 rows of 32 blocks: 17 CTAs of 4 warps, the row count appended after out_val (then the
     # pairs' records and their order), no shared memory; with the knob off the 512-thread kernel,
@@ -393,7 +403,7 @@ def test_warp_select_launch(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     topm = fake.launches[2]
-    assert topm.name == "block_topm_warp_kernel" and topm.grid == (17,) and topm.block == (128,)
+    assert topm.name == "block_topm_warp_kernel<8>" and topm.grid == (17,) and topm.block == (128,)
     assert topm.smem == 0 and len(topm.args) == 28 and _value(topm.args[-3]) == 65
     assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
     fake.launches.clear()

@@ -960,10 +960,12 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
 // the union path's pair p: the even row's warp writes the pair's record (common.cuh,
 // pair_record_ints(a.k) ints each; write_pair_record). `grouped`: the union kernel's order (its
 // SPLIT_ROWS: blocks of both rows, then row 0's own, then row 1's, each ascending), else ascending.
-template <int SRC, int MAP>
+// R: keys per lane (rows of at most 32 R items): the threshold search and the in-order pass take R
+// steps per bit and per row, so the block top-m fits R to its rows (block_topm_warp_kernel<R>).
+template <int SRC, int MAP, int R = WARP_SELECT_ITEMS / 32>
 __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nullptr, int grouped = 0) {
     static_assert(SRC == KEYS_U32, "warp mode: precomputed ranking keys only");
-    constexpr int R = WARP_SELECT_ITEMS / 32;  // registers per lane
+    static_assert(R >= 1 && 32 * R <= WARP_SELECT_ITEMS, "at most WARP_SELECT_ITEMS keys per row");
     const int lane = threadIdx.x & 31;
     const int r_in = (int)(blockIdx.x * WARP_SELECT_ROWS + (threadIdx.x >> 5));
     if (r_in >= rows) return;  // whole warps leave: the collectives below stay full-warp

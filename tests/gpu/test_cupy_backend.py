@@ -404,6 +404,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8192, 512, 8, 256, 1, 0),      # one CTA per pair; two tiles per block
     (8192, 258, 16, 128, 5, 80),    # row chunks: several launches, the last one short
     (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
+    (65536, 64, 16, 128, 0, 0),     # rows of 512 blocks: the block top-m at 16 keys per lane
 ])
 @pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty"])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,

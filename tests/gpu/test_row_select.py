@@ -189,9 +189,10 @@ def test_long_rows_dense_and_hisa(cuda_device, order):
         testing.assert_selection_equal(got, ref, err_msg=fn)
 
 
-@pytest.mark.parametrize("S", [128, 3968, 4096, 4224, 128000, 131072, 131200])
+@pytest.mark.parametrize("S", [128, 3968, 4096, 4224, 32768, 32896, 65536, 65664, 128000, 131072, 131200])
 def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_kernels, S):
-    # rows of 1, 31, 32, 33, 1000, 1024 blocks (warp mode) and 1025 (the CTA kernel); exact inputs
+    # rows of 1, 31, 32, 33, 256, 257, 512, 513, 1000, 1024 blocks (warp mode: 8 keys per lane up
+    # to 256 blocks, 16 up to 512, then 32) and 1025 (the CTA kernel); exact inputs
     # have many equal block scores (ties at the threshold) and ragged rows have fewer eligible
     # blocks than m (-1 padding). The same selections with warp mode off, and on short dense /
     # refinement rows in position order.
@@ -215,7 +216,9 @@ def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_
         got = hisa_cupy.select_blocks(q, pooled, w, ks=ks, ke=ke, block_topk=m, seq_len=S, backend="cupy")
         testing.assert_selection_equal(got, rb, err_msg=f"select_blocks {mode}")
         short = warp and nb <= cupy_backend.WARP_SELECT_ITEMS
-        assert ("block_topm_warp_kernel" in launched) == short
+        warp_name = f"block_topm_warp_kernel<{cupy_backend._warp_keys_per_lane(min(nb, cupy_backend.WARP_SELECT_ITEMS))}>"
+        assert (warp_name in launched) == short
+        assert not [n for n in launched if n.startswith("block_topm_warp_kernel") and n != warp_name]
         assert ("block_topm_regs_kernel" in launched) == (not short and reg)
         if S <= 4224:  # rows of S keys, and m * B = 1024 candidates, in position order
             got = hisa_cupy.dense_select(q, k, w, ks=ks, ke=ke, topk=200, backend="cupy")
