@@ -536,6 +536,13 @@ def test_wgmma_rate_occupancy_and_flops():
     assert wr.fits(3, wr.smem_bytes("rs", 3), 154)
     # one launch: per CTA and iteration, two halves of 64 keys x 128 columns x K = 128, 2 FLOP each
     assert wr.flops(ctas=2, iters=3) == 2 * 3 * (2 * 64 * 128 * 128 * 2)
+    # the warpgroup modes: every warpgroup runs the chain, and counts against the SM's registers
+    assert wr.flops(ctas=2, iters=3, warpgroups=3) == 3 * wr.flops(ctas=2, iters=3)
+    assert wr.fits(1, wr.smem_bytes("wg3_sums", 1), 168, 3) and not wr.fits(1, wr.smem_bytes("wg3_sums", 1), 176, 3)
+    assert wr.fits(2, wr.smem_bytes("pp2_sums", 2), 128, 2) and not wr.fits(2, wr.smem_bytes("pp2_sums", 2), 136, 2)
+    # wg3q_sums: the shared pair of tiles, then one per warpgroup
+    assert wr.smem_bytes("wg3q_sums", 2) >= 1024 + 4 * (wr.N_COLS * 256 + wr.TILE * 128)  # above the padding
+    assert all(wr.WARPGROUPS.get(m, 1) in (1, 2, 3) for m in wr.MODES) and set(wr.WARPGROUPS) <= set(wr.MODES)
 
 
 def test_wgmma_rate_without_gpu_exits_cleanly():
