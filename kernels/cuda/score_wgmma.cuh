@@ -394,20 +394,31 @@ __device__ __forceinline__ void score_tile_wgmma(
             app_n[r] = 0;
         }
     }
-    // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk i = it *
-    // SCORE_THREADS + tid is operand row i / CHUNKS, chunk i % CHUNKS. q_load reads a chunk's
-    // source as QW raw words, q_store converts them and writes the chunk (zeros for a row past
-    // the end).
+    // q's chunks (16 bytes of an operand row each): QITERS per thread, chunk it * SCORE_THREADS +
+    // tid is operand row it * QSTEP + q_row (row r = it * QSTEP / H's head it * QSTEP % H + q_row)
+    // and chunk q_c of it. q_read reads a chunk's source as QW raw words, q_write converts them
+    // and writes the chunk (zeros for a row past the end). The prefetching paths (q_load /
+    // q_store, by iteration) work the addresses out per thread (q_row, q_c, each row's source
+    // base) and per iteration (constants: the loop unrolls). Worked out per chunk (a division, a
+    // remainder and a 64-bit product each) they were 12% of the block scores' instructions at
+    // 32K / 4096; per iteration the block scores ran 16% faster there and the union kernel 3%
+    // (H200, bench/NOTES.md, session 32). Dense keeps the per-chunk form (q_load_chunk /
+    // q_store_chunk, below).
     constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
-    static_assert(N * CHUNKS % SCORE_THREADS == 0, "q tile: the same number of chunks per thread");
+    constexpr int QSTEP = SCORE_THREADS / CHUNKS;  // operand rows per iteration
+    static_assert(N * CHUNKS % SCORE_THREADS == 0 && SCORE_THREADS % CHUNKS == 0 && H % QSTEP == 0,
+                  "q tile: whole rows per iteration, the same number of chunks per thread, rows of one query row");
     constexpr int QW = (Shape::FP8A && QB == 1) || (!Shape::FP8A && QB != EB) ? 2 : 4;
-    auto q_load = [&](int i, u32 (&w)[QW]) {
-        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
-        const char* src = reinterpret_cast<const char*>(q) +
-                          ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
+    const int q_row = tid / CHUNKS, q_c = tid % CHUNKS;
+    const char* q_src[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        q_src[r] = reinterpret_cast<const char*>(q) + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
+    // q_read: chunk c of the operand row at src (zeros for a row past the end)
+    auto q_read = [&](const char* src, int c, bool lv, u32 (&w)[QW]) {
 #pragma unroll
         for (int e = 0; e < QW; ++e) w[e] = 0u;
-        if (!live[r]) return;
+        if (!lv) return;
         if constexpr (Shape::FP8A) {
             // the register-A path's K order (load_a): MMA column 8 c + 2 p + {0, 1} holds element
             // 32 p + 2 c + {0, 1}; fp8: two 2-byte pieces per word
@@ -425,8 +436,8 @@ __device__ __forceinline__ void score_tile_wgmma(
             w[0] = x.x, w[1] = x.y;
         }
     };
-    auto q_store = [&](int i, const u32 (&w)[QW]) {
-        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+    // q_write: converts a chunk's words and writes them as operand row rowq's chunk c
+    auto q_write = [&](int rowq, int c, bool lv, const u32 (&w)[QW]) {
         u32 o[4];
         if constexpr (Shape::FP8A && QB == 1) {  // fp8 q: the keys' conversion instruction
             o[0] = e4m3x2_to_f16x2<0>(w[0]);
@@ -440,9 +451,28 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[e] = e4m3x2_to_engine<ENGINE>(w[e >> 1] >> ((e & 1) * 16));
         }
-        const uint4 v = live[r] ? make_uint4(o[0], o[1], o[2], o[3]) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 v = lv ? make_uint4(o[0], o[1], o[2], o[3]) : make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(sQ + swizzled<N>(rowq, c)) = v;
     };
+    // dense's chunks, by chunk index i (its strided staging loop): in the per-iteration form its
+    // append kernel ran 1.2% slower at 128K / 4096 (12.81 vs 12.66 ms, H200, session 32); this form
+    // compiles to the same SASS as before the per-iteration form (nvdisasm, every instance)
+    auto q_load_chunk = [&](int i, u32 (&w)[QW]) {
+        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+        const char* src = reinterpret_cast<const char*>(q) +
+                          ((long long)(live[r] ? trow[r] : 0) * H + rowq % H) * D * QB;
+        q_read(src, c, live[r], w);
+    };
+    auto q_store_chunk = [&](int i, const u32 (&w)[QW]) {
+        const int rowq = i / CHUNKS, c = i % CHUNKS, r = rowq / H;
+        q_write(rowq, c, live[r], w);
+    };
+    // the prefetching paths' chunks, by iteration
+    auto q_load = [&](int it, u32 (&w)[QW]) {
+        const int r = it * QSTEP / H;
+        q_read(q_src[r] + (it * QSTEP % H + q_row) * (D * QB), q_c, live[r], w);
+    };
+    auto q_store = [&](int it, const u32 (&w)[QW]) { q_write(it * QSTEP + q_row, q_c, live[it * QSTEP / H], w); };
     // every path but dense loads all of q and its head weights now, beside the row ranges: their
     // latency passes while the tile range (and the union of the two block lists) is worked out
     // and the first key tiles are requested (QITERS x QW registers, free again before the
@@ -452,7 +482,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     float wt[N / 8][2];
     if constexpr (PREFETCH) {
 #pragma unroll
-        for (int it = 0; it < QITERS; ++it) q_load(it * SCORE_THREADS + tid, qraw[it]);
+        for (int it = 0; it < QITERS; ++it) q_load(it, qraw[it]);
         head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
     }
     const int nb = (S + B - 1) / B;
@@ -655,8 +685,8 @@ __device__ __forceinline__ void score_tile_wgmma(
     if constexpr (DENSE) {
         for (int i = tid; i < N * CHUNKS; i += SCORE_THREADS) {
             u32 w[QW];
-            q_load(i, w);
-            q_store(i, w);
+            q_load_chunk(i, w);
+            q_store_chunk(i, w);
         }
         head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
         fence_async_smem();
@@ -738,7 +768,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     // chunk-at-a-time staging loop held a quarter of the kernel's stall samples), then fence
     if constexpr (PREFETCH) {
 #pragma unroll
-        for (int it = 0; it < QITERS; ++it) q_store(it * SCORE_THREADS + tid, qraw[it]);
+        for (int it = 0; it < QITERS; ++it) q_store(it, qraw[it]);
         fence_async_smem();
     }
 
