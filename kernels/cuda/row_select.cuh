@@ -956,6 +956,20 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
     }
 }
 
+// How many of a lane's keys are >= cand: each compare is the carry out of key - cand, added in
+// (two instructions per key, four counts in flight). Written as c += key >= cand, nvcc gave three
+// or four per key (a compare, an add, a predicated move; predicates saved to registers) in one
+// dependent chain: over half of block_topm_warp_kernel's instructions are this count (ncu,
+// bench/NOTES.md, session 31).
+template <int R>
+__device__ __forceinline__ int count_at_least(const u32 (&key)[R], u32 cand) {
+    u32 c[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+        asm("{\n\t.reg .u32 d;\n\tsub.cc.u32 d, %1, %2;\n\taddc.u32 %0, %0, 0;\n\t}" : "+r"(c[j & 3]) : "r"(key[j]), "r"(cand));
+    return (int)(c[0] + c[1] + c[2] + c[3]);
+}
+
 // With `unions` (the block top-m of hisa_select), rows t = 2p and 2p + 1 (a.row0 even) are also
 // the union path's pair p: the even row's warp writes the pair's record (common.cuh,
 // pair_record_ints(a.k) ints each; write_pair_record). `grouped`: the union kernel's order (its
@@ -1003,10 +1017,7 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
             bool exact = false;
             for (int bit = top; bit >= 0; --bit) {
                 const u32 cand = prefix | (1u << bit);
-                int c = 0;
-#pragma unroll
-                for (int j = 0; j < R; ++j) c += key[j] >= cand;
-                c = warp_sum(c);
+                const int c = warp_sum(count_at_least(key, cand));
                 if (c >= k) {
                     prefix = cand;
                     if (c == k) {  // the k keys >= cand are the selection: thr = the least of them
