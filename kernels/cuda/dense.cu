@@ -137,10 +137,7 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) dense_sample_threshold_
     if (valid >= rank) {
         for (int b = 31; b >= 0; --b) {
             const u32 cand = prefix | (1u << b);
-            int c = 0;
-#pragma unroll
-            for (int i = 0; i < PER; ++i) c += key[i] >= cand;
-            if (warp_sum(c) >= rank) prefix = cand;
+            if (warp_sum(count_at_least(key, cand)) >= rank) prefix = cand;
         }
     }
     if (lane == 0) thr[t] = max(prefix, 1u);

@@ -960,7 +960,7 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
 // (two instructions per key, four counts in flight). Written as c += key >= cand, nvcc gave three
 // or four per key (a compare, an add, a predicated move; predicates saved to registers) in one
 // dependent chain: over half of block_topm_warp_kernel's instructions are this count (ncu,
-// bench/NOTES.md, session 31).
+// bench/NOTES.md, session 31). Also dense_sample_threshold_kernel's search (dense.cu).
 template <int R>
 __device__ __forceinline__ int count_at_least(const u32 (&key)[R], u32 cand) {
     u32 c[4] = {0u, 0u, 0u, 0u};
