@@ -104,22 +104,49 @@ __device__ __forceinline__ int gather_position(const SelectArgs& a, int t, int n
     return a.blocks[(long long)t * a.m + blk] * B + off;
 }
 
-// output slot <- item n: its position (MAP), minus `rel`, and its value (KEYS_F32: read back, or
-// from its ranking key `key` where that says it, score_bits_of_key; key 0: not known)
-template <int SRC, int MAP>
-__device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, int t, int rel, int slot, int n,
-                                          u32 key = 0u) {
-    int pos;
-    if (MAP == MAP_IDENTITY) pos = n;
-    else if (MAP == MAP_TOKENS) pos = a.col0 + n;
-    else if (MAP == MAP_CHUNKS) pos = (t % a.m) * a.B + n;
-    else pos = gather_position(a, t, n);
-    a.out_idx[row * a.out_ld + slot] = pos - rel;
+// item n's position (MAP)
+template <int MAP>
+__device__ __forceinline__ int item_position(const SelectArgs& a, int t, int n) {
+    if (MAP == MAP_IDENTITY) return n;
+    if (MAP == MAP_TOKENS) return a.col0 + n;
+    if (MAP == MAP_CHUNKS) return (t % a.m) * a.B + n;
+    return gather_position(a, t, n);
+}
+
+// Whether items [first, first + R) (first a multiple of R, a power of two) have the positions
+// item_position(first) + [0, R): every map but MAP_GATHER, and MAP_GATHER where they lie in one
+// block (B a power of two, a multiple of R)
+template <int MAP, int R>
+__device__ __forceinline__ bool items_are_a_run(const SelectArgs& a) {
+    static_assert((R & (R - 1)) == 0, "R a power of two");
+    return MAP != MAP_GATHER || ((a.B & (a.B - 1)) == 0 && (a.B & (R - 1)) == 0);
+}
+
+// *p = v where pred, as one predicated store (nvcc branched around each of the in-order emit's
+// stores, re-deriving the address inside every branch)
+__device__ __forceinline__ void store_if(int* p, int v, bool pred) {
+    asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %2, 0;\n\t@q st.global.b32 [%0], %1;\n\t}" ::"l"(p), "r"(v),
+                 "r"((unsigned)pred)
+                 : "memory");
+}
+
+// output value slot <- item n's (KEYS_F32 with out_val: read back, or from its ranking key `key`
+// where that says it, score_bits_of_key; key 0: not known)
+template <int SRC>
+__device__ __forceinline__ void write_value(const SelectArgs& a, long long row, int slot, int n, u32 key = 0u) {
     if (SRC == KEYS_F32 && a.out_val) {
         u32 bits;
         if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
         a.out_val[row * a.out_ld + slot] = __uint_as_float(bits);
     }
+}
+
+// output slot <- item n: its position (MAP), minus `rel`, and its value (write_value)
+template <int SRC, int MAP>
+__device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, int t, int rel, int slot, int n,
+                                          u32 key = 0u) {
+    a.out_idx[row * a.out_ld + slot] = item_position<MAP>(a, t, n) - rel;
+    write_value<SRC>(a, row, slot, n, key);
 }
 
 // slots [from, k) of the row past its candidates, `step` apart per thread: index -1, value -inf
@@ -1545,6 +1572,23 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // key when all are selected) up to the row's largest
         const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
         sort_and_emit<SRC, MAP, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
+    } else if (items_are_a_run<MAP, R>(a)) {
+        // the thread's items are a run of positions: one lookup (MAP_GATHER: of their block,
+        // only where one is selected: past the row's blocks there is none), then base + j.
+        // Per item (a shift, a mask, a 64-bit index and a load each) the emit was ~45% of
+        // refine_topk_regs_kernel's instructions (ncu, hisa 128K/4096: bench/NOTES.md, session 32).
+        const int base = sel != 0u ? item_position<MAP>(a, t, first) - rel : 0;
+        int* out = a.out_idx + row * a.out_ld;
+        asm("mov.b64 %0, %0;" : "+l"(out));  // opaque: out + slot is one wide multiply-add per item, not
+                                             // row * out_ld + slot redone in 64 bits for each
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+            const int s = (sel >> j) & 1u;
+            const bool w = s && slot < n_out;
+            store_if(out + slot, base + j, w);  // a predicated store: no branch per item
+            if (SRC == KEYS_F32 && a.out_val && w) write_value<SRC>(a, row, slot, first + j);
+            slot += s;
+        }
     } else {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
