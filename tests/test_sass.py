@@ -1,4 +1,6 @@
-"""The wgmma score kernels keep every relu of their head sums in the machine code (no GPU needed).
+"""Machine-code properties of kernels that the GPU tests cannot see (no GPU needed): the wgmma score
+kernels keep every relu of their head sums, and the selects' hot loops keep the form they were
+measured in.
 
 nvcc compiles each kernel for sm_90a twice, to PTX and to a cubin, and nvdisasm (the
 ``nvidia-cuda-nvdisasm`` wheel of the test extras) disassembles the cubin: the SASS must hold as
@@ -46,20 +48,52 @@ def _function(text, splitter, stem):
     return parts[0]
 
 
-@pytest.mark.parametrize("filename, expr", KERNELS)
-def test_relus_survive_ptxas(tmp_path, filename, expr):
+def _compile(tmp_path, filename, expr, kinds=("ptx", "cubin")):
+    """(PTX, SASS) of one kernel instance, nvcc for sm_90a (None for a kind not asked for)."""
     src = cupy_backend.load_source(filename) + f"\nvoid* hisa_instances[] = {{ (void*)&{expr} }};\n"
     (tmp_path / "unit.cu").write_text(src)
     options = list(cupy_backend._COMPILE_OPTIONS) + ["-arch=sm_90a"]
-    for kind in ("ptx", "cubin"):
+    for kind in kinds:
         proc = subprocess.run([_nvcc(), *options, f"-{kind}", "unit.cu", "-o", f"unit.{kind}"], cwd=tmp_path,
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-4000:]
     stem = expr.split("<")[0]
-    ptx = _function((tmp_path / "unit.ptx").read_text(), r"\.visible \.entry ", stem)
+    ptx = _function((tmp_path / "unit.ptx").read_text(), r"\.visible \.entry ", stem) if "ptx" in kinds else None
     proc = subprocess.run([_nvdisasm(), "-c", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    sass = _function(proc.stdout, r"//-+ \.text\.", stem)
+    return ptx, _function(proc.stdout, r"//-+ \.text\.", stem)
+
+
+@pytest.mark.parametrize("filename, expr", KERNELS)
+def test_relus_survive_ptxas(tmp_path, filename, expr):
+    ptx, sass = _compile(tmp_path, filename, expr)
     relus = ptx.count("max.NaN.f32")
     assert relus >= 128, f"{expr}: {relus} relus in the PTX (the head sums' count changed?)"
     assert len(re.findall(r"\bFMNMX\b", sass)) == relus, f"{expr}: ptxas dropped relus of the head sums"
+
+
+# count_at_least (row_select.cuh): each key's compare is the carry out of key - cand, a subtract
+# whose only result is its carry (IADD3 RZ, P, ...), added in by IADD3.X. Written as
+# c += key >= cand, nvcc emitted a compare, an add and a predicated move per key in one chain and
+# saved predicates to registers: twice the instructions of the block top-m's threshold search
+# (bench/NOTES.md, session 32; that form has no carry-only subtract). At least one per key of a step.
+CARRY_COUNTS = [
+    ("block_select.cu", "block_topm_warp_kernel<8>", 8),
+    ("block_select.cu", "block_topm_warp_kernel<32>", 32),
+    ("dense.cu", "dense_sample_threshold_kernel<32>", 32),
+]
+
+
+@pytest.mark.parametrize("filename, expr, keys", CARRY_COUNTS)
+def test_threshold_search_counts_by_carries(tmp_path, filename, expr, keys):
+    _, sass = _compile(tmp_path, filename, expr, kinds=("cubin",))
+    carries = re.findall(r"IADD3 RZ, !?P\d, -?U?R\w+(?:\.reuse)?, -?U?R\w+", sass)
+    assert len(carries) >= keys, f"{expr}: {len(carries)} carry-only subtracts (count_at_least's form lost?)"
+
+
+def test_register_select_emits_by_predicated_stores(tmp_path):
+    # row_select_regs's in-order emit of a run of positions: one predicated store per item (store_if),
+    # 16 per thread, where nvcc had branched around each store (bench/NOTES.md, session 32)
+    _, sass = _compile(tmp_path, "refine.cu", "refine_topk_regs_kernel", kinds=("cubin",))
+    stores = re.findall(r"@!?P\d STG", sass)
+    assert len(stores) >= 16, f"{len(stores)} predicated stores in refine_topk_regs_kernel (the emit by runs lost?)"
