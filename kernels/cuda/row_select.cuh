@@ -984,10 +984,11 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
 }
 
 // How many of a lane's keys are >= cand: each compare is the carry out of key - cand, added in
-// (two instructions per key, four counts in flight). Written as c += key >= cand, nvcc gave three
-// or four per key (a compare, an add, a predicated move; predicates saved to registers) in one
-// dependent chain: over half of block_topm_warp_kernel's instructions are this count (ncu,
-// bench/NOTES.md, session 31). Also dense_sample_threshold_kernel's search (dense.cu).
+// (about two instructions per key, four counts in flight). Written as c += key >= cand, nvcc gave
+// three or four per key (a compare, an add, a predicated move; predicates saved to registers) in
+// one dependent chain, over half of block_topm_warp_kernel's instructions (ncu, bench/NOTES.md,
+// session 31); this form made it 10-21% faster at 128K keys (session 32; tests/test_sass.py checks
+// the form). Also dense_sample_threshold_kernel's search (dense.cu).
 template <int R>
 __device__ __forceinline__ int count_at_least(const u32 (&key)[R], u32 cand) {
     u32 c[4] = {0u, 0u, 0u, 0u};
