@@ -1587,7 +1587,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
             const int s = (sel >> j) & 1u;
             const bool w = s && slot < n_out;
             store_if(out + slot, base + j, w);  // a predicated store: no branch per item
-            if (SRC == KEYS_F32 && a.out_val && w) write_value<SRC>(a, row, slot, first + j);
+            if (w) write_value<SRC>(a, row, slot, first + j);
             slot += s;
         }
     } else {
