@@ -181,6 +181,14 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return r;
 }
 
+// *p = v where pred, as one predicated store: nvcc branched around such stores (the register
+// select's in-order emit, the union kernel's keys), re-deriving the address inside every branch
+__device__ __forceinline__ void store_if(int* p, int v, bool pred) {
+    asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %2, 0;\n\t@q st.global.b32 [%0], %1;\n\t}" ::"l"(p), "r"(v),
+                 "r"((unsigned)pred)
+                 : "memory");
+}
+
 // asynchronous global -> shared copies (sm_80+): 16 or 4 bytes, zero-filled when !valid
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));

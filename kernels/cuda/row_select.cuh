@@ -122,14 +122,6 @@ __device__ __forceinline__ bool items_are_a_run(const SelectArgs& a) {
     return MAP != MAP_GATHER || ((a.B & (a.B - 1)) == 0 && (a.B & (R - 1)) == 0);
 }
 
-// *p = v where pred, as one predicated store (nvcc branched around each of the in-order emit's
-// stores, re-deriving the address inside every branch)
-__device__ __forceinline__ void store_if(int* p, int v, bool pred) {
-    asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %2, 0;\n\t@q st.global.b32 [%0], %1;\n\t}" ::"l"(p), "r"(v),
-                 "r"((unsigned)pred)
-                 : "memory");
-}
-
 // output value slot <- item n's (KEYS_F32 with out_val: read back, or from its ranking key `key`
 // where that says it, score_bits_of_key; key 0: not known)
 template <int SRC>

@@ -807,8 +807,14 @@ __device__ __forceinline__ void score_tile_wgmma(
                     if (pass) app_list[r * APPEND_WCAP + app_n[r] + __popc(bal & lanes_below)] = make_uint2(key, (u32)col);
                     app_n[r] += __popc(bal);
                 }
+            } else if constexpr (UNION) {
+                // item_key's value by selects and one predicated store: nvcc branched on the flag
+                // and around the store (~25 instructions per row and item)
+                const u32 scored = score_key(kscale != nullptr ? v * sc : v);
+                const u32 key = flag == 2u ? HISA_KEY_FORCED : flag == 1u ? scored : HISA_KEY_NONE;
+                store_if(reinterpret_cast<int*>(orow(r)) + max(col, 0), (int)key, live[r] && col >= 0);
             } else {
-                if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
+                if (live[r] && col < nitems) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
             }
         }
     };
