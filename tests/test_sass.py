@@ -97,3 +97,12 @@ def test_register_select_emits_by_predicated_stores(tmp_path):
     _, sass = _compile(tmp_path, "refine.cu", "refine_topk_regs_kernel", kinds=("cubin",))
     stores = re.findall(r"@!?P\d STG", sass)
     assert len(stores) >= 16, f"{len(stores)} predicated stores in refine_topk_regs_kernel (the emit by runs lost?)"
+
+
+def test_union_kernel_stores_keys_by_predicated_stores(tmp_path):
+    # write_keys on the union path: each row's key of an item by selects and one predicated store
+    # (store_if), where nvcc had branched on the flag and around the store (bench/NOTES.md, session 32);
+    # the fill loops' predicated stores write zeros (RZ) and do not count
+    _, sass = _compile(tmp_path, "refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>", kinds=("cubin",))
+    stores = re.findall(r"@!?P\d STG\.E [^;]*, R\d+ ;", sass)
+    assert len(stores) >= 2, f"{len(stores)} predicated key stores in the union kernel (write_keys' form lost?)"
