@@ -807,12 +807,14 @@ __device__ __forceinline__ void score_tile_wgmma(
                     if (pass) app_list[r * APPEND_WCAP + app_n[r] + __popc(bal & lanes_below)] = make_uint2(key, (u32)col);
                     app_n[r] += __popc(bal);
                 }
-            } else if constexpr (UNION) {
+            } else if constexpr (!DENSE) {
                 // item_key's value by selects and one predicated store: nvcc branched on the flag
-                // and around the store (~25 instructions per row and item)
+                // and around the store (~25 instructions per row and item). Dense keeps the plain
+                // form: its score kernels' SASS stays as measured (they react to any change here)
                 const u32 scored = score_key(kscale != nullptr ? v * sc : v);
                 const u32 key = flag == 2u ? HISA_KEY_FORCED : flag == 1u ? scored : HISA_KEY_NONE;
-                store_if(reinterpret_cast<int*>(orow(r)) + max(col, 0), (int)key, live[r] && col >= 0);
+                const bool in = UNION ? col >= 0 : col < nitems;
+                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key, live[r] && in);
             } else {
                 if (live[r] && col < nitems) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
             }
