@@ -38,10 +38,9 @@ nocopy = [("""            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst
 #pragma unroll
             for (int h = 0; h < (UNION ? 0 : 2); ++h) {""")]
 # 2. keys computed, not stored (a store only for an impossible key keeps the sums alive)
-nokeys = [("""            if (live[r] && (UNION ? col >= 0 : col < nitems)) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);""",
-"""            const u32 key = item_key(flag, v, kscale != nullptr, sc);
-            if (live[r] && (UNION ? col >= 0 : col < nitems) && (!UNION || key == 0xDEADBEEFu))
-                orow(r)[col] = key;""")]
+nokeys = [("""                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key, live[r] && in);""",
+"""                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key,
+                         live[r] && in && (!UNION || key == 0xDEADBEEFu));""")]
 # 3. no MMAs on the union path (fence and commit kept)
 nomma = [("""            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);""",
 """            if (!UNION) WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);"""),
