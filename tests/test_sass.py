@@ -49,14 +49,20 @@ def _function(text, splitter, stem):
 
 
 def _compile(tmp_path, filename, expr, kinds=("ptx", "cubin")):
-    """(PTX, SASS) of one kernel instance, nvcc for sm_90a (None for a kind not asked for)."""
+    """(PTX, SASS) of one kernel instance, nvcc for sm_90a (None for a kind not asked for). Fails
+    where ptxas reports that it serialised a kernel's wgmma (its C75xx performance messages, e.g.
+    C7514 for accumulators read while their MMA may still be in flight, as across a loop's back
+    edge: a software-pipelined block-score loop of session 33 got it, bench/NOTES.md)."""
     src = cupy_backend.load_source(filename) + f"\nvoid* hisa_instances[] = {{ (void*)&{expr} }};\n"
     (tmp_path / "unit.cu").write_text(src)
     options = list(cupy_backend._COMPILE_OPTIONS) + ["-arch=sm_90a"]
     for kind in kinds:
-        proc = subprocess.run([_nvcc(), *options, f"-{kind}", "unit.cu", "-o", f"unit.{kind}"], cwd=tmp_path,
-                              capture_output=True, text=True)
+        verbose = ["-Xptxas", "-v"] if kind == "cubin" else []
+        proc = subprocess.run([_nvcc(), *options, *verbose, f"-{kind}", "unit.cu", "-o", f"unit.{kind}"],
+                              cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        serialised = re.findall(r"\(C75\d\d\)[^\n]*", proc.stderr)
+        assert not serialised, f"{expr}: ptxas serialised wgmma: {serialised[0]}"
     stem = expr.split("<")[0]
     ptx = _function((tmp_path / "unit.ptx").read_text(), r"\.visible \.entry ", stem) if "ptx" in kinds else None
     proc = subprocess.run([_nvdisasm(), "-c", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True)
