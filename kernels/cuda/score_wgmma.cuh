@@ -312,12 +312,6 @@ struct UnionShare {
     int part, parts;
 };
 
-// a key buffer index as a type (the block scores' two-tile loop: its descriptors fold into constants)
-template <int S>
-struct SlotC {
-    static constexpr int SLOT = S;
-};
-
 template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
@@ -942,31 +936,30 @@ __device__ __forceinline__ void score_tile_wgmma(
         // block scores (both operands in shared memory, two buffers): two tiles per iteration,
         // the first in buffer 0 and the second in buffer 1 (tile j_first + i in buffer i % 2), so
         // every descriptor is the tile base plus a constant
-        auto ss_tile = [&](int j, auto slot_c) {
-            constexpr int SLOT = decltype(slot_c)::SLOT;
+        auto ss_tile = [&](int j, int buf) {  // buf: a constant at each (inlined) call
             cp_async_wait<0>();  // tile j has landed
             fence_async_smem();
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();
             float s0[ROWS][2], s1[ROWS][2];
             wgmma_fence();
-            issue(acc[0], SLOT, 0);
-            issue(acc[1], SLOT, 1);
-            stage(j + 1, 1 - SLOT);
+            issue(acc[0], buf, 0);
+            issue(acc[1], buf, 1);
+            stage(j + 1, 1 - buf);
             wgmma_wait<1>();
             wgmma_fence_operands(acc[0]);
             head_sums(acc[0], s0);
             wgmma_wait<0>();
             wgmma_fence_operands(acc[1]);
             head_sums(acc[1], s1);
-            write_keys(s0, s1, j * SCORE_TILE, SLOT);
+            write_keys(s0, s1, j * SCORE_TILE, buf);
         };
         int j = j_first;
         for (; j + 1 < j_stop; j += 2) {
-            ss_tile(j, SlotC<0>{});
-            ss_tile(j + 1, SlotC<1>{});
+            ss_tile(j, 0);
+            ss_tile(j + 1, 1);
         }
-        if (j < j_stop) ss_tile(j, SlotC<0>{});
+        if (j < j_stop) ss_tile(j, 0);
     } else {
         for (int j = j_first; j < j_stop; ++j) {
             cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
