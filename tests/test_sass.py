@@ -112,3 +112,13 @@ def test_union_kernel_stores_keys_by_predicated_stores(tmp_path):
     _, sass = _compile(tmp_path, "refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>", kinds=("cubin",))
     stores = re.findall(r"@!?P\d STG\.E [^;]*, R\d+ ;", sass)
     assert len(stores) >= 2, f"{len(stores)} predicated key stores in the union kernel (write_keys' form lost?)"
+
+
+def test_block_scores_descriptors_are_constants(tmp_path):
+    # the block scores' tile loop takes two tiles per iteration, tile j_first + i in buffer i % 2 as a
+    # constant, so each wgmma descriptor is the tile base plus an immediate: with the buffer in a
+    # register every k-step's descriptor was an add and an R2UR move into a uniform register (41
+    # R2UR in the kernel; the MMA issue window 18% of its stall samples, bench/NOTES.md, session 33)
+    _, sass = _compile(tmp_path, "block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>", kinds=("cubin",))
+    moves = re.findall(r"\bR2UR\b", sass)
+    assert len(moves) <= 24, f"{len(moves)} R2UR in block_score_wgmma_kernel (the descriptors' constant form lost?)"

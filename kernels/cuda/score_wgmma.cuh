@@ -932,6 +932,34 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
         for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
         for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
+    } else if constexpr (ITEMS == ITEMS_BLOCKS && !Shape::FP8A && NBUF == 2) {
+        // block scores (both operands in shared memory, two buffers): two tiles per iteration,
+        // the first in buffer 0 and the second in buffer 1 (tile j_first + i in buffer i % 2), so
+        // every descriptor is the tile base plus a constant
+        auto ss_tile = [&](int j, int buf) {  // buf: a constant at each (inlined) call
+            cp_async_wait<0>();  // tile j has landed
+            fence_async_smem();
+            // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
+            __syncthreads();
+            float s0[ROWS][2], s1[ROWS][2];
+            wgmma_fence();
+            issue(acc[0], buf, 0);
+            issue(acc[1], buf, 1);
+            stage(j + 1, 1 - buf);
+            wgmma_wait<1>();
+            wgmma_fence_operands(acc[0]);
+            head_sums(acc[0], s0);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc[1]);
+            head_sums(acc[1], s1);
+            write_keys(s0, s1, j * SCORE_TILE, buf);
+        };
+        int j = j_first;
+        for (; j + 1 < j_stop; j += 2) {
+            ss_tile(j, 0);
+            ss_tile(j + 1, 1);
+        }
+        if (j < j_stop) ss_tile(j, 0);
     } else {
         for (int j = j_first; j < j_stop; ++j) {
             cp_async_wait<NBUF - 2>();  // tile j has landed (only the NBUF - 2 newest groups may pend)
