@@ -182,7 +182,8 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 // *p = v where pred, as one predicated store: nvcc branched around such stores (the register
-// select's in-order emit, the union kernel's keys), re-deriving the address inside every branch
+// select's in-order emit, the union kernel's and the block scores' keys), re-deriving the address
+// inside every branch
 __device__ __forceinline__ void store_if(int* p, int v, bool pred) {
     asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %2, 0;\n\t@q st.global.b32 [%0], %1;\n\t}" ::"l"(p), "r"(v),
                  "r"((unsigned)pred)
