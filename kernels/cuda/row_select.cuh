@@ -913,6 +913,22 @@ __device__ __forceinline__ void pair_barrier(int pair, bool arrive) {
     }
 }
 
+// The 32 x 32 bit matrix of a warp's words, transposed: returns to lane j the word whose bit l is
+// bit j of lane l's x. Five rounds, each swapping the off-diagonal blocks of side s between lanes
+// l and l ^ s.
+__device__ __forceinline__ u32 transpose_bits32(u32 x) {
+    const int lane = threadIdx.x & 31;
+    const u32 lo_masks[5] = {0x0000FFFFu, 0x00FF00FFu, 0x0F0F0F0Fu, 0x33333333u, 0x55555555u};
+#pragma unroll
+    for (int i = 0; i < 5; ++i) {
+        const int s = 16 >> i;
+        const u32 lo = lo_masks[i];
+        const u32 y = __shfl_xor_sync(0xFFFFFFFFu, x, s);
+        x = (lane & s) == 0 ? (x & lo) | ((y & lo) << s) : (x & ~lo) | ((y & ~lo) >> s);
+    }
+    return x;
+}
+
 // The pair record of rows t and t + 1 (t even; the layout of common.cuh, m ints per list) from
 // each row's selected set, a 1024-bit mask held as one word per lane (lane l: items 32 l + [0, 32)).
 // Called by both rows' warps of a CTA (or by row t's alone when t + 1 is past the launch's rows):
@@ -960,18 +976,32 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
         rec[2] = common;
         rec[3] = 0;
     }
-    // each lane its word's blocks, lowest first
-    for (u32 rest = u; rest != 0u; rest &= rest - 1u) {
-        const int b = __ffs(rest) - 1;
-        const u32 below = (1u << b) - 1u;
-        const bool in0 = (m0 >> b) & 1u, in1 = (m1 >> b) & 1u;
-        const int pos = !grouped ? pu + __popc(u & below)
-                        : in0 && in1 ? pc + __popc(c & below)
-                        : in0        ? pa0 + __popc(a0 & below)
-                                     : pa1 + __popc(a1 & below);
-        rec[PAIR_RECORD_HEAD + pos] = 32 * lane + b;
-        rec[PAIR_RECORD_HEAD + 2 * m + pos] = in0 ? p0 + __popc(m0 & below) : -1;
-        rec[PAIR_RECORD_HEAD + 4 * m + pos] = in1 ? p1 + __popc(m1 & below) : -1;
+    // The blocks by the transposed masks: lane j takes bit j of every word (blocks 32 l + j), so
+    // that a run of selected blocks (the recent ones, the sink) spreads over the lanes instead of
+    // leaving one lane a loop over its whole word; each round every lane takes one of its blocks
+    // and reads word l's masks and prefix counts from lane l (bench/NOTES.md, session 34)
+    const u32 t0 = transpose_bits32(m0), t1 = transpose_bits32(m1);
+    u32 rest = t0 | t1;
+    const int rounds = (int)__reduce_max_sync(0xFFFFFFFFu, (u32)__popc(rest));
+    const u32 below = (1u << lane) - 1u;
+    for (int i = 0; i < rounds; ++i) {
+        const bool has = rest != 0u;
+        const int l = has ? __ffs(rest) - 1 : 0;  // the word (lane) of this lane's block 32 l + lane
+        rest &= rest - 1u;
+        const u32 w0 = __shfl_sync(0xFFFFFFFFu, m0, l), w1 = __shfl_sync(0xFFFFFFFFu, m1, l);
+        const int q0 = __shfl_sync(0xFFFFFFFFu, p0, l), q1 = __shfl_sync(0xFFFFFFFFu, p1, l);
+        const int qc = __shfl_sync(0xFFFFFFFFu, grouped ? pc : pu, l);
+        const int qa0 = __shfl_sync(0xFFFFFFFFu, pa0, l), qa1 = __shfl_sync(0xFFFFFFFFu, pa1, l);
+        const bool in0 = (w0 >> lane) & 1u, in1 = (w1 >> lane) & 1u;
+        const int pos = !grouped ? qc + __popc((w0 | w1) & below)
+                        : in0 && in1 ? qc + __popc(w0 & w1 & below)
+                        : in0        ? qa0 + __popc(w0 & ~w1 & below)
+                                     : qa1 + __popc(w1 & ~w0 & below);
+        if (has) {
+            rec[PAIR_RECORD_HEAD + pos] = 32 * l + lane;
+            rec[PAIR_RECORD_HEAD + 2 * m + pos] = in0 ? q0 + __popc(w0 & below) : -1;
+            rec[PAIR_RECORD_HEAD + 4 * m + pos] = in1 ? q1 + __popc(w1 & below) : -1;
+        }
     }
 }
 
