@@ -1,0 +1,114 @@
+"""How many threshold levels the register-mode select (row_select.cuh) takes on refinement rows.
+
+The refinement top-k (refine_topk_regs_kernel) finds the k-th largest of a row's ranking keys by
+levels of 2048 bins over key bits (range_level: the valid keys' range [lo, hi] split into bins of
+2^sh keys, sh the smallest shift that leaves at most 2048 bins), each level zooming into the bin
+that holds the k-th key until that bin is needed whole or is one key value. A level by score value
+(LinearBins: 2048 bins linear in the score over the row's range) is the alternative; where its
+bin of the k-th key holds few keys, one warp can rank them exactly.
+
+This script replays both rules on the NumPy reference's candidates of a few rows of a workload
+(pooled keys, the reference's block selection, then each sampled row's token scores over its
+blocks), without a GPU:
+
+    python bench/threshold_levels_sim.py --S 131072 --T 1024 --rows 25
+
+Session 34 (bench/NOTES.md) on segments, 128K keys, T = 1024: two levels over key bits in 24 of
+25 rows (first-level bins of 19-1660 keys); the level by value left 3-21 keys in the bin.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+NBINS = 2048
+
+
+def ranking_keys(scores: np.ndarray) -> np.ndarray:
+    """common.cuh's score_key for float32 scores (larger key ranks higher; NaN -> 1; -0 == +0)."""
+    u = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).copy()
+    u[u == 0x80000000] = 0
+    keys = u ^ ((u.astype(np.int32) >> 31).astype(np.uint32) | np.uint32(0x80000000))
+    keys[np.isnan(scores)] = 1
+    return keys.astype(np.uint64)
+
+
+def _bin_of_rank(counts: np.ndarray, r: int) -> tuple[int, int]:
+    """(bin, keys above it) of the r-th largest key (1-based), counts[b] keys in bin b."""
+    from_top = np.cumsum(counts[::-1])
+    i = int(np.searchsorted(from_top, r))
+    b = len(counts) - 1 - i
+    return b, int(from_top[i] - counts[b])
+
+
+def key_bit_levels(keys: np.ndarray, r: int) -> list[int]:
+    """The keys in the k-th's bin at each level of range_level / cut_by_levels (r = k <= len(keys))."""
+    lo, hi = int(keys.min()), int(keys.max())
+    sizes = []
+    while True:
+        span = hi - lo
+        sh = 0 if span < NBINS else span.bit_length() - 11
+        inside = keys[(keys >= lo) & (keys <= hi)]
+        counts = np.bincount(((inside - lo) >> sh).astype(np.int64), minlength=(span >> sh) + 1)
+        b, above = _bin_of_rank(counts, r)
+        sizes.append(int(counts[b]))
+        r -= above
+        if counts[b] == r or sh == 0:
+            return sizes
+        lo += b << sh
+        hi = min(hi, lo + (1 << sh) - 1)
+
+
+def linear_bin_size(scores: np.ndarray, r: int) -> int:
+    """Keys in the bin of the r-th largest score among NBINS bins linear over [min, max] (finite scores)."""
+    x = np.asarray(scores, dtype=np.float64)
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return len(x)
+    b = np.minimum(NBINS - 1, ((x - lo) / (hi - lo) * NBINS).astype(np.int64))
+    counts = np.bincount(b, minlength=NBINS)
+    return int(counts[_bin_of_rank(counts, r)[0]])
+
+
+def sample_rows(S: int, T: int, m: int, B: int, k: int, nrows: int, kind: str, seed: int):
+    """(levels over key bits, linear bin size) per sampled row of a workload's refinement candidates."""
+    from hisa_cupy import reference, workloads
+
+    w = workloads.make_workload(kind, seq_len=S, num_queries=T, seed=seed)
+    rows = np.unique(np.linspace(0, T - 1, nrows).astype(int))
+    pooled, _ = reference.pool_keys(w.k, w.k_scale, block_size=B)
+    blocks = reference.select_blocks(w.q[rows], pooled, w.weights[rows], ks=w.ks[rows], ke=w.ke[rows],
+                                     block_size=B, block_topk=m, seq_len=S)
+    out = []
+    for j, t in enumerate(rows):
+        bl = blocks[j][blocks[j] >= 0]
+        toks = (bl[:, None] * B + np.arange(B)[None, :]).ravel()
+        toks = toks[(toks >= w.ks[t]) & (toks < w.ke[t])]
+        scores = reference.token_scores(w.q[t:t + 1], w.k[toks], w.weights[t:t + 1], w.k_scale[toks])[0]
+        if len(scores) <= k:
+            continue
+        out.append((key_bit_levels(ranking_keys(scores), k), linear_bin_size(scores, k)))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--S", type=int, default=131072)
+    p.add_argument("--T", type=int, default=1024)
+    p.add_argument("--m", type=int, default=64)
+    p.add_argument("--B", type=int, default=128)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--rows", type=int, default=25, help="rows sampled evenly over T")
+    p.add_argument("--kind", default="segments")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    res = sample_rows(a.S, a.T, a.m, a.B, a.k, a.rows, a.kind, a.seed)
+    print("levels over key bits per row:", [len(lv) for lv, _ in res])
+    print("first level's bin sizes:", [lv[0] for lv, _ in res])
+    print("second level's bin sizes:", [lv[1] for lv, _ in res if len(lv) > 1])
+    print("one level by value, bin sizes:", [lin for _, lin in res])
+
+
+if __name__ == "__main__":
+    main()
