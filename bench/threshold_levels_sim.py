@@ -13,8 +13,8 @@ blocks), without a GPU:
 
     python bench/threshold_levels_sim.py --S 131072 --T 1024 --rows 25
 
-Session 34 (bench/NOTES.md) on segments, 128K keys, T = 1024: two levels over key bits in 24 of
-25 rows (first-level bins of 19-1660 keys); the level by value left 3-21 keys in the bin.
+Session 34 (bench/NOTES.md) on segments, 128K keys, T = 1024, 25 rows: two levels over key bits in
+23 rows and three in 2 (first-level bins of 35-1660 keys); the level by value left 6-21 keys in the bin.
 """
 from __future__ import annotations
 
@@ -61,12 +61,20 @@ def key_bit_levels(keys: np.ndarray, r: int) -> list[int]:
 
 
 def linear_bin_size(scores: np.ndarray, r: int) -> int:
-    """Keys in the bin of the r-th largest score among NBINS bins linear over [min, max] (finite scores)."""
-    x = np.asarray(scores, dtype=np.float64)
-    lo, hi = x.min(), x.max()
-    if hi <= lo:
-        return len(x)
-    b = np.minimum(NBINS - 1, ((x - lo) / (hi - lo) * NBINS).astype(np.int64))
+    """Keys in the bin of the r-th largest score among NBINS bins linear over [min, max] (finite
+    float32 scores), binned as row_select.cuh's LinearBins does: scale = (NBINS - 1)(1 - 1/1024) /
+    (max - min) in float32, bin = round(fma(x - min, scale, 2^23)) - 2^23 (the fma's one rounding
+    through float64, where the product is exact); scale 0 (a range of 0) puts every key in bin 0."""
+    x = np.asarray(scores, dtype=np.float32)
+    xmin = x.min()
+    rng = np.float32(x.max() - xmin)
+    with np.errstate(divide="ignore", over="ignore"):
+        scale = np.float32(np.float32((NBINS - 1) * (1 - 1 / 1024)) / rng)
+    if not (0 < scale <= 3.0e38):
+        scale = np.float32(0)
+    d = (x - xmin).astype(np.float32)
+    pos = (d.astype(np.float64) * np.float64(scale) + 8388608.0).astype(np.float32)
+    b = pos.view(np.int32).astype(np.int64) - 0x4B000000
     counts = np.bincount(b, minlength=NBINS)
     return int(counts[_bin_of_rank(counts, r)[0]])
 

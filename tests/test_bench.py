@@ -512,7 +512,7 @@ def test_threshold_levels_sim_finds_the_kth_key():
     # bench/threshold_levels_sim.py replays range_level's rule: at every level the bin it zooms into
     # holds the k-th largest key, the last level's bin is needed whole or is one key value, and keys
     # spread over more than 2048 values take more than one level; the ranking keys order like the
-    # scores (NaN lowest, -0 == +0); the linear bin holds the k-th score
+    # scores (NaN lowest, -0 == +0); the linear bins round as LinearBins does
     spec = importlib.util.spec_from_file_location("threshold_levels_sim", ROOT / "bench" / "threshold_levels_sim.py")
     sim = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sim)
@@ -531,6 +531,11 @@ def test_threshold_levels_sim_finds_the_kth_key():
         assert sizes[-1] >= n_eq  # the last bin holds every key equal to the k-th
         lin = sim.linear_bin_size(scores, k)
         assert 1 <= lin <= len(scores)
+    # LinearBins' rounding: 8192 consecutive scores in 2048 bins of ~4, the top one short (the range
+    # maps below 2047.5); a range of 0 puts every key in bin 0
+    ramp = np.arange(8192, dtype=np.float32)
+    assert sim.linear_bin_size(ramp, 1) == 3 and sim.linear_bin_size(ramp, 2048) == 4
+    assert sim.linear_bin_size(np.ones(100, np.float32), 5) == 100
     # 4096 consecutive keys: bins of 2 keys, then the top bin's two keys one per bin
     assert sim.key_bit_levels(np.arange(4096, dtype=np.uint64), 1) == [2, 1]
     assert sim.key_bit_levels(np.arange(4096, dtype=np.uint64), 2) == [2]  # the top bin needed whole
