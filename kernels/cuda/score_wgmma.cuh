@@ -893,6 +893,21 @@ __device__ __forceinline__ void score_tile_wgmma(
         }
     };
 
+    // both operands in shared memory: a tile's two halves' MMAs (buffer buf), then tile j_next's
+    // copies into buffer next_buf, then each half's head sums once its MMAs are done
+    auto ss_mmas = [&](int buf, int j_next, int next_buf, float (&s0)[ROWS][2], float (&s1)[ROWS][2]) {
+        wgmma_fence();
+        issue(acc[0], buf, 0);
+        issue(acc[1], buf, 1);
+        stage(j_next, next_buf);
+        wgmma_wait<1>();
+        wgmma_fence_operands(acc[0]);
+        head_sums(acc[0], s0);
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc[1]);
+        head_sums(acc[1], s1);
+    };
+
     int slot = 0;
     u32 phases = 0;  // BULK: bit s = parity of buffer s's next completion
     if constexpr (SPLIT_ROWS) {
@@ -942,16 +957,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             // the barrier also retires every thread's epilogue of tile j - 1, freeing its buffer
             __syncthreads();
             float s0[ROWS][2], s1[ROWS][2];
-            wgmma_fence();
-            issue(acc[0], buf, 0);
-            issue(acc[1], buf, 1);
-            stage(j + 1, 1 - buf);
-            wgmma_wait<1>();
-            wgmma_fence_operands(acc[0]);
-            head_sums(acc[0], s0);
-            wgmma_wait<0>();
-            wgmma_fence_operands(acc[1]);
-            head_sums(acc[1], s1);
+            ss_mmas(buf, j + 1, 1 - buf, s0, s1);
             write_keys(s0, s1, j * SCORE_TILE, buf);
         };
         int j = j_first;
@@ -984,16 +990,7 @@ __device__ __forceinline__ void score_tile_wgmma(
                 load_a(af, slot, 0);
                 fp8a_tile(af, j, slot, next, s0, s1);
             } else {
-                wgmma_fence();
-                issue(acc[0], slot, 0);
-                issue(acc[1], slot, 1);
-                stage(j + NBUF - 1, next);
-                wgmma_wait<1>();
-                wgmma_fence_operands(acc[0]);
-                head_sums(acc[0], s0);
-                wgmma_wait<0>();
-                wgmma_fence_operands(acc[1]);
-                head_sums(acc[1], s1);
+                ss_mmas(slot, j + NBUF - 1, next, s0, s1);
             }
             write_keys(s0, s1, n0, slot, sc);
             slot = slot + 1 == NBUF ? 0 : slot + 1;
