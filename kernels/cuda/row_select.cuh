@@ -1090,28 +1090,49 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
         }
     }
 
-    // in-order pass: slots by ballot, ties at thr to the lowest indices
+    if (k <= 0) thr = 0xFFFFFFFFu, need = 0;  // nothing is kept (below: pstar = -1)
+
+    // Where only `need` of the keys equal to thr are kept, the last kept one is the need-th of
+    // them in position order (32 j + lane): pstar, its position, found once from the ties' masks
+    // (each lane's as bits over its steps, transposed to one step per lane) instead of counting
+    // the ties before each item in the pass, which chained every step to the one before
+    // (bench/NOTES.md, session 35)
+    int pstar = 0x7FFFFFFF;
+    if (need != 0x7FFFFFFF) {
+        pstar = -1;
+        if (need > 0) {
+            u32 eq_bits = 0u;  // bit j: key[j] == thr
+#pragma unroll
+            for (int j = 0; j < R; ++j) eq_bits |= (u32)(key[j] == thr) << j;
+            const u32 step_ties = transpose_bits32(eq_bits);  // lane j: step j's ties, bit l = lane l
+            const int n_ties = __popc(step_ties);
+            const int through = warp_inclusive_scan(n_ties);  // ties in steps 0..lane
+            const int js = __ffs(__ballot_sync(0xFFFFFFFFu, through >= need)) - 1;  // need <= the ties
+            u32 bits = __shfl_sync(0xFFFFFFFFu, step_ties, js);
+            const int r = need - __shfl_sync(0xFFFFFFFFu, through - n_ties, js);  // r-th tie of step js
+            for (int i = 1; i < r; ++i) bits &= bits - 1u;
+            pstar = 32 * js + __ffs(bits) - 1;
+        }
+    }
+
+    // in-order pass: each item selected by its key and position alone (thr >= 1 excludes
+    // HISA_KEY_NONE); slots by ballot. Exactly n_out items are selected, so a lane's word is the
+    // step's selection mask
     const int n_out = min(k, n_valid);
     const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
     const u32 lower = (1u << lane) - 1u;
-    int base = 0, eq_before = 0;
+    const int cut = pstar - lane;  // 32 j + lane <= pstar
+    int base = 0;
     u32 word = 0u;  // lane l: the row's emitted items 32 l + [0, 32) as bits
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         const u32 kj = key[j];
-        const bool eq = kj == thr && kj != HISA_KEY_NONE;
-        const u32 eq_mask = __ballot_sync(0xFFFFFFFFu, eq);
-        const bool sel = kj != HISA_KEY_NONE && (kj > thr || (eq && eq_before + __popc(eq_mask & lower) < need));
+        const bool sel = kj > thr || (kj == thr && 32 * j <= cut);
         const u32 sel_mask = __ballot_sync(0xFFFFFFFFu, sel);
         const int slot = base + __popc(sel_mask & lower);
-        const bool out = sel && slot < n_out;
-        if (out) emit_item<SRC, MAP>(a, row, t, rel, slot, 32 * j + lane);
-        if (unions != nullptr) {
-            const u32 out_mask = __ballot_sync(0xFFFFFFFFu, out);
-            if (lane == j) word = out_mask;
-        }
+        if (sel && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, 32 * j + lane);
+        if (lane == j) word = sel_mask;
         base += __popc(sel_mask);
-        eq_before += __popc(eq_mask);
     }
     pad_row<SRC>(a, row, n_out + lane, 32);
     if (unions != nullptr) write_pair_record(unions, t, r_in, rows, a.k, grouped != 0, word);
