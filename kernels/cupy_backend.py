@@ -88,6 +88,11 @@ POOL_BATCHES = (16, 32, 64)
 #: token group; rows of D * itemsize bytes a multiple of 16, 16-byte aligned, D <= 128) where the
 #: keys allow it; False: pool_kernel (one thread per dimension, POOL_BATCH) always
 POOL_VEC = True
+#: pool_vec_kernel with its row width and block size fixed at compile time where both are
+#: POOL_FIXED_SIZE (its vector and group indices and row addresses constants, a whole block's
+#: rounds unguarded; the same sums in the same order): 2 fixes D and B, 1 fixes D only, 0 neither
+POOL_FIXED = 2
+POOL_FIXED_SIZE = 128
 #: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
 #: and more q staging. Whole pairs per CTA at T = 1024 measured best on an H200 (1 and 2 give them
 #: there): hisa at T = 1024 0.531 -> 0.497 ms (128K), 0.493 -> 0.442 (64K), 0.445 -> 0.420 (32K)
@@ -365,7 +370,8 @@ def kernel_instances():
     Used by the CPU test that compiles every source with nvcc for sm_80, sm_90 and sm_90a.
     """
     out = [("pool.cu", f"pool_kernel<{dt}, {p}, {b}>") for dt in range(4) for p in range(3) for b in POOL_BATCHES]
-    out += [("pool.cu", f"pool_vec_kernel<{dt}, {p}>") for dt in range(4) for p in range(3)]
+    out += [("pool.cu", f"pool_vec_kernel<{dt}, {p}{fixed}>") for dt in range(4) for p in range(3)
+            for fixed in ("", f", {POOL_FIXED_SIZE}", f", {POOL_FIXED_SIZE}, {POOL_FIXED_SIZE}")]
     for engine, qdt, kdt in [(ENGINE_SIMT, DT_F32, DT_F32), (ENGINE_BF16, DT_BF16, DT_BF16),
                              (ENGINE_F16, DT_F16, DT_F16), (ENGINE_E4M3, DT_E4M3, DT_E4M3),
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_SIMT, DT_F16, DT_BF16)]:
@@ -1271,7 +1277,7 @@ def _knobs():
     """The module settings the plans depend on (tests and bench/ flip them at run time)."""
     return (USE_WGMMA, FP8_TENSOR_ACCUMULATE, MAX_ROWS_PER_CTA, USE_UNION_PAIRS, REFINE_WORKSPACE_BYTES,
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
-            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, USE_PDL,
+            SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES)
 
@@ -1293,7 +1299,10 @@ def _pool_plan(k, pool_dtype, S, D, block_size):
     """(name, grid, block, (S, D, B) as arguments) of the pooling launch."""
     nb = -(-S // block_size)
     if _pool_vec(k, D):
-        return (f"pool_vec_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}>", (nb,), (128,),
+        fixed = ""
+        if POOL_FIXED >= 1 and D == POOL_FIXED_SIZE:
+            fixed = f", {D}, {block_size}" if POOL_FIXED >= 2 and block_size == POOL_FIXED_SIZE else f", {D}"
+        return (f"pool_vec_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}{fixed}>", (nb,), (128,),
                 (_i32(S), _i32(D), _i32(block_size)))
     if POOL_BATCH not in POOL_BATCHES:
         raise ValueError(f"cupy backend: POOL_BATCH must be one of {POOL_BATCHES}, got {POOL_BATCH}")
@@ -1492,7 +1501,7 @@ def _pool_keys(k, k_scale, block_size, pool_dtype, out, out_scale, em=None):
         pscale = out_scale if out_scale is not None else _cupy().empty((nb,), dtype=np.float32)
     if nb == 0:
         return pooled, pscale
-    key = ("pool", k.dtype, pool_dtype, S, D, block_size, POOL_BATCH, _pool_vec(k, D))
+    key = ("pool", k.dtype, pool_dtype, S, D, block_size, POOL_BATCH, _pool_vec(k, D), POOL_FIXED)
     plan = _plans.get(key)
     if plan is None:
         plan = _keep_plan(key, _pool_plan(k, pool_dtype, S, D, block_size))

@@ -143,6 +143,51 @@ def test_pool_vec_general_inputs(cuda_device, monkeypatch, launched_kernels, dty
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_fixed_shape_same_bits(cuda_device, monkeypatch, launched_kernels, dtype):
+    # pool_vec_kernel with D and B fixed at compile time (POOL_FIXED 2: D = B = 128, a whole
+    # block's rounds unguarded; 1: D only) takes the same sums in the same order as the generic
+    # instance (0): the same bits on random keys and scales (sums not exact), with a partial last
+    # block (1000 = 7 * 128 + 104); and the reference's bits on exact inputs
+    import ml_dtypes
+
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "POOL_VEC", True)
+    rng = np.random.default_rng(6)
+    np_dtype = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype)
+    keys = (4 * rng.standard_normal((1000, 128))).astype(np.float32).astype(np_dtype)
+    ksc = (rng.random(1000) + 0.5).astype(np.float32)
+    exact = testing.exact_inputs(8, 1000, 32, 128, dtype=dtype, seed=3, ragged=True)
+    for pool in ("bfloat16", "float32", "float8_e4m3fn"):
+        for block_size in (128, 64):
+            got = {}
+            for fixed in (0, 1, 2):
+                monkeypatch.setattr(cupy_backend, "POOL_FIXED", fixed)
+                launched_kernels.clear()
+                pooled, pscale = hisa_cupy.pool_keys(to_torch(keys), k_scale=to_torch(ksc), block_size=block_size,
+                                                     pool_dtype=pool, backend="cupy")
+                (name,) = launched_kernels
+                code = cupy_backend.POOL_CODES[pool]
+                want = {0: f", {code}>", 1: f", {code}, 128>", 2: f", {code}, 128, {block_size}>"}[fixed]
+                if fixed == 2 and block_size != 128:
+                    want = f", {code}, 128>"  # B is fixed only where it is 128
+                assert name.startswith("pool_vec_kernel<") and name.endswith(want), (fixed, name)
+                got[fixed] = (to_np(pooled).view(np.uint8), None if pscale is None else to_np(pscale))
+                if fixed == 2:
+                    ep, es = hisa_cupy.pool_keys(to_torch(exact["k"]), k_scale=to_torch(exact["k_scale"]),
+                                                 block_size=block_size, pool_dtype=pool, backend="cupy")
+                    rp, rs = reference.pool_keys(exact["k"], exact["k_scale"], block_size=block_size, pool_dtype=pool)
+                    np.testing.assert_array_equal(to_np(ep).view(np.uint8), rp.view(np.uint8))
+                    if pool == "float8_e4m3fn":
+                        np.testing.assert_array_equal(to_np(es), rs)
+            for fixed in (1, 2):
+                msg = f"POOL_FIXED={fixed} B={block_size} {pool}"
+                np.testing.assert_array_equal(got[fixed][0], got[0][0], err_msg=msg)
+                if pool == "float8_e4m3fn":
+                    np.testing.assert_array_equal(got[fixed][1], got[0][1], err_msg=msg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pool", ["bfloat16", "float32", "float8_e4m3fn"])
 def test_stages_exact(cuda_device, dtype, pool):
     inp = testing.exact_inputs(32, 1000, 32, 64, dtype=dtype, seed=7, ragged=True)  # partial last block
