@@ -22,16 +22,9 @@ import argparse
 
 import numpy as np
 
+from hisa_cupy.testing import score_keys
+
 NBINS = 2048
-
-
-def ranking_keys(scores: np.ndarray) -> np.ndarray:
-    """common.cuh's score_key for float32 scores (larger key ranks higher; NaN -> 1; -0 == +0)."""
-    u = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).copy()
-    u[u == 0x80000000] = 0
-    keys = u ^ ((u.astype(np.int32) >> 31).astype(np.uint32) | np.uint32(0x80000000))
-    keys[np.isnan(scores)] = 1
-    return keys.astype(np.uint64)
 
 
 def _bin_of_rank(counts: np.ndarray, r: int) -> tuple[int, int]:
@@ -96,7 +89,7 @@ def sample_rows(S: int, T: int, m: int, B: int, k: int, nrows: int, kind: str, s
         scores = reference.token_scores(w.q[t:t + 1], w.k[toks], w.weights[t:t + 1], w.k_scale[toks])[0]
         if len(scores) <= k:
             continue
-        out.append((key_bit_levels(ranking_keys(scores), k), linear_bin_size(scores, k)))
+        out.append((key_bit_levels(score_keys(scores), k), linear_bin_size(scores, k)))
     return out
 
 

@@ -7,6 +7,8 @@
 * :func:`assert_selection_equivalent` is the SPEC §9 tolerance-aware check for general inputs.
 * :func:`to_numpy` turns NumPy / PyTorch / JAX / CuPy arrays into host NumPy arrays (bf16 and
   fp8 framework dtypes become ``ml_dtypes`` arrays).
+* :func:`score_keys` gives the kernels' uint32 ranking keys of float32 scores, for tests and
+  bench/ tools that reason about the selects' key bits.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ __all__ = [
     "assert_selection_equal",
     "assert_values_identical",
     "assert_selection_equivalent",
+    "score_keys",
 ]
 
 EXACT_VALUES = np.array([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=np.float32)
@@ -340,3 +343,20 @@ def assert_selection_equivalent(actual, expected, scores, *, ks=None, index_base
     if problems:
         head = f"{prefix}selections not equivalent in {len(problems)} row(s) (rtol={rtol}, atol={atol})"
         raise AssertionError("\n".join([head] + problems[:8]))
+
+
+# --------------------------------------------------------------------------------------------
+# ranking keys
+# --------------------------------------------------------------------------------------------
+def score_keys(scores) -> np.ndarray:
+    """The kernels' ranking keys (common.cuh ``score_key``) of float32 ``scores``, any shape, as uint32.
+
+    A larger key ranks higher, in SPEC §3 order: ``-0.0`` and ``+0.0`` get the same key, NaN gets
+    1 (below every number, -inf included), a score >= 0 its bits with the sign bit set, a negative
+    one its bits inverted. Key 0 (``HISA_KEY_NONE``, not a candidate) is never produced.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    u = s.view(np.uint32).astype(np.uint64)
+    u = np.where(u == 0x80000000, 0, u)
+    key = np.where(u >> 31 == 1, ~u & 0xFFFFFFFF, u | 0x80000000)
+    return np.where(np.isnan(s), 1, key).astype(np.uint32)

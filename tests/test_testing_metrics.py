@@ -265,3 +265,21 @@ def test_metrics_match_python_sets():
 def test_metrics_shape_mismatch_raises():
     with pytest.raises(ValueError):
         metrics.iou(np.zeros((2, 3), I32), np.zeros((3, 3), I32))
+
+
+def test_score_keys_rank_like_the_reference():
+    # the kernels' ranking keys: by key descending, then position, the order is SPEC §3's
+    # (reference.rank_order): -0.0 == +0.0, NaN below -inf, ties by position; key 0 never produced
+    from hisa_cupy import reference
+    from hisa_cupy.testing import score_keys
+
+    specials = np.array([np.nan, -np.inf, -2.0, -0.0, 0.0, 1e-30, -1e-45, 3.0, np.inf, np.nan, 0.0, -2.0], np.float32)
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([specials, np.round(rng.standard_normal(500), 1).astype(np.float32),
+                             rng.standard_normal(500).astype(np.float32)])
+    keys = score_keys(scores)
+    assert keys.dtype == np.uint32 and keys.shape == scores.shape and keys.min() >= 1
+    assert keys[0] == 1 and keys[3] == keys[4] == 0x80000000 and keys[6] == 0x7FFFFFFE  # -1e-45: bits 0x80000001
+    order = np.lexsort((np.arange(len(scores)), -keys.astype(np.int64)))
+    np.testing.assert_array_equal(order, reference.rank_order(scores))
+    assert score_keys(specials.reshape(3, 4)).shape == (3, 4)

@@ -432,14 +432,6 @@ def test_dense_filtered(cuda_device, monkeypatch, launched_kernels, order):
                     assert not failed.any(), f"rows rescued: {np.flatnonzero(failed)}"
 
 
-def _score_keys(s):
-    # SPEC ranking keys of fp32 scores (common.cuh, score_key): NaN 1, -0.0 as +0.0, order kept
-    u = np.asarray(s, np.float32).view(np.uint32).astype(np.uint64)
-    u = np.where(u == 0x80000000, 0, u)
-    key = np.where(u >> 31 == 1, ~u & 0xFFFFFFFF, u | 0x80000000)
-    return np.where(np.isnan(s), 1, key).astype(np.uint32)
-
-
 def _refine_rows(rng, R, n):
     """R rows of n candidate scores, each of its own kind, and each candidate's mask (False: not a
     candidate, HISA_KEY_NONE): distributions whose keys crowd few bins by key bits or by value."""
@@ -503,7 +495,7 @@ def _check_refine_keys(rng, kinds, scores, mask, m, B, k, order):
     R, n = scores.shape
     nb = 2 * m
     S = nb * B
-    keys = np.where(mask, _score_keys(scores), 0).astype(np.uint32)
+    keys = np.where(mask, testing.score_keys(scores), 0).astype(np.uint32)
     blocks = np.stack([np.sort(rng.choice(nb, m, replace=False)) for _ in range(R)]).astype(np.int32)
     ks = rng.integers(0, S // 2, R).astype(np.int32)
     ke = np.full(R, S, np.int32)
