@@ -88,10 +88,10 @@ POOL_BATCHES = (16, 32, 64)
 #: token group; rows of D * itemsize bytes a multiple of 16, 16-byte aligned, D <= 128) where the
 #: keys allow it; False: pool_kernel (one thread per dimension, POOL_BATCH) always
 POOL_VEC = True
-#: pool_vec_kernel with its row width and block size fixed at compile time where both are
-#: POOL_FIXED_SIZE (its vector and group indices and row addresses constants, a whole block's
-#: rounds unguarded; the same sums in the same order): 2 fixes D and B, 1 fixes D only, 0 neither
-POOL_FIXED = 2
+#: pool_vec_kernel with its row width fixed at compile time where D is POOL_FIXED_SIZE (its vector
+#: and group indices, row addresses and groups' sum constants or unrolled; the same sums in the
+#: same order); False: the generic instance
+POOL_FIXED = True
 POOL_FIXED_SIZE = 128
 #: CTAs per SM that a score launch's tile split aims for (_tiles_per_cta): more means shorter CTAs
 #: and more q staging. Whole pairs per CTA at T = 1024 measured best on an H200 (1 and 2 give them
@@ -371,7 +371,7 @@ def kernel_instances():
     """
     out = [("pool.cu", f"pool_kernel<{dt}, {p}, {b}>") for dt in range(4) for p in range(3) for b in POOL_BATCHES]
     out += [("pool.cu", f"pool_vec_kernel<{dt}, {p}{fixed}>") for dt in range(4) for p in range(3)
-            for fixed in ("", f", {POOL_FIXED_SIZE}", f", {POOL_FIXED_SIZE}, {POOL_FIXED_SIZE}")]
+            for fixed in ("", f", {POOL_FIXED_SIZE}")]
     for engine, qdt, kdt in [(ENGINE_SIMT, DT_F32, DT_F32), (ENGINE_BF16, DT_BF16, DT_BF16),
                              (ENGINE_F16, DT_F16, DT_F16), (ENGINE_E4M3, DT_E4M3, DT_E4M3),
                              (ENGINE_BF16, DT_E4M3, DT_BF16), (ENGINE_SIMT, DT_F16, DT_BF16)]:
@@ -1299,9 +1299,7 @@ def _pool_plan(k, pool_dtype, S, D, block_size):
     """(name, grid, block, (S, D, B) as arguments) of the pooling launch."""
     nb = -(-S // block_size)
     if _pool_vec(k, D):
-        fixed = ""
-        if POOL_FIXED >= 1 and D == POOL_FIXED_SIZE:
-            fixed = f", {D}, {block_size}" if POOL_FIXED >= 2 and block_size == POOL_FIXED_SIZE else f", {D}"
+        fixed = f", {D}" if POOL_FIXED and D == POOL_FIXED_SIZE else ""
         return (f"pool_vec_kernel<{_dt_code(k)}, {POOL_CODES[pool_dtype]}{fixed}>", (nb,), (128,),
                 (_i32(S), _i32(D), _i32(block_size)))
     if POOL_BATCH not in POOL_BATCHES:

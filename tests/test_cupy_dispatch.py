@@ -82,7 +82,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     # the f16 engine reads the e4m3 keys as they are (converted in registers: no copy launched)
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
-    assert fake.names() == ["pool_vec_kernel<0, 1, 128, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+    assert fake.names() == ["pool_vec_kernel<0, 1, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                             "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
@@ -367,7 +367,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
         res = hisa_cupy.hisa_select(q, k, w, k_scale=ksc, ks=ks, ke=ke, block_size=128, block_topk=8, topk=512,
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
-        assert fake.names() == ["pool_vec_kernel<0, 1, 128, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+        assert fake.names() == ["pool_vec_kernel<0, 1, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
                                 "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
@@ -527,17 +527,12 @@ def test_pool_vec_where_the_keys_allow_it(monkeypatch):
 
     k = pointer_array((1000, 128), np.uint8)
     launch = pool(k)
-    # D = B = 128 (POOL_FIXED_SIZE): both fixed at compile time (POOL_FIXED = 2), still passed
-    assert launch.name == "pool_vec_kernel<0, 1, 128, 128>" and launch.grid == (8,) and launch.block == (128,)
+    # D = 128 (POOL_FIXED_SIZE): fixed at compile time (POOL_FIXED), still passed
+    assert launch.name == "pool_vec_kernel<0, 1, 128>" and launch.grid == (8,) and launch.block == (128,)
     assert [_value(x) for x in launch.args[2:5]] == [1000, 128, 128]
-    fake.launches.clear()
-    cb.pool_keys(k, None, block_size=64, pool_dtype="bfloat16", stream=0)  # B = 64: D alone
-    assert fake.names() == ["pool_vec_kernel<0, 1, 128>"]
-    monkeypatch.setattr(cb, "POOL_FIXED", 1)
-    assert pool(k).name == "pool_vec_kernel<0, 1, 128>"
-    monkeypatch.setattr(cb, "POOL_FIXED", 0)
+    monkeypatch.setattr(cb, "POOL_FIXED", False)
     assert pool(k).name == "pool_vec_kernel<0, 1>"
-    monkeypatch.setattr(cb, "POOL_FIXED", 2)
+    monkeypatch.setattr(cb, "POOL_FIXED", True)
     assert pool(pointer_array((1000, 64), np.uint16), "float8_e4m3fn").name == "pool_vec_kernel<1, 2>"
     assert pool(pointer_array((1000, 32), np.float32), "float32").name == "pool_vec_kernel<3, 0>"
     assert pool(pointer_array((1000, 40), np.uint8)).name == "pool_kernel<0, 1, 16>"  # 40-byte rows
@@ -547,11 +542,11 @@ def test_pool_vec_where_the_keys_allow_it(monkeypatch):
     unaligned = base[off:off + 1000 * 128].reshape(1000, 128)
     assert unaligned.data.ptr % 16 == 8
     assert pool(unaligned).name == "pool_kernel<0, 1, 16>"
-    assert pool(k).name == "pool_vec_kernel<0, 1, 128, 128>"  # the aligned plan is still there
+    assert pool(k).name == "pool_vec_kernel<0, 1, 128>"  # the aligned plan is still there
     monkeypatch.setattr(cb, "POOL_VEC", False)
     assert pool(k).name == "pool_kernel<0, 1, 16>"
     assert ("pool.cu", "pool_vec_kernel<0, 2>") in cb.kernel_instances()
-    assert ("pool.cu", "pool_vec_kernel<1, 2, 128, 128>") in cb.kernel_instances()
+    assert ("pool.cu", "pool_vec_kernel<1, 2, 128>") in cb.kernel_instances()
 
 
 def test_every_knob_is_documented():

@@ -7,8 +7,8 @@
 //   block in flight at once (thread i: vector i % V of tokens i / V, + G, ...), partial sums per
 //   token group, then the groups added in group order per dimension. The order of the sum differs
 //   from the token order, which SPEC §9 allows (exact inputs: every order gives the same sum).
-//   Rows of D * EB bytes, a multiple of 16, 16-byte aligned; D <= 128. Instances with D and B
-//   fixed at compile time (DFIX, BFIX; cupy_backend.POOL_FIXED) take the same sums in the same order.
+//   Rows of D * EB bytes, a multiple of 16, 16-byte aligned; D <= 128. Instances with D fixed at
+//   compile time (DFIX; cupy_backend.POOL_FIXED) take the same sums in the same order.
 // * pool_kernel: one thread per dimension, the sum in token order, loads batched BATCH tokens at
 //   a time so that they overlap (cupy_backend.POOL_BATCH); any D, any alignment.
 #include "common.cuh"
@@ -127,9 +127,8 @@ __device__ __forceinline__ void vec_values(const uint4& x, float (&f)[VE]) {
 }
 
 // One round of pool_vec_kernel's loop: tokens s, s + G, ..., s + (U - 1) G of a thread's group
-// (U loads in flight, then their sums into part, in token order). GUARD: tokens at or past s1 are
-// skipped (the block's last round, or a short last block); else every token is below s1.
-template <int KDT, int VE, int U, bool GUARD>
+// (U loads in flight, then their sums into part, in token order); tokens at or past s1 are skipped.
+template <int KDT, int VE, int U>
 __device__ __forceinline__ void pool_vec_round(const uint4* rows, const float* __restrict__ kscale, int s, int s1,
                                                int G, int V, int v, float (&part)[VE]) {
     uint4 x[U];
@@ -137,13 +136,13 @@ __device__ __forceinline__ void pool_vec_round(const uint4* rows, const float* _
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int t = s + u * G;
-        const bool in = !GUARD || t < s1;
+        const bool in = t < s1;
         x[u] = in ? __ldg(rows + (long long)t * V + v) : make_uint4(0u, 0u, 0u, 0u);
         c[u] = in ? (kscale ? __ldg(kscale + t) : 1.0f) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        if (!GUARD || s + u * G < s1) {
+        if (s + u * G < s1) {
             float f[VE];
             vec_values<KDT, VE>(x[u], f);
 #pragma unroll
@@ -152,18 +151,18 @@ __device__ __forceinline__ void pool_vec_round(const uint4* rows, const float* _
     }
 }
 
-// DFIX, BFIX (0: as given at run time): D and B fixed at compile time (cupy_backend._pool_plan
-// passes 128, 128 where D and B are 128), so that the vector and group indices and the row
-// addresses are constants and a whole block's rounds (BFIX / (U G) of them) run unguarded; the
-// same sums in the same order either way
-template <int KDT, int POOL, int DFIX = 0, int BFIX = 0>
+// DFIX (0: as given at run time): D fixed at compile time (cupy_backend._pool_plan passes 128
+// where D is 128), so that the vector and group indices, the row addresses and the groups' sum are
+// constants or unrolled: 10.6 -> 7.7 us at 128K keys on an H200, where the index, address and
+// guard work had been over half of the kernel's instructions (bench/NOTES.md, session 35). B fixed
+// as well (128: a whole block's rounds unguarded, a second copy of the loop) was no faster (7.85 us)
+template <int KDT, int POOL, int DFIX = 0>
 __global__ void __launch_bounds__(POOL_VEC_THREADS, 8) pool_vec_kernel(const void* __restrict__ k,
                                                                    const float* __restrict__ kscale, int S, int D_arg,
-                                                                   int B_arg, void* __restrict__ pooled,
+                                                                   int B, void* __restrict__ pooled,
                                                                    float* __restrict__ pscale) {
     grid_dependency_sync();
-    static_assert(BFIX == 0 || DFIX != 0, "BFIX needs DFIX (the group count)");
-    const int D = DFIX ? DFIX : D_arg, B = BFIX ? BFIX : B_arg;
+    const int D = DFIX ? DFIX : D_arg;
     constexpr int EB = KDT == DT_E4M3 ? 1 : (KDT == DT_F32 ? 4 : 2);
     constexpr int VE = 16 / EB;  // elements per vector
     constexpr int U = EB == 1 ? 4 : 8;  // tokens a thread loads before it adds them (64 registers)
@@ -179,15 +178,7 @@ __global__ void __launch_bounds__(POOL_VEC_THREADS, 8) pool_vec_kernel(const voi
 #pragma unroll
     for (int e = 0; e < VE; ++e) part[e] = 0.0f;
     if (g < G) {
-        constexpr int ROUNDS = DFIX ? BFIX / (U * (POOL_VEC_THREADS / (DFIX / VE))) : 0;
-        static_assert(BFIX == 0 || (ROUNDS >= 1 && BFIX % (U * (POOL_VEC_THREADS / (DFIX / VE))) == 0),
-                      "BFIX: whole rounds");
-        if (BFIX != 0 && s1 - s0 == BFIX) {
-#pragma unroll
-            for (int r = 0; r < ROUNDS; ++r) pool_vec_round<KDT, VE, U, false>(rows, kscale, s0 + g + r * U * G, s1, G, V, v, part);
-        } else {
-            for (int s = s0 + g; s < s1; s += U * G) pool_vec_round<KDT, VE, U, true>(rows, kscale, s, s1, G, V, v, part);
-        }
+        for (int s = s0 + g; s < s1; s += U * G) pool_vec_round<KDT, VE, U>(rows, kscale, s, s1, G, V, v, part);
 #pragma unroll
         for (int e = 0; e < VE; ++e) sPart[g * D + v * VE + e] = part[e];
     }

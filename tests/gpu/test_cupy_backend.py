@@ -144,10 +144,9 @@ def test_pool_vec_general_inputs(cuda_device, monkeypatch, launched_kernels, dty
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_fixed_shape_same_bits(cuda_device, monkeypatch, launched_kernels, dtype):
-    # pool_vec_kernel with D and B fixed at compile time (POOL_FIXED 2: D = B = 128, a whole
-    # block's rounds unguarded; 1: D only) takes the same sums in the same order as the generic
-    # instance (0): the same bits on random keys and scales (sums not exact), with a partial last
-    # block (1000 = 7 * 128 + 104); and the reference's bits on exact inputs
+    # pool_vec_kernel with D fixed at compile time (POOL_FIXED, D = 128) takes the same sums in the
+    # same order as the generic instance: the same bits on random keys and scales (sums not exact),
+    # with a partial last block (1000 = 7 * 128 + 104); and the reference's bits on exact inputs
     import ml_dtypes
 
     from hisa_cupy.kernels import cupy_backend
@@ -161,30 +160,27 @@ def test_pool_fixed_shape_same_bits(cuda_device, monkeypatch, launched_kernels, 
     for pool in ("bfloat16", "float32", "float8_e4m3fn"):
         for block_size in (128, 64):
             got = {}
-            for fixed in (0, 1, 2):
+            for fixed in (False, True):
                 monkeypatch.setattr(cupy_backend, "POOL_FIXED", fixed)
                 launched_kernels.clear()
                 pooled, pscale = hisa_cupy.pool_keys(to_torch(keys), k_scale=to_torch(ksc), block_size=block_size,
                                                      pool_dtype=pool, backend="cupy")
                 (name,) = launched_kernels
                 code = cupy_backend.POOL_CODES[pool]
-                want = {0: f", {code}>", 1: f", {code}, 128>", 2: f", {code}, 128, {block_size}>"}[fixed]
-                if fixed == 2 and block_size != 128:
-                    want = f", {code}, 128>"  # B is fixed only where it is 128
+                want = f", {code}, 128>" if fixed else f", {code}>"
                 assert name.startswith("pool_vec_kernel<") and name.endswith(want), (fixed, name)
                 got[fixed] = (to_np(pooled).view(np.uint8), None if pscale is None else to_np(pscale))
-                if fixed == 2:
+                if fixed:
                     ep, es = hisa_cupy.pool_keys(to_torch(exact["k"]), k_scale=to_torch(exact["k_scale"]),
                                                  block_size=block_size, pool_dtype=pool, backend="cupy")
                     rp, rs = reference.pool_keys(exact["k"], exact["k_scale"], block_size=block_size, pool_dtype=pool)
                     np.testing.assert_array_equal(to_np(ep).view(np.uint8), rp.view(np.uint8))
                     if pool == "float8_e4m3fn":
                         np.testing.assert_array_equal(to_np(es), rs)
-            for fixed in (1, 2):
-                msg = f"POOL_FIXED={fixed} B={block_size} {pool}"
-                np.testing.assert_array_equal(got[fixed][0], got[0][0], err_msg=msg)
-                if pool == "float8_e4m3fn":
-                    np.testing.assert_array_equal(got[fixed][1], got[0][1], err_msg=msg)
+            msg = f"B={block_size} {pool}"
+            np.testing.assert_array_equal(got[True][0], got[False][0], err_msg=msg)
+            if pool == "float8_e4m3fn":
+                np.testing.assert_array_equal(got[True][1], got[False][1], err_msg=msg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
