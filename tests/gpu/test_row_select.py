@@ -259,7 +259,8 @@ def test_warp_mode_block_topm_bounded_search(cuda_device, monkeypatch, launched_
         got[warp] = hisa_cupy.select_blocks(q, pooled, wt, ks=ks, ke=ke, block_topk=m, seq_len=S, backend="cupy")
         name = "block_topm_warp_kernel<32>" if warp else "block_topm_regs_kernel"
         assert name in launched_kernels, launched_kernels
-    testing.assert_selection_equal(got[True], testing.to_numpy(got[False]), err_msg=f"{data} m={m}: warp vs register mode")
+    testing.assert_selection_equal(got[True], testing.to_numpy(got[False]),
+                                   err_msg=f"{data} m={m}: warp vs register mode")
     if data == "exact":
         rp, _ = reference.pool_keys(inp["k"], inp["k_scale"])
         rb = reference.select_blocks(inp["q"], rp, inp["weights"], ks=inp["ks"], ke=inp["ke"], block_topk=m,
