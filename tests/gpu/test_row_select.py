@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hisa_cupy
-from hisa_cupy import reference, testing
+from hisa_cupy import reference, testing, workloads
 
 pytestmark = pytest.mark.gpu
 
@@ -232,6 +232,41 @@ def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_
             dense_short = warp and S <= cupy_backend.WARP_SELECT_ITEMS
             assert ("dense_topk_warp_kernel" in launched) == dense_short
             assert ("dense_topk_regs_kernel" in launched) == (not dense_short and reg)
+
+
+@pytest.mark.parametrize("m", [3, 4, 64, 65])
+@pytest.mark.parametrize("data", ["segments", "exact"])
+def test_warp_mode_block_topm_bounded_search(cuda_device, monkeypatch, launched_kernels, m, data):
+    # rows of 1024 blocks: where 3 <= m <= 64 the block top-m's threshold search covers only the
+    # keys between the least of the lanes' second largest keys and the largest key not forced
+    # (row_select_warp's BOUND), at its edges here (m = 3 and 64: every lane's two largest are just
+    # enough) and just past them (m = 4 and 65: the whole range). General scores (segments) against
+    # the register-mode select on the same block scores; exact ones (many ties) against the reference
+    from hisa_cupy.kernels import cupy_backend
+
+    S, T = 131072, 24
+    if data == "segments":
+        w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=m)
+        inp = dict(q=w.q, k=w.k, weights=w.weights, k_scale=w.k_scale, ks=w.ks, ke=w.ke)
+    else:
+        inp = testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=m, ragged=True)
+    q, k, wt, ksc, ks, ke = (testing.to_torch(inp[n]) for n in ("q", "k", "weights", "k_scale", "ks", "ke"))
+    pooled, _ = hisa_cupy.pool_keys(k, k_scale=ksc, backend="cupy")
+    got = {}
+    for warp in (True, False):
+        monkeypatch.setattr(cupy_backend, "WARP_SELECT", warp)
+        launched_kernels.clear()
+        got[warp] = hisa_cupy.select_blocks(q, pooled, wt, ks=ks, ke=ke, block_topk=m, seq_len=S, backend="cupy")
+        name = "block_topm_warp_kernel<32>" if warp else "block_topm_regs_kernel"
+        assert name in launched_kernels, launched_kernels
+    testing.assert_selection_equal(got[True], testing.to_numpy(got[False]),
+                                   err_msg=f"{data} m={m}: warp vs register mode")
+    if data == "exact":
+        rp, _ = reference.pool_keys(inp["k"], inp["k_scale"])
+        rb = reference.select_blocks(inp["q"], rp, inp["weights"], ks=inp["ks"], ke=inp["ke"], block_topk=m,
+                                     seq_len=S)
+        testing.assert_selection_equal(got[True], rb, err_msg=f"exact m={m}")
+    assert (testing.to_numpy(got[True]) >= 0).sum(axis=1).max() == m  # some rows have more than m blocks
 
 
 def test_warp_mode_all_keys_equal(cuda_device, launched_kernels):
