@@ -59,7 +59,11 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel
     row_select_warp<KEYS_U32, MAP_GATHER>(SELECT_ARGS, rows);
 }
 
-__global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
+// the refinement's rows of m * B candidates in register mode, four CTAs per SM (32 registers, 8
+// bytes spilled) rather than REG_SELECT_MIN_CTAS' three: at T = 1024 its 1024 rows then take two
+// waves of 528 CTAs instead of three of 396 (the third 59% full)
+#define REFINE_SELECT_MIN_CTAS 4
+__global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
     row_select_regs<KEYS_U32, MAP_GATHER>(SELECT_ARGS);
 }
