@@ -269,6 +269,37 @@ def test_warp_mode_block_topm_bounded_search(cuda_device, monkeypatch, launched_
     assert (testing.to_numpy(got[True]) >= 0).sum(axis=1).max() == m  # some rows have more than m blocks
 
 
+@pytest.mark.parametrize("m", [35, 64, 96])
+def test_warp_mode_block_topm_bound_edges(cuda_device, launched_kernels, m):
+    # rows of 1024 blocks whose 64 best blocks that are not forced lie two in every lane (blocks
+    # 32..95: lane l holds 32 + l and 64 + l), so the least of the lanes' second largest keys is the
+    # 64th best and only 64 keys (and the two forced blocks) lie at or above it. The bounded search
+    # (row_select_warp's BOUND, 3 <= m <= 64) must hold the threshold inside its range here: with
+    # each lane's largest key instead (m = 35, 64), or the bound used past m = 64 (m = 96), it
+    # does not (m = 35: 34 keys at or above the least of the lanes' largest). Exact scores: q
+    # one-hot, weights 1/64, pooled values on the bf16 grid (ties below the 64 best).
+    import ml_dtypes
+
+    T, H, D, B, nb = 4, 64, 128, 128, 1024
+    v = 1.0 + ((np.arange(nb) * 37) % 128) / 128.0  # [1, 2): many ties
+    v[32:96] = 2.0 + (np.arange(64)[::-1]) / 64.0  # the 64 best, in [2, 3)
+    pooled = np.zeros((nb, D), dtype=np.float32)
+    pooled[:, 0] = v
+    q = np.zeros((T, H, D), dtype=np.float32)
+    q[:, :, 0] = 1.0
+    w = np.full((T, H), 1.0 / 64, dtype=np.float32)
+    ks, ke = np.zeros(T, dtype=np.int32), np.full(T, nb * B, dtype=np.int32)
+    ref = reference.select_blocks(q, pooled, w, ks=ks, ke=ke, block_topk=m, seq_len=nb * B)
+    chosen = set(ref[0].tolist())  # the forced blocks 0 and nb - 1, then the best
+    assert chosen <= set(range(32, 96)) | {0, nb - 1} if m <= 66 else chosen >= set(range(32, 96))
+    got = hisa_cupy.select_blocks(testing.to_torch(q.astype(ml_dtypes.float8_e4m3fn)),
+                                  testing.to_torch(pooled.astype(ml_dtypes.bfloat16)), testing.to_torch(w),
+                                  ks=testing.to_torch(ks), ke=testing.to_torch(ke), block_topk=m, seq_len=nb * B,
+                                  backend="cupy")
+    testing.assert_selection_equal(got, ref, err_msg=f"m={m}")
+    assert "block_topm_warp_kernel<32>" in launched_kernels, launched_kernels
+
+
 def test_warp_mode_all_keys_equal(cuda_device, launched_kernels):
     # zero weights: every score is 0, so a row's smallest and largest keys are equal and warp
     # mode's search ends before its first step; ties keep the lowest positions
