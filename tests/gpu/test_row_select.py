@@ -239,9 +239,9 @@ def test_warp_mode_block_topm_and_short_rows(cuda_device, monkeypatch, launched_
 def test_warp_mode_block_topm_bounded_search(cuda_device, monkeypatch, launched_kernels, m, data):
     # rows of 1024 blocks: where 3 <= m <= 64 the block top-m's threshold search covers only the
     # keys between the least of the lanes' second largest keys and the largest key not forced
-    # (row_select_warp's BOUND), at its edges here (m = 3 and 64: every lane's two largest are just
-    # enough) and just past them (m = 4 and 65: the whole range). General scores (segments) against
-    # the register-mode select on the same block scores; exact ones (many ties) against the reference
+    # (row_select_warp's BOUND): at the ends of that range and inside it (m = 3, 4, 64) and just
+    # past it (m = 65: the whole range). General scores (segments) against the register-mode select
+    # on the same block scores; exact ones (many ties) against the reference
     from hisa_cupy.kernels import cupy_backend
 
     S, T = 131072, 24
