@@ -541,6 +541,38 @@ def test_threshold_levels_sim_finds_the_kth_key():
     assert sim.key_bit_levels(keys, 4000)[-1] == 5000
 
 
+def test_warp_select_sim_keeps_the_top_k():
+    # bench/warp_select_sim.py replays row_select_warp's threshold search: with and without the
+    # block top-m's bound (BOUND: [x, hi] for 3 <= k <= 64) the kept positions are a stable top k
+    # (larger keys first, ties to the lower position) on rows with ties, empty slots and up to two
+    # forced keys, and on rows whose 64 best unforced keys lie two per lane (where a bound from each
+    # lane's largest key, or one used past k = 64, keeps the wrong keys); the block rows carry their
+    # first and last eligible blocks as forced keys
+    sim = _load("warp_select_sim")
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = 32 * int(rng.choice([8, 16, 32]))
+        vals = rng.integers(2, 2 ** 32 - 1, size=n) if trial % 3 else rng.integers(2, 40, size=n)
+        keys = np.where(rng.random(n) < 0.1, sim.KEY_NONE, vals).astype(np.int64)
+        keys[rng.choice(n, size=int(rng.integers(0, 3)), replace=False)] = sim.KEY_FORCED
+        valid = np.nonzero(keys != sim.KEY_NONE)[0]
+        for k in (1, 3, 17, 64, 65, int(rng.integers(1, n))):
+            want = np.sort(valid[np.lexsort((valid, -keys[valid]))][:k])
+            runs = [sim.search(keys, k, bound) for bound in (False, True)]
+            for thr, need, steps in runs:
+                np.testing.assert_array_equal(np.sort(sim.selected(keys, thr, need)), want, err_msg=f"{trial} k={k}")
+    # the bound's edges (as tests/gpu/test_row_select.py's): the 64 best unforced keys two per lane
+    keys = 1000 + (np.arange(1024) * 37) % 128
+    keys[32:96] = 5000 + np.arange(64)[::-1]
+    keys[[0, 1023]] = sim.KEY_FORCED
+    for k in (35, 64, 96):
+        want = np.sort(np.lexsort((np.arange(1024), -keys))[:k])
+        np.testing.assert_array_equal(np.sort(sim.selected(keys, *sim.search(keys, k, True)[:2])), want,
+                                      err_msg=f"edge k={k}")
+    rows = sim.block_rows(4096, 64, 8, 128, 8, "segments", 0)
+    assert len(rows) == 8 and all(len(r) == 32 and (r == sim.KEY_FORCED).sum() <= 2 for r in rows)
+
+
 def test_wgmma_rate_source_compiles_without_spills(tmp_path):
     # bench/wgmma_rate.py's microbenchmark (the engine's MMA chain alone) builds from the engine's
     # own header for sm_90a, every mode without spills; nvcc is on the CI machine
