@@ -22,7 +22,7 @@ import argparse
 
 import numpy as np
 
-from hisa_cupy.testing import score_keys
+from hisa_cupy.testing import add_replay_arguments, score_keys
 
 NBINS = 2048
 
@@ -95,14 +95,8 @@ def sample_rows(S: int, T: int, m: int, B: int, k: int, nrows: int, kind: str, s
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--S", type=int, default=131072)
-    p.add_argument("--T", type=int, default=1024)
-    p.add_argument("--m", type=int, default=64)
-    p.add_argument("--B", type=int, default=128)
+    add_replay_arguments(p, rows=25, rows_help="rows sampled evenly over T")
     p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--rows", type=int, default=25, help="rows sampled evenly over T")
-    p.add_argument("--kind", default="segments")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     res = sample_rows(a.S, a.T, a.m, a.B, a.k, a.rows, a.kind, a.seed)
     print("levels over key bits per row:", [len(lv) for lv, _ in res])

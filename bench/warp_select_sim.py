@@ -25,7 +25,7 @@ import argparse
 
 import numpy as np
 
-from hisa_cupy.testing import score_keys
+from hisa_cupy.testing import add_replay_arguments, score_keys
 
 KEY_NONE = 0
 KEY_FORCED = 0xFFFFFFFF
@@ -97,13 +97,7 @@ def block_rows(S: int, T: int, m: int, B: int, nrows: int, kind: str, seed: int)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--S", type=int, default=131072)
-    p.add_argument("--T", type=int, default=1024)
-    p.add_argument("--m", type=int, default=64)
-    p.add_argument("--B", type=int, default=128)
-    p.add_argument("--rows", type=int, default=256, help="rows sampled at a stride of T // rows")
-    p.add_argument("--kind", default="segments")
-    p.add_argument("--seed", type=int, default=0)
+    add_replay_arguments(p, rows=256, rows_help="rows sampled at a stride of T // rows")
     a = p.parse_args(argv)
     plain, bounded, empty = [], [], []
     for keys in block_rows(a.S, a.T, a.m, a.B, a.rows, a.kind, a.seed):

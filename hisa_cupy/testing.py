@@ -360,3 +360,20 @@ def score_keys(scores) -> np.ndarray:
     u = np.where(u == 0x80000000, 0, u)
     key = np.where(u >> 31 == 1, ~u & 0xFFFFFFFF, u | 0x80000000)
     return np.where(np.isnan(s), 1, key).astype(np.uint32)
+
+
+# --------------------------------------------------------------------------------------------
+# bench/'s CPU replays
+# --------------------------------------------------------------------------------------------
+def add_replay_arguments(parser, *, rows: int, rows_help: str) -> None:
+    """The workload arguments of bench/'s CPU replays of kernel rules on the reference's rows
+    (threshold_levels_sim.py, warp_select_sim.py): ``--S`` keys, ``--T`` queries, ``--m`` blocks
+    kept, ``--B`` block size, ``--rows`` rows sampled (default ``rows``), ``--kind`` workload and
+    ``--seed``; defaults the target-1 shape 128K / 1024, m = 64, B = 128, segments."""
+    parser.add_argument("--S", type=int, default=131072)
+    parser.add_argument("--T", type=int, default=1024)
+    parser.add_argument("--m", type=int, default=64)
+    parser.add_argument("--B", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=rows, help=rows_help)
+    parser.add_argument("--kind", default="segments")
+    parser.add_argument("--seed", type=int, default=0)

@@ -573,6 +573,16 @@ def test_warp_select_sim_keeps_the_top_k():
     assert len(rows) == 8 and all(len(r) == 32 and (r == sim.KEY_FORCED).sum() <= 2 for r in rows)
 
 
+def test_warp_select_sim_main(capsys):
+    # the replay's command line (hisa_cupy.testing.add_replay_arguments, shared with
+    # threshold_levels_sim.py) on a small shape: rows of 128 blocks, 8 kept
+    sim = _load("warp_select_sim")
+    sim.main(["--S", "16384", "--T", "64", "--m", "8", "--rows", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith("rows: 4; search steps per row: mean ") and "select nothing: mean " in out
+    assert out.rstrip().endswith("of 4")  # 128 blocks: four steps of 32
+
+
 def test_wgmma_rate_source_compiles_without_spills(tmp_path):
     # bench/wgmma_rate.py's microbenchmark (the engine's MMA chain alone) builds from the engine's
     # own header for sm_90a, every mode without spills; nvcc is on the CI machine
