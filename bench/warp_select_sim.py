@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         thr, need, steps = search(keys, a.m)
         plain.append(steps)
         bounded.append(search(keys, a.m, bound=True)[2])
-        steps_used = np.unique(selected(keys, thr, need)[:a.m] // 32)
+        steps_used = np.unique(selected(keys, thr, need) // 32)  # min(m, valid keys) of them
         empty.append(len(keys) // 32 - len(steps_used))
     plain, bounded, empty = np.array(plain), np.array(bounded), np.array(empty)
     print(f"rows: {len(plain)}; search steps per row: mean {plain.mean():.1f}, max {plain.max()} "
