@@ -20,7 +20,7 @@ template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
-    grid_dependency_sync();
+    // score_tile_wgmma waits for the pool (grid_dependency_sync) after its q loads
     score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S,
                                                                  B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
@@ -38,6 +38,7 @@ template <int R>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows, int* unions,
                                                                                 int grouped) {
     grid_dependency_sync();
+    grid_dependents_launch();  // the union kernel's CTAs load q while this one wave runs
     row_select_warp<KEYS_U32, MAP_IDENTITY, R, true>(SELECT_ARGS, rows, unions, grouped);
 }
 
