@@ -38,7 +38,6 @@ template <int R>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows, int* unions,
                                                                                 int grouped) {
     grid_dependency_sync();
-    grid_dependents_launch();  // the union kernel's CTAs load q while this one wave runs
     row_select_warp<KEYS_U32, MAP_IDENTITY, R, true>(SELECT_ARGS, rows, unions, grouped);
 }
 

@@ -38,12 +38,13 @@ __device__ __forceinline__ const V* early_loads(const V* p) {
 // exited, and its CTAs wait in grid_dependency_sync on SMs this one leaves free. Triggered by
 // every kernel at its start, the dependents' CTAs took SM room as the first CTAs left and sat
 // there packed, and the latency-bound selects after a big kernel got slower (the filtered top-k's
-// 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). So only one-wave kernels whose
-// dependents do work before they wait, or start as they end, trigger: row_filter.cuh's filtered
-// select (when its launch is a single wave; its dependent the rescue), the pool (the block
-// scores load q meanwhile) and the block top-m (the union kernel loads q meanwhile). The trigger
-// follows the kernel's own grid_dependency_sync, so everything before it in the stream is
-// complete when a dependent's CTA starts. A no-op as above.
+// 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). Two one-wave kernels trigger at
+// their start: row_filter.cuh's filtered select (when its launch is a single wave; its dependent
+// the rescue) and the pool (the block scores' CTAs that fit beside it load q meanwhile and start
+// as it ends: -0.6 to -2.3 us per hisa call on an H200, session 37). The block top-m's trigger
+// was measured and not kept: the union CTAs placed beside it made the union kernel end 3.5 us
+// later at 128K/1024. A trigger follows its kernel's own grid_dependency_sync, so everything
+// before it in the stream is complete when a dependent's CTA starts. A no-op as above.
 __device__ __forceinline__ void grid_dependents_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -278,15 +278,15 @@ __device__ __forceinline__ void head_weights(const float* __restrict__ weights, 
                                              const int (&trow)[ROWS], int lane, float (&wt)[N / 8][2]) {
     if constexpr (EARLY) {
         head_weights<N, H, ROWS>(early_loads(weights), live, trow, lane, wt);
-        return;
+    } else {
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
+                wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
+            }
     }
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
-            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
-        }
 }
 
 // Threshold mode of the dense path (APPEND; dense.cu, dense_score_append_wgmma_kernel): instead of
@@ -419,11 +419,10 @@ __device__ __forceinline__ void score_tile_wgmma(
     // each row's q (PREFETCH; through early_loads, which dense's q must not pass: a pointer that
     // reaches an asm statement loses its read-only loads, and dense's kernel its SASS)
     const char* q_src[ROWS];
-    if constexpr (PREFETCH) {
-        const char* q_early = early_loads(reinterpret_cast<const char*>(q));
+    const char* q_rows = reinterpret_cast<const char*>(q);
+    if constexpr (PREFETCH) q_rows = early_loads(q_rows);
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) q_src[r] = q_early + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
-    }
+    for (int r = 0; r < ROWS; ++r) q_src[r] = q_rows + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
     // q_read: chunk c of the operand row at src (zeros for a row past the end)
     auto q_read = [&](const char* src, int c, bool lv, u32 (&w)[QW]) {
 #pragma unroll
@@ -494,9 +493,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int it = 0; it < QITERS; ++it) q_load(it, qraw[it]);
         head_weights<N, H, ROWS, true>(weights, live, trow, lane, wt);
         // only now does the CTA wait for the kernel before it (common.cuh): q, the head weights
-        // and the row ranges are the call's inputs, and an early-launched CTA (the pool and the
-        // block top-m trigger at their start) has its q loads in flight before that kernel ends.
-        // Dense's kernels wait at their start.
+        // and the row ranges are the call's inputs, so a CTA launched early (the pool triggers
+        // the block scores at its start) has its q loads in flight before that kernel ends; on
+        // the other paths the wait has returned by then. Dense's kernels wait at their start.
         grid_dependency_sync();
     }
     const int nb = (S + B - 1) / B;
