@@ -169,8 +169,8 @@ UNION_TAIL_WAVES = 1.0
 MAX_ROWS_PER_LAUNCH = 65535
 #: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and
 #: later): each kernel's launch is taken in while the one before it on the stream runs, and its
-#: CTAs start as soon as that kernel's have exited (every kernel waits for its predecessor
-#: first: common.cuh, grid_dependency_sync), which takes out most of the ~1.5 us gap between a
+#: CTAs start as soon as that kernel's have exited (every kernel waits for its predecessor before
+#: it reads its output: common.cuh, grid_dependency_sync), which takes out most of the ~1.5 us gap between a
 #: call's kernels. False: plain launches (a knob for bench/ and the GPU tests)
 USE_PDL = True
 

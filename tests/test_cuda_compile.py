@@ -70,23 +70,78 @@ def test_host_constants_match_the_kernels():
     assert int(defines["SELECT_THREADS"]) * int(defines["REG_SELECT_R"]) == cupy_backend.REG_SELECT_ITEMS
 
 
+#: kernels whose body is a call of score_tile_wgmma (score_wgmma.cuh), which waits for the kernel
+#: before them after its q and head-weight loads (the call's inputs), before anything else
+LATE_WAIT_KERNELS = {"block_score_wgmma_kernel", "refine_score_wgmma_kernel", "refine_union_wgmma_kernel"}
+#: kernels that trigger their dependents (grid_dependents_launch, common.cuh) as their second statement
+EARLY_TRIGGER_KERNELS = {"pool_vec_kernel"}
+
+
+def _kernel_bodies(src):
+    """(name, body) of every __global__ function of src, comments taken out, whitespace folded."""
+    import re
+
+    src = re.sub(r"//[^\n]*", "", src)
+    for m in re.finditer(r"__global__ void\b", src):
+        body = src.index("{", m.end())  # the parameter lists hold no braces
+        name = re.search(r"(\w+)\s*\(", src[m.end():body].replace("__launch_bounds__", "")).group(1)
+        depth, end = 0, body
+        for end in range(body, len(src)):
+            depth += {"{": 1, "}": -1}.get(src[end], 0)
+            if depth == 0:
+                break
+        yield name, re.sub(r"[\s\\]+", " ", src[body + 1:end]).strip()
+
+
 def test_every_kernel_waits_for_its_predecessor_first():
     # with programmatic dependent launch (cupy_backend.USE_PDL) a kernel may be scheduled before
     # the kernel before it on the stream has finished; each kernel's first statement is
     # grid_dependency_sync() (common.cuh), which waits for it. A kernel without it would read or
-    # overwrite buffers its predecessor still uses.
+    # overwrite buffers its predecessor still uses. The exceptions call score_tile_wgmma, which
+    # waits right after its q and head-weight loads (test_score_tile_waits_before_its_other_reads).
     import re
 
-    seen = 0
+    seen, late = 0, set()
     for filename in CUDA_FILES:
-        src = cupy_backend.load_source(filename)
-        for m in re.finditer(r"__global__ void\b", src):
-            body = src.index("{", m.end())  # the parameter lists hold no braces
-            first = re.sub(r"[\s\\]+", " ", src[body + 1:body + 200]).strip()
-            name = re.search(r"(\w+)\s*\(", src[m.end():body].replace("__launch_bounds__", "")).group(1)
-            assert first.startswith("grid_dependency_sync();"), f"{filename}: {name} starts with {first[:60]!r}"
+        for name, body in _kernel_bodies(cupy_backend.load_source(filename)):
             seen += 1
+            if name in LATE_WAIT_KERNELS:
+                late.add(name)
+                assert "grid_dependency_sync" not in body, f"{filename}: {name} waits twice"
+                call = body.index("score_tile_wgmma<")
+                before = [st.strip() for st in body[:call].split(";") if st.strip()]  # index arithmetic only
+                assert all(re.match(r"const (int|bool) ", st) and "[" not in st for st in before), (name, before)
+                assert "ITEMS_TOKENS" not in body, f"{filename}: {name}: dense tiles do not wait inside"
+                continue
+            assert body.startswith("grid_dependency_sync();"), f"{filename}: {name} starts with {body[:60]!r}"
+            triggers = body.count("grid_dependents_launch()")
+            if name in EARLY_TRIGGER_KERNELS:
+                assert body.startswith("grid_dependency_sync(); grid_dependents_launch();"), name
+            else:
+                assert triggers == 0 or name.startswith("dense_filtered") or "filtered_select" in body, name
+    assert late == LATE_WAIT_KERNELS
     assert seen >= 27
+
+
+def test_score_tile_waits_before_its_other_reads():
+    # score_tile_wgmma (score_wgmma.cuh) on every path but dense: the row ranges (ks, ke), q and the
+    # head weights are loaded, then grid_dependency_sync(), and only then the keys, the block lists
+    # or the pair records of the kernel before (staged after the union / tile range is worked out)
+    import re
+
+    src = re.sub(r"//[^\n]*", "", cupy_backend.load_source("refine.cu"))
+    fn = src[src.index("__device__ __forceinline__ void score_tile_wgmma("):]
+    wait = fn.index("grid_dependency_sync")
+    prefetch = fn.rindex("if constexpr (PREFETCH) {", 0, wait)
+    block = re.sub(r"\s+", " ", fn[prefetch:fn.index("}", wait) + 1])
+    assert re.fullmatch(r"if constexpr \(PREFETCH\) \{ #pragma unroll for \(int it = 0; it < QITERS; \+\+it\) "
+                        r"q_load\(it, qraw\[it\]\); head_weights<N, H, ROWS, true>\([^;]*\); "
+                        r"grid_dependency_sync\(\); \}", block), block
+    for first_use in ("unions + ", "blocks[", "stage(j_first", "orow(r)[n]", "tile_has_candidate(j, f)"):
+        assert fn.index(first_use) > wait, first_use
+    # q's rows go through early_loads (else ptxas moves their loads past the wait)
+    head = fn[:prefetch]
+    assert "if constexpr (PREFETCH) q_rows = early_loads(q_rows);" in head
 
 
 def test_pdl_launch_structures_match_the_driver():

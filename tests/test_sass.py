@@ -122,3 +122,35 @@ def test_block_scores_descriptors_are_constants(tmp_path):
     _, sass = _compile(tmp_path, "block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>", kinds=("cubin",))
     moves = re.findall(r"\bR2UR\b", sass)
     assert len(moves) <= 24, f"{len(moves)} R2UR in block_score_wgmma_kernel (the descriptors' constant form lost?)"
+
+
+# The wgmma score tiles of the block scores and the refinement wait for the kernel before them
+# (griddepcontrol.wait, ACQBULK in SASS) only after their q and head-weight loads, so that a CTA
+# launched early (the pool and the block top-m trigger their dependents at their start) has them
+# in flight while that kernel runs. ptxas moves read-only loads (ld.global.nc) past the wait: the
+# loads go through early_loads (common.cuh), without which none of them stayed before it. Counts:
+# 64 two-byte q pieces (union: fp8 q, fp8 keys) or 16 eight-byte ones (block scores: fp8 q, bf16
+# pooled keys) per thread, and 32 head weights.
+EARLY_LOADS = [
+    ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>", 64 + 32),
+    ("block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>", 16 + 32),
+]
+
+
+@pytest.mark.parametrize("filename, expr, loads", EARLY_LOADS)
+def test_score_tiles_load_q_before_they_wait(tmp_path, filename, expr, loads):
+    _, sass = _compile(tmp_path, filename, expr, kinds=("cubin",))
+    waits = [m.start() for m in re.finditer(r"\bACQBULK\b", sass)]
+    assert len(waits) == 1, f"{expr}: {len(waits)} griddepcontrol.wait"
+    before = re.findall(r"\bLDG?\.E\b", sass[:waits[0]])
+    assert len(before) >= loads, f"{expr}: {len(before)} global loads before the wait, {loads} expected"
+
+
+# The pool's early trigger (griddepcontrol.launch_dependents, PREEXIT in SASS) follows its own
+# wait: the block scores' CTAs may then load the call's inputs at once (the score tiles above),
+# since every kernel before the pool on the stream has completed.
+def test_pool_triggers_after_its_wait(tmp_path):
+    filename, expr = "pool.cu", "pool_vec_kernel<0, 1, 128>"
+    _, sass = _compile(tmp_path, filename, expr, kinds=("cubin",))
+    wait, trigger = sass.find("ACQBULK"), sass.find("PREEXIT")
+    assert 0 <= wait < trigger, f"{expr}: wait at {wait}, trigger at {trigger}"

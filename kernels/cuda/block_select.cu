@@ -20,7 +20,7 @@ template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
 __global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
-    grid_dependency_sync();
+    // score_tile_wgmma waits for the pool (grid_dependency_sync) after its q loads
     score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S,
                                                                  B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }

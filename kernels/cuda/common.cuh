@@ -11,23 +11,40 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // Programmatic dependent launch (sm_90 and later; cupy_backend.USE_PDL): the host launches a
-// call's kernels with the programmatic-serialization attribute. Every kernel calls this first:
-// it waits until the grids it depends on have completed and their writes are visible (so it
-// sees exactly what stream order gives it, and nothing it writes can race a reader before it).
-// Kernels do not trigger their dependents early (griddepcontrol.launch_dependents), so the next
-// kernel is scheduled once this one's CTAs have all exited: triggered at the start, the
-// dependents' CTAs took SM room as the first CTAs left and sat there packed (the filtered
-// top-k's 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). A no-op for a launch
-// without the attribute, and below sm_90.
+// call's kernels with the programmatic-serialization attribute. A kernel calls this before it
+// reads anything an earlier kernel of the stream writes, and before it writes anything: it waits
+// until the grids it depends on have completed and their writes are visible (so it sees exactly
+// what stream order gives it, and nothing it writes can race a reader before it). Most kernels
+// call it first; the wgmma score tiles of the block scores and the refinement (score_wgmma.cuh)
+// call it after their q and head-weight loads, which read only the call's inputs. A no-op for a
+// launch without the attribute, and below sm_90.
 __device__ __forceinline__ void grid_dependency_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 
-// The one early trigger (row_filter.cuh's filtered select, when its launch is a single wave): its
-// dependent, the rescue, is launched at once and its CTAs wait in grid_dependency_sync on SMs
-// the select leaves free, so they start as the select ends. A no-op as above.
+// A pointer to a call's input whose loads are to be issued before the kernel waits (a
+// grid_dependency_sync after them): ptxas moves read-only loads (ld.global.nc, which nvcc emits
+// for a __restrict__ const pointer) past griddepcontrol.wait and keeps plain ones before it. The
+// opaque move hides where p came from, so its loads are plain ones.
+template <typename V>
+__device__ __forceinline__ const V* early_loads(const V* p) {
+    asm("mov.b64 %0, %0;" : "+l"(p));
+    return p;
+}
+
+// An early trigger: the next kernel is launched now rather than when this grid's CTAs have all
+// exited, and its CTAs wait in grid_dependency_sync on SMs this one leaves free. Triggered by
+// every kernel at its start, the dependents' CTAs took SM room as the first CTAs left and sat
+// there packed, and the latency-bound selects after a big kernel got slower (the filtered top-k's
+// 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). Two one-wave kernels trigger at
+// their start: row_filter.cuh's filtered select (when its launch is a single wave; its dependent
+// the rescue) and the pool (the block scores' CTAs that fit beside it load q meanwhile and start
+// as it ends: -0.6 to -2.3 us per hisa call on an H200, session 37). The block top-m's trigger
+// was measured and not kept: the union CTAs placed beside it made the union kernel end 3.5 us
+// later at 128K/1024. A trigger follows its kernel's own grid_dependency_sync, so everything
+// before it in the stream is complete when a dependent's CTA starts. A no-op as above.
 __device__ __forceinline__ void grid_dependents_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

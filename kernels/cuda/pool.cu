@@ -162,6 +162,7 @@ __global__ void __launch_bounds__(POOL_VEC_THREADS, 8) pool_vec_kernel(const voi
                                                                    int B, void* __restrict__ pooled,
                                                                    float* __restrict__ pscale) {
     grid_dependency_sync();
+    grid_dependents_launch();  // the block scores' CTAs load q while this one wave runs
     const int D = DFIX ? DFIX : D_arg;
     constexpr int EB = KDT == DT_E4M3 ? 1 : (KDT == DT_F32 ? 4 : 2);
     constexpr int VE = 16 / EB;  // elements per vector

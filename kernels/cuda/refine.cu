@@ -20,7 +20,7 @@ template <int ENGINE, int QDT, int KDT, int H, int D>
 __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
-    grid_dependency_sync();
+    // score_tile_wgmma waits for the block top-m (grid_dependency_sync) after its q loads
     score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_GATHER, 1>(q, k, weights, kscale, ks, ke, blocks, T, S, B, m,
                                                               m * B, 0, row0, nrows, out, ld, tiles_per_cta);
 }
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta,
     const int* unions, int head_pairs, int head_splits, int tail_splits) {
-    grid_dependency_sync();
+    // score_tile_wgmma waits for the block top-m (grid_dependency_sync) after its q loads
     const int b = blockIdx.x, head = head_pairs * head_splits;
     const bool in_head = b < head;
     const int splits = in_head ? head_splits : tail_splits, i = in_head ? b : b - head;

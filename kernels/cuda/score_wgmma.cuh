@@ -272,16 +272,21 @@ __device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const f
 // The lane's head weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}, i.e. query row
 // n / H, head n % H (0 for a row past the end). A function of its own so that the pointer keeps
 // its __restrict__ (read-only loads with folded offsets; a lambda's capture loses it).
-template <int N, int H, int ROWS>
+// EARLY: loads kept before the kernel's wait (early_loads, common.cuh).
+template <int N, int H, int ROWS, bool EARLY = false>
 __device__ __forceinline__ void head_weights(const float* __restrict__ weights, const bool (&live)[ROWS],
                                              const int (&trow)[ROWS], int lane, float (&wt)[N / 8][2]) {
+    if constexpr (EARLY) {
+        head_weights<N, H, ROWS>(early_loads(weights), live, trow, lane, wt);
+    } else {
 #pragma unroll
-    for (int i = 0; i < N / 8; ++i)
+        for (int i = 0; i < N / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
-            wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
-        }
+            for (int e = 0; e < 2; ++e) {
+                const int n = 8 * i + 2 * (lane & 3) + e, r = n / H;
+                wt[i][e] = live[r] ? weights[(long long)trow[r] * H + n % H] : 0.0f;
+            }
+    }
 }
 
 // Threshold mode of the dense path (APPEND; dense.cu, dense_score_append_wgmma_kernel): instead of
@@ -404,16 +409,20 @@ __device__ __forceinline__ void score_tile_wgmma(
     // 32K / 4096; per iteration the block scores ran 16% faster there and the union kernel 3%
     // (H200, bench/NOTES.md, session 32). Dense keeps the per-chunk form (q_load_chunk /
     // q_store_chunk, below).
+    constexpr bool PREFETCH = !DENSE;  // q loaded at once (q_src: early_loads), before the kernel's wait (below)
     constexpr int QITERS = N * CHUNKS / SCORE_THREADS;
     constexpr int QSTEP = SCORE_THREADS / CHUNKS;  // operand rows per iteration
     static_assert(N * CHUNKS % SCORE_THREADS == 0 && SCORE_THREADS % CHUNKS == 0 && H % QSTEP == 0,
                   "q tile: whole rows per iteration, the same number of chunks per thread, rows of one query row");
     constexpr int QW = (Shape::FP8A && QB == 1) || (!Shape::FP8A && QB != EB) ? 2 : 4;
     const int q_row = tid / CHUNKS, q_c = tid % CHUNKS;
+    // each row's q (PREFETCH; through early_loads, which dense's q must not pass: a pointer that
+    // reaches an asm statement loses its read-only loads, and dense's kernel its SASS)
     const char* q_src[ROWS];
+    const char* q_rows = reinterpret_cast<const char*>(q);
+    if constexpr (PREFETCH) q_rows = early_loads(q_rows);
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-        q_src[r] = reinterpret_cast<const char*>(q) + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
+    for (int r = 0; r < ROWS; ++r) q_src[r] = q_rows + (long long)(live[r] ? trow[r] : 0) * H * D * QB;
     // q_read: chunk c of the operand row at src (zeros for a row past the end)
     auto q_read = [&](const char* src, int c, bool lv, u32 (&w)[QW]) {
 #pragma unroll
@@ -476,14 +485,18 @@ __device__ __forceinline__ void score_tile_wgmma(
     // every path but dense loads all of q and its head weights now, beside the row ranges: their
     // latency passes while the tile range (and the union of the two block lists) is worked out
     // and the first key tiles are requested (QITERS x QW registers, free again before the
-    // accumulators are live)
-    constexpr bool PREFETCH = !DENSE;
+    // accumulators are live), and before the kernel waits for the one before it
     u32 qraw[PREFETCH ? QITERS : 1][QW];
     float wt[N / 8][2];
     if constexpr (PREFETCH) {
 #pragma unroll
         for (int it = 0; it < QITERS; ++it) q_load(it, qraw[it]);
-        head_weights<N, H, ROWS>(weights, live, trow, lane, wt);
+        head_weights<N, H, ROWS, true>(weights, live, trow, lane, wt);
+        // only now does the CTA wait for the kernel before it (common.cuh): q, the head weights
+        // and the row ranges are the call's inputs, so a CTA launched early (the pool triggers
+        // the block scores at its start) has its q loads in flight before that kernel ends; on
+        // the other paths the wait has returned by then. Dense's kernels wait at their start.
+        grid_dependency_sync();
     }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);

@@ -538,7 +538,8 @@ def test_dense_equals_hisa_over_every_block(cuda_device, monkeypatch, launched_k
 
 def test_programmatic_dependent_launch(cuda_device, monkeypatch):
     # With USE_PDL each kernel's launch is taken in while the one before it runs, and the kernel
-    # waits for it first (common.cuh, grid_dependency_sync). Calls queued back to back without a
+    # waits for it before it reads its output (common.cuh, grid_dependency_sync; the block scores
+    # after their q loads, launched as the pool starts). Calls queued back to back without a
     # sync (each call's first kernels overwrite the workspace the previous call's last kernels
     # read, so a kernel that did not wait could race) give exactly the reference, through the ordinary path
     # and through bound plans (the call cache), for hisa_select, dense_select and topk; on sm_90
