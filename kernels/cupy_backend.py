@@ -170,7 +170,7 @@ UNION_TAIL_WAVES = 1.0
 #: this many waves; 0: never. H200 (bench/NOTES.md, session 37), the trigger at every T: the union
 #: kernel ended 4 us sooner at 128K / 4096 (5.9 waves) and 3.5 us later at 128K / 1024 (2 waves).
 #: A knob for bench/
-TOPM_TRIGGER_WAVES = 0.0
+TOPM_TRIGGER_WAVES = 3.0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 #: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and
