@@ -167,10 +167,10 @@ UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
 #: the block top-m triggers the union launch after it at its start (block_topm_warp_kernel's
 #: `early`: the union CTAs that fit beside it load q meanwhile) where that launch has at least
-#: this many waves; 0: never. H200 (bench/NOTES.md, session 37), the trigger at every T: the union
-#: kernel ended 4 us sooner at 128K / 4096 (5.9 waves) and 3.5 us later at 128K / 1024 (2 waves).
-#: A knob for bench/
-TOPM_TRIGGER_WAVES = 3.0
+#: this many waves; 0: never. H200 (bench/NOTES.md, sessions 37-38): a call's span -2.1 / -3.2 us
+#: at 128K / 4096 and 32K / 4096 (5.9 waves), but +4.9 us at 128K / 2048 (3.9 waves) and +1 to
+#: +3.5 us at 128K / 1024 (2 waves), so 5.0: T = 4096 at 32K-128K keys
+TOPM_TRIGGER_WAVES = 5.0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 #: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and

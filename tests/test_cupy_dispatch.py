@@ -122,9 +122,17 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
 
 def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
     # block_topm_warp_kernel's last argument (`early`): 1 where the union launch after it has at
-    # least TOPM_TRIGGER_WAVES waves (here 33 pairs x 4 shares = 132 CTAs over 132 SMs x 3 slots,
-    # a third of a wave), 0 where the knob is 0 (the default) or asks for more waves
+    # least TOPM_TRIGGER_WAVES waves, 0 where it has fewer or the knob is 0 (never). The default
+    # (5.0) triggers at T = 4096 (2345 CTAs over 132 SMs x 3 slots: 5.9 waves), not at T = 2048
+    # (3.9 waves) or 1024 (2.0), where the trigger measured slower on an H200
     fake = _Fake(monkeypatch, cc=90)
+    for T, early in ((1024, 0), (2048, 0), (4096, 1)):
+        fake.launches.clear()
+        _hisa(T=T, S=32768, m=64, topk=2048)
+        topm, union = fake.launches[2], fake.launches[3]
+        assert union.grid == ({1024: 776, 2048: 1552, 4096: 2345}[T], 1)
+        assert _value(topm.args[-1]) == early, T
+    # 33 pairs x 4 shares = 132 CTAs: a third of a wave
     for waves, early in ((0.0, 0), (0.3, 1), (0.4, 0), (1.0, 0)):
         monkeypatch.setattr(cb, "TOPM_TRIGGER_WAVES", waves)
         fake.launches.clear()
