@@ -165,6 +165,12 @@ UNION_SPLITS = 0
 UNION_LAYOUT = "model"
 UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
+#: the block top-m triggers the union launch after it at its start (block_topm_warp_kernel's
+#: `early`: the union CTAs that fit beside it load q meanwhile) where that launch has at least
+#: this many waves; 0: never. H200 (bench/NOTES.md, sessions 37-38): a call's span -2.1 / -3.2 us
+#: at 128K / 4096 and 32K / 4096 (5.9 waves), but +4.9 us at 128K / 2048 (3.9 waves) and +1 to
+#: +3.5 us at 128K / 1024 (2 waves), so 5.0: T = 4096 at 32K-128K keys
+TOPM_TRIGGER_WAVES = 5.0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
 #: launch with programmatic dependent launch where the GPU has it (compute capability 9.0 and
@@ -1279,7 +1285,7 @@ def _knobs():
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
-            DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES)
+            DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES)
 
 
 def _keep_plan(key, plan):
@@ -1387,6 +1393,17 @@ def _pair_records(nb: int, grouped) -> bool:
     kernel (row_select.cuh write_pair_record): PAIR_RECORDS, the refinement runs on pairs (grouped
     is not None) and the block top-m in warp mode (its rows' selected sets as 1024-bit masks)."""
     return PAIR_RECORDS and grouped is not None and _block_topm_warp(nb)
+
+
+def _topm_triggers(plan, ctx) -> bool:
+    """Whether hisa_select's block top-m triggers the launch after it, the refinement's first union
+    launch (``plan``: _refine_plan's), at its start: TOPM_TRIGGER_WAVES > 0 and that launch has at
+    least that many waves of CTAs."""
+    if not TOPM_TRIGGER_WAVES or plan is None or plan[-1] is None:
+        return False
+    name, smem, _, _, launches, _ = plan
+    slots = _ctas_per_sm("refine.cu", name, smem, SCORE_THREADS) * _device_facts(ctx[0])["sms"]
+    return launches[0][2][0] >= TOPM_TRIGGER_WAVES * slots
 
 
 def _union_splits(pairs: int, sms: int) -> int:
@@ -1526,9 +1543,10 @@ def _plan_context():
 
 
 def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx,
-                   em=None, unions=None, grouped=False):
+                   em=None, unions=None, grouped=False, early=False):
     """``unions`` (with the block top-m in warp mode, _pair_records): also each pair of rows' union
-    of blocks, as the union kernel reads it (``grouped``: in its SPLIT_ROWS order)."""
+    of blocks, as the union kernel reads it (``grouped``: in its SPLIT_ROWS order); ``early``: the
+    warp-mode block top-m triggers the launch after it at its start (_topm_triggers)."""
     em = em or _DIRECT
     T, H, D = q.shape
     nb = pooled.shape[0]
@@ -1550,7 +1568,7 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + (ptr(keys, offset),) + tail, smem)
     _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
                    k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em,
-                   extra=(unions, int(grouped)) if _block_topm_warp(nb) else ())
+                   extra=(unions, int(grouped), int(early)) if _block_topm_warp(nb) else ())
     return out
 
 
@@ -1630,7 +1648,7 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     if _pair_records(nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
     _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
-                   bool(grouped))
+                   bool(grouped), _topm_triggers(plan, ctx))
     _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
             ws, ctx, em, unions, plan)
 

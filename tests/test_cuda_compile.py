@@ -75,6 +75,8 @@ def test_host_constants_match_the_kernels():
 LATE_WAIT_KERNELS = {"block_score_wgmma_kernel", "refine_score_wgmma_kernel", "refine_union_wgmma_kernel"}
 #: kernels that trigger their dependents (grid_dependents_launch, common.cuh) as their second statement
 EARLY_TRIGGER_KERNELS = {"pool_vec_kernel"}
+#: kernels that do so where the host asks (their `early` argument)
+HOST_TRIGGER_KERNELS = {"block_topm_warp_kernel"}
 
 
 def _kernel_bodies(src):
@@ -117,6 +119,8 @@ def test_every_kernel_waits_for_its_predecessor_first():
             triggers = body.count("grid_dependents_launch()")
             if name in EARLY_TRIGGER_KERNELS:
                 assert body.startswith("grid_dependency_sync(); grid_dependents_launch();"), name
+            elif name in HOST_TRIGGER_KERNELS:
+                assert body.startswith("grid_dependency_sync(); if (early) grid_dependents_launch();"), name
             else:
                 assert triggers == 0, f"{filename}: {name} triggers its dependents"  # filtered_select's is its own
     assert late == LATE_WAIT_KERNELS

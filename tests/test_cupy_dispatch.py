@@ -101,8 +101,8 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65, m=8)
     topm, union = fake.launches[2], fake.launches[3]
-    records = _value(topm.args[-2])
-    assert records != 0 and _value(topm.args[-1]) == 1 and _value(topm.args[-3]) == 65
+    records = _value(topm.args[-3])
+    assert records != 0 and _value(topm.args[-2]) == 1 and _value(topm.args[-4]) == 65
     assert _value(union.args[-4]) == records and len(union.args) == 20
     ws = cb.workspace(0)
     assert ws.get("pair_unions", (33, cb.PAIR_RECORD_HEAD + 6 * 8), np.int32).data.ptr == records
@@ -110,14 +110,36 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     monkeypatch.setattr(cb, "PAIR_RECORDS", False)
     _hisa(T=65, m=8)
     topm, union = fake.launches[2], fake.launches[3]
-    assert _value(topm.args[-2]) == 0 and _value(union.args[-4]) == 0
+    assert _value(topm.args[-3]) == 0 and _value(union.args[-4]) == 0
     # 16-bit keys: the union kernel orders a pair's union by block, not by group
     fake.launches.clear()
     monkeypatch.setattr(cb, "PAIR_RECORDS", True)
     _hisa(T=65, m=8, qdt=np.float16, kdt=np.float16)
     topm, union = fake.launches[2], fake.launches[3]
     assert union.name.startswith("refine_union_wgmma_kernel<2, 2, 2,")
-    assert _value(topm.args[-2]) != 0 and _value(topm.args[-1]) == 0 and _value(union.args[-4]) == _value(topm.args[-2])
+    assert _value(topm.args[-3]) != 0 and _value(topm.args[-2]) == 0 and _value(union.args[-4]) == _value(topm.args[-3])
+
+
+def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
+    # block_topm_warp_kernel's last argument (`early`): 1 where the union launch after it has at
+    # least TOPM_TRIGGER_WAVES waves, 0 where it has fewer or the knob is 0 (never). The default
+    # (5.0) triggers at T = 4096 (2345 CTAs over 132 SMs x 3 slots: 5.9 waves), not at T = 2048
+    # (3.9 waves) or 1024 (2.0), where the trigger measured slower on an H200
+    fake = _Fake(monkeypatch, cc=90)
+    for T, early in ((1024, 0), (2048, 0), (4096, 1)):
+        fake.launches.clear()
+        _hisa(T=T, S=32768, m=64, topk=2048)
+        topm, union = fake.launches[2], fake.launches[3]
+        assert union.grid == ({1024: 776, 2048: 1552, 4096: 2345}[T], 1)
+        assert _value(topm.args[-1]) == early, T
+    # 33 pairs x 4 shares = 132 CTAs: a third of a wave
+    for waves, early in ((0.0, 0), (0.3, 1), (0.4, 0), (1.0, 0)):
+        monkeypatch.setattr(cb, "TOPM_TRIGGER_WAVES", waves)
+        fake.launches.clear()
+        _hisa(T=65, m=8)
+        topm, union = fake.launches[2], fake.launches[3]
+        assert topm.name.startswith("block_topm_warp_kernel") and union.grid == (132, 1)
+        assert _value(topm.args[-1]) == early, waves
 
 
 def test_union_splits(monkeypatch):
@@ -398,13 +420,13 @@ def test_block_topm_keys_per_lane_fit_the_rows():
 
 def test_warp_select_launch(monkeypatch):
     # T = 65 rows of 32 blocks: 17 CTAs of 4 warps, the row count appended after out_val (then the
-    # pairs' records and their order), no shared memory; with the knob off the 512-thread kernel,
+    # pairs' records, their order and `early`), no shared memory; with the knob off the 512-thread kernel,
     # one CTA per row
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     topm = fake.launches[2]
     assert topm.name == "block_topm_warp_kernel<8>" and topm.grid == (17,) and topm.block == (128,)
-    assert topm.smem == 0 and len(topm.args) == 28 and _value(topm.args[-3]) == 65
+    assert topm.smem == 0 and len(topm.args) == 29 and _value(topm.args[-4]) == 65
     assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
     fake.launches.clear()
     monkeypatch.setattr(cb, "WARP_SELECT", False)  # register mode: one CTA per row, no row count

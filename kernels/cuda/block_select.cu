@@ -33,11 +33,13 @@ __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAM
 // short rows in position order: one warp per row (row_select_warp), WARP_SELECT_ROWS rows per CTA,
 // R keys per lane (rows of at most 32 R blocks: 8, 16 or 32, cupy_backend._warp_keys_per_lane);
 // with `unions` (not null) also the pairs' records of the union path (grouped: its block order);
-// the threshold search bounded by the lanes' second largest keys (row_select_warp's BOUND)
+// the threshold search bounded by the lanes' second largest keys (row_select_warp's BOUND);
+// `early`: triggers the launch after it, the union kernel, at its start (cupy_backend._topm_triggers)
 template <int R>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows, int* unions,
-                                                                                int grouped) {
+                                                                                int grouped, int early) {
     grid_dependency_sync();
+    if (early) grid_dependents_launch();
     row_select_warp<KEYS_U32, MAP_IDENTITY, R, true>(SELECT_ARGS, rows, unions, grouped);
 }
 

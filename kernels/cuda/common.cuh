@@ -40,11 +40,13 @@ __device__ __forceinline__ const V* early_loads(const V* p) {
 // there packed, and the latency-bound selects after a big kernel got slower (the filtered top-k's
 // 64 CTAs 2-3 to an SM: 11 -> 19 us, bench/NOTES.md, session 17). Two one-wave kernels trigger at
 // their start: row_filter.cuh's filtered select (when its launch is a single wave; its dependent
-// the rescue) and the pool (the block scores' CTAs that fit beside it load q meanwhile and start
-// as it ends: -0.6 to -2.3 us per hisa call on an H200, session 37). The block top-m's trigger
-// was measured and not kept: the union CTAs placed beside it made the union kernel end 3.5 us
-// later at 128K/1024. A trigger follows its kernel's own grid_dependency_sync, so everything
-// before it in the stream is complete when a dependent's CTA starts. A no-op as above.
+// the rescue) and pool_vec_kernel (the block scores' CTAs that fit beside it load q meanwhile and
+// start as it ends: -0.6 to -2.3 us per hisa call on an H200, session 37; pool_kernel, the other
+// layouts' pool, does not). The block top-m triggers where the host asks (`early`:
+// cupy_backend.TOPM_TRIGGER_WAVES, by the union launch's waves): the union CTAs placed beside it
+// made a call 2-3 us shorter where that launch has 5.9 waves (T = 4096), and 1-5 us longer where
+// it has 2-3.9 (sessions 37-38). A trigger follows its kernel's own grid_dependency_sync, so
+// everything before it in the stream is complete when a dependent's CTA starts. A no-op as above.
 __device__ __forceinline__ void grid_dependents_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -1180,7 +1180,8 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
 #define REG_SELECT_ITEMS (SELECT_THREADS * REG_SELECT_R)    // longest row of register mode
 #define REG_SELECT_BINS 2048                                // bins of a level (find_bin: <= 4 * the CTA size)
 // resident CTAs per SM that register-mode kernels ask of their registers (launch bounds): at 2,
-// 56-64 registers and no spills; at 3, 40 registers and a few spilled bytes
+// 56-64 registers and no spills; at 3, 40 registers and a few spilled bytes. The refinement's
+// refine_topk_regs_kernel asks four (REFINE_SELECT_MIN_CTAS, refine.cu)
 #define REG_SELECT_MIN_CTAS 3
 
 // The word row_filter never keeps (its key is below 2, the lowest threshold): NaN for fp32

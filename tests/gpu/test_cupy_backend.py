@@ -569,8 +569,11 @@ def test_programmatic_dependent_launch(cuda_device, monkeypatch):
     scores = [rng.standard_normal((64, 131072)).astype(np.float32) for _ in range(2)]  # the filtered top-k
     scores[1][5] = np.float32(0.5)  # a tied row: the filtered top-k's rescue launch does the work
     top_refs = [reference.topk(s, 2048) for s in scores]
-    for use in (False, True):
+    # the third pass: the block top-m also triggers the union launch at its start (its 48 pairs
+    # take a fraction of a wave: TOPM_TRIGGER_WAVES 0.01 asks for the trigger)
+    for use, trigger in ((False, 0.0), (True, 0.0), (True, 0.01)):
         monkeypatch.setattr(cupy_backend, "USE_PDL", use)
+        monkeypatch.setattr(cupy_backend, "TOPM_TRIGGER_WAVES", trigger)
         monkeypatch.setattr(select, "_calls", {})
         pdl[0] = 0
         for rnd in range(3):  # the first round records the call signatures, later ones are bound
