@@ -165,10 +165,11 @@ UNION_SPLITS = 0
 UNION_LAYOUT = "model"
 UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
-#: the union layout's fine tail (_union_layout): where a launch has at least a wave of pairs, its
-#: last UNION_FINE_TAIL_PAIRS waves of pairs (0.3: 119 pairs at 396 slots) go in this many shares
-#: each and the others whole, provided the whole pairs fill their last wave at least 3/4 (else
-#: the model's layout). 0: the model's layout everywhere. A knob for bench/
+#: the union layout's fine tail (_union_fine_tail): where a launch has at least a wave of pairs,
+#: its last UNION_FINE_TAIL_PAIRS waves of pairs (0.3: 119 pairs at 396 slots) go in this many
+#: shares each and the others whole, provided the whole pairs fill their last wave at least 3/4
+#: (else the model's layout). 0: the model's layout everywhere. H200, session 38: a call 13 us
+#: shorter at 128K / 1024, 8-10 us at T = 4096. A knob for bench/
 UNION_FINE_TAIL_SPLITS = 8
 UNION_FINE_TAIL_PAIRS = 0.3
 #: the block top-m triggers the union launch after it at its start (block_topm_warp_kernel's
@@ -1465,11 +1466,12 @@ def _union_fine_tail(pairs: int, slots: int):
     128K / 1024 on the benchmark's segments rows (median 76; 64-125 at 128K / 4096), and a CTA
     left alone on an SM runs faster than three together, so the whole pairs end spread out and the
     launch's end is decided by how finely its last pairs are cut. H200 (bench/NOTES.md, session
-    38), against the model's layouts: 396 whole pairs and the last 116 in 8 shares -11.6 us per call
-    at 128K / 1024 (4 shares -3.0, 5 shares -6.7); 1928 whole and the last 120 in 8 shares -8.6 us
-    at 128K / 4096 and -3.0 at 32K / 4096 (5 shares -4.6 / -1.9). A simulation of the launch with
-    the pairs' own union sizes ranks them alike and puts 8 shares at its optimum (6: -1.2%, 10:
-    -1.3%, 16: -4.9% against 8 at 128K / 1024)."""
+    38), a call's span against the model's layouts: this rule (393 whole pairs and the last 119 in
+    8 shares at T = 1024, 1929 and 119 at T = 4096) -13.2 us at 128K / 1024, -10.1 at 128K / 4096,
+    -8.5 at 32K / 4096, -2.9 at 16K / 4096, -11.0 at 64K / 1024 with m = 128 (unions of 129-153
+    blocks) and -4.8 at 128K / 1024 on random rows; at 128K / 1024, 4 and 5 shares gained 3.0 and
+    6.7 us where 8 gained 11.6. A simulation of the launch with the pairs' own union sizes ranks
+    the share counts alike and puts 8 at its optimum (6, 10 and 16 shares 1-5% later)."""
     if not UNION_FINE_TAIL_SPLITS or pairs < slots:
         return None
     tail = min(pairs, max(1, round(UNION_FINE_TAIL_PAIRS * slots)))
