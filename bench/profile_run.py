@@ -14,6 +14,13 @@ same places), so that two trees' outputs can be compared across processes. ``--t
 --calls calls behind a ``torch.cuda._sleep`` (so the GPU never waits for the host) and prints,
 per kernel of a call, its mean start, duration and the gap before it: what the launch boundaries
 between a call's kernels cost on the GPU.
+``--ab`` A/Bs knob settings in one process, on one workload (no process start or input
+generation per setting): with ``--timeline``, each setting ("NAME=V,NAME=V" or "default", on top
+of ``--knob``) runs ``--rounds`` rounds in the order ABC CBA ABC ..., each its queued calls'
+span and the output's checksum, then the means per setting:
+
+    python bench/profile_run.py --op hisa --S 131072 --T 1024 --timeline --calls 20 \
+        --ab default --ab UNION_FINE_TAIL_SPLITS=0 --rounds 3
 """
 from __future__ import annotations
 
@@ -46,7 +53,12 @@ def main(argv=None):
     p.add_argument("--checksum", action="store_true", help="print a checksum of the call's output")
     p.add_argument("--timeline", action="store_true",
                    help="print each kernel's mean start, duration and preceding gap over --calls queued calls")
+    p.add_argument("--ab", action="append", default=[], metavar="NAME=V,NAME=V|default",
+                   help="with --timeline: knob settings A/B'd in this process (repeatable; see above)")
+    p.add_argument("--rounds", type=int, default=3, help="--ab: rounds (ABC CBA ABC ...)")
     args = p.parse_args(argv)
+    if args.ab and not args.timeline:
+        p.error("--ab needs --timeline")
 
     import torch
 
@@ -117,24 +129,68 @@ def main(argv=None):
             per_call = {e.key: getattr(e, "device_time_total", 0) / calls for e in events if e.count >= calls}
             for name, us in sorted((kv for kv in per_call.items() if kv[1] > 0), key=lambda kv: -kv[1])[:10]:
                 print(f"per call {us:10.1f} us  {name}")
-    if args.timeline:
+    if args.ab:
+        run_ab(args.ab, args.rounds, set_knob, call, max(2, args.calls))
+    elif args.timeline:
         print_timeline(call, max(2, args.calls))
-    if args.checksum:
-        res = call()
-        outs = res if isinstance(res, tuple) else (res,)
-        total = 0
-        for o in outs:
-            o = o.reshape(o.shape[0], -1)
-            dt = torch.float64 if o.is_floating_point() else torch.int64  # int64: exact
-            weights = torch.arange(1, o.shape[1] + 1, device=o.device, dtype=dt)
-            total += (o.to(dt) * weights).sum().item()
-        print(f"checksum {total!r}")
+    if args.checksum and not args.ab:
+        print(f"checksum {checksum(call())!r}")
+
+
+def checksum(res) -> int:
+    """The indices (and values) of a call's output weighted by their column: equal checksums, the
+    same entries in the same places."""
+    import torch
+
+    outs = res if isinstance(res, tuple) else (res,)
+    total = 0
+    for o in outs:
+        o = o.reshape(o.shape[0], -1)
+        dt = torch.float64 if o.is_floating_point() else torch.int64  # int64: exact
+        weights = torch.arange(1, o.shape[1] + 1, device=o.device, dtype=dt)
+        total += (o.to(dt) * weights).sum().item()
+    return total
+
+
+def ab_order(n: int, rounds: int):
+    """Setting indices of an A/B over n settings: rounds alternating forward and back (ABC CBA ...)."""
+    return [i if r % 2 == 0 else n - 1 - i for r in range(rounds) for i in range(n)]
+
+
+def run_ab(settings, rounds, set_knob, call, calls):
+    """Timeline spans and checksums of ``call`` under each knob setting, in ab_order; each setting
+    starts from the knobs as they were before the A/B."""
+    from hisa_cupy.kernels import cupy_backend
+
+    parsed = []
+    for text in settings:
+        pairs = [] if text == "default" else [kv.partition("=")[::2] for kv in text.split(",")]
+        parsed.append((text, pairs))
+    names = {name for _, pairs in parsed for name, _ in pairs}
+    base = {name: getattr(cupy_backend, name) for name in names if hasattr(cupy_backend, name)}
+    spans = {text: [] for text, _ in parsed}
+    for i in ab_order(len(parsed), rounds):
+        text, pairs = parsed[i]
+        for name, value in base.items():
+            setattr(cupy_backend, name, value)
+        for name, value in pairs:
+            set_knob(name, value)
+        print(f"== ab {text}")
+        spans[text].append(print_timeline(call, calls))
+        print(f"checksum {checksum(call())!r}")
+    for name, value in base.items():
+        setattr(cupy_backend, name, value)
+    for text, values in spans.items():
+        shown = " ".join(f"{v:.1f}" for v in values)
+        print(f"ab mean {sum(values) / len(values):.2f} us over {len(values)} rounds ({shown}): {text}")
 
 
 def print_timeline(call, calls):
     """Kernels of ``calls`` calls queued behind a sleep, grouped per call (every call launches the
     same kernels): mean start relative to the call's first kernel, duration, and gap after the
-    kernel before (the first kernel's gap: after the previous call's last kernel)."""
+    kernel before (the first kernel's gap: after the previous call's last kernel). Returns the
+    mean span of a call (first kernel start to last kernel end), NaN where the calls' kernels did
+    not group."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -149,7 +205,7 @@ def print_timeline(call, calls):
     kernels = kernels[1:]  # the sleep (queued first; its kernel's name varies with torch's version)
     if not kernels or len(kernels) % calls:
         print(f"timeline: {len(kernels)} GPU events over {calls} calls, not the same per call")
-        return
+        return float("nan")
     per = len(kernels) // calls
     rows = []
     for j in range(per):
@@ -163,6 +219,7 @@ def print_timeline(call, calls):
           f"gaps {sum(r[2] for r in rows[1:]):.1f} us inside a call, {rows[0][2]:.1f} us between calls")
     for start, dur, gap, name in rows:
         print(f"  start {start:8.1f}  dur {dur:8.1f}  gap {gap:6.1f}  {name[:90]}")
+    return span
 
 
 if __name__ == "__main__":

@@ -165,6 +165,13 @@ UNION_SPLITS = 0
 UNION_LAYOUT = "model"
 UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
+#: the union layout's fine tail (_union_fine_tail): where a launch has at least a wave of pairs,
+#: its last UNION_FINE_TAIL_PAIRS waves of pairs (0.3: 119 pairs at 396 slots) go in this many
+#: shares each and the others whole, provided the whole pairs fill their last wave at least 3/4
+#: (else the model's layout). 0: the model's layout everywhere. H200, session 38: a call 13 us
+#: shorter at 128K / 1024, 8-10 us at T = 4096. A knob for bench/
+UNION_FINE_TAIL_SPLITS = 8
+UNION_FINE_TAIL_PAIRS = 0.3
 #: the block top-m triggers the union launch after it at its start (block_topm_warp_kernel's
 #: `early`: the union CTAs that fit beside it load q meanwhile) where that launch has at least
 #: this many waves; 0: never. H200 (bench/NOTES.md, sessions 37-38): a call's span -2.1 / -3.2 us
@@ -1285,7 +1292,8 @@ def _knobs():
             DENSE_WORKSPACE_BYTES, MAX_ROWS_PER_LAUNCH, SCORE_TILE, SELECT_RING, UNION_SPLITS, WARP_SELECT,
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
-            DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES)
+            DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
+            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS)
 
 
 def _keep_plan(key, plan):
@@ -1435,6 +1443,9 @@ def _union_layout(pairs: int, sms: int, slots: int):
     uniform = (pairs, splits, splits)
     if UNION_LAYOUT != "model" or UNION_SPLITS or pairs < slots:
         return uniform
+    fine = _union_fine_tail(pairs, slots)
+    if fine is not None:
+        return fine
     best, best_end = uniform, _union_makespan(pairs, uniform, slots)
     for tail_splits in range(2, 9):
         for waves in (0.5, 1.0, 1.5, 2.0):
@@ -1444,6 +1455,31 @@ def _union_layout(pairs: int, sms: int, slots: int):
             if end < best_end * 0.99:  # a clear gain in the model, else the former layout
                 best, best_end = layout, end
     return best
+
+
+def _union_fine_tail(pairs: int, slots: int):
+    """The union layout's fine tail, or None: the last UNION_FINE_TAIL_PAIRS * slots pairs in
+    UNION_FINE_TAIL_SPLITS shares each, the others whole, where the whole pairs fill their last
+    wave at least 3/4 (a last wave of few whole pairs ends a pair's time after the rest).
+
+    _union_makespan's equal pairs are not what a launch runs: a pair's union holds 64-104 blocks at
+    128K / 1024 on the benchmark's segments rows (median 76; 64-125 at 128K / 4096), and a CTA
+    left alone on an SM runs faster than three together, so the whole pairs end spread out and the
+    launch's end is decided by how finely its last pairs are cut. H200 (bench/NOTES.md, session
+    38), a call's span against the model's layouts: this rule (393 whole pairs and the last 119 in
+    8 shares at T = 1024, 1929 and 119 at T = 4096) -13.2 us at 128K / 1024, -10.1 at 128K / 4096,
+    -8.5 at 32K / 4096, -2.9 at 16K / 4096, -11.0 at 64K / 1024 with m = 128 (unions of 129-153
+    blocks) and -4.8 at 128K / 1024 on random rows; at 128K / 1024, 4 and 5 shares gained 3.0 and
+    6.7 us where 8 gained 11.6. A simulation of the launch with the pairs' own union sizes ranks
+    the share counts alike and puts 8 at its optimum (6, 10 and 16 shares 1-5% later)."""
+    if not UNION_FINE_TAIL_SPLITS or pairs < slots:
+        return None
+    tail = min(pairs, max(1, round(UNION_FINE_TAIL_PAIRS * slots)))
+    whole = pairs - tail
+    last_wave = whole / slots - whole // slots  # how full the whole pairs' last wave is
+    if whole == 0 or (0 < last_wave < 0.75):
+        return None
+    return whole, 1, int(UNION_FINE_TAIL_SPLITS)
 
 
 # a CTA's fixed cost in _union_makespan, in pairs' work (H200: ~9 us of ~200 per pair)

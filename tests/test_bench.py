@@ -668,3 +668,34 @@ def test_ptxas_usage_parses_the_verbose_log():
     ]
     with pytest.raises(SystemExit):
         pu.main([])  # no kernel named
+
+
+def test_profile_run_ab(monkeypatch, capsys):
+    # --ab: the settings alternate ABC CBA ABC ..., each from the knobs as they were (a setting's
+    # knob does not leak into the next), one span and checksum per round, then the means
+    profile_run = _load("profile_run")
+    from hisa_cupy.kernels import cupy_backend
+
+    assert profile_run.ab_order(3, 3) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert profile_run.ab_order(2, 3) == [0, 1, 1, 0, 0, 1]
+    seen = []
+
+    def fake_timeline(call, calls):
+        seen.append((cupy_backend.UNION_FINE_TAIL_SPLITS, cupy_backend.UNION_SPLITS))
+        return 100.0 + cupy_backend.UNION_FINE_TAIL_SPLITS + len(seen) / 10
+
+    monkeypatch.setattr(profile_run, "print_timeline", fake_timeline)
+    monkeypatch.setattr(profile_run, "checksum", lambda res: 7)
+    monkeypatch.setattr(cupy_backend, "UNION_SPLITS", 0)
+
+    def set_knob(name, value):
+        setattr(cupy_backend, name, int(value))
+
+    before = cupy_backend.UNION_FINE_TAIL_SPLITS
+    profile_run.run_ab(["default", "UNION_FINE_TAIL_SPLITS=0,UNION_SPLITS=2"], 2, set_knob, lambda: None, 20)
+    assert seen == [(before, 0), (0, 2), (0, 2), (before, 0)]
+    assert cupy_backend.UNION_FINE_TAIL_SPLITS == before and cupy_backend.UNION_SPLITS == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("checksum 7") == 4
+    assert out[-2] == f"ab mean {100 + before + 0.25:.2f} us over 2 rounds ({100 + before + 0.1:.1f} {100 + before + 0.4:.1f}): default"
+    assert out[-1] == "ab mean 100.25 us over 2 rounds (100.2 100.3): UNION_FINE_TAIL_SPLITS=0,UNION_SPLITS=2"

@@ -123,14 +123,14 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
 def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
     # block_topm_warp_kernel's last argument (`early`): 1 where the union launch after it has at
     # least TOPM_TRIGGER_WAVES waves, 0 where it has fewer or the knob is 0 (never). The default
-    # (5.0) triggers at T = 4096 (2345 CTAs over 132 SMs x 3 slots: 5.9 waves), not at T = 2048
-    # (3.9 waves) or 1024 (2.0), where the trigger measured slower on an H200
+    # (5.0) triggers at T = 4096 (2881 CTAs over 132 SMs x 3 slots: 7.3 waves), not at T = 2048
+    # (1552: 3.9 waves) or 1024 (1345: 3.4), where the trigger measured slower on an H200
     fake = _Fake(monkeypatch, cc=90)
     for T, early in ((1024, 0), (2048, 0), (4096, 1)):
         fake.launches.clear()
         _hisa(T=T, S=32768, m=64, topk=2048)
         topm, union = fake.launches[2], fake.launches[3]
-        assert union.grid == ({1024: 776, 2048: 1552, 4096: 2345}[T], 1)
+        assert union.grid == ({1024: 1345, 2048: 1552, 4096: 2881}[T], 1)
         assert _value(topm.args[-1]) == early, T
     # 33 pairs x 4 shares = 132 CTAs: a third of a wave
     for waves, early in ((0.0, 0), (0.3, 1), (0.4, 0), (1.0, 0)):
@@ -151,9 +151,11 @@ def test_union_splits(monkeypatch):
 
 
 def test_union_layout(monkeypatch):
-    # where the pairs fill a wave of CTAs (396 slots here), whole pairs first and the last pairs in
-    # shorter shares, as the makespan model picks: at 512 and 2048 pairs the layouts that measured
-    # fastest on an H200 (bench/NOTES.md, session 30); fewer pairs than slots keep the uniform split
+    # without the fine tail (test_union_fine_tail): where the pairs fill a wave of CTAs (396 slots
+    # here), whole pairs first and the last pairs in shorter shares, as the makespan model picks: at
+    # 512 and 2048 pairs the layouts that measured fastest on an H200 in session 30; fewer pairs
+    # than slots keep the uniform split
+    monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 0)
     assert cb._union_layout(512, 132, 396) == (380, 1, 3)
     assert cb._union_layout(2048, 132, 396) == (1949, 1, 4)
     assert cb._union_layout(200, 132, 396) == (200, 4, 4)
@@ -182,6 +184,45 @@ def test_union_layout(monkeypatch):
     _hisa(T=1024, S=16384, m=16)
     union = fake.launches[3]
     assert [_value(a) for a in union.args[-3:]] == [380, 1, 3] and union.grid == (380 + 132 * 3, 1)
+    monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 8)  # the default: the fine tail
+    fake.launches.clear()
+    _hisa(T=1024, S=16384, m=16)
+    union = fake.launches[3]
+    assert [_value(a) for a in union.args[-3:]] == [393, 1, 8] and union.grid == (393 + 119 * 8, 1)
+
+
+def test_union_fine_tail(monkeypatch):
+    # the last round(0.3 * slots) pairs (119 of 396 slots) in 8 shares, the others whole, where the
+    # whole pairs fill their last wave at least 3/4: 393 of 396 at 512 pairs, 4.87 waves at 2048,
+    # exactly one wave at 515 and two of 264 slots at 607. Not at 1024 pairs (2.29 waves: 113 whole
+    # pairs would end a pair's time after the rest), 4096 (10.04 waves), 512 pairs over 264 slots
+    # (1.64) or fewer pairs than slots: the model's layout stays
+    assert cb.UNION_FINE_TAIL_SPLITS == 8 and cb.UNION_FINE_TAIL_PAIRS == 0.3
+    assert cb._union_layout(512, 132, 396) == (393, 1, 8)
+    assert cb._union_layout(2048, 132, 396) == (1929, 1, 8)
+    assert cb._union_layout(515, 132, 396) == (396, 1, 8)
+    assert cb._union_layout(607, 132, 264) == (528, 1, 8)
+    for pairs, slots in ((1024, 396), (4096, 396), (512, 264), (395, 396), (200, 396)):
+        assert cb._union_fine_tail(pairs, slots) is None
+        monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 0)
+        model = cb._union_layout(pairs, 132, slots)
+        monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 8)
+        assert cb._union_layout(pairs, 132, slots) == model
+    # its knobs, and the layout knobs that take precedence over it
+    monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 6)
+    assert cb._union_layout(512, 132, 396) == (393, 1, 6)
+    monkeypatch.setattr(cb, "UNION_FINE_TAIL_PAIRS", 0.35)
+    assert cb._union_layout(512, 132, 396) == (373, 1, 6)  # 139 tail pairs
+    monkeypatch.setattr(cb, "UNION_FINE_TAIL_PAIRS", 0.25)  # 99: 413 whole pairs, 1.04 waves
+    assert cb._union_layout(512, 132, 396) == (380, 1, 3)
+    monkeypatch.setattr(cb, "UNION_LAYOUT", "uniform")
+    assert cb._union_layout(512, 132, 396) == (512, 3, 3)
+    monkeypatch.setattr(cb, "UNION_LAYOUT", "model")
+    monkeypatch.setattr(cb, "UNION_TAIL_SPLITS", 4)
+    assert cb._union_layout(512, 132, 396) == (512 - 99, 3, 4)
+    monkeypatch.setattr(cb, "UNION_TAIL_SPLITS", 0)
+    monkeypatch.setattr(cb, "UNION_SPLITS", 2)
+    assert cb._union_layout(512, 132, 396) == (512, 2, 2)
 
 
 def test_fp8_key_tiles_take_half_the_shared_memory():
