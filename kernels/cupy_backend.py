@@ -1468,7 +1468,7 @@ def _union_fine_tail(pairs: int, slots: int):
     launch's end is decided by how finely its last pairs are cut. H200 (bench/NOTES.md, session
     38), a call's span against the model's layouts: this rule (393 whole pairs and the last 119 in
     8 shares at T = 1024, 1929 and 119 at T = 4096) -13.2 us at 128K / 1024, -10.1 at 128K / 4096,
-    -8.5 at 32K / 4096, -2.9 at 16K / 4096, -11.0 at 64K / 1024 with m = 128 (unions of 129-153
+    -8.6 at 32K / 4096, -2.9 at 16K / 4096, -11.0 at 64K / 1024 with m = 128 (unions of 129-153
     blocks) and -4.8 at 128K / 1024 on random rows; at 128K / 1024, 4 and 5 shares gained 3.0 and
     6.7 us where 8 gained 11.6. A simulation of the launch with the pairs' own union sizes ranks
     the share counts alike and puts 8 at its optimum (6, 10 and 16 shares 1-5% later)."""
