@@ -158,10 +158,10 @@ PAIR_RECORD_HEAD = 4
 #: (_union_splits); a knob for bench/
 UNION_SPLITS = 0
 #: how a union launch lays out its pairs' CTAs (_union_layout): "model", whole pairs first and the
-#: last pairs in shorter shares, as a model of the launch's waves picks; "uniform", UNION_SPLITS
-#: (or _union_splits) CTAs for every pair. UNION_TAIL_SPLITS > 0 sets the layout instead: that
-#: many shares for the last pairs, as many as fill UNION_TAIL_WAVES waves, and UNION_SPLITS (or
-#: _union_splits) for the others. Knobs for bench/
+#: last pairs in shorter shares, as the fine tail's rule or else a model of the launch's waves
+#: picks; "uniform", UNION_SPLITS (or _union_splits) CTAs for every pair. UNION_TAIL_SPLITS > 0
+#: sets the layout instead: that many shares for the last pairs, as many as fill UNION_TAIL_WAVES
+#: waves, and UNION_SPLITS (or _union_splits) for the others. Knobs for bench/
 UNION_LAYOUT = "model"
 UNION_TAIL_SPLITS = 0
 UNION_TAIL_WAVES = 1.0
@@ -174,9 +174,10 @@ UNION_FINE_TAIL_SPLITS = 8
 UNION_FINE_TAIL_PAIRS = 0.3
 #: the block top-m triggers the union launch after it at its start (block_topm_warp_kernel's
 #: `early`: the union CTAs that fit beside it load q meanwhile) where that launch has at least
-#: this many waves; 0: never. H200 (bench/NOTES.md, sessions 37-38): a call's span -2.1 / -3.2 us
-#: at 128K / 4096 and 32K / 4096 (5.9 waves), but +4.9 us at 128K / 2048 (3.9 waves) and +1 to
-#: +3.5 us at 128K / 1024 (2 waves), so 5.0: T = 4096 at 32K-128K keys
+#: this many waves; 0: never. H200 (bench/NOTES.md, sessions 37-38, with the model's layouts): a
+#: call's span -2.1 / -3.2 us at 128K / 4096 and 32K / 4096 (5.9 waves), but +4.9 us at 128K /
+#: 2048 (3.9 waves) and +1 to +3.5 us at 128K / 1024 (2 waves), so 5.0: T = 4096 at 32K-128K keys
+#: (7.3 waves with the fine tail; T = 1024 3.4)
 TOPM_TRIGGER_WAVES = 5.0
 #: largest grid.y of one launch (CUDA limit 65535)
 MAX_ROWS_PER_LAUNCH = 65535
@@ -1435,7 +1436,8 @@ def _union_layout(pairs: int, sms: int, slots: int):
     as many as fill 0.5-2 waves. H200 at 128K keys (bench/NOTES.md, session 30), against the uniform
     split (3 shares per pair at 512 pairs, 2 at 2048): 1 share, then 3 for the last 132 of 512
     pairs, -3.6%; 1, then 4 for the last 99 of 2048, -3.6% to -4.7% (the whole hisa_select call);
-    the model picks both."""
+    the model picks both. Its equal pairs are not what runs, though: where _union_fine_tail's rule
+    applies, its layout comes first (session 38: a call another 13 us shorter at 128K / 1024)."""
     splits = int(UNION_SPLITS) if UNION_SPLITS else _union_splits(pairs, sms)
     if UNION_TAIL_SPLITS:
         tail = min(pairs, max(1, round(UNION_TAIL_WAVES * slots / int(UNION_TAIL_SPLITS))))
