@@ -699,3 +699,44 @@ def test_profile_run_ab(monkeypatch, capsys):
     assert out.count("checksum 7") == 4
     assert out[-2] == f"ab mean {100 + before + 0.25:.2f} us over 2 rounds ({100 + before + 0.1:.1f} {100 + before + 0.4:.1f}): default"
     assert out[-1] == "ab mean 100.25 us over 2 rounds (100.2 100.3): UNION_FINE_TAIL_SPLITS=0,UNION_SPLITS=2"
+
+
+def test_union_layout_sim_matches_the_model_on_equal_pairs():
+    # bench/union_layout_sim.py's launch with every pair the same work ends when the layout's model
+    # (_union_makespan) says, for the model's layouts and the fine tail's alike
+    sim = _load("union_layout_sim")
+    from hisa_cupy.kernels import cupy_backend as cb
+
+    for pairs in (100, 512, 700, 2048):
+        for name, layout in sim.layouts(pairs, 396, 132).items():
+            assert sim.launch_end(np.ones(pairs), layout, 396) == pytest.approx(
+                cb._union_makespan(pairs, layout, 396)), (pairs, name)
+    assert sim.layouts(512, 396, 132) == {"model": (380, 1, 3), "default": (393, 1, 8)}
+    # unequal pairs: the last pair, twice the work, ends a pair's time after the rest when whole,
+    # half of one when every pair is in 2 shares (its shares start as the first ones end), and with
+    # the others when only its own work is in 2 shares
+    work = np.array([1.0] * 8 + [2.0])
+    assert sim.launch_end(work, (9, 1, 1), 10, cta_cost=0.0) == pytest.approx(2.0)
+    assert sim.launch_end(work, (0, 2, 2), 10, cta_cost=0.0) == pytest.approx(1.5)  # 18 CTAs over 10 slots
+    assert sim.launch_end(work, (8, 1, 2), 10, cta_cost=0.0) == pytest.approx(1.0)  # 10 CTAs of 1.0
+    assert sim.launch_end(work, (8, 1, 2), 10) == pytest.approx(1.0 + cb._UNION_CTA_COST)
+
+
+def test_union_layout_sim_unions(capsys):
+    # the pairs' unions from the reference's block selection: m to 2m blocks each (every row here
+    # has more than m eligible blocks), the same as a direct count; main prints the four launches
+    sim = _load("union_layout_sim")
+    from hisa_cupy import reference, workloads
+
+    sizes = sim.pair_union_sizes(4096, 65, 4, 128, "segments", 0)
+    assert sizes.shape == (33,) and sizes[-1] <= 4
+    w = workloads.make_workload("segments", seq_len=4096, num_queries=65, seed=0)
+    pooled, pscale = reference.pool_keys(w.k, w.k_scale, block_size=128)
+    blocks = reference.select_blocks(w.q, pooled, w.weights, pooled_scale=pscale, ks=w.ks, ke=w.ke,
+                                     block_size=128, block_topk=4, seq_len=4096)
+    assert sizes[5] == len(set(blocks[10]) | set(blocks[11]) - {-1})
+    assert ((sizes[:-1] >= 4) & (sizes[:-1] <= 8)).all()
+    sim.main(["--S", "4096", "--T", "65", "--m", "4", "--slots", "8", "--sms", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("33 pairs; union blocks per pair: min ") and len(out) == 5
+    assert out[1].startswith("model ") and out[1].endswith("(+0.0%)") and "largest first" in out[2]
