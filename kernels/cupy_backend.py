@@ -1340,12 +1340,14 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
 
 def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
-    keys, after, the union kernel's layout after its records), ...), grouped) of the candidate-score
-    launches: pairs of rows over their blocks' union where it applies (pairs_ok: the blocks come
-    from select_blocks; the pairs' shares laid out by _union_layout), else one row per CTA;
-    rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None without
-    pairs, else whether the union kernel orders a pair's union by group (its SPLIT_ROWS: fp8 keys
-    on the f16 engine) rather than by block."""
+    keys, after, the union kernel's layout after its records), ...), grouped, early) of the
+    candidate-score launches: pairs of rows over their blocks' union where it applies (pairs_ok: the
+    blocks come from select_blocks; the pairs' shares laid out by _union_layout), else one row per
+    CTA; rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None
+    without pairs, else whether the union kernel orders a pair's union by group (its SPLIT_ROWS:
+    fp8 keys on the f16 engine) rather than by block. early: whether hisa_select's block top-m
+    triggers the first union launch at its start (block_topm_warp_kernel's `early`): that launch
+    has at least TOPM_TRIGGER_WAVES > 0 waves of CTAs."""
     n = m * block_size
     facts = _device_facts(_device_id())
     qdt, kdt = _dt_code(q), _dt_code(k)
@@ -1367,10 +1369,10 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     head = (_i32(T), _i32(S), _i32(block_size), _i32(m))
     tail = (_i64(n), _i32(tpc))
     launches = []
+    slots = _ctas_per_sm("refine.cu", name, smem, SCORE_THREADS) * facts["sms"] if grid_x is None else 0
     for r0 in range(0, T, chunk):
         nr = min(chunk, T - r0)
         if grid_x is None:  # pairs: one CTA per share of a pair (refine_union_wgmma_kernel)
-            slots = _ctas_per_sm("refine.cu", name, smem, SCORE_THREADS) * facts["sms"]
             head_pairs, head_splits, tail_splits = _union_layout(-(-nr // 2), facts["sms"], slots)
             ctas = head_pairs * head_splits + (-(-nr // 2) - head_pairs) * tail_splits
             launches.append((r0, nr, (ctas, 1), head + (_i32(r0), _i32(nr)), tail,
@@ -1378,7 +1380,8 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
             continue
         launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail, ()))
     grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
-    return name, smem, n, chunk, tuple(launches), grouped
+    early = bool(pairs and TOPM_TRIGGER_WAVES and launches[0][2][0] >= TOPM_TRIGGER_WAVES * slots)
+    return name, smem, n, chunk, tuple(launches), grouped, early
 
 
 def _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx):
@@ -1402,17 +1405,6 @@ def _pair_records(nb: int, grouped) -> bool:
     kernel (row_select.cuh write_pair_record): PAIR_RECORDS, the refinement runs on pairs (grouped
     is not None) and the block top-m in warp mode (its rows' selected sets as 1024-bit masks)."""
     return PAIR_RECORDS and grouped is not None and _block_topm_warp(nb)
-
-
-def _topm_triggers(plan, ctx) -> bool:
-    """Whether hisa_select's block top-m triggers the launch after it, the refinement's first union
-    launch (``plan``: _refine_plan's), at its start: TOPM_TRIGGER_WAVES > 0 and that launch has at
-    least that many waves of CTAs."""
-    if not TOPM_TRIGGER_WAVES or plan is None or plan[-1] is None:
-        return False
-    name, smem, _, _, launches, _ = plan
-    slots = _ctas_per_sm("refine.cu", name, smem, SCORE_THREADS) * _device_facts(ctx[0])["sms"]
-    return launches[0][2][0] >= TOPM_TRIGGER_WAVES * slots
 
 
 def _union_splits(pairs: int, sms: int) -> int:
@@ -1584,7 +1576,7 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
                    em=None, unions=None, grouped=False, early=False):
     """``unions`` (with the block top-m in warp mode, _pair_records): also each pair of rows' union
     of blocks, as the union kernel reads it (``grouped``: in its SPLIT_ROWS order); ``early``: the
-    warp-mode block top-m triggers the launch after it at its start (_topm_triggers)."""
+    warp-mode block top-m triggers the launch after it at its start (_refine_plan's `early`)."""
     em = em or _DIRECT
     T, H, D = q.shape
     nb = pooled.shape[0]
@@ -1640,7 +1632,7 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
         em.fill(out, -1)
         return out
     plan = plan or _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx)
-    name, smem, n, chunk, launches, grouped = plan
+    name, smem, n, chunk, launches, grouped, _ = plan
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
     ptr = em.ptr
@@ -1681,12 +1673,12 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     # the refinement's plan, asked once here (its pairs decide the block top-m's records); none for
     # an empty call, where _refine plans nothing
     plan = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx) if T > 0 and S > 0 else None
-    grouped = plan[-1] if plan else None
+    grouped, early = plan[5:] if plan else (None, False)
     unions = None
     if _pair_records(nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
     _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
-                   bool(grouped), _topm_triggers(plan, ctx))
+                   bool(grouped), early)
     _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
             ws, ctx, em, unions, plan)
 

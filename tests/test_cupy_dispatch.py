@@ -132,8 +132,8 @@ def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
         topm, union = fake.launches[2], fake.launches[3]
         assert union.grid == ({1024: 1345, 2048: 1552, 4096: 2881}[T], 1)
         assert _value(topm.args[-1]) == early, T
-    # 33 pairs x 4 shares = 132 CTAs: a third of a wave
-    for waves, early in ((0.0, 0), (0.3, 1), (0.4, 0), (1.0, 0)):
+    # 33 pairs x 4 shares = 132 CTAs: a third of a wave (at least that many waves: exactly a third)
+    for waves, early in ((0.0, 0), (0.3, 1), (132 / 396, 1), (0.4, 0), (1.0, 0)):
         monkeypatch.setattr(cb, "TOPM_TRIGGER_WAVES", waves)
         fake.launches.clear()
         _hisa(T=65, m=8)

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAM
 // R keys per lane (rows of at most 32 R blocks: 8, 16 or 32, cupy_backend._warp_keys_per_lane);
 // with `unions` (not null) also the pairs' records of the union path (grouped: its block order);
 // the threshold search bounded by the lanes' second largest keys (row_select_warp's BOUND);
-// `early`: triggers the launch after it, the union kernel, at its start (cupy_backend._topm_triggers)
+// `early`: triggers the launch after it, the union kernel, at its start (cupy_backend._refine_plan)
 template <int R>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows, int* unions,
                                                                                 int grouped, int early) {

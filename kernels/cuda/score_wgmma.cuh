@@ -494,8 +494,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         head_weights<N, H, ROWS, true>(weights, live, trow, lane, wt);
         // only now does the CTA wait for the kernel before it (common.cuh): q, the head weights
         // and the row ranges are the call's inputs, so a CTA launched early (the pool triggers
-        // the block scores at its start) has its q loads in flight before that kernel ends; on
-        // the other paths the wait has returned by then. Dense's kernels wait at their start.
+        // the block scores at its start, the block top-m the union kernel where the host asks)
+        // has its q loads in flight before that kernel ends; elsewhere the wait has returned by
+        // then. Dense's kernels wait at their start.
         grid_dependency_sync();
     }
     const int nb = (S + B - 1) / B;
