@@ -99,6 +99,10 @@ POOL_FIXED_SIZE = 128
 #: against 8, the same at T = 4096 (bench/NOTES.md, v9). 2 rather than 1: the same launches on
 #: that grid, and two CTAs per SM (what the score kernels fit) for mid-sized T. A knob for bench/
 SCORE_CTAS_PER_SM = 2
+#: the block scores of 16-bit pooled keys on the wgmma engine with ROWS * H = 128 (block_select.cu's
+#: HALF): key tiles in two half-tile buffers and one accumulator set, three CTAs per SM (68 KB, at
+#: most 168 registers) instead of two (102 KB, ~215 registers). A knob for bench/ and the GPU tests
+BLOCK_SCORE_HALF = False
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -404,6 +408,8 @@ def kernel_instances():
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
             out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
+            if engine in (ENGINE_BF16, ENGINE_F16) and (engine, kdt) in _ASYNC_KEYS and rows * h == 128:
+                out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}, 1>"))
             if qdt == kdt or (engine, kdt) == (ENGINE_F16, DT_F16):
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
                 if rows * h == 128 and h == 64:
@@ -1258,12 +1264,20 @@ def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
     if rows:
         smem = _wgmma_smem(engine, H, D, rows, kdt=kdt)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
+        if kernel == "block_score_kernel" and _block_score_half(engine, kdt, H, rows):
+            return name + f", {rows}, 1>", smem - 2 * (SCORE_TILE // 2) * D * 2, rows
         name += f", {rows}>" if shared_keys else ">"
         return name, smem, rows
     rows = _rows_per_cta(engine, kdt, H, shared_keys)
     smem = _score_smem(engine, kdt, H, D, rows)
     name = f"{kernel}<{engine}, {qdt}, {kdt}, {H}, {D}" + (f", {rows}>" if shared_keys else ">")
     return name, smem, rows
+
+
+def _block_score_half(engine: int, kdt: int, H: int, rows: int) -> bool:
+    """Whether the block scores take block_score_wgmma_kernel's HALF form (BLOCK_SCORE_HALF):
+    16-bit pooled keys in the engine's own type, ROWS * H = 128."""
+    return BLOCK_SCORE_HALF and engine in (ENGINE_BF16, ENGINE_F16) and (engine, kdt) in _ASYNC_KEYS and rows * H == 128
 
 
 def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
@@ -1294,7 +1308,7 @@ def _knobs():
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
-            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS)
+            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF)
 
 
 def _keep_plan(key, plan):
