@@ -99,6 +99,16 @@ POOL_FIXED_SIZE = 128
 #: against 8, the same at T = 4096 (bench/NOTES.md, v9). 2 rather than 1: the same launches on
 #: that grid, and two CTAs per SM (what the score kernels fit) for mid-sized T. A knob for bench/
 SCORE_CTAS_PER_SM = 2
+#: the block scores of 16-bit pooled keys on the wgmma engine with ROWS * H = 128 in block_select.cu's
+#: HALF form: key tiles in two half-tile buffers and one accumulator set, three CTAs per SM (68 KB, 168
+#: registers) instead of two (102 KB, 224 registers). Three CTAs hide more of each one's set-up (q's
+#: staging) but keep only half a tile in flight: on an H200 (bench/NOTES.md, session 39) the kernel
+#: took 56.6 -> 50.3 us at 32K / 4096 (2 tiles per CTA) and 84.5 -> 81.9 at 64K / 4096 (4 tiles), but
+#: 140.5 -> 144.9 at 128K / 4096 (8 tiles) and 39.3 -> 46 at 128K / 1024 (8 tiles, 1.3 waves). 0:
+#: never, 1: wherever the form applies, 2: where a CTA has at most BLOCK_SCORE_HALF_MAX_TILES tiles and
+#: the launch at least two waves (_block_score_half)
+BLOCK_SCORE_HALF = 2
+BLOCK_SCORE_HALF_MAX_TILES = 4
 #: hisa_select's refinement scores pairs of neighbouring rows over the union of their blocks
 #: (wgmma engine only; a knob for bench/ and the GPU tests)
 USE_UNION_PAIRS = True
@@ -404,6 +414,8 @@ def kernel_instances():
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
             out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
+            if engine in (ENGINE_BF16, ENGINE_F16) and (engine, kdt) in _ASYNC_KEYS and rows * h == 128:
+                out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}, 1>"))
             if qdt == kdt or (engine, kdt) == (ENGINE_F16, DT_F16):
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
                 if rows * h == 128 and h == 64:
@@ -1266,6 +1278,20 @@ def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
     return name, smem, rows
 
 
+def _block_score_half(name: str, rows: int, H: int, tiles_per_cta: int, ctas: int, sms: int) -> bool:
+    """Whether a block-score launch of ``ctas`` CTAs of ``tiles_per_cta`` key tiles takes
+    block_score_wgmma_kernel's HALF form (``name``: the kernel its operands take): the wgmma engine
+    on 16-bit pooled keys in its own type, ROWS * H = 128, and BLOCK_SCORE_HALF: 1 always, 2 where
+    a CTA scores at most BLOCK_SCORE_HALF_MAX_TILES tiles and the launch fills at least two waves of
+    three CTAs per SM."""
+    if not BLOCK_SCORE_HALF or not name.startswith("block_score_wgmma_kernel<") or rows * H != 128:
+        return False
+    engine, _, kdt = (int(x) for x in name[name.index("<") + 1:].split(",")[:3])
+    if engine not in (ENGINE_BF16, ENGINE_F16) or (engine, kdt) not in _ASYNC_KEYS:
+        return False
+    return BLOCK_SCORE_HALF == 1 or (tiles_per_cta <= BLOCK_SCORE_HALF_MAX_TILES and ctas >= 2 * 3 * sms)
+
+
 def _score_kernel(filename, kernel, q, keys, H, D, *, shared_keys):
     """(function, dynamic smem bytes, rows per CTA) of a score_tile kernel for these operands."""
     key = ("score", filename, kernel, q.dtype, keys.dtype, H, D, shared_keys, _plan_context())
@@ -1294,7 +1320,7 @@ def _knobs():
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
-            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS)
+            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES)
 
 
 def _keep_plan(key, plan):
@@ -1329,6 +1355,8 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
     name, smem, rows = _score_instance("block_select.cu", "block_score_kernel", q, pooled, H, D, True)
     ntiles = -(-nb // SCORE_TILE)
     tpc = _tiles_per_cta(ntiles, T // rows)
+    if _block_score_half(name, rows, H, tpc, -(-ntiles // tpc) * -(-T // rows), _device_facts(_device_id())["sms"]):
+        name, smem = name[:-1] + ", 1>", smem - 2 * (SCORE_TILE // 2) * D * 2  # two half-tile key buffers
     head = (_i32(T), _i32(seq_len), _i32(block_size), _i32(nb))
     launches = []
     for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):

@@ -692,7 +692,13 @@ def test_profile_run_ab(monkeypatch, capsys):
         setattr(cupy_backend, name, int(value))
 
     before = cupy_backend.UNION_FINE_TAIL_SPLITS
-    profile_run.run_ab(["default", "UNION_FINE_TAIL_SPLITS=0,UNION_SPLITS=2"], 2, set_knob, lambda: None, 20)
+    warm = []
+
+    def call():  # each setting is called once before the rounds (its kernels loaded, its plans made)
+        warm.append((cupy_backend.UNION_FINE_TAIL_SPLITS, cupy_backend.UNION_SPLITS))
+
+    profile_run.run_ab(["default", "UNION_FINE_TAIL_SPLITS=0,UNION_SPLITS=2"], 2, set_knob, call, 20)
+    assert warm[:2] == [(before, 0), (0, 2)]
     assert seen == [(before, 0), (0, 2), (0, 2), (before, 0)]
     assert cupy_backend.UNION_FINE_TAIL_SPLITS == before and cupy_backend.UNION_SPLITS == 0
     out = capsys.readouterr().out.splitlines()

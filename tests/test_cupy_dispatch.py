@@ -191,6 +191,38 @@ def test_union_layout(monkeypatch):
     assert [_value(a) for a in union.args[-3:]] == [393, 1, 8] and union.grid == (393 + 119 * 8, 1)
 
 
+def test_block_score_half_form(monkeypatch):
+    # BLOCK_SCORE_HALF = 2 (the default): block_score_wgmma_kernel's HALF form (one more template
+    # argument, 2 x 64 rows x 256 bytes less shared memory) where a CTA scores at most 4 key tiles
+    # and the launch fills two waves of three CTAs per SM (792 CTAs on 132 SMs): T = 4096 at 32K keys
+    # (2 tiles per CTA, 2048 CTAs) and 64K (4 tiles), not 128K (8 tiles) nor T = 512 at 32K (256 CTAs)
+    fake = _Fake(monkeypatch, cc=90)
+    assert cb.BLOCK_SCORE_HALF == 2 and cb.BLOCK_SCORE_HALF_MAX_TILES == 4
+    full = cb._wgmma_smem(cb.ENGINE_BF16, 64, 128, 2)
+    for S, T, half in ((32768, 4096, True), (65536, 4096, True), (131072, 4096, False), (32768, 512, False),
+                       (32768, 1584, True), (32768, 1582, False)):
+        fake.launches.clear()
+        _hisa(T=T, S=S, m=16)
+        blocks = fake.launches[1]
+        expect = "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2" + (", 1>" if half else ">")
+        assert blocks.name == expect, (S, T)
+        assert blocks.smem == (full - 2 * 64 * 256 if half else full)
+    # the rule itself: the tiles, the waves (boundaries included), the knob's modes, the forms it
+    # does not apply to (fp8 pooled keys on the register-A path, N = 64, the mma.sync engine)
+    name = "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>"
+    assert cb._block_score_half(name, 2, 64, 4, 792, 132)
+    assert not cb._block_score_half(name, 2, 64, 5, 4096, 132)
+    assert not cb._block_score_half(name, 2, 64, 4, 791, 132)
+    assert cb._block_score_half("block_score_wgmma_kernel<2, 2, 2, 128, 128, 1>", 1, 128, 1, 792, 132)
+    assert not cb._block_score_half("block_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", 2, 64, 1, 4096, 132)
+    assert not cb._block_score_half("block_score_wgmma_kernel<1, 0, 1, 32, 128, 2>", 2, 32, 1, 4096, 132)
+    assert not cb._block_score_half("block_score_kernel<1, 0, 1, 64, 128, 2>", 2, 64, 1, 4096, 132)
+    monkeypatch.setattr(cb, "BLOCK_SCORE_HALF", 1)
+    assert cb._block_score_half(name, 2, 64, 8, 100, 132)
+    monkeypatch.setattr(cb, "BLOCK_SCORE_HALF", 0)
+    assert not cb._block_score_half(name, 2, 64, 1, 4096, 132)
+
+
 def test_union_fine_tail(monkeypatch):
     # the last round(0.3 * slots) pairs (119 of 396 slots) in 8 shares, the others whole, where the
     # whole pairs fill their last wave at least 3/4: 393 of 396 at 512 pairs, 4.87 waves at 2048,

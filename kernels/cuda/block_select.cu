@@ -15,14 +15,16 @@ __global__ void __launch_bounds__(SCORE_THREADS) block_score_kernel(
                                                            nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
-// the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only
-template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS>
-__global__ void __launch_bounds__(SCORE_THREADS) block_score_wgmma_kernel(
+// the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only. HALF (16-bit pooled keys,
+// ROWS * H = 128; cupy_backend.BLOCK_SCORE_HALF): half-tile key buffers and one accumulator set,
+// three CTAs per SM (score_tile_wgmma's HALF)
+template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS, int HALF = 0>
+__global__ void __launch_bounds__(SCORE_THREADS, HALF ? 3 : 0) block_score_wgmma_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
     const int* ke, int T, int S, int B, int nb, int row0, int nrows, u32* out, long long ld, int tiles_per_cta) {
     // score_tile_wgmma waits for the pool (grid_dependency_sync) after its q loads
-    score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS>(q, pooled, weights, pscale, ks, ke, nullptr, T, S,
-                                                                 B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
+    score_tile_wgmma<ENGINE, QDT, PDT, H, D, ITEMS_BLOCKS, ROWS, false, HALF != 0>(
+        q, pooled, weights, pscale, ks, ke, nullptr, T, S, B, 0, nb, 0, row0, nrows, out, ld, tiles_per_cta);
 }
 
 __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAMS) {

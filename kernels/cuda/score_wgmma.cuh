@@ -317,7 +317,7 @@ struct UnionShare {
     int part, parts;
 };
 
-template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false>
+template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false, bool HALF = false>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
@@ -339,11 +339,18 @@ __device__ __forceinline__ void score_tile_wgmma(
     constexpr bool SPLIT_ROWS = Shape::FP8A && UNION && H == 64;
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
     constexpr int QB = DType<QDT>::bytes, EB = Shape::EB;
+    // HALF (block_score_wgmma_kernel's, 16-bit keys, N = 128): the key tiles stream through two
+    // buffers of one 64-item half each (half h of every tile in buffer h) and one accumulator set
+    // serves both halves, so a CTA takes 68 KB and at most 168 registers: three CTAs per SM
+    // instead of two (the two-buffer, two-set loop below keeps a tile's halves in flight at once)
+    constexpr bool HALF_BUFS = HALF && ITEMS == ITEMS_BLOCKS && !Shape::FP8A && EB == 2 && N == 128 && NBUF == 2;
+    static_assert(!HALF || HALF_BUFS, "half-tile buffers: the block scores of 16-bit keys, N = 128");
+    constexpr int KBUF = HALF_BUFS ? Shape::K_BYTES / 2 : Shape::K_BYTES;  // bytes per key buffer
     extern __shared__ __align__(16) char smem[];
     char* base = smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u);
     char* sQ = base;                                          // [N rows] operand tile
-    char* sK = sQ + Shape::Q_BYTES;                           // [NBUF][SCORE_TILE rows]
-    u32* sFlag = reinterpret_cast<u32*>(sK + NBUF * Shape::K_BYTES);   // [NBUF][ROWS][SCORE_TILE]
+    char* sK = sQ + Shape::Q_BYTES;                           // [NBUF][SCORE_TILE rows] (HALF: 64 rows)
+    u32* sFlag = reinterpret_cast<u32*>(sK + NBUF * KBUF);    // [NBUF][ROWS][SCORE_TILE]
     float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
     // union path only: output column of each (row, item) [NBUF][ROWS][SCORE_TILE] (-1: not the
     // row's candidate), both rows' block lists [2][m], the union's blocks and their index in
@@ -774,8 +781,40 @@ __device__ __forceinline__ void score_tile_wgmma(
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
         cp_async_commit();
     };
+    // HALF: tile j's flags (and key scales) into meta slot ms, and its half h's key rows into
+    // buffer h (64 rows: each warp copies 16, four whole rows per instruction, as stage does; a
+    // row's 8-row swizzle phase is the same in the half as in the tile)
+    auto stage_meta = [&](int j, int ms) {
+        u32 f[ROWS];
+        int col[ROWS];
+        const int row = map_item(j * SCORE_TILE + tid, f, col);
 #pragma unroll
-    for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
+        for (int r = 0; r < ROWS; ++r) sFlag[(ms * ROWS + r) * SCORE_TILE + tid] = f[r];
+        if (kscale) cp_async4(smem_addr(sScale + ms * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
+    };
+    auto stage_half = [&](int j, int h) {
+        u32 f[ROWS];
+        int col[ROWS];
+        const int row = map_item(j * SCORE_TILE + h * 64 + warp * 16 + (lane & 15), f, col);
+        const u32 dst_warp = sK0 + (u32)(h * KBUF) + (u32)(warp * 16 * 128);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const int rl = 4 * s + rq;  // the row among the warp's 16
+            const int rw = __shfl_sync(0xFFFFFFFFu, row, rl);
+            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub8 * 16 : 0);
+            const u32 dst = dst_warp + (u32)(rl * 128) + (u32)((sub8 ^ (rl & 7)) << 4);
+#pragma unroll
+            for (int p = 0; p < 2; ++p) cp_async16(dst + p * (64 * 128), src + p * 128, rw >= 0);
+        }
+    };
+    if constexpr (HALF_BUFS) {
+        stage_meta(j_first, 0);
+        stage_half(j_first, 0);
+        cp_async_commit();
+    } else {
+#pragma unroll
+        for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, s);
+    }
 
     // the other paths convert their prefetched q into the operand rows r * H + h while the first
     // key tiles' copies are in flight (ncu, block scores at 128K/4096, before any prefetch: the
@@ -961,6 +1000,48 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
         for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
         for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
+    } else if constexpr (HALF_BUFS) {
+        // one accumulator set, the halves one after the other: half 1's copy runs under half 0's
+        // MMAs and head sums, and the next tile's half 0 under half 1's (one barrier per half:
+        // its copy has landed, and every warp's MMAs on the other buffer are done). Each half's
+        // descriptors are its buffer's base plus constants
+        auto issue_half = [&](float (&a)[N / 2], int h) {
+            const u32 kt = k_lo + (u32)(h * (KBUF >> 4));
+            wgmma_fence();  // a was just read (the head sums of the other half)
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk)
+                Wgmma<ENGINE, N>::run(a, kt + (u32)(((kk >> 2) * (64 * 128) + (kk & 3) * 32) >> 4),
+                                      q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);
+            wgmma_commit();
+        };
+        for (int j = j_first; j < j_stop; ++j) {
+            const int ms = (j - j_first) & 1;  // tile j's meta slot
+            cp_async_wait<0>();  // half 0 of tile j (and its scales) has landed
+            fence_async_smem();
+            // ... for every thread; and every warp is done with buffer 1 (tile j - 1's half 1)
+            // and with meta slot 1 - ms (tile j - 1's keys)
+            __syncthreads();
+            stage_half(j, 1);
+            cp_async_commit();
+            float s0[ROWS][2], s1[ROWS][2];
+            issue_half(acc[0], 0);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc[0]);
+            head_sums(acc[0], s0);
+            cp_async_wait<0>();  // half 1 has landed
+            fence_async_smem();
+            __syncthreads();  // ... for every thread; every warp's MMAs on buffer 0 are done
+            if (j + 1 < j_stop) {
+                stage_meta(j + 1, 1 - ms);
+                stage_half(j + 1, 0);
+            }
+            cp_async_commit();
+            issue_half(acc[0], 1);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc[0]);
+            head_sums(acc[0], s1);
+            write_keys(s0, s1, j * SCORE_TILE, ms);
+        }
     } else if constexpr (ITEMS == ITEMS_BLOCKS && !Shape::FP8A && NBUF == 2) {
         // block scores (both operands in shared memory, two buffers): two tiles per iteration,
         // the first in buffer 0 and the second in buffer 1 (tile j_first + i in buffer i % 2), so

@@ -590,3 +590,42 @@ def test_programmatic_dependent_launch(cuda_device, monkeypatch):
                 np.testing.assert_array_equal(to_np(vals), ref_v)
         expect_pdl = use and cupy_backend._device_facts(cupy_backend._device_id())["cc"] >= 90
         assert (pdl[0] > 0) == expect_pdl, (use, pdl[0])
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
+@pytest.mark.parametrize("H", [64, 128])
+def test_block_score_half_buffers(cuda_device, monkeypatch, launched_kernels, dtype, H):
+    # BLOCK_SCORE_HALF: the block scores of 16-bit pooled keys (ROWS * H = 128) stream their key
+    # tiles through two half-tile buffers with one accumulator set (three CTAs per SM). Each half's
+    # MMA is the same instruction on the same operands as in the two-set loop, so the ranking keys
+    # are the same bits on any input: exact inputs (ragged rows, an odd T: a CTA's second row
+    # empty, rows of 512 blocks: four tiles, several per CTA, causal tiles skipped) against the
+    # reference, and the workspace's keys of both forms compared word for word, also on general
+    # fp8 inputs. The launched kernels show which form ran.
+    from hisa_cupy.kernels import cupy_backend
+
+    hopper = cuda_device.compute_capability == "90"
+    S = 65536
+    inp = testing.exact_inputs(37, S, H, 128, dtype=dtype, seed=H + 5, ragged=True)
+    w = workloads.make_workload("segments", seq_len=32768, num_queries=64, seed=4)
+    ref = reference.select_blocks(inp["q"], reference.pool_keys(inp["k"], inp["k_scale"])[0], inp["weights"],
+                                  ks=inp["ks"], ke=inp["ke"], block_topk=16, seq_len=S)
+    keys = {}
+    for half in (0, 1):  # never, wherever the form applies (the default's shape rule aside)
+        monkeypatch.setattr(cupy_backend, "BLOCK_SCORE_HALF", half)
+        launched_kernels.clear()
+        for name, data, seq in (("exact", inp, S), ("general", w, 32768)):
+            d = data if isinstance(data, dict) else dict(q=data.q, k=data.k, weights=data.weights,
+                                                           k_scale=data.k_scale, ks=data.ks, ke=data.ke)
+            pooled, _ = hisa_cupy.pool_keys(to_torch(d["k"]), k_scale=to_torch(d["k_scale"]), backend="cupy")
+            got = hisa_cupy.select_blocks(to_torch(d["q"]), pooled, to_torch(d["weights"]), ks=to_torch(d["ks"]),
+                                          ke=to_torch(d["ke"]), block_topk=16, seq_len=seq, backend="cupy")
+            torch.cuda.synchronize()
+            ws = cupy_backend.workspace(torch.cuda.current_stream().cuda_stream)
+            keys[half, name] = to_np(ws.get("block_keys", (d["q"].shape[0], -(-seq // 128)), np.uint32)).copy()
+            if name == "exact":
+                testing.assert_selection_equal(got, ref, err_msg=f"half {half}")
+        halves = [n for n in launched_kernels if n.startswith("block_score_wgmma_kernel") and n.count(",") == 6]
+        assert bool(halves) == bool(half and hopper), launched_kernels
+    for name in ("exact", "general"):
+        np.testing.assert_array_equal(keys[1, name], keys[0, name], err_msg=name)
