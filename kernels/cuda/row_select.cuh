@@ -1082,7 +1082,7 @@ __device__ void row_select_warp(const SelectArgs& a, int rows, int* unions = nul
             thr = mn;
             need = k;
         } else {
-            const int top = 31 - __clz((int)(BOUND ? lo ^ hi : diff));  // lo < hi here
+            const int top = 31 - __clz((int)(lo ^ hi));  // lo < hi here (without BOUND: mn and mx)
             u32 prefix = lo & ~((2u << top) - 1u);  // (2u << 31) wraps to 0: no shared bits
             bool exact = false;
             for (int bit = top; bit >= 0; --bit) {

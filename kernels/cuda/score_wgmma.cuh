@@ -631,6 +631,8 @@ __device__ __forceinline__ void score_tile_wgmma(
             }
         }
         n_union = len[0] + len[1] - common;
+        // parts 0 does not occur (every union CTA passes its share), but without this fallback
+        // ptxas scheduled the union kernel 1-2% slower (H200, bench/NOTES.md, session 39)
         const int part = share.parts > 0 ? share.part : (int)blockIdx.x;
         const int parts = share.parts > 0 ? share.parts : (int)gridDim.x;
         // list entries past a row's valid blocks hold no candidates
