@@ -1278,16 +1278,17 @@ def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
     return name, smem, rows
 
 
-def _block_score_half(name: str, rows: int, H: int, tiles_per_cta: int, ctas: int, sms: int) -> bool:
+def _block_score_half(engine: int, kdt: int, wgmma_rows: int, H: int, tiles_per_cta: int, ctas: int,
+                      sms: int) -> bool:
     """Whether a block-score launch of ``ctas`` CTAs of ``tiles_per_cta`` key tiles takes
-    block_score_wgmma_kernel's HALF form (``name``: the kernel its operands take): the wgmma engine
-    on 16-bit pooled keys in its own type, ROWS * H = 128, and BLOCK_SCORE_HALF: 1 always, 2 where
-    a CTA scores at most BLOCK_SCORE_HALF_MAX_TILES tiles and the launch fills at least two waves of
-    three CTAs per SM."""
-    if not BLOCK_SCORE_HALF or not name.startswith("block_score_wgmma_kernel<") or rows * H != 128:
+    block_score_wgmma_kernel's HALF form: the wgmma engine (``wgmma_rows`` > 0, _select_engine) on
+    16-bit pooled keys in its own type (dtype code ``kdt``), wgmma_rows * H = 128, and
+    BLOCK_SCORE_HALF: 1 always, 2 where a CTA scores at most BLOCK_SCORE_HALF_MAX_TILES tiles and the
+    launch fills at least two waves of three CTAs per SM (at T = 1024 the form was no faster with 1-2
+    tiles per CTA and slower with 4: bench/NOTES.md, session 39)."""
+    if not BLOCK_SCORE_HALF or wgmma_rows * H != 128 or (engine, kdt) not in _ASYNC_KEYS:
         return False
-    engine, _, kdt = (int(x) for x in name[name.index("<") + 1:].split(",")[:3])
-    if engine not in (ENGINE_BF16, ENGINE_F16) or (engine, kdt) not in _ASYNC_KEYS:
+    if engine not in (ENGINE_BF16, ENGINE_F16):
         return False
     return BLOCK_SCORE_HALF == 1 or (tiles_per_cta <= BLOCK_SCORE_HALF_MAX_TILES and ctas >= 2 * 3 * sms)
 
@@ -1355,7 +1356,10 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
     name, smem, rows = _score_instance("block_select.cu", "block_score_kernel", q, pooled, H, D, True)
     ntiles = -(-nb // SCORE_TILE)
     tpc = _tiles_per_cta(ntiles, T // rows)
-    if _block_score_half(name, rows, H, tpc, -(-ntiles // tpc) * -(-T // rows), _device_facts(_device_id())["sms"]):
+    facts = _device_facts(_device_id())
+    kdt = _dt_code(pooled)
+    engine, wrows = _select_engine(_dt_code(q), kdt, H, D, facts["cc"], True)
+    if _block_score_half(engine, kdt, wrows, H, tpc, -(-ntiles // tpc) * -(-T // rows), facts["sms"]):
         name, smem = name[:-1] + ", 1>", smem - 2 * (SCORE_TILE // 2) * D * 2  # two half-tile key buffers
     head = (_i32(T), _i32(seq_len), _i32(block_size), _i32(nb))
     launches = []

@@ -209,18 +209,19 @@ def test_block_score_half_form(monkeypatch):
         assert blocks.smem == (full - 2 * 64 * 256 if half else full)
     # the rule itself: the tiles, the waves (boundaries included), the knob's modes, the forms it
     # does not apply to (fp8 pooled keys on the register-A path, N = 64, the mma.sync engine)
-    name = "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>"
-    assert cb._block_score_half(name, 2, 64, 4, 792, 132)
-    assert not cb._block_score_half(name, 2, 64, 5, 4096, 132)
-    assert not cb._block_score_half(name, 2, 64, 4, 791, 132)
-    assert cb._block_score_half("block_score_wgmma_kernel<2, 2, 2, 128, 128, 1>", 1, 128, 1, 792, 132)
-    assert not cb._block_score_half("block_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", 2, 64, 1, 4096, 132)
-    assert not cb._block_score_half("block_score_wgmma_kernel<1, 0, 1, 32, 128, 2>", 2, 32, 1, 4096, 132)
-    assert not cb._block_score_half("block_score_kernel<1, 0, 1, 64, 128, 2>", 2, 64, 1, 4096, 132)
+    bf16 = (cb.ENGINE_BF16, cb.DT_BF16)
+    assert cb._block_score_half(*bf16, 2, 64, 4, 792, 132)
+    assert not cb._block_score_half(*bf16, 2, 64, 5, 4096, 132)
+    assert not cb._block_score_half(*bf16, 2, 64, 4, 791, 132)
+    assert cb._block_score_half(cb.ENGINE_F16, cb.DT_F16, 1, 128, 1, 792, 132)
+    assert not cb._block_score_half(cb.ENGINE_F16, cb.DT_E4M3, 2, 64, 1, 4096, 132)
+    assert not cb._block_score_half(*bf16, 2, 32, 1, 4096, 132)
+    assert not cb._block_score_half(*bf16, 0, 64, 1, 4096, 132)
+    assert not cb._block_score_half(cb.ENGINE_E4M3, cb.DT_E4M3, 2, 64, 1, 4096, 132)
     monkeypatch.setattr(cb, "BLOCK_SCORE_HALF", 1)
-    assert cb._block_score_half(name, 2, 64, 8, 100, 132)
+    assert cb._block_score_half(*bf16, 2, 64, 8, 100, 132)
     monkeypatch.setattr(cb, "BLOCK_SCORE_HALF", 0)
-    assert not cb._block_score_half(name, 2, 64, 1, 4096, 132)
+    assert not cb._block_score_half(*bf16, 2, 64, 1, 4096, 132)
 
 
 def test_union_fine_tail(monkeypatch):
