@@ -729,6 +729,20 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int pair = lane >> 1, sub = lane & 1;
     const int sub8 = lane & 7, rq = lane >> 3;
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
+    // 16-bit key rows (WHOLE_ROWS), four whole rows per instruction: lane l copies chunk l % 8 of
+    // each 128-byte panel of row 4 s + l / 8 of the warp's `rows` rows, which start at dst_warp in a
+    // buffer whose panels lie `panel` bytes apart; row: the key row of lane rl's item (-1: none)
+    auto copy_whole_rows = [&](u32 dst_warp, int row, int rows, int panel) {
+#pragma unroll
+        for (int s = 0; s < rows / 4; ++s) {
+            const int rl = 4 * s + rq;  // the row among the warp's
+            const int rw = __shfl_sync(0xFFFFFFFFu, row, rl);
+            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub8 * 16 : 0);
+            const u32 dst = dst_warp + (u32)(rl * 128) + (u32)((sub8 ^ (rl & 7)) << 4);
+#pragma unroll
+            for (int p = 0; p < 2; ++p) cp_async16(dst + p * panel, src + p * 128, rw >= 0);
+        }
+    };
     auto stage = [&](int j, int slot) {
         if constexpr (BULK) {
             // dense fp8 keys: only the key tile (flags and scales come in write_keys); thread 0:
@@ -758,16 +772,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             if (UNION) sDst[(slot * ROWS + r) * SCORE_TILE + tid] = col[r];
         }
         if constexpr (WHOLE_ROWS) {
-            const u32 dst_warp = sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128);
-#pragma unroll
-            for (int s = 0; s < 8; ++s) {
-                const int rl = 4 * s + rq;  // the row among the warp's 32
-                const int rw = __shfl_sync(0xFFFFFFFFu, row, rl);
-                const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub8 * 16 : 0);
-                const u32 dst = dst_warp + (u32)(rl * 128) + (u32)((sub8 ^ (rl & 7)) << 4);
-#pragma unroll
-                for (int p = 0; p < 2; ++p) cp_async16(dst + p * (SCORE_TILE * 128), src + p * 128, rw >= 0);
-            }
+            copy_whole_rows(sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128), row, 32, SCORE_TILE * 128);
         } else {
             const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
@@ -798,16 +803,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         u32 f[ROWS];
         int col[ROWS];
         const int row = map_item(j * SCORE_TILE + h * 64 + warp * 16 + (lane & 15), f, col);
-        const u32 dst_warp = sK0 + (u32)(h * KBUF) + (u32)(warp * 16 * 128);
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            const int rl = 4 * s + rq;  // the row among the warp's 16
-            const int rw = __shfl_sync(0xFFFFFFFFu, row, rl);
-            const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub8 * 16 : 0);
-            const u32 dst = dst_warp + (u32)(rl * 128) + (u32)((sub8 ^ (rl & 7)) << 4);
-#pragma unroll
-            for (int p = 0; p < 2; ++p) cp_async16(dst + p * (64 * 128), src + p * 128, rw >= 0);
-        }
+        copy_whole_rows(sK0 + (u32)(h * KBUF) + (u32)(warp * 16 * 128), row, 16, 64 * 128);
     };
     if constexpr (HALF_BUFS) {
         stage_meta(j_first, 0);
