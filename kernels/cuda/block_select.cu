@@ -17,7 +17,8 @@ __global__ void __launch_bounds__(SCORE_THREADS) block_score_kernel(
 
 // the same on Hopper: wgmma engine (score_wgmma.cuh), sm_90a only. HALF (16-bit pooled keys,
 // ROWS * H = 128; cupy_backend.BLOCK_SCORE_HALF): half-tile key buffers and one accumulator set,
-// three CTAs per SM (score_tile_wgmma's HALF)
+// three CTAs per SM (score_tile_wgmma's HALF). The other instances ask no minimum (0): asked for
+// one, ptxas allocated their registers differently (nvdisasm)
 template <int ENGINE, int QDT, int PDT, int H, int D, int ROWS, int HALF = 0>
 __global__ void __launch_bounds__(SCORE_THREADS, HALF ? 3 : 0) block_score_wgmma_kernel(
     const void* q, const void* pooled, const float* weights, const float* pscale, const int* ks,
