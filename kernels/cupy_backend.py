@@ -414,7 +414,7 @@ def kernel_instances():
             args = f"{engine}, {qdt}, {kdt}, {h}, 128"
             rows = _wgmma_rows(engine, kdt, h, 128, 90, True)
             out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}>"))
-            if engine in (ENGINE_BF16, ENGINE_F16) and (engine, kdt) in _ASYNC_KEYS and rows * h == 128:
+            if (engine, kdt) in _HALF_KEYS and rows * h == 128:
                 out.append(("block_select.cu", f"block_score_wgmma_kernel<{args}, {rows}, 1>"))
             if qdt == kdt or (engine, kdt) == (ENGINE_F16, DT_F16):
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
@@ -487,6 +487,9 @@ def choose_engine(qdt: int, kdt: int, cc: int) -> int:
 _ASYNC_KEYS = ((ENGINE_E4M3, DT_E4M3), (ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16))
 #: (engine, key dtype) of the wgmma engine's register-A path: e4m3 key tiles converted in registers
 _FP8A_KEYS = (ENGINE_F16, DT_E4M3)
+#: (engine, pooled key dtype) of the block scores' HALF form (block_score_wgmma_kernel): 16-bit keys
+#: in the engine's own type, both operands in shared memory
+_HALF_KEYS = ((ENGINE_BF16, DT_BF16), (ENGINE_F16, DT_F16))
 
 
 def _score_smem(engine: int, kdt: int, H: int, D: int, rows: int) -> int:
@@ -512,17 +515,20 @@ def _wgmma_rows(engine: int, kdt: int, H: int, D: int, cc: int, shared_keys: boo
     return rows if rows * H in (64, 128) else 0
 
 
-def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0, kdt: int | None = None) -> int:
+def _wgmma_smem(engine: int, H: int, D: int, rows: int, union_m: int = 0, kdt: int | None = None,
+                half: bool = False) -> int:
     """Dynamic shared memory of score_tile_wgmma (WgmmaShape::SMEM in score_wgmma.cuh); union_m:
     blocks per row on the union path (refine_union_wgmma_kernel), 0 elsewhere; kdt: the keys'
-    dtype code (None: the engine's own type; e4m3 keys on the f16 engine stay 1 byte per element)."""
+    dtype code (None: the engine's own type; e4m3 keys on the f16 engine stay 1 byte per element);
+    half: the block scores' HALF form (key buffers of half a tile each, score_tile_wgmma's KBUF)."""
     rowb = D * (1 if engine == ENGINE_E4M3 else 2)
     krowb = D if (engine, kdt) == _FP8A_KEYS else rowb
     nbuf = 3 if union_m and rowb == D else 2
     meta = nbuf * SCORE_TILE * 4 * (1 + rows + (rows if union_m else 0))
     lists = (8 * union_m + 32) * 4 if union_m else 0
+    buffer_rows = SCORE_TILE // 2 if half else SCORE_TILE
     # + one mbarrier per key buffer (dense: bulk copies of its key tiles)
-    return 1024 + rows * H * rowb + nbuf * SCORE_TILE * krowb + meta + lists + 8 * nbuf
+    return 1024 + rows * H * rowb + nbuf * buffer_rows * krowb + meta + lists + 8 * nbuf
 
 
 def _select_engine(qdt: int, kdt: int, H: int, D: int, cc: int, shared_keys: bool):
@@ -1286,9 +1292,7 @@ def _block_score_half(engine: int, kdt: int, wgmma_rows: int, H: int, tiles_per_
     BLOCK_SCORE_HALF: 1 always, 2 where a CTA scores at most BLOCK_SCORE_HALF_MAX_TILES tiles and the
     launch fills at least two waves of three CTAs per SM (at T = 1024 the form was no faster with 1-2
     tiles per CTA and slower with 4: bench/NOTES.md, session 39)."""
-    if not BLOCK_SCORE_HALF or wgmma_rows * H != 128 or (engine, kdt) not in _ASYNC_KEYS:
-        return False
-    if engine not in (ENGINE_BF16, ENGINE_F16):
+    if not BLOCK_SCORE_HALF or wgmma_rows * H != 128 or (engine, kdt) not in _HALF_KEYS:
         return False
     return BLOCK_SCORE_HALF == 1 or (tiles_per_cta <= BLOCK_SCORE_HALF_MAX_TILES and ctas >= 2 * 3 * sms)
 
@@ -1360,7 +1364,7 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
     kdt = _dt_code(pooled)
     engine, wrows = _select_engine(_dt_code(q), kdt, H, D, facts["cc"], True)
     if _block_score_half(engine, kdt, wrows, H, tpc, -(-ntiles // tpc) * -(-T // rows), facts["sms"]):
-        name, smem = name[:-1] + ", 1>", smem - 2 * (SCORE_TILE // 2) * D * 2  # two half-tile key buffers
+        name, smem = name[:-1] + ", 1>", _wgmma_smem(engine, H, D, wrows, kdt=kdt, half=True)
     head = (_i32(T), _i32(seq_len), _i32(block_size), _i32(nb))
     launches = []
     for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
