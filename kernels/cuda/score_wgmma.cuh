@@ -343,9 +343,9 @@ __device__ __forceinline__ void score_tile_wgmma(
     // buffers of one 64-item half each (half h of every tile in buffer h) and one accumulator set
     // serves both halves, so a CTA takes 68 KB and at most 168 registers: three CTAs per SM
     // instead of two (the two-buffer, two-set loop below keeps a tile's halves in flight at once)
-    constexpr bool HALF_BUFS = HALF && ITEMS == ITEMS_BLOCKS && !Shape::FP8A && EB == 2 && N == 128 && NBUF == 2;
-    static_assert(!HALF || HALF_BUFS, "half-tile buffers: the block scores of 16-bit keys, N = 128");
-    constexpr int KBUF = HALF_BUFS ? Shape::K_BYTES / 2 : Shape::K_BYTES;  // bytes per key buffer
+    static_assert(!HALF || (ITEMS == ITEMS_BLOCKS && !Shape::FP8A && EB == 2 && N == 128 && NBUF == 2),
+                  "half-tile buffers: the block scores of 16-bit keys, N = 128");
+    constexpr int KBUF = HALF ? Shape::K_BYTES / 2 : Shape::K_BYTES;  // bytes per key buffer
     extern __shared__ __align__(16) char smem[];
     char* base = smem + ((1024u - (smem_addr(smem) & 1023u)) & 1023u);
     char* sQ = base;                                          // [N rows] operand tile
@@ -805,7 +805,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         const int row = map_item(j * SCORE_TILE + h * 64 + warp * 16 + (lane & 15), f, col);
         copy_whole_rows(sK0 + (u32)(h * KBUF) + (u32)(warp * 16 * 128), row, 16, 64 * 128);
     };
-    if constexpr (HALF_BUFS) {
+    if constexpr (HALF) {
         stage_meta(j_first, 0);
         stage_half(j_first, 0);
         cp_async_commit();
@@ -998,7 +998,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
         for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
         for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
-    } else if constexpr (HALF_BUFS) {
+    } else if constexpr (HALF) {
         // one accumulator set, the halves one after the other: half 1's copy runs under half 0's
         // MMAs and head sums, and the next tile's half 0 under half 1's (one barrier per half:
         // its copy has landed, and every warp's MMAs on the other buffer are done). Each half's
