@@ -1285,7 +1285,7 @@ __device__ __forceinline__ void cut_by_levels(const u32 (&key)[N], u32 lo, u32 h
     }
 }
 
-// The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
+// The bucket sort's last step (regs_sort_direct, regs_sort_bins): the count entries of buf lie
 // in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
 // start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
 // number of larger entries in its bucket (score, then position: exact); the entries with slots
@@ -1374,24 +1374,47 @@ struct LinearBins {
     }
 };
 
+// Bins by key below the row's largest key: key hi and the (NB << sh) - 1 keys below it spread over NB
+// equal bins ((key - lo) >> sh, lo = hi - (NB << sh) + 1, or the row's lowest key where the row
+// spans less); every key below lo goes to bin 0. Monotone in the key, so it can split a bucket
+// sort whose ties the keys settle. For fp32 scores 2^23 keys are one binade, so at sh = 14 with
+// 2048 bins the window is the four binades below the largest score: where the k-th largest lies
+// in it (the top quarter of randn rows, of uniform rows, ...), one histogram finds it and its
+// bins are the sort's buckets, with no level over the row's whole range first.
+struct WindowBins {
+    u32 lo;
+    int sh;
+    // 2^BITS bins of the keys [key_lo, key_hi] (key_lo <= key_hi): sh the smallest that holds the
+    // row's range in them, at most max_sh
+    template <int BITS>
+    __device__ __forceinline__ static WindowBins below(u32 key_lo, u32 key_hi, int max_sh) {
+        constexpr int NB = 1 << BITS;
+        const u32 span = key_hi - key_lo;
+        const int sh = min(max_sh, span < (u32)NB ? 0 : 32 - __clz((int)span) - BITS);
+        const u32 width = ((u32)NB << sh) - 1u;  // keys in the window less one (sh <= 21)
+        return WindowBins{span > width ? key_hi - width : key_lo, sh};
+    }
+    __device__ __forceinline__ int operator()(u32 key) const { return key > lo ? (int)((key - lo) >> sh) : 0; }
+};
+
 // Score order in one level (row_select_regs, fp32 scores): each key goes to one of NB
-// (<= SORT_BINS) bins by score value (LinearBins over [flo, fhi], the keys of the row's smallest and largest
-// finite scores), which serve both as the threshold level and as the bucket sort's buckets: one
+// (<= SORT_BINS) bins by `bin`, a map that never decreases as the key grows: LinearBins (by score
+// value over the row's finite scores) or WindowBins (by key below the row's largest). The bins
+// serve both as the threshold level and as the bucket sort's buckets: one
 // histogram and one scan give the bin of the k-th largest key and every bin's first slot, and the
 // keys from that bin up are scattered and ranked in their bucket exactly (score, then position:
 // SPEC §3; NaN, -inf and +inf rank by their keys inside the end bins). Spread by value rather than
 // by key bits, the keys of a row of scores that fill their range (e.g. randn) land a few to a
 // bucket. Returns false, before writing anything, where the keys from that bin up exceed
-// 2 a.sort_cap or a bucket among them holds more than LIST_BUCKET_MAX (skewed scores); the caller
-// then takes another path. Ends synced.
-template <int SRC, int MAP, int NB, int N, int THREADS = SELECT_THREADS>
-__device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
-                                                 int first, u32 flo, u32 fhi, int n_valid, int* sHist, int* sScan,
-                                                 int* sMisc, u64* buf) {
+// 2 a.sort_cap or a bucket among them holds more than LIST_BUCKET_MAX (skewed scores, or the
+// k-th largest below a window); the caller then takes another path. Ends synced.
+template <int SRC, int MAP, int NB, int N, int THREADS = SELECT_THREADS, class Bins>
+__device__ __forceinline__ bool regs_sort_bins(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
+                                               int first, const Bins& bin, int n_valid, int* sHist, int* sScan,
+                                               int* sMisc, u64* buf) {
     static_assert(NB % THREADS == 0 && NB <= SORT_BINS, "every thread scans as many bins; they fit sHist");
     const int tid = threadIdx.x;
     const int k = a.k, n_out = min(k, n_valid);
-    const LinearBins bin(flo, fhi, NB);
 #pragma unroll
     for (int u = 0; u < NB / THREADS; ++u) sHist[tid + u * THREADS] = 0;
     if (tid == 0) {  // where fewer than k keys: every bin
@@ -1487,15 +1510,19 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
     __syncthreads();
 }
 
-// LINEAR: bins of the one-level score order (regs_sort_linear) for fp32 scores by score, 0 for
+// LINEAR: bins of the one-level score order (regs_sort_bins with LinearBins) for fp32 scores by score, 0 for
 // none. It pays where a row's keys fill little more than the top k's range (the filtered top-k's
 // candidates: 2048 bins); over whole rows of randn scores most bins lie below the k-th key and
 // the buckets above it fill up (4096 bins: [4096 x 8192] 9% slower than the levels over key bits).
 // DIRECT_BITS: log2 of the bucket count of the score order straight from the registers
 // (regs_sort_direct): 12 by default; 11 for topk_regs_kernel, whose launches are mostly of many rows
 // (throughput-bound: fewer buckets to clear and scan), while the filtered select runs one
-// latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19)
-template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS>
+// latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19).
+// WINDOW_SH: where > 0 and the row holds more than k keys, first one level of 2^DIRECT_BITS bins
+// by key below the row's largest (regs_sort_bins with WindowBins, at most 2^WINDOW_SH keys a bin)
+// before the level over the row's whole range; 0 for none
+template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
+          int WINDOW_SH = 0>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
     constexpr int WARPS = THREADS / 32;
@@ -1558,8 +1585,9 @@ __device__ void row_select_regs(const SelectArgs& a) {
 
     if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
         // score order (hisa_cupy.topk; the ranking-key selects keep the general path, whose
-        // registers this code would spill): with LINEAR, one level of bins by value
-        // (regs_sort_linear); else, or where that gives way, the keys from the lowest of the
+        // registers this code would spill): with LINEAR, one level of bins by value, with
+        // WINDOW_SH one of bins by key below the largest (regs_sort_bins); else, or where that
+        // gives way, the keys from the lowest of the
         // first level's bin (the bin that holds the k-th largest; every key when all are
         // selected) up are sorted straight from the registers where they fit the selected list
         // and its scratch (regs_sort_direct)
@@ -1569,9 +1597,19 @@ __device__ void row_select_regs(const SelectArgs& a) {
             u32 flo = key_lo, fhi = key_hi;
             if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf or NaN; +inf's key
                 finite_key_range<R, THREADS>(key, reinterpret_cast<u32*>(sHist), sMisc, flo, fhi);
-            if (flo <= fhi && regs_sort_linear<SRC, MAP, LINEAR, R, THREADS>(a, row, t, rel, key, first, flo, fhi,
-                                                                             n_valid, sHist, sScan, sMisc, sSel)) {
+            if (flo <= fhi && regs_sort_bins<SRC, MAP, LINEAR, R, THREADS>(a, row, t, rel, key, first,
+                                                                           LinearBins(flo, fhi, LINEAR), n_valid,
+                                                                           sHist, sScan, sMisc, sSel)) {
                 pad_row<SRC>(a, row, min(k, n_valid) + tid, THREADS);
+                return;
+            }
+        }
+        if (WINDOW_SH > 0 && n_valid > k) {
+            constexpr int NB = 1 << DIRECT_BITS;
+            if (regs_sort_bins<SRC, MAP, NB, R, THREADS>(a, row, t, rel, key, first,
+                                                         WindowBins::below<DIRECT_BITS>(key_lo, key_hi, WINDOW_SH), n_valid,
+                                                         sHist, sScan, sMisc, sSel)) {
+                pad_row<SRC>(a, row, k + tid, THREADS);
                 return;
             }
         }
