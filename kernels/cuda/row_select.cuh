@@ -1305,6 +1305,39 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
     }
 }
 
+// A one-level score order's counts sHist[0, NB) (bins that are also the sort's buckets, highest
+// first) become each bin's first slot. sMisc[MISC_BIN] gets the bin where the count from the top
+// reaches k and sMisc[MISC_ABOVE] the keys from it up (neither is written where the bins hold fewer
+// than k keys: the caller sets them first), and sMisc[MISC_MAXB] the largest count above
+// LIST_BUCKET_MAX among the bins from it up (the caller zeroes it). Ends synced.
+template <int NB, int THREADS = SELECT_THREADS>
+__device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* sMisc, int k) {
+    constexpr int PER = NB / THREADS;
+    const int tid = threadIdx.x;
+    int* mine = sHist + NB - PER * (tid + 1);  // this thread's bins, highest last
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) sum += mine[j];
+    int total;
+    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
+    int big = 0;
+#pragma unroll
+    for (int j = PER - 1; j >= 0; --j) {
+        const int h = mine[j];
+        mine[j] = above;
+        if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
+            big = max(big, h);
+            if (above + h >= k) {
+                sMisc[MISC_BIN] = NB - PER * (tid + 1) + j;
+                sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
+            }
+        }
+        above += h;
+    }
+    if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
+    __syncthreads();
+}
+
 // Score order straight from the registers (row_select_regs): the items with keys in [floor_key,
 // key_hi] (floor_key >= 1, at most 2 a.sort_cap of them, the row's top n_out among them) go by a
 // bucket sort over that range into buf, and each one's slot is its bucket's start plus the number
@@ -1312,7 +1345,12 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
 // out. Needs no threshold: the rank is exact. Returns false, before writing anything, where a
 // bucket holds more than LIST_BUCKET_MAX entries (the caller then takes its general path). Ends
 // synced. BITS: log2 of the bucket count (<= SORT_BITS).
-template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS>
+// CUT: the keys in [floor_key, key_hi] need not all be wanted, nor fit buf: the bucket where the
+// count from the top reaches n_out is the threshold's (cut_bucket_starts), and only the keys from
+// it up are sorted; false where [floor_key, key_hi] holds fewer than n_out keys. The buckets are
+// then the threshold's level too: one histogram, where without CUT the caller's level found
+// floor_key first (row_select_regs' window below the row's largest key).
+template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
@@ -1325,24 +1363,41 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - BITS);
 #pragma unroll
     for (int u = 0; u < BINS / THREADS; ++u) sHist[tid + u * THREADS] = 0;
-    if (tid == 0) sMisc[MISC_MAXB] = 0;
+    if (tid == 0) {
+        sMisc[MISC_MAXB] = 0;
+        if (CUT) sMisc[MISC_BIN] = -1;  // stays where the range holds fewer than n_out keys
+    }
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
     __syncthreads();
-    bucket_starts<BINS, THREADS>(sHist, sScan, sMisc);
-    if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
-        __syncthreads();  // every thread has read it before the general path reuses sMisc
-        return false;
+    int thr = 0, count;  // the lowest bucket sorted; the entries sorted
+    if constexpr (CUT) {
+        cut_bucket_starts<BINS, THREADS>(sHist, sScan, sMisc, n_out);
+        thr = sMisc[MISC_BIN];
+        count = sMisc[MISC_ABOVE];  // <= n_out - 1 + LIST_BUCKET_MAX where the next test passes
+        if (thr < 0 || count > 2 * a.sort_cap || sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
+            __syncthreads();  // every thread has read sMisc before the general path reuses it
+            return false;
+        }
+    } else {
+        bucket_starts<BINS, THREADS>(sHist, sScan, sMisc);
+        if (sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
+            __syncthreads();  // every thread has read it before the general path reuses it
+            return false;
+        }
     }
-    // scatter; afterwards sHist[b] is the end of bucket b and the start of b - 1
+    // scatter the keys from bucket thr up (its lowest key: cut_key); afterwards sHist[b] is the
+    // end of bucket b and the start of b - 1
+    const u32 cut_key = floor_key + ((u32)thr << sh), cut_span = key_hi - cut_key;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-        const u32 d = key[j] - floor_key;
-        if (d <= span) buf[atomicAdd(&sHist[d >> sh], 1)] = list_entry(key[j], first + j);
+        const u32 d = key[j] - cut_key;
+        if (d <= cut_span) buf[atomicAdd(&sHist[thr + (int)(d >> sh)], 1)] = list_entry(key[j], first + j);
     }
     __syncthreads();
-    rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, sHist[0], n_out, sHist,
+    if constexpr (!CUT) count = sHist[0];
+    rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, count, n_out, sHist,
                                     [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
     return true;
 }
@@ -1404,31 +1459,7 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     for (int j = 0; j < N; ++j)
         if (key[j] != HISA_KEY_NONE) atomicAdd(&sHist[bin(key[j])], 1);
     __syncthreads();
-    // sHist[b] <- the keys in the bins above b (bucket b's first slot), highest bin first; the
-    // bin where that count reaches k is the threshold's
-    constexpr int PER = NB / THREADS;
-    int* mine = sHist + NB - PER * (tid + 1);  // this thread's bins, highest last
-    int sum = 0;
-#pragma unroll
-    for (int j = 0; j < PER; ++j) sum += mine[j];
-    int total;
-    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
-    int big = 0;
-#pragma unroll
-    for (int j = PER - 1; j >= 0; --j) {
-        const int h = mine[j];
-        mine[j] = above;
-        if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
-            big = max(big, h);
-            if (above + h >= k) {
-                sMisc[MISC_BIN] = NB - PER * (tid + 1) + j;
-                sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
-            }
-        }
-        above += h;
-    }
-    if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
-    __syncthreads();
+    cut_bucket_starts<NB, THREADS>(sHist, sScan, sMisc, k);  // sHist[b]: bucket b's first slot
     const int thr = sMisc[MISC_BIN], count = sMisc[MISC_ABOVE];
     if (count > 2 * a.sort_cap || sMisc[MISC_MAXB] > LIST_BUCKET_MAX) {
         __syncthreads();  // every thread has read sMisc before the next path reuses it
@@ -1494,8 +1525,13 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // DIRECT_BITS: log2 of the bucket count of the score order straight from the registers
 // (regs_sort_direct): 12 by default; 11 for topk_regs_kernel, whose launches are mostly of many rows
 // (throughput-bound: fewer buckets to clear and scan), while the filtered select runs one
-// latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19)
-template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS>
+// latency-bound CTA per row (2048 buckets were 1.1 us slower there on an H200, session 19).
+// WINDOW_SH: where > 0 and the row holds more than k keys, first the score order over the
+// window of keys below the row's largest that its 2^DIRECT_BITS buckets hold at 2^WINDOW_SH keys
+// each (regs_sort_direct with CUT: its buckets are the threshold's level), before the level over
+// the row's whole range; 0 for none
+template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
+          int WINDOW_SH = 0>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
     constexpr int WARPS = THREADS / 32;
@@ -1559,7 +1595,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
     if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
         // score order (hisa_cupy.topk; the ranking-key selects keep the general path, whose
         // registers this code would spill): with LINEAR, one level of bins by value
-        // (regs_sort_linear); else, or where that gives way, the keys from the lowest of the
+        // (regs_sort_linear); with WINDOW_SH, the buckets of the keys below the largest as the
+        // level (regs_sort_direct with CUT); else, or where that gives way, the keys from the lowest of the
         // first level's bin (the bin that holds the k-th largest; every key when all are
         // selected) up are sorted straight from the registers where they fit the selected list
         // and its scratch (regs_sort_direct)
@@ -1574,6 +1611,15 @@ __device__ void row_select_regs(const SelectArgs& a) {
                 pad_row<SRC>(a, row, min(k, n_valid) + tid, THREADS);
                 return;
             }
+        }
+        if (WINDOW_SH > 0 && n_valid > k) {
+            // for fp32 scores 2^23 keys are one binade: at WINDOW_SH 14 and 2048 buckets, the
+            // four binades below the row's largest score (or the row's whole range, if smaller)
+            constexpr u32 WIDTH = ((u32)1u << (DIRECT_BITS + WINDOW_SH)) - 1u;
+            const u32 wlo = key_hi - key_lo > WIDTH ? key_hi - WIDTH : key_lo;
+            if (regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS, true>(a, row, t, rel, key, first, wlo, key_hi, k,
+                                                                          sHist, sScan, sMisc, sSel))
+                return;  // k of more than k keys: no padding
         }
         u32 floor_key = key_lo;
         int count = n_valid;

@@ -10,10 +10,11 @@ __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
 }
 
 // many rows of at most 8192 columns (throughput-bound): the score order's buckets are 2048
-// (row_select_regs, DIRECT_BITS)
+// (row_select_regs, DIRECT_BITS), first over the four binades below the row's largest score
+// (WINDOW_SH 14: 2^14 keys a bucket, 2^25 in all)
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_regs_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
-    row_select_regs<KEYS_F32, MAP_IDENTITY, 0, 11>(SELECT_ARGS);
+    row_select_regs<KEYS_F32, MAP_IDENTITY, 0, 11, SELECT_THREADS, 14>(SELECT_ARGS);
 }
 
 // Few long rows, split (cupy_backend._topk_split): each row is m chunks of B columns, one CTA per

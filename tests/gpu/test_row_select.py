@@ -149,15 +149,31 @@ def _past_max(rng, R, N):
     return x.astype(np.float32)
 
 
+def _window_edges(rng, R, N):
+    # uniform [0, 1) rows whose largest score (10 to 14, and ties at it in the last rows) puts the
+    # bottom of topk_regs_kernel's first window (four binades below it: 0.625 to 0.875) near the
+    # k-th largest at k = N / 4 (~0.75): the k-th in the window, at its lowest bin, or below it
+    # (then the levels over the row's range), with ties at the window's edge value
+    x = rng.random((R, N)).astype(np.float32)
+    top = np.resize(np.array([10.0, 11.0, 11.9, 12.0, 12.1, 14.0], np.float32), R)
+    x[:, 0] = top
+    x[R // 2:, 1:8] = top[R // 2:, None]                       # ties at the largest
+    edge = (top / np.float32(16.0)).astype(np.float32)         # the window's lowest key is just above
+    x[:, 8:40] = edge[:, None]
+    x[:, 40:72] = np.nextafter(edge, np.float32(0))[:, None]
+    return x
+
+
 @pytest.mark.parametrize("N", [1025, 2047, 4097, 8191, 8192])
 @pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _masked, _wide,
-                                 _past_max])
+                                 _past_max, _window_edges])
 def test_register_mode_topk(cuda_device, launched_kernels, gen, N):
     # register mode alone, by score: rows not a multiple of the 512 x 16 register layout, k from 1
     # to more than the row, NaN / inf / signed zeros, ragged lengths (empty rows included); the
     # threshold on wide (randn) and narrow (one_bin) key ranges, ties split at the threshold
     # (rounded, all_equal: in position order across warps), the sort's bitonic fallback (skewed),
-    # masked rows (masked) and scores too spread for bins by value (wide)
+    # masked rows (masked), scores too spread for bins by value (wide), and the k-th largest at the
+    # edge of the first window below the row's largest (window_edges)
     launched = launched_kernels
     rng = np.random.default_rng(N)
     scores = gen(rng, 6, N)
