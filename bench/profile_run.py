@@ -2,6 +2,7 @@
 
     ncu -k regex:refine_union -s 2 -c 1 python bench/profile_run.py --op hisa --S 131072 --T 4096
     python bench/profile_run.py --op topk --rows 4096 --cols 8192 --times
+    python bench/profile_run.py --op topk --scores wide --timeline --calls 20   # rows past the top-k window
     python bench/profile_run.py --op hisa --kernels --calls 10 --checksum   # an A/B of two trees
 
 fp8 inputs from ``hisa_cupy.workloads`` (``--kind segments`` or ``random``), H=64, D=128, B=128,
@@ -40,6 +41,9 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=64)
     p.add_argument("--rows", type=int, default=4096, help="topk: rows")
     p.add_argument("--cols", type=int, default=8192, help="topk: row length")
+    p.add_argument("--scores", choices=("randn", "wide"), default="randn",
+                   help="topk: the rows' scores: randn, or magnitudes over 60 decades of both signs (wide: the k-th "
+                        "largest far below the row's largest, where topk_regs_kernel's window gives way)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--times", action="store_true", help="print the median CUDA-event time per call")
     p.add_argument("--flush", action="store_true",
@@ -77,6 +81,9 @@ def main(argv=None):
     if args.op == "topk":
         g = torch.Generator(device=dev).manual_seed(0)
         scores = torch.randn(args.rows, args.cols, device=dev, generator=g)
+        if args.scores == "wide":
+            decades = torch.rand(args.rows, args.cols, device=dev, generator=g) * 60.0 - 30.0
+            scores = torch.sign(scores) * torch.pow(10.0, decades)
 
         def call():
             return hisa_cupy.topk(scores, 2048)
