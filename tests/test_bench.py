@@ -541,6 +541,39 @@ def test_threshold_levels_sim_finds_the_kth_key():
     assert sim.key_bit_levels(keys, 4000)[-1] == 5000
 
 
+def test_topk_window_sim_paths_cover_the_gpu_rows():
+    # bench/topk_window_sim.py mirrors topk_regs_kernel's window below the row's largest key and its
+    # sample guard (row_select_regs with WINDOW_SH). The row kinds of the GPU tests
+    # (tests/gpu/test_row_select.py, test_register_mode_topk: seed N at N = 8192, k = 2048) must take
+    # every path of it there: sorted in the window with the threshold in its lowest bucket and above
+    # it, fewer than k keys in the window, a bucket too full, skipped by the guard
+    sim = _load("topk_window_sim")
+    spec = importlib.util.spec_from_file_location("gpu_row_select", ROOT / "tests" / "gpu" / "test_row_select.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    paths = {}
+    for gen in (rows._randn, rows._one_bin, rows._rounded, rows._skewed, rows._all_equal, rows._specials,
+                rows._masked, rows._wide, rows._past_max, rows._window_edges):
+        for row in gen(np.random.default_rng(8192), 6, 8192):
+            path, thr = sim.window_path(row, 2048)
+            paths.setdefault(path, set()).add(thr)
+    assert {"window", "fewer", "full", "guard"} <= set(paths), paths
+    assert 0 in paths["window"] and max(paths["window"]) > 0
+    # the rule's edges: k keys or fewer never try the window; the window is the row's whole range
+    # when that is narrower (uniform [1, 1.2): thousands of buckets used, not 2^14 keys each)
+    rng = np.random.default_rng(1)
+    assert sim.window_path(rng.standard_normal(2048).astype(np.float32), 2048) == ("levels", None)
+    path, thr = sim.window_path((1.0 + 0.2 * rng.random(8192)).astype(np.float32), 2048)
+    assert path == "window" and thr > 1024
+    # the guard's line: 3/4 of k keys predicted in the window. 16 * hits = 1536 tries it, 1520 not
+    # (the sampled items are 0, 16, 32, ...; 2^-20 lies far below the window under 2.0)
+    for hits, expected in ((96, "fewer"), (95, "guard")):
+        x = np.full(8192, 2.0 ** -20, np.float32)
+        x[: 16 * hits : 16] = 1.5
+        x[0] = 2.0
+        assert sim.window_path(x, 2048)[0] == expected
+
+
 def test_warp_select_sim_keeps_the_top_k():
     # bench/warp_select_sim.py replays row_select_warp's threshold search: with and without the
     # block top-m's bound (BOUND: [x, hi] for 3 <= k <= 64) the kept positions are a stable top k
