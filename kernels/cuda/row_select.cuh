@@ -125,12 +125,14 @@ __device__ __forceinline__ bool items_are_a_run(const SelectArgs& a) {
 // output value slot <- item n's (KEYS_F32 with out_val: read back, or from its ranking key `key`
 // where that says it, score_bits_of_key; key 0: not known)
 template <int SRC>
+__device__ __forceinline__ float item_value(const SelectArgs& a, long long row, int n, u32 key) {
+    u32 bits;
+    if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
+    return __uint_as_float(bits);
+}
+template <int SRC>
 __device__ __forceinline__ void write_value(const SelectArgs& a, long long row, int slot, int n, u32 key = 0u) {
-    if (SRC == KEYS_F32 && a.out_val) {
-        u32 bits;
-        if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
-        a.out_val[row * a.out_ld + slot] = __uint_as_float(bits);
-    }
+    if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = item_value<SRC>(a, row, n, key);
 }
 
 // output slot <- item n: its position (MAP), minus `rel`, and its value (write_value)
@@ -140,6 +142,27 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
     a.out_idx[row * a.out_ld + slot] = item_position<MAP>(a, t, n) - rel;
     write_value<SRC>(a, row, slot, n, key);
 }
+
+// emit_item with one row's output addresses computed once, opaque to the compiler: each slot is
+// then one wide multiply-add, not row * out_ld + slot redone in 64 bits (the bucket sorts' emit)
+template <int SRC>
+struct RowOutputs {
+    int* idx;
+    float* val;  // nullptr: no values
+    __device__ __forceinline__ RowOutputs(const SelectArgs& a, long long row)
+        : idx(a.out_idx + row * a.out_ld), val(SRC == KEYS_F32 && a.out_val ? a.out_val + row * a.out_ld : nullptr) {
+        asm("mov.b64 %0, %0;" : "+l"(idx));
+        asm("mov.b64 %0, %0;" : "+l"(val));
+    }
+    // where w: slot <- item n (key: its key), as predicated global stores
+    template <int MAP>
+    __device__ __forceinline__ void emit_if(const SelectArgs& a, long long row, int t, int rel, int slot, int n,
+                                            u32 key, bool w) const {
+        store_if(idx + slot, item_position<MAP>(a, t, n) - rel, w);
+        if (SRC == KEYS_F32 && val != nullptr)
+            store_if(reinterpret_cast<int*>(val) + slot, __float_as_int(item_value<SRC>(a, row, n, key)), w);
+    }
+};
 
 // slots [from, k) of the row past its candidates, `step` apart per thread: index -1, value -inf
 template <int SRC>
@@ -1285,23 +1308,58 @@ __device__ __forceinline__ void cut_by_levels(const u32 (&key)[N], u32 lo, u32 h
     }
 }
 
+// Window entry (regs_sort_direct with CUT): the key in the high word, and in the low word the
+// key's offset d above the sorted range's lowest key shifted over the item's complement within
+// 2^POS items: ((d << POS) + 2^POS - 1 - n) mod 2^32. Where the buckets hold 2^sh keys with
+// sh + POS <= 31, the low words of one bucket share their bits from sh + POS up and order its
+// entries as list entries do (score, then position), and differ by less than 2^31.
+template <int POS>
+__device__ __forceinline__ u32 window_entry_low(u32 d, int n) {
+    return (d << POS) + (u32)(((1 << POS) - 1) - n);
+}
+
+// The scatter of a bucket sort, predicated (no branch around the atomic): where d <= span, the
+// entry {lo, hi} goes to buf[hist[d >> sh]++] (hist, buf: shared-memory addresses).
+__device__ __forceinline__ void scatter_in_range(u32 hist, u32 buf, u32 d, u32 span, int sh, u32 lo, u32 hi) {
+    asm volatile(
+        "{\n\t.reg .pred q;\n\t.reg .u32 a, s;\n\t"
+        "setp.le.u32 q, %2, %3;\n\tshr.b32 a, %2, %4;\n\tshl.b32 a, a, 2;\n\tadd.u32 a, a, %0;\n\t"
+        "@q atom.shared.add.u32 s, [a], 1;\n\tshl.b32 s, s, 3;\n\tadd.u32 s, s, %1;\n\t"
+        "@q st.shared.v2.u32 [s], {%5, %6};\n\t}\n" ::"r"(hist),
+        "r"(buf), "r"(d), "r"(span), "r"((u32)sh), "r"(lo), "r"(hi)
+        : "memory");
+}
+
 // The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
 // in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
 // start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
 // number of larger entries in its bucket (score, then position: exact); the entries with slots
-// below n_out are written out. bucket(e): the bucket of entry e.
-template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, class Bucket>
+// below n_out are written out. bucket(e): the bucket of entry e. Entries are list entries
+// (list_entry: the whole entry orders a bucket) or, with LOW_POS > 0, window entries
+// (window_entry with LOW_POS position bits: the low words alone order a bucket).
+template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, int LOW_POS = 0, class Bucket>
 __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
                                                 int count, int n_out, const int* sHist, Bucket bucket) {
+    const u32* low = reinterpret_cast<const u32*>(buf);  // entry j's low word: low[2 j]
+    RowOutputs<SRC> out(a, row);
     for (int p = threadIdx.x; p < count; p += THREADS) {
         const u64 e = buf[p];
         const int b = bucket(e);
         const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
         int rank = 0;
+        if constexpr (LOW_POS > 0) {
+            // two low words of a bucket differ by less than 2^31 (window_entry): the sign of the
+            // difference compares them
+            const u32 c = (u32)e;
 #pragma unroll 1
-        for (int j = start; j < end; ++j) rank += buf[j] > e;
+            for (const u32* q = low + 2 * start; q < low + 2 * end; q += 2) rank += (int)((c - *q) >> 31);
+        } else {
+#pragma unroll 1
+            for (int j = start; j < end; ++j) rank += buf[j] > e;
+        }
         const int slot = start + rank;
-        if (slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, entry_item(e), (u32)(e >> 32));
+        const int n = LOW_POS > 0 ? ((1 << LOW_POS) - 1) - (int)((u32)e & ((1u << LOW_POS) - 1u)) : entry_item(e);
+        out.emit_if<MAP>(a, row, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
     }
 }
 
@@ -1350,7 +1408,8 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
 // it up are sorted; false where [floor_key, key_hi] holds fewer than n_out keys. The buckets are
 // then the threshold's level too: one histogram, where without CUT the caller's level found
 // floor_key first (row_select_regs' window below the row's largest key). A sample of the keys
-// (one a thread) decides first whether the range can hold n_out of them.
+// (one a thread) decides first whether the range can hold n_out of them. CUT sorts window entries
+// (window_entry_low; false where its buckets are too wide for them) scattered without a branch.
 template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
@@ -1362,6 +1421,10 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     const u32 span = key_hi - floor_key;
     // bucket = (key - floor_key) >> sh lies in [0, BINS): sh keeps the top BITS bits of the span
     const int sh = span == 0u ? 0 : max(0, 32 - __clz((int)span) - BITS);
+    // CUT's window entries: POS bits of position (N * THREADS items), sh + POS <= 31
+    constexpr int POS = N * THREADS == 8192 ? 13 : N * THREADS == 4096 ? 12 : 0;
+    static_assert(!CUT || POS > 0, "window entries: 4096 or 8192 items");
+    if (CUT && sh + POS > 31) return false;  // the row's range (wider than the caller's window)
     if constexpr (CUT) {  // a sample of one key a thread (its first, every N-th item) in the range, per warp
         const unsigned in = __ballot_sync(0xFFFFFFFFu, key[0] - floor_key <= span);
         if ((tid & 31) == 0) sScan[tid >> 5] = __popc(in);
@@ -1403,15 +1466,25 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     // scatter the keys from bucket thr up (its lowest key: cut_key); afterwards sHist[b] is the
     // end of bucket b and the start of b - 1
     const u32 cut_key = floor_key + ((u32)thr << sh), cut_span = key_hi - cut_key;
+    const auto bucket = [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); };
+    if constexpr (CUT) {  // window entries, predicated
+        const u32 hist = smem_addr(sHist + thr), base = smem_addr(buf);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-        const u32 d = key[j] - cut_key;
-        if (d <= cut_span) buf[atomicAdd(&sHist[thr + (int)(d >> sh)], 1)] = list_entry(key[j], first + j);
+        for (int j = 0; j < N; ++j) {
+            const u32 d = key[j] - cut_key;
+            scatter_in_range(hist, base, d, cut_span, sh, window_entry_low<POS>(d, first + j), key[j]);
+        }
+        __syncthreads();
+        rank_in_buckets<SRC, MAP, BINS, THREADS, POS>(a, row, t, rel, buf, count, n_out, sHist, bucket);
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const u32 d = key[j] - cut_key;
+            if (d <= cut_span) buf[atomicAdd(&sHist[thr + (int)(d >> sh)], 1)] = list_entry(key[j], first + j);
+        }
+        __syncthreads();
+        rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, sHist[0], n_out, sHist, bucket);
     }
-    __syncthreads();
-    if constexpr (!CUT) count = sHist[0];
-    rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, count, n_out, sHist,
-                                    [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); });
     return true;
 }
 
