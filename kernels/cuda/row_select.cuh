@@ -125,14 +125,12 @@ __device__ __forceinline__ bool items_are_a_run(const SelectArgs& a) {
 // output value slot <- item n's (KEYS_F32 with out_val: read back, or from its ranking key `key`
 // where that says it, score_bits_of_key; key 0: not known)
 template <int SRC>
-__device__ __forceinline__ float item_value(const SelectArgs& a, long long row, int n, u32 key) {
-    u32 bits;
-    if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
-    return __uint_as_float(bits);
-}
-template <int SRC>
 __device__ __forceinline__ void write_value(const SelectArgs& a, long long row, int slot, int n, u32 key = 0u) {
-    if (SRC == KEYS_F32 && a.out_val) a.out_val[row * a.out_ld + slot] = item_value<SRC>(a, row, n, key);
+    if (SRC == KEYS_F32 && a.out_val) {
+        u32 bits;
+        if (!score_bits_of_key(key, bits)) bits = __float_as_uint(a.scores[row * a.ld + n]);
+        a.out_val[row * a.out_ld + slot] = __uint_as_float(bits);
+    }
 }
 
 // output slot <- item n: its position (MAP), minus `rel`, and its value (write_value)
@@ -148,19 +146,26 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
 template <int SRC>
 struct RowOutputs {
     int* idx;
-    float* val;  // nullptr: no values
+    float* val;           // nullptr: no values
+    const float* scores;  // the row's scores, read back where a key does not say its value
     __device__ __forceinline__ RowOutputs(const SelectArgs& a, long long row)
-        : idx(a.out_idx + row * a.out_ld), val(SRC == KEYS_F32 && a.out_val ? a.out_val + row * a.out_ld : nullptr) {
+        : idx(a.out_idx + row * a.out_ld),
+          val(SRC == KEYS_F32 && a.out_val ? a.out_val + row * a.out_ld : nullptr),
+          scores(SRC == KEYS_F32 ? a.scores + row * a.ld : nullptr) {
         asm("mov.b64 %0, %0;" : "+l"(idx));
         asm("mov.b64 %0, %0;" : "+l"(val));
+        asm("mov.b64 %0, %0;" : "+l"(scores));
     }
     // where w: slot <- item n (key: its key), as predicated global stores
     template <int MAP>
-    __device__ __forceinline__ void emit_if(const SelectArgs& a, long long row, int t, int rel, int slot, int n,
-                                            u32 key, bool w) const {
+    __device__ __forceinline__ void emit_if(const SelectArgs& a, int t, int rel, int slot, int n, u32 key,
+                                            bool w) const {
         store_if(idx + slot, item_position<MAP>(a, t, n) - rel, w);
-        if (SRC == KEYS_F32 && val != nullptr)
-            store_if(reinterpret_cast<int*>(val) + slot, __float_as_int(item_value<SRC>(a, row, n, key)), w);
+        if (SRC == KEYS_F32 && val != nullptr) {
+            u32 bits;
+            if (!score_bits_of_key(key, bits)) bits = __float_as_uint(__ldg(scores + n));
+            store_if(reinterpret_cast<int*>(val) + slot, (int)bits, w);
+        }
     }
 };
 
@@ -1359,7 +1364,7 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
         }
         const int slot = start + rank;
         const int n = LOW_POS > 0 ? ((1 << LOW_POS) - 1) - (int)((u32)e & ((1u << LOW_POS) - 1u)) : entry_item(e);
-        out.emit_if<MAP>(a, row, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
+        out.emit_if<MAP>(a, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
     }
 }
 
@@ -1628,7 +1633,13 @@ __device__ void row_select_regs(const SelectArgs& a) {
     int* sMisc = sScan + 32;                             // [32]
     u64* sSel = reinterpret_cast<u64*>(sMisc + 32);      // [sort_cap] selected entries (by_score)
     u64* sAux = sSel + a.sort_cap;                       // [sort_cap] the sort's scratch (by_score)
-    u32* sRed = reinterpret_cast<u32*>(sHist);           // [3][WARPS] the first reduction
+    // [3][WARPS] the first reduction, past the bins that a level or sort clears first (at most
+    // REG_SELECT_BINS; a sort of more buckets without a level before it syncs first), so that no
+    // barrier need separate its reads from that clear
+    u32* sRed = reinterpret_cast<u32*>(sHist + REG_SELECT_BINS);
+    static_assert(REG_SELECT_BINS + 3 * WARPS <= SORT_BINS && LINEAR <= REG_SELECT_BINS &&
+                      (WINDOW_SH == 0 || (1 << DIRECT_BITS) <= REG_SELECT_BINS),
+                  "sRed lies past every first clear");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = blockIdx.x;
@@ -1673,10 +1684,10 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
     }
     __syncthreads();
+    // the next writes to these three are finite_key_range's, after a barrier
     u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];  // lo: 0 when no candidates
     const int n_valid = sMisc[MISC_RED_N];
     const u32 key_lo = lo, key_hi = hi;  // the row's range of candidate keys
-    __syncthreads();  // sRed / sMisc are read before the first level clears sHist
 
     if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
         // score order (hisa_cupy.topk; the ranking-key selects keep the general path, whose
@@ -1715,6 +1726,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
             count = L.above + L.in_bin;
         }
         const int n_out = min(k, n_valid);
+        if ((1 << DIRECT_BITS) > REG_SELECT_BINS && n_valid <= k) __syncthreads();  // sRed read before the clear
         if (count <= 2 * a.sort_cap &&
             regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS>(a, row, t, rel, key, first, floor_key, key_hi, n_out,
                                                                 sHist, sScan, sMisc, sSel)) {
