@@ -200,6 +200,14 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return r;
 }
 
+// the 32-bit word at shared-memory address `addr` (loops over shared memory that nvcc would
+// otherwise step with 64-bit generic pointers: a wide add and compare per iteration)
+__device__ __forceinline__ u32 lds_u32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+
 // *p = v where pred, as one predicated store: nvcc branched around such stores (the register
 // select's in-order emit, the union kernel's and the block scores' keys), re-deriving the address
 // inside every branch

@@ -146,12 +146,14 @@ __device__ __forceinline__ void emit_item(const SelectArgs& a, long long row, in
 template <int SRC>
 struct RowOutputs {
     int* idx;
-    float* val;           // nullptr: no values
+    float* val;           // where has_val
     const float* scores;  // the row's scores, read back where a key does not say its value
+    bool has_val;
     __device__ __forceinline__ RowOutputs(const SelectArgs& a, long long row)
         : idx(a.out_idx + row * a.out_ld),
           val(SRC == KEYS_F32 && a.out_val ? a.out_val + row * a.out_ld : nullptr),
-          scores(SRC == KEYS_F32 ? a.scores + row * a.ld : nullptr) {
+          scores(SRC == KEYS_F32 ? a.scores + row * a.ld : nullptr),
+          has_val(SRC == KEYS_F32 && a.out_val != nullptr) {
         asm("mov.b64 %0, %0;" : "+l"(idx));
         asm("mov.b64 %0, %0;" : "+l"(val));
         asm("mov.b64 %0, %0;" : "+l"(scores));
@@ -161,7 +163,7 @@ struct RowOutputs {
     __device__ __forceinline__ void emit_if(const SelectArgs& a, int t, int rel, int slot, int n, u32 key,
                                             bool w) const {
         store_if(idx + slot, item_position<MAP>(a, t, n) - rel, w);
-        if (SRC == KEYS_F32 && val != nullptr) {
+        if (SRC == KEYS_F32 && has_val) {
             u32 bits;
             if (!score_bits_of_key(key, bits)) bits = __float_as_uint(__ldg(scores + n));
             store_if(reinterpret_cast<int*>(val) + slot, (int)bits, w);
@@ -1345,7 +1347,7 @@ __device__ __forceinline__ void scatter_in_range(u32 hist, u32 buf, u32 d, u32 s
 template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, int LOW_POS = 0, class Bucket>
 __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
                                                 int count, int n_out, const int* sHist, Bucket bucket) {
-    const u32* low = reinterpret_cast<const u32*>(buf);  // entry j's low word: low[2 j]
+    const u32 base = smem_addr(buf);  // entry j's low word at base + 8 j
     RowOutputs<SRC> out(a, row);
     for (int p = threadIdx.x; p < count; p += THREADS) {
         const u64 e = buf[p];
@@ -1355,9 +1357,9 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
         if constexpr (LOW_POS > 0) {
             // two low words of a bucket differ by less than 2^31 (window_entry): the sign of the
             // difference compares them
-            const u32 c = (u32)e;
+            const u32 c = (u32)e, stop = base + 8u * (u32)end;
 #pragma unroll 1
-            for (const u32* q = low + 2 * start; q < low + 2 * end; q += 2) rank += (int)((c - *q) >> 31);
+            for (u32 q = base + 8u * (u32)start; q < stop; q += 8u) rank += (int)((c - lds_u32(q)) >> 31);
         } else {
 #pragma unroll 1
             for (int j = start; j < end; ++j) rank += buf[j] > e;
