@@ -1366,7 +1366,7 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
         }
         const int slot = start + rank;
         const int n = LOW_POS > 0 ? ((1 << LOW_POS) - 1) - (int)((u32)e & ((1u << LOW_POS) - 1u)) : entry_item(e);
-        out.emit_if<MAP>(a, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
+        out.template emit_if<MAP>(a, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
     }
 }
 
