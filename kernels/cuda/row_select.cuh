@@ -1325,8 +1325,11 @@ __device__ __forceinline__ u32 window_entry_low(u32 d, int n) {
     return (d << POS) + (u32)(((1 << POS) - 1) - n);
 }
 
-// The scatter of a bucket sort, predicated (no branch around the atomic): where d <= span, the
-// entry {lo, hi} goes to buf[hist[d >> sh]++] (hist, buf: shared-memory addresses).
+// The scatter of a bucket sort: where d <= span, the entry {lo, hi} goes to buf[hist[d >> sh]++]
+// (hist, buf: shared-memory addresses). ptxas still branches around the atomic (it returns a
+// value), but the address work and the store are one straight sequence. A form without the branch,
+// every lane's atomic taken (keys outside on a spare counter of their lane's), was slower: 106.9
+// against 106.2 us on [4096 x 8192] (H200, bench/NOTES.md, session 41).
 __device__ __forceinline__ void scatter_in_range(u32 hist, u32 buf, u32 d, u32 span, int sh, u32 lo, u32 hi) {
     asm volatile(
         "{\n\t.reg .pred q;\n\t.reg .u32 a, s;\n\t"
@@ -1416,7 +1419,7 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
 // then the threshold's level too: one histogram, where without CUT the caller's level found
 // floor_key first (row_select_regs' window below the row's largest key). A sample of the keys
 // (one a thread) decides first whether the range can hold n_out of them. CUT sorts window entries
-// (window_entry_low; false where its buckets are too wide for them) scattered without a branch.
+// (window_entry_low; false where its buckets are too wide for them), ranked by their low words.
 template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
@@ -1474,7 +1477,7 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     // end of bucket b and the start of b - 1
     const u32 cut_key = floor_key + ((u32)thr << sh), cut_span = key_hi - cut_key;
     const auto bucket = [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); };
-    if constexpr (CUT) {  // window entries, predicated
+    if constexpr (CUT) {  // window entries
         const u32 hist = smem_addr(sHist + thr), base = smem_addr(buf);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
