@@ -1268,20 +1268,34 @@ def _warp_select(kernel: str, u32_keys: bool, ncols: int, by_score: bool) -> boo
             and kernel in _WARP_SELECT_KERNELS)
 
 
-def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
-    """(name expression, dynamic smem bytes, rows per CTA) of the score kernel for these operands."""
-    facts = _device_facts(_device_id())
+def _score_engine(q, keys, H, D, shared_keys):
+    """(engine, query rows per CTA of the wgmma engine or 0, q's dtype code, the keys' dtype code)
+    of the score kernels for these operands on this device (_select_engine)."""
     qdt, kdt = _dt_code(q), _dt_code(keys)
-    engine, rows = _select_engine(qdt, kdt, H, D, facts["cc"], shared_keys)
+    engine, wgmma_rows = _select_engine(qdt, kdt, H, D, _device_facts(_device_id())["cc"], shared_keys)
+    return engine, wgmma_rows, qdt, kdt
+
+
+def _score_instance_of(kernel, choice, H, D, shared_keys, *, half=False):
+    """(name expression, dynamic smem bytes, rows per CTA) of score kernel ``kernel`` for an engine
+    choice (_score_engine); half: block_score_wgmma_kernel's HALF form (_block_score_half)."""
+    engine, rows, qdt, kdt = choice
     if rows:
-        smem = _wgmma_smem(engine, H, D, rows, kdt=kdt)
+        smem = _wgmma_smem(engine, H, D, rows, kdt=kdt, half=half)
         name = f"{kernel[:-len('_kernel')]}_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}"
-        name += f", {rows}>" if shared_keys else ">"
+        name += (f", {rows}" if shared_keys else "") + (", 1>" if half else ">")
         return name, smem, rows
+    if half:
+        raise ValueError("cupy backend: the HALF form is a wgmma form")
     rows = _rows_per_cta(engine, kdt, H, shared_keys)
     smem = _score_smem(engine, kdt, H, D, rows)
     name = f"{kernel}<{engine}, {qdt}, {kdt}, {H}, {D}" + (f", {rows}>" if shared_keys else ">")
     return name, smem, rows
+
+
+def _score_instance(filename, kernel, q, keys, H, D, shared_keys):
+    """(name expression, dynamic smem bytes, rows per CTA) of the score kernel for these operands."""
+    return _score_instance_of(kernel, _score_engine(q, keys, H, D, shared_keys), H, D, shared_keys)
 
 
 def _block_score_half(engine: int, kdt: int, wgmma_rows: int, H: int, tiles_per_cta: int, ctas: int,
@@ -1357,14 +1371,14 @@ def _pool_plan(k, pool_dtype, S, D, block_size):
 def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
     """(name, smem, ((grid, int arguments before the keys, byte offset of the keys, int arguments
     after), ...)) of the block-score launches (row chunks of at most MAX_ROWS_PER_LAUNCH)."""
-    name, smem, rows = _score_instance("block_select.cu", "block_score_kernel", q, pooled, H, D, True)
+    choice = _score_engine(q, pooled, H, D, True)
+    name, smem, rows = _score_instance_of("block_score_kernel", choice, H, D, True)
     ntiles = -(-nb // SCORE_TILE)
     tpc = _tiles_per_cta(ntiles, T // rows)
-    facts = _device_facts(_device_id())
-    kdt = _dt_code(pooled)
-    engine, wrows = _select_engine(_dt_code(q), kdt, H, D, facts["cc"], True)
-    if _block_score_half(engine, kdt, wrows, H, tpc, -(-ntiles // tpc) * -(-T // rows), facts["sms"]):
-        name, smem = name[:-1] + ", 1>", _wgmma_smem(engine, H, D, wrows, kdt=kdt, half=True)
+    engine, wgmma_rows, _, kdt = choice
+    sms = _device_facts(_device_id())["sms"]
+    if _block_score_half(engine, kdt, wgmma_rows, H, tpc, -(-ntiles // tpc) * -(-T // rows), sms):
+        name, smem, _ = _score_instance_of("block_score_kernel", choice, H, D, True, half=True)
     head = (_i32(T), _i32(seq_len), _i32(block_size), _i32(nb))
     launches = []
     for r0 in range(0, T, MAX_ROWS_PER_LAUNCH):
