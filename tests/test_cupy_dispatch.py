@@ -222,6 +222,13 @@ def test_block_score_half_form(monkeypatch):
     assert cb._block_score_half(*bf16, 2, 64, 8, 100, 132)
     monkeypatch.setattr(cb, "BLOCK_SCORE_HALF", 0)
     assert not cb._block_score_half(*bf16, 2, 64, 1, 4096, 132)
+    # the form's name and shared memory come from one place, and only for the wgmma engine
+    choice = (cb.ENGINE_BF16, 2, cb.DT_BF16, cb.DT_BF16)
+    assert cb._score_instance_of("block_score_kernel", choice, 64, 128, True, half=True) == (
+        "block_score_wgmma_kernel<1, 1, 1, 64, 128, 2, 1>", full - 2 * 64 * 256, 2)
+    with pytest.raises(ValueError, match="HALF"):
+        cb._score_instance_of("block_score_kernel", (cb.ENGINE_BF16, 0, cb.DT_BF16, cb.DT_BF16), 64, 128, True,
+                              half=True)
 
 
 def test_union_fine_tail(monkeypatch):
