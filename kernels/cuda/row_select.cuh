@@ -1324,6 +1324,11 @@ template <int POS>
 __device__ __forceinline__ u32 window_entry_low(u32 d, int n) {
     return (d << POS) + (u32)(((1 << POS) - 1) - n);
 }
+// the item of a window entry whose low word is `low` (d << POS leaves the low POS bits alone)
+template <int POS>
+__device__ __forceinline__ int window_entry_item(u32 low) {
+    return ((1 << POS) - 1) - (int)(low & ((1u << POS) - 1u));
+}
 
 // The scatter of a bucket sort: where d <= span, the entry {lo, hi} goes to buf[hist[d >> sh]++]
 // (hist, buf: shared-memory addresses). ptxas still branches around the atomic (it returns a
@@ -1368,7 +1373,7 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
             for (int j = start; j < end; ++j) rank += buf[j] > e;
         }
         const int slot = start + rank;
-        const int n = LOW_POS > 0 ? ((1 << LOW_POS) - 1) - (int)((u32)e & ((1u << LOW_POS) - 1u)) : entry_item(e);
+        const int n = LOW_POS > 0 ? window_entry_item<LOW_POS>((u32)e) : entry_item(e);
         out.template emit_if<MAP>(a, t, rel, slot, n, (u32)(e >> 32), slot < n_out);
     }
 }
@@ -1457,7 +1462,7 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
 #pragma unroll
     for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
     __syncthreads();
-    int thr = 0, count;  // the lowest bucket sorted; the entries sorted
+    int thr = 0, count = 0;  // the lowest bucket sorted; with CUT, the entries sorted (else sHist[0] after the scatter)
     if constexpr (CUT) {
         cut_bucket_starts<BINS, THREADS>(sHist, sScan, sMisc, n_out);
         thr = sMisc[MISC_BIN];
