@@ -212,22 +212,27 @@ __device__ __forceinline__ int warp_inclusive_scan(int x) {
     return x;
 }
 
-// exclusive block-wide prefix sum of one int per thread (THREADS <= 1024); returns the block
-// total in *total
+// exclusive block-wide prefix sum of one int per thread (THREADS <= 1024) with one barrier: every
+// warp sums the warps' totals itself (two warp reductions) rather than one warp scanning them
+// between two more. Returns the block total in *total. The caller syncs before sScan is next
+// written (a barrier of its own that follows anyway; block_exclusive_scan adds one).
 template <int THREADS = SELECT_THREADS>
-__device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
+__device__ __forceinline__ int block_exclusive_scan_one_barrier(int v, int* sScan, int* total) {
     constexpr int WARPS = THREADS / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int x = warp_inclusive_scan(v);
     if (lane == 31) sScan[warp] = x;
     __syncthreads();
-    if (warp == 0) {
-        const int w = warp_inclusive_scan(lane < WARPS ? sScan[lane] : 0);
-        if (lane < WARPS) sScan[lane] = w;  // inclusive per-warp totals
-    }
-    __syncthreads();
-    const int before = (warp > 0 ? sScan[warp - 1] : 0) + x - v;
-    *total = sScan[WARPS - 1];
+    const unsigned w = lane < WARPS ? (unsigned)sScan[lane] : 0u;  // the warps' totals
+    *total = (int)__reduce_add_sync(0xFFFFFFFFu, w);
+    return (int)__reduce_add_sync(0xFFFFFFFFu, lane < warp ? w : 0u) + x - v;  // warps before this one
+}
+
+// exclusive block-wide prefix sum of one int per thread (THREADS <= 1024); returns the block
+// total in *total. Ends synced (sScan may be written again).
+template <int THREADS = SELECT_THREADS>
+__device__ __forceinline__ int block_exclusive_scan(int v, int* sScan, int* total) {
+    const int before = block_exclusive_scan_one_barrier<THREADS>(v, sScan, total);
     __syncthreads();
     return before;
 }
@@ -374,9 +379,8 @@ __device__ void row_select_inorder(const SelectArgs& a) {
 #define MISC_CAND 4      // candidate-list cursor
 #define MISC_MAXB 5      // largest bucket of the sort
 #define MISC_PMIN 6      // [6, 7]: range of the sort's primary values
-#define MISC_RED_LO 8    // register mode: the row's smallest candidate key,
-#define MISC_RED_HI 9    // its largest,
-#define MISC_RED_N 10    // and the number of candidates
+#define MISC_RED_LO 8    // a block reduction's smallest key (finite_key_range, dense.cu's select)
+#define MISC_RED_HI 9    // and its largest
 
 #define SEL_G 8          // items per thread per chunk (held in registers)
 #define RING_STAGES 8    // rows read from global memory: copy groups in flight (16 KB each)
@@ -414,7 +418,7 @@ __device__ __forceinline__ void find_bin(const int* hist, int nbins, int r, int*
         sum += h[j];
     }
     int total;
-    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
+    int above = block_exclusive_scan_one_barrier<THREADS>(sum, sScan, &total);  // synced below
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         if (above < r && above + h[j] >= r) {
@@ -710,7 +714,7 @@ __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc
         big = max(big, h);
     }
     int total;
-    int start = block_exclusive_scan<THREADS>(sum, sScan, &total);
+    int start = block_exclusive_scan_one_barrier<THREADS>(sum, sScan, &total);  // synced below
     // read again rather than kept: in register mode the row's keys are live here
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
@@ -1392,7 +1396,7 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
 #pragma unroll
     for (int j = 0; j < PER; ++j) sum += mine[j];
     int total;
-    int above = block_exclusive_scan<THREADS>(sum, sScan, &total);
+    int above = block_exclusive_scan_one_barrier<THREADS>(sum, sScan, &total);  // synced below
     int big = 0;
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
@@ -1682,21 +1686,16 @@ __device__ void row_select_regs(const SelectArgs& a) {
         sRed[2 * WARPS + warp] = (u32)cnt;
     }
     __syncthreads();
-    if (warp == 0) {  // one warp combines the warps' values (WARPS <= 32)
+    // every warp combines the warps' values itself (WARPS <= 32): no second barrier. sRed is next
+    // written past a barrier (it lies past the bins a level or the window clears first)
+    u32 lo, hi;  // lo: 0 when no candidates
+    int n_valid;
+    {
         const bool has = lane < WARPS;
-        const u32 wmn = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu);
-        const u32 wmx = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
-        const u32 wcnt = __reduce_add_sync(0xFFFFFFFFu, has ? sRed[2 * WARPS + lane] : 0u);
-        if (lane == 0) {
-            sMisc[MISC_RED_LO] = (int)wmn;
-            sMisc[MISC_RED_HI] = (int)wmx;
-            sMisc[MISC_RED_N] = (int)wcnt;
-        }
+        lo = __reduce_min_sync(0xFFFFFFFFu, has ? sRed[lane] : 0xFFFFFFFFu) + 1u;
+        hi = __reduce_max_sync(0xFFFFFFFFu, has ? sRed[WARPS + lane] : 0u);
+        n_valid = (int)__reduce_add_sync(0xFFFFFFFFu, has ? sRed[2 * WARPS + lane] : 0u);
     }
-    __syncthreads();
-    // the next writes to these three are finite_key_range's, after a barrier
-    u32 lo = (u32)sMisc[MISC_RED_LO] + 1u, hi = (u32)sMisc[MISC_RED_HI];  // lo: 0 when no candidates
-    const int n_valid = sMisc[MISC_RED_N];
     const u32 key_lo = lo, key_hi = hi;  // the row's range of candidate keys
 
     if (SRC == KEYS_F32 && a.by_score && k > 0 && n_valid > 0) {
