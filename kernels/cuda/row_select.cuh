@@ -697,6 +697,37 @@ __device__ void append_ties(const SelectArgs& a, long long row, int len, int n_i
     __syncthreads();
 }
 
+// A thread's PER consecutive bins at p: as 16-byte words where PER is a multiple of 4 (p 16-byte
+// aligned), which a warp reads and writes without bank conflicts; one by one (a 4 PER-byte stride:
+// PER-way conflicts) otherwise.
+template <int PER>
+__device__ __forceinline__ void load_bins(const int* p, int (&h)[PER]) {
+    if constexpr (PER % 4 == 0) {
+#pragma unroll
+        for (int v = 0; v < PER / 4; ++v) {
+            const int4 x = reinterpret_cast<const int4*>(p)[v];
+            h[4 * v] = x.x;
+            h[4 * v + 1] = x.y;
+            h[4 * v + 2] = x.z;
+            h[4 * v + 3] = x.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) h[j] = p[j];
+    }
+}
+template <int PER>
+__device__ __forceinline__ void store_bins(int* p, const int (&h)[PER]) {
+    if constexpr (PER % 4 == 0) {
+#pragma unroll
+        for (int v = 0; v < PER / 4; ++v)
+            reinterpret_cast<int4*>(p)[v] = make_int4(h[4 * v], h[4 * v + 1], h[4 * v + 2], h[4 * v + 3]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) p[j] = h[j];
+    }
+}
+
 // The bucket sort's counts sHist[0, BINS) become each bucket's first slot, highest bucket
 // first; sMisc[MISC_MAXB] gets the largest count where it exceeds LIST_BUCKET_MAX (the caller sets
 // it to 0 before). Ends synced.
@@ -706,22 +737,25 @@ __device__ __forceinline__ void bucket_starts(int* sHist, int* sScan, int* sMisc
     static_assert(PER * THREADS == BINS, "every thread scans as many buckets");
     const int tid = threadIdx.x;
     int* mine = sHist + BINS - PER * (tid + 1);  // this thread's buckets, highest last
+    int h[PER];
+    load_bins<PER>(mine, h);
     int sum = 0, big = 0;
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-        const int h = mine[j];
-        sum += h;
-        big = max(big, h);
+        sum += h[j];
+        big = max(big, h[j]);
     }
     int total;
     int start = block_exclusive_scan_one_barrier<THREADS>(sum, sScan, &total);  // synced below
     // read again rather than kept: in register mode the row's keys are live here
+    load_bins<PER>(mine, h);
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
-        const int h = mine[j];
-        mine[j] = start;
-        start += h;
+        const int c = h[j];
+        h[j] = start;
+        start += c;
     }
+    store_bins<PER>(mine, h);
     if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
     __syncthreads();
 }
@@ -1392,25 +1426,30 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
     constexpr int PER = NB / THREADS;
     const int tid = threadIdx.x;
     int* mine = sHist + NB - PER * (tid + 1);  // this thread's bins, highest last
+    int h[PER];
+    load_bins<PER>(mine, h);
     int sum = 0;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) sum += mine[j];
+    for (int j = 0; j < PER; ++j) sum += h[j];
     int total;
     int above = block_exclusive_scan_one_barrier<THREADS>(sum, sScan, &total);  // synced below
+    // read again rather than kept: in register mode the row's keys are live here
+    load_bins<PER>(mine, h);
     int big = 0;
 #pragma unroll
     for (int j = PER - 1; j >= 0; --j) {
-        const int h = mine[j];
-        mine[j] = above;
+        const int c = h[j];
+        h[j] = above;
         if (above < k) {  // a bin whose keys may be selected: a bucket of the sort
-            big = max(big, h);
-            if (above + h >= k) {
+            big = max(big, c);
+            if (above + c >= k) {
                 sMisc[MISC_BIN] = NB - PER * (tid + 1) + j;
-                sMisc[MISC_ABOVE] = above + h;  // the keys from that bin up
+                sMisc[MISC_ABOVE] = above + c;  // the keys from that bin up
             }
         }
-        above += h;
+        above += c;
     }
+    store_bins<PER>(mine, h);
     if (big > LIST_BUCKET_MAX) atomicMax(&sMisc[MISC_MAXB], big);
     __syncthreads();
 }
@@ -1707,7 +1746,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // selected) up are sorted straight from the registers where they fit the selected list
         // and its scratch (regs_sort_direct)
         const int rel = a.relative ? row_range(a.ks, a.ke, t, a.T, a.S).ks : 0;
-        if (LINEAR > 0) {
+        if constexpr (LINEAR > 0) {
             // the finite scores' range: the row's own where its ends are numbers
             u32 flo = key_lo, fhi = key_hi;
             if (key_lo <= HISA_KEY_NEG_INF || key_hi >= 0xFF800000u)  // -inf or NaN; +inf's key
