@@ -1368,29 +1368,44 @@ __device__ __forceinline__ int window_entry_item(u32 low) {
     return ((1 << POS) - 1) - (int)(low & ((1u << POS) - 1u));
 }
 
-// The scatter of a bucket sort: where d <= span, the entry {lo, hi} goes to buf[hist[d >> sh]++]
-// (hist, buf: shared-memory addresses). ptxas still branches around the atomic (it returns a
-// value), but the address work and the store are one straight sequence. A form without the branch,
-// every lane's atomic taken (keys outside on a spare counter of their lane's), was slower: 106.9
-// against 106.2 us on [4096 x 8192] (H200, bench/NOTES.md, session 41).
-__device__ __forceinline__ void scatter_in_range(u32 hist, u32 buf, u32 d, u32 span, int sh, u32 lo, u32 hi) {
+// The histogram of the window's bucket sort (regs_sort_direct with CUT): as hist_inc_in_range,
+// and each counted key's arrival in its bin (the count before it, mod 256) into bits [pos, pos + 8)
+// of arr, so that the scatter needs no atomic (scatter_at_arrival). ptxas branches around the
+// atomic (it returns a value); the insert is predicated with it.
+__device__ __forceinline__ void hist_arrival_in_range(u32 hist, u32 key, u32 lo, u32 span, int sh, u32& arr, u32 pos) {
     asm volatile(
-        "{\n\t.reg .pred q;\n\t.reg .u32 a, s;\n\t"
+        "{\n\t.reg .pred q;\n\t.reg .u32 d, a, s;\n\t"
+        "sub.u32 d, %1, %2;\n\tsetp.le.u32 q, d, %3;\n\tshr.b32 a, d, %4;\n\tshl.b32 a, a, 2;\n\tadd.u32 a, a, %5;\n\t"
+        "@q atom.shared.add.u32 s, [a], 1;\n\t@q bfi.b32 %0, s, %0, %6, 8;\n\t}\n"
+        : "+r"(arr)
+        : "r"(key), "r"(lo), "r"(span), "r"((u32)sh), "r"(hist), "r"(pos)
+        : "memory");
+}
+
+// The window's scatter: where d <= span, the entry {lo, hi} goes to buf[hist[d >> sh] + arrival]
+// (hist: the buckets' first slots, left as they are; arrival: bits [pos, pos + 8) of arr, from
+// hist_arrival_in_range; hist, buf: shared-memory addresses). A predicated load and store, no
+// atomic and no branch.
+__device__ __forceinline__ void scatter_at_arrival(u32 hist, u32 buf, u32 d, u32 span, int sh, u32 arr, u32 pos, u32 lo,
+                                                   u32 hi) {
+    asm volatile(
+        "{\n\t.reg .pred q;\n\t.reg .u32 a, s, r;\n\t"
         "setp.le.u32 q, %2, %3;\n\tshr.b32 a, %2, %4;\n\tshl.b32 a, a, 2;\n\tadd.u32 a, a, %0;\n\t"
-        "@q atom.shared.add.u32 s, [a], 1;\n\tshl.b32 s, s, 3;\n\tadd.u32 s, s, %1;\n\t"
+        "@q ld.shared.u32 s, [a];\n\tbfe.u32 r, %7, %8, 8;\n\tadd.u32 s, s, r;\n\tshl.b32 s, s, 3;\n\tadd.u32 s, s, %1;\n\t"
         "@q st.shared.v2.u32 [s], {%5, %6};\n\t}\n" ::"r"(hist),
-        "r"(buf), "r"(d), "r"(span), "r"((u32)sh), "r"(lo), "r"(hi)
+        "r"(buf), "r"(d), "r"(span), "r"((u32)sh), "r"(lo), "r"(hi), "r"(arr), "r"(pos)
         : "memory");
 }
 
 // The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
 // in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
-// start of b - 1 (the top bucket starts at 0). Each entry's slot is its bucket's start plus the
+// start of b - 1 (the top bucket starts at 0); with STARTS (the window's scatter at arrival) it is
+// still bucket b's start, and the end of b is the start of b - 1 (count for bucket 0). Each entry's slot is its bucket's start plus the
 // number of larger entries in its bucket (score, then position: exact); the entries with slots
 // below n_out are written out. bucket(e): the bucket of entry e. Entries are list entries
 // (list_entry: the whole entry orders a bucket) or, with LOW_POS > 0, window entries
 // (window_entry with LOW_POS position bits: the low words alone order a bucket).
-template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, int LOW_POS = 0, class Bucket>
+template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, int LOW_POS = 0, bool STARTS = false, class Bucket>
 __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
                                                 int count, int n_out, const int* sHist, Bucket bucket) {
     const u32 base = smem_addr(buf);  // entry j's low word at base + 8 j
@@ -1398,7 +1413,8 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
     for (int p = threadIdx.x; p < count; p += THREADS) {
         const u64 e = buf[p];
         const int b = bucket(e);
-        const int start = b == NB - 1 ? 0 : sHist[b + 1], end = sHist[b];
+        const int start = STARTS ? sHist[b] : b == NB - 1 ? 0 : sHist[b + 1];
+        const int end = STARTS ? (b > 0 ? sHist[b - 1] : count) : sHist[b];
         int rank = 0;
         if constexpr (LOW_POS > 0) {
             // two low words of a bucket differ by less than 2^31 (window_entry): the sign of the
@@ -1482,6 +1498,7 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     // CUT's window entries: POS bits of position (N * THREADS items), sh + POS <= 31
     constexpr int POS = N * THREADS == 8192 ? 13 : N * THREADS == 4096 ? 12 : 0;
     static_assert(!CUT || POS > 0, "window entries: 4096 or 8192 items");
+    static_assert(!CUT || (LIST_BUCKET_MAX < 256 && N % 4 == 0), "arrivals: a byte each, four a word");
     if (CUT && sh + POS > 31) return false;  // the row's range (wider than the caller's window)
     if constexpr (CUT) {  // a sample of one key a thread (its first, every N-th item) in the range, per warp
         const unsigned in = __ballot_sync(0xFFFFFFFFu, key[0] - floor_key <= span);
@@ -1502,8 +1519,16 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         const int hits = (int)__reduce_add_sync(0xFFFFFFFFu, lane < THREADS / 32 ? (unsigned)sScan[lane] : 0u);
         if (4 * N * hits < 3 * n_out) return false;  // sScan is next written after two barriers
     }
+    u32 arrival[CUT ? N / 4 : 1] = {};  // CUT: each key's arrival in its bin, a byte each
+    if constexpr (CUT) {
+        const u32 hist = smem_addr(sHist);
 #pragma unroll
-    for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
+        for (int j = 0; j < N; ++j)
+            hist_arrival_in_range(hist, key[j], floor_key, span, sh, arrival[j / 4], 8u * (u32)(j % 4));
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) hist_inc_in_range(sHist, key[j], floor_key, span, sh);
+    }
     __syncthreads();
     int thr = 0, count = 0;  // the lowest bucket sorted; with CUT, the entries sorted (else sHist[0] after the scatter)
     if constexpr (CUT) {
@@ -1525,15 +1550,17 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     // end of bucket b and the start of b - 1
     const u32 cut_key = floor_key + ((u32)thr << sh), cut_span = key_hi - cut_key;
     const auto bucket = [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); };
-    if constexpr (CUT) {  // window entries
+    if constexpr (CUT) {  // window entries, at their buckets' starts plus their arrivals (each bucket from thr up
+                          // holds at most LIST_BUCKET_MAX < 256 keys)
         const u32 hist = smem_addr(sHist + thr), base = smem_addr(buf);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
             const u32 d = key[j] - cut_key;
-            scatter_in_range(hist, base, d, cut_span, sh, window_entry_low<POS>(d, first + j), key[j]);
+            scatter_at_arrival(hist, base, d, cut_span, sh, arrival[j / 4], 8u * (u32)(j % 4),
+                               window_entry_low<POS>(d, first + j), key[j]);
         }
         __syncthreads();
-        rank_in_buckets<SRC, MAP, BINS, THREADS, POS>(a, row, t, rel, buf, count, n_out, sHist, bucket);
+        rank_in_buckets<SRC, MAP, BINS, THREADS, POS, true>(a, row, t, rel, buf, count, n_out, sHist, bucket);
     } else {
 #pragma unroll
         for (int j = 0; j < N; ++j) {
