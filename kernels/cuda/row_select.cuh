@@ -1399,12 +1399,13 @@ __device__ __forceinline__ void scatter_at_arrival(u32 hist, u32 buf, u32 d, u32
 
 // The bucket sort's last step (regs_sort_direct, regs_sort_linear): the count entries of buf lie
 // in NB buckets, highest first, and after the scatter sHist[b] is the end of bucket b and the
-// start of b - 1 (the top bucket starts at 0); with STARTS (the window's scatter at arrival) it is
-// still bucket b's start, and the end of b is the start of b - 1 (count for bucket 0). Each entry's slot is its bucket's start plus the
-// number of larger entries in its bucket (score, then position: exact); the entries with slots
-// below n_out are written out. bucket(e): the bucket of entry e. Entries are list entries
-// (list_entry: the whole entry orders a bucket) or, with LOW_POS > 0, window entries
-// (window_entry with LOW_POS position bits: the low words alone order a bucket).
+// start of b - 1 (the top bucket starts at 0); with STARTS (the window's scatter at arrival, which
+// leaves the starts as they are) sHist[b] is bucket b's start, and b ends where b - 1 starts
+// (bucket 0 at count). Each entry's slot is its bucket's start plus the number of larger entries
+// in its bucket (score, then position: exact); the entries with slots below n_out are written out.
+// bucket(e): the bucket of entry e. Entries are list entries (list_entry: the whole entry orders a
+// bucket) or, with LOW_POS > 0, window entries (window_entry_low with LOW_POS position bits: the
+// low words alone order a bucket).
 template <int SRC, int MAP, int NB, int THREADS = SELECT_THREADS, int LOW_POS = 0, bool STARTS = false, class Bucket>
 __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long row, int t, int rel, const u64* buf,
                                                 int count, int n_out, const int* sHist, Bucket bucket) {
@@ -1483,7 +1484,8 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
 // then the threshold's level too: one histogram, where without CUT the caller's level found
 // floor_key first (row_select_regs' window below the row's largest key). A sample of the keys
 // (one a thread) decides first whether the range can hold n_out of them. CUT sorts window entries
-// (window_entry_low; false where its buckets are too wide for them), ranked by their low words.
+// (window_entry_low; false where its buckets are too wide for them), ranked by their low words,
+// and its histogram keeps each key's arrival in its bucket, so that its scatter needs no atomic.
 template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
@@ -1547,7 +1549,8 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         }
     }
     // scatter the keys from bucket thr up (its lowest key: cut_key); afterwards sHist[b] is the
-    // end of bucket b and the start of b - 1
+    // end of bucket b and the start of b - 1, except with CUT, whose scatter at each key's arrival
+    // leaves sHist[b] the start of b
     const u32 cut_key = floor_key + ((u32)thr << sh), cut_span = key_hi - cut_key;
     const auto bucket = [&](u64 e) { return (int)(((u32)(e >> 32) - floor_key) >> sh); };
     if constexpr (CUT) {  // window entries, at their buckets' starts plus their arrivals (each bucket from thr up
