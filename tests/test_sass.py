@@ -174,16 +174,44 @@ def _loops(sass):
     return loops
 
 
-def test_topk_window_ranks_by_32_bit_words(tmp_path):
+@pytest.fixture(scope="module")
+def topk_regs_sass(tmp_path_factory):
+    """topk_regs_kernel's SASS (nvcc), compiled once for the tests of its window."""
+    return _compile(tmp_path_factory.mktemp("topk_regs"), "topk.cu", "topk_regs_kernel", kinds=("cubin",))[1]
+
+
+def test_topk_window_ranks_by_32_bit_words(topk_regs_sass):
     # topk_regs_kernel's window ranks an entry within its bucket by the sign of 32-bit differences
     # of low words (window_entry_low, rank_in_buckets) over 32-bit shared addresses (lds_u32): six
     # instructions an iteration, the sign added by one LEA.HI. The 64-bit entries' compare took ten
     # (bench/NOTES.md, session 41); with that compare back, this test fails. It compiles with nvcc:
     # the device's NVRTC once stepped a pointer in 64 bits where nvcc did not, which it cannot see.
-    _, sass = _compile(tmp_path, "topk.cu", "topk_regs_kernel", kinds=("cubin",))
+    sass = topk_regs_sass
     rank = [body for body in _loops(sass)
             if any(re.match(r"LEA\.HI R\d+, R\d+, R\d+, RZ, 0x1$", i) for i in body) and any("LDS" in i for i in body)]
     assert rank, "topk_regs_kernel has no loop adding sign bits of shared words (the window's entries lost?)"
     body = min(rank, key=len)
     assert len(body) <= 7, f"the window's rank loop takes {len(body)} instructions: {body}"
     assert not any(re.match(r"\S+\.X\b", i) or ".64" in i for i in body), f"64-bit steps in the rank loop: {body}"
+
+
+def test_topk_window_scatters_without_atomics(topk_regs_sass):
+    # The window's histogram keeps each key's arrival in its bucket, so its scatter stores each of a
+    # thread's 16 keys at the bucket's start plus that arrival: a predicated load of the start and a
+    # predicated 8-byte store per key, in one straight run (scatter_at_arrival). The scatter by
+    # atomics that it replaced branched around an ATOMS per key (95.9 -> 94.5 us on [4096 x 8192],
+    # H200, bench/NOTES.md, session 42); with it back, this test fails. (The general path's 16
+    # predicated stores of list entries load nothing.)
+    runs, loads, stores = [], 0, 0
+    for line in topk_regs_sass.splitlines():
+        insn = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if insn and re.search(r"\b(BRA|ATOMS|BSSY|BSYNC|BAR)\b", insn.group(1)):
+            runs.append(min(loads, stores))  # a branch, an atomic or a barrier ends a run (ptxas may put
+            loads = stores = 0                # labels inside it: spill code jumps in)
+        elif insn and re.match(r"@!?P\d LDS ", insn.group(1)):
+            loads += 1
+        elif insn and re.match(r"@!?P\d STS\.64 ", insn.group(1)):
+            stores += 1
+    runs.append(min(loads, stores))
+    assert max(runs) >= 16, (f"topk_regs_kernel's straight runs hold at most {max(runs)} predicated shared loads and "
+                             "8-byte stores each, not 16 (the window's scatter by atomics back?)")
