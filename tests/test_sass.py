@@ -182,17 +182,31 @@ def topk_regs_sass(tmp_path_factory):
 
 def test_topk_window_ranks_by_32_bit_words(topk_regs_sass):
     # topk_regs_kernel's window ranks an entry within its bucket by the sign of 32-bit differences
-    # of low words (window_entry_low, rank_in_buckets) over 32-bit shared addresses (lds_u32): six
-    # instructions an iteration, the sign added by one LEA.HI. The 64-bit entries' compare took ten
-    # (bench/NOTES.md, session 41); with that compare back, this test fails. It compiles with nvcc:
-    # the device's NVRTC once stepped a pointer in 64 bits where nvcc did not, which it cannot see.
+    # of low words (window_entry_low, rank_in_buckets) over 32-bit shared addresses (lds_u32), two
+    # words an iteration: at most six instructions per word loaded, each sign added by one LEA.HI.
+    # The 64-bit entries' compare took ten for one word (bench/NOTES.md, session 41); with that
+    # compare back, this test fails. It compiles with nvcc: the device's NVRTC once stepped a
+    # pointer in 64 bits where nvcc did not, which it cannot see.
     sass = topk_regs_sass
     rank = [body for body in _loops(sass)
-            if any(re.match(r"LEA\.HI R\d+, R\d+, R\d+, RZ, 0x1$", i) for i in body) and any("LDS" in i for i in body)]
+            if any(re.match(r"LEA\.HI R\d+, R\d+, R\d+, R\w+, 0x1$", i) for i in body) and any("LDS" in i for i in body)]
     assert rank, "topk_regs_kernel has no loop adding sign bits of shared words (the window's entries lost?)"
     body = min(rank, key=len)
-    assert len(body) <= 7, f"the window's rank loop takes {len(body)} instructions: {body}"
+    loads = sum(bool(re.match(r"LDS\b", i)) for i in body)
+    assert loads >= 2, f"the window's rank loop loads {loads} word(s) an iteration, two expected: {body}"
+    assert len(body) <= 6 * loads, f"the window's rank loop takes {len(body)} instructions for {loads} words: {body}"
     assert not any(re.match(r"\S+\.X\b", i) or ".64" in i for i in body), f"64-bit steps in the rank loop: {body}"
+
+
+def test_topk_keys_zero_minus_zero_by_an_add(topk_regs_sass):
+    # score_key (common.cuh) turns -0 into +0 by an add of +0 (FADD Rd, RZ, Rx), five instructions
+    # a key, where the compare-and-select of the bit pattern took six (an ISETP against 0x80000000
+    # per key: 31 in topk_regs_kernel; bench/NOTES.md, session 43). Register mode converts 16 loaded
+    # words per thread (row_select_regs), so at least 16 adds; with the compare back, this fails.
+    adds = re.findall(r"\bFADD R\d+, RZ, R\d+\b", topk_regs_sass)
+    compares = re.findall(r"ISETP\.NE\.AND P\d, PT, R\d+, -0x80000000\b", topk_regs_sass)
+    assert len(adds) >= 16, f"{len(adds)} adds of +0 in topk_regs_kernel (score_key's add form lost?)"
+    assert len(compares) < 16, f"{len(compares)} compares with -0's bits in topk_regs_kernel (score_key's old form?)"
 
 
 def test_topk_window_scatters_without_atomics(topk_regs_sass):

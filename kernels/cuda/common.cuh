@@ -137,9 +137,13 @@ __device__ __forceinline__ u8 f32_to_e4m3_satfinite(float x) {
 #define HISA_KEY_ZERO 0x80000000u     // score_key(-0.0) == score_key(+0.0)
 
 __device__ __forceinline__ u32 score_key(float f) {
-    // branch-free: -0 -> +0, then negatives flipped (~u) and positives offset (u | sign bit)
-    u32 u = __float_as_uint(f);
-    u = u == 0x80000000u ? 0u : u;
+    // branch-free, five instructions (FSETP, FADD, SHF, LOP3, SEL): f + 0 turns -0 into +0 in
+    // round-to-nearest and leaves every other number as it is -- inline PTX without .ftz, so
+    // subnormals stay whatever -ftz the build uses; then negatives flipped (~u) and positives
+    // offset (u | sign bit). The compare-and-select form of the -0 case costs one more.
+    float z;
+    asm("add.rn.f32 %0, %1, 0f00000000;" : "=f"(z) : "f"(f));
+    const u32 u = __float_as_uint(z);
     const u32 key = u ^ ((u32)((int)u >> 31) | 0x80000000u);
     return f != f ? HISA_KEY_NAN : key;
 }

@@ -1420,9 +1420,13 @@ __device__ __forceinline__ void rank_in_buckets(const SelectArgs& a, long long r
         if constexpr (LOW_POS > 0) {
             // two low words of a bucket differ by less than 2^31 (window_entry): the sign of the
             // difference compares them
+            // two words an iteration: half the loop's branch and address work per comparison
             const u32 c = (u32)e, stop = base + 8u * (u32)end;
+            u32 q = base + 8u * (u32)start;
 #pragma unroll 1
-            for (u32 q = base + 8u * (u32)start; q < stop; q += 8u) rank += (int)((c - lds_u32(q)) >> 31);
+            for (; q + 8u < stop; q += 16u)
+                rank += (int)((c - lds_u32(q)) >> 31) + (int)((c - lds_u32(q + 8u)) >> 31);
+            if (q < stop) rank += (int)((c - lds_u32(q)) >> 31);
         } else {
 #pragma unroll 1
             for (int j = start; j < end; ++j) rank += buf[j] > e;

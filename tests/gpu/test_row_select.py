@@ -124,6 +124,20 @@ def _specials(rng, R, N):
     return x
 
 
+def _bit_patterns(rng, R, N):
+    # score_key's edge bit patterns (common.cuh: an add of +0 turns -0 into +0, inline PTX without
+    # .ftz keeps subnormals): NaNs of both signs and several payloads (all rank last, as one), both
+    # zeros (equal), subnormals of both signs (distinct, ordered among the normals) and both
+    # infinities, as 20% of a randn row
+    bits = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000,
+                     0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00400000,
+                     0x7F800000, 0xFF800000], np.uint32).view(np.float32)
+    x = _randn(rng, R, N)
+    at = rng.random((R, N)) < 0.2
+    x[at] = rng.choice(bits, int(at.sum()))
+    return x
+
+
 def _masked(rng, R, N):
     # attention-style scores: a third of the row masked to -inf, the rest randn
     x = _randn(rng, R, N)
@@ -165,8 +179,8 @@ def _window_edges(rng, R, N):
 
 
 @pytest.mark.parametrize("N", [1025, 2047, 4097, 8191, 8192])
-@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _masked, _wide,
-                                 _past_max, _window_edges])
+@pytest.mark.parametrize("gen", [_randn, _one_bin, _rounded, _skewed, _all_equal, _specials, _bit_patterns,
+                                 _masked, _wide, _past_max, _window_edges])
 def test_register_mode_topk(cuda_device, launched_kernels, gen, N):
     # register mode alone, by score: rows not a multiple of the 512 x 16 register layout, k from 1
     # to more than the row, NaN / inf / signed zeros, ragged lengths (empty rows included); the
@@ -429,6 +443,7 @@ FILTER_CASES = [
     (_wide, 8, 131072, (2048,), "none"),               # the same over 60 decades of magnitudes
     (_past_max, 8, 131072, (2048,), "none"),           # sample and candidates spanning more than FLT_MAX
     (_masked, 8, 131072, (1, 2048), "none"),           # -inf never kept; NaN fill past the candidates
+    (_bit_patterns, 8, 131072, (2048,), "none"),       # NaN payloads, signed zeros, subnormals, infinities
     (_all_equal, 4, 131072, (2048,), "all"),           # every column ties with t: overflow, rescued
     (_mostly_nan, 4, 131072, (2048,), "all"),          # fewer than k candidates: rescued
 ]
