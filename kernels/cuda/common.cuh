@@ -136,16 +136,36 @@ __device__ __forceinline__ u8 f32_to_e4m3_satfinite(float x) {
 #define HISA_KEY_NEG_INF 0x007FFFFFu  // score_key(-inf): the lowest key of a number
 #define HISA_KEY_ZERO 0x80000000u     // score_key(-0.0) == score_key(+0.0)
 
+// The key map, in two instruction forms that give the same key for every fp32 bit pattern (the
+// topk tests' bit-pattern rows -- NaNs, zeros of both signs, subnormals, infinities -- check
+// loaded_score_key against the reference). Two, because each is faster where the other is slower
+// (bench/NOTES.md, session 44):
+//  * score_key, compare and select (ISETP, SEL, SHF, LOP3, FSETP, SEL): the score kernels' epilogues
+//    (score_tile.cuh, score_wgmma.cuh), where the add form made dense 128K/4096 1.9-2.5% slower.
+//  * loaded_score_key, five instructions (FSETP, FADD, SHF, LOP3, SEL): the selects' fp32 words
+//    (row_select.cuh, row_filter.cuh), where it made topk [4096 x 8192] 2.0% faster.
+
+// Both forms' end: the bits u of a score whose -0 became +0 -> its key (negatives flipped (~u),
+// positives offset (u | sign bit)), or HISA_KEY_NAN where the score is a NaN
+__device__ __forceinline__ u32 key_of_plus_zero_bits(u32 u, bool nan) {
+    const u32 key = u ^ ((u32)((int)u >> 31) | 0x80000000u);
+    return nan ? HISA_KEY_NAN : key;
+}
+
 __device__ __forceinline__ u32 score_key(float f) {
-    // branch-free, five instructions (FSETP, FADD, SHF, LOP3, SEL): f + 0 turns -0 into +0 in
-    // round-to-nearest and leaves every other number as it is -- inline PTX without .ftz, so
-    // subnormals stay whatever -ftz the build uses; then negatives flipped (~u) and positives
-    // offset (u | sign bit). The compare-and-select form of the -0 case costs one more.
+    // branch-free: -0 -> +0 by a compare and a select
+    u32 u = __float_as_uint(f);
+    u = u == 0x80000000u ? 0u : u;
+    return key_of_plus_zero_bits(u, f != f);
+}
+
+__device__ __forceinline__ u32 loaded_score_key(float f) {
+    // f + 0 turns -0 into +0 in round-to-nearest and leaves every other number as it is (inline
+    // PTX without .ftz, so subnormals stay whatever -ftz the build uses)
     float z;
     asm("add.rn.f32 %0, %1, 0f00000000;" : "=f"(z) : "f"(f));
     const u32 u = __float_as_uint(z);
-    const u32 key = u ^ ((u32)((int)u >> 31) | 0x80000000u);
-    return f != f ? HISA_KEY_NAN : key;
+    return key_of_plus_zero_bits(u, f != f);
 }
 
 // score_key's order-preserving map undone: the bits of the fp32 score whose key is `key`. The

@@ -72,12 +72,12 @@ struct SelectArgs {
 template <int SRC>
 __device__ __forceinline__ u32 load_key(const SelectArgs& a, long long row, int n, int len) {
     if (SRC == KEYS_U32) return __ldg(a.keys + row * a.ld + n);
-    return n < len ? score_key(__ldg(a.scores + row * a.ld + n)) : HISA_KEY_NONE;
+    return n < len ? loaded_score_key(__ldg(a.scores + row * a.ld + n)) : HISA_KEY_NONE;
 }
 
 template <int SRC>
 __device__ __forceinline__ u32 word_key(u32 w) {
-    return SRC == KEYS_U32 ? w : score_key(__uint_as_float(w));
+    return SRC == KEYS_U32 ? w : loaded_score_key(__uint_as_float(w));
 }
 
 // The bits of the fp32 score whose key (score_key) is `key`; false where the key does not say
