@@ -118,8 +118,9 @@ def rank_order(scores, positions=None) -> np.ndarray:
         positions = np.arange(scores.shape[0], dtype=np.int64)
     positions = np.asarray(positions)
     is_nan = np.isnan(scores)
-    # -score, with NaN replaced by 0 (its rank is decided by is_nan) and -0.0 made +0.0.
-    neg = np.where(is_nan, 0.0, -scores.astype(np.float64)) + 0.0
+    # -score, with NaN replaced by 0 (its rank is decided by is_nan) and -0.0 made +0.0. The NaNs
+    # go before the cast: a signalling NaN's cast to float64 raises the invalid flag (a warning).
+    neg = -np.where(is_nan, 0.0, scores).astype(np.float64) + 0.0
     # np.lexsort sorts by the last key first: is_nan, then -score, then position.
     return np.lexsort((positions, neg, is_nan)).astype(np.int64)
 

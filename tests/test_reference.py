@@ -291,6 +291,16 @@ def test_nan_ranks_below_minus_inf():
     assert got[0].tolist() == [1, 5, 7, 0, 2, 3, 4, 6]
 
 
+def test_rank_order_of_every_float_class_without_warnings():
+    # signalling and quiet NaNs of both signs, zeros, subnormals and infinities (the GPU topk tests'
+    # bit-pattern rows): ranked by SPEC section 3, and no floating-point warning on the way
+    bits = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x80000000, 0x00000000, 0x00000001,
+                     0x80000001, 0x7F800000, 0xFF800000, 0x3F800000], np.uint32)
+    with np.errstate(all="raise"):
+        order = R.rank_order(bits.view(np.float32))
+    assert order.tolist() == [7, 9, 5, 3, 4, 6, 8, 0, 1, 2]
+
+
 def test_negative_zero_ties_with_positive_zero():
     s = np.array([-0.0, 0.0, -1.0, -0.0, 0.0, 2.0], np.float32)
     assert R.rank_order(s).tolist() == [5, 0, 1, 3, 4, 2]
