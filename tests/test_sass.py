@@ -198,15 +198,30 @@ def test_topk_window_ranks_by_32_bit_words(topk_regs_sass):
     assert not any(re.match(r"\S+\.X\b", i) or ".64" in i for i in body), f"64-bit steps in the rank loop: {body}"
 
 
+_ADD_OF_ZERO = r"\bFADD R\d+, RZ, R\d+\b"  # f + 0: loaded_score_key's -0 -> +0
+_COMPARE_WITH_MINUS_ZERO = r"ISETP\.NE\.AND P\d, PT, R\d+, -0x80000000\b"  # score_key's -0 -> +0
+
+
 def test_topk_keys_zero_minus_zero_by_an_add(topk_regs_sass):
-    # score_key (common.cuh) turns -0 into +0 by an add of +0 (FADD Rd, RZ, Rx), five instructions
-    # a key, where the compare-and-select of the bit pattern took six (an ISETP against 0x80000000
-    # per key: 31 in topk_regs_kernel; bench/NOTES.md, session 43). Register mode converts 16 loaded
-    # words per thread (row_select_regs), so at least 16 adds; with the compare back, this fails.
-    adds = re.findall(r"\bFADD R\d+, RZ, R\d+\b", topk_regs_sass)
-    compares = re.findall(r"ISETP\.NE\.AND P\d, PT, R\d+, -0x80000000\b", topk_regs_sass)
-    assert len(adds) >= 16, f"{len(adds)} adds of +0 in topk_regs_kernel (score_key's add form lost?)"
-    assert len(compares) < 16, f"{len(compares)} compares with -0's bits in topk_regs_kernel (score_key's old form?)"
+    # loaded_score_key (common.cuh) turns -0 into +0 by an add of +0 (FADD Rd, RZ, Rx), five
+    # instructions a key, where score_key's compare-and-select of the bit pattern takes six (an
+    # ISETP against 0x80000000 per key: 31 in topk_regs_kernel; bench/NOTES.md, sessions 43-44).
+    # Register mode converts 16 loaded words per thread (row_select_regs), so at least 16 adds; with
+    # the compare form in the selects, this fails.
+    adds = re.findall(_ADD_OF_ZERO, topk_regs_sass)
+    compares = re.findall(_COMPARE_WITH_MINUS_ZERO, topk_regs_sass)
+    assert len(adds) >= 16, f"{len(adds)} adds of +0 in topk_regs_kernel (loaded_score_key's add form lost?)"
+    assert len(compares) < 16, f"{len(compares)} compares with -0's bits in topk_regs_kernel (score_key there?)"
+
+
+def test_score_kernels_key_zero_minus_zero_by_a_compare(tmp_path):
+    # The other way round in the score kernels' epilogues: score_key's compare and select. The add
+    # form there made dense_select at 128K / 4096 2.0-2.5% slower (v50, bench/NOTES.md, session 44),
+    # whose dense_score_wgmma_kernel held 4 adds of +0 and no compare.
+    sass = _compile(tmp_path, "dense.cu", "dense_score_wgmma_kernel<2, 0, 0, 64, 128, 2>", kinds=("cubin",))[1]
+    adds = re.findall(_ADD_OF_ZERO, sass)
+    compares = re.findall(_COMPARE_WITH_MINUS_ZERO, sass)
+    assert not adds and compares, f"{len(adds)} adds of +0, {len(compares)} compares with -0's bits (score_key's form?)"
 
 
 def test_topk_window_scatters_without_atomics(topk_regs_sass):
