@@ -125,10 +125,10 @@ def _specials(rng, R, N):
 
 
 def _bit_patterns(rng, R, N):
-    # score_key's edge bit patterns (common.cuh: an add of +0 turns -0 into +0, inline PTX without
-    # .ftz keeps subnormals): NaNs of both signs and several payloads (all rank last, as one), both
-    # zeros (equal), subnormals of both signs (distinct, ordered among the normals) and both
-    # infinities, as 20% of a randn row
+    # loaded_score_key's edge bit patterns (common.cuh: an add of +0 turns -0 into +0, inline PTX
+    # without .ftz keeps subnormals): NaNs of both signs and several payloads (all rank last, as
+    # one), both zeros (equal), subnormals of both signs (distinct, ordered among the normals) and
+    # both infinities, as 20% of a randn row
     bits = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000,
                      0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00400000,
                      0x7F800000, 0xFF800000], np.uint32).view(np.float32)
@@ -443,7 +443,7 @@ FILTER_CASES = [
     (_wide, 8, 131072, (2048,), "none"),               # the same over 60 decades of magnitudes
     (_past_max, 8, 131072, (2048,), "none"),           # sample and candidates spanning more than FLT_MAX
     (_masked, 8, 131072, (1, 2048), "none"),           # -inf never kept; NaN fill past the candidates
-    (_bit_patterns, 8, 131072, (2048,), "none"),       # NaN payloads, signed zeros, subnormals, infinities
+    (_bit_patterns, 8, 131072, (2048,), "none"),       # the same specials in the sample and filter; +inf in the top k
     (_all_equal, 4, 131072, (2048,), "all"),           # every column ties with t: overflow, rescued
     (_mostly_nan, 4, 131072, (2048,), "all"),          # fewer than k candidates: rescued
 ]
