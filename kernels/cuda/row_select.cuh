@@ -1353,6 +1353,86 @@ __device__ __forceinline__ void cut_by_levels(const u32 (&key)[N], u32 lo, u32 h
     }
 }
 
+// Keys of the window's bin that cut_by_window ranks directly (more: a level over the bin instead)
+#define WINDOW_RANK_MAX 64
+
+// cut_by_levels' threshold (the same cut, ties, tie and need) with the first level over the
+// window of keys below the largest, [hi - 2^(11 + WSH) + 1, hi]: 2048 bins of 2^WSH keys. On the
+// refinement's rows (scores of one query against its blocks' keys) the r-th largest lies in that
+// window and its bin holds a few keys (3-20 on the segments rows at 128K keys, WSH 14), where the
+// first level over the row's whole range left 35-1660 in the r-th's bin and needed a second level
+// (bench/threshold_levels_sim.py). The window's bin is then ranked directly where it holds at most
+// WINDOW_RANK_MAX keys: the bin's keys into a list (a shared-memory counter), each list key's
+// thread counts the keys above and at it, and the one whose counts bracket r names the threshold:
+// two barriers, where a level takes four and a scan of 2048 bins. Where the window holds fewer
+// than r keys, or the bin more than WINDOW_RANK_MAX, the levels as cut_by_levels takes them (over
+// the row's range, or over the bin). r must not exceed the keys in [lo, hi].
+template <int N, int WSH, int THREADS = SELECT_THREADS>
+__device__ __forceinline__ void cut_by_window(const u32 (&key)[N], u32 lo, u32 hi, int r, int* sHist, int* sScan,
+                                              int* sMisc, u64& cut, bool& ties, u32& tie, int& need) {
+    static_assert(WSH > 0 && 11 + WSH < 32 && REG_SELECT_BINS == 2048 && WINDOW_RANK_MAX <= THREADS,
+                  "2048 bins of 2^WSH keys; one thread per ranked key");
+    constexpr u32 WIDTH = ((u32)1u << (11 + WSH)) - 1u;
+    const int tid = threadIdx.x;
+    const u32 wlo = hi - WIDTH;
+    // where the row's range fits the window, the window is the first level anyway. No sample
+    // first (one key a thread, as regs_sort_direct's CUT takes it): its barrier count made ptxas
+    // spill four of the keys at 32 registers; a row whose window holds fewer than r keys pays one
+    // level more instead
+    if (hi - lo > WIDTH) {
+        if (tid == 0) sMisc[MISC_CAND] = 0;  // the bin's list cursor (range_level's barriers publish it)
+        const RangeLevel L = range_level<N, THREADS>(key, wlo, hi, r, sHist, sScan, sMisc);
+        const int rb = r - L.above;  // the rank in the bin
+        if (L.total < r) {
+            // the window holds fewer than r keys: the levels over [lo, hi]
+        } else if (L.in_bin == rb) {  // the whole bin is needed
+            cut = L.blo;
+            return;
+        } else if (L.in_bin > WINDOW_RANK_MAX) {  // the levels over the bin
+            lo = L.blo;
+            hi = L.bhi;
+            r = rb;
+        } else {
+            // the bin's keys into sHist[0, in_bin) (free: range_level ends synced after its reads)
+            const u32 blo = L.blo, bspan = L.bhi - L.blo;
+            const int n = L.in_bin;
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+                if (key[j] - blo <= bspan) sHist[atomicAdd(&sMisc[MISC_CAND], 1)] = (int)key[j];
+            __syncthreads();
+            if (tid < n) {
+                const u32 c = (u32)sHist[tid];
+                int gt = 0, ge = 0;  // the bin's keys above c, and at or above it
+                for (int i = 0; i < n; ++i) {
+                    const u32 v = (u32)sHist[i];
+                    gt += v > c;
+                    ge += v >= c;
+                }
+                // c is the rb-th largest: every thread holding it writes the same words
+                if (gt < rb && rb <= ge) {
+                    sMisc[MISC_RED_LO] = (int)c;
+                    sMisc[MISC_RED_HI] = rb == ge ? 0 : rb - gt;  // ties: of the keys equal to c, the first rb - gt
+                }
+            }
+            __syncthreads();  // the next writes of these two words come after the caller's next barrier
+            const u32 c = (u32)sMisc[MISC_RED_LO];
+            const int nd = sMisc[MISC_RED_HI];
+            if (nd == 0) {
+                cut = c;
+            } else {
+                cut = (u64)c + 1u;
+                ties = true;
+                tie = c;
+                need = nd;
+            }
+            return;
+        }
+    }
+    // the levels where the window does not settle the threshold (one inlined copy of
+    // cut_by_levels: with three, the kernel spilled 100 bytes at its 32 registers)
+    cut_by_levels<N, THREADS>(key, lo, hi, r, sHist, sScan, sMisc, cut, ties, tie, need);
+}
+
 // Window entry (regs_sort_direct with CUT): the key in the high word, and in the low word the
 // key's offset d above the sorted range's lowest key shifted over the item's complement within
 // 2^POS items: ((d << POS) + 2^POS - 1 - n) mod 2^32. Where the buckets hold 2^sh keys with
@@ -1709,7 +1789,7 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // each (regs_sort_direct with CUT: its buckets are the threshold's level), before the level over
 // the row's whole range; 0 for none
 template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
-          int WINDOW_SH = 0>
+          int WINDOW_SH = 0, int CUT_WINDOW_SH = 0>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
     constexpr int WARPS = THREADS / 32;
@@ -1823,8 +1903,12 @@ __device__ void row_select_regs(const SelectArgs& a) {
     bool ties = false;
     u32 tie = 0u;
     int need = 0;
-    if (n_valid > k && k > 0)
-        cut_by_levels<R, THREADS>(key, lo, hi, k, sHist, sScan, sMisc, cut, ties, tie, need);
+    if (n_valid > k && k > 0) {
+        if constexpr (CUT_WINDOW_SH > 0)
+            cut_by_window<R, CUT_WINDOW_SH, THREADS>(key, lo, hi, k, sHist, sScan, sMisc, cut, ties, tie, need);
+        else
+            cut_by_levels<R, THREADS>(key, lo, hi, k, sHist, sScan, sMisc, cut, ties, tie, need);
+    }
 
     // this thread's selected items as bits (item first + j), then the tied ones it keeps
     const u32 above = (u32)(cut - 1u);  // cut in [1, 2^32]: key >= cut is key > above

@@ -679,6 +679,102 @@ def test_refine_register_mode_clusters(cuda_device, launched_kernels, order):
     assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
 
 
+# refine_topk_regs_kernel's threshold (row_select.cuh, cut_by_window): its first level covers the
+# window of 2^(11 + 14) keys below the row's largest key, in 2048 bins, and a bin of the k-th of at
+# most 64 keys is ranked directly
+WINDOW_PATHS = ("narrow", "below", "whole", "rank", "rank ties", "bin levels")
+
+
+def _window_path(keys, k, wsh=14, rank_max=64):
+    """The way refine_topk_regs_kernel's threshold goes for one row of ranking keys (0: not a
+    candidate), as cut_by_window takes it: "all" (at most k candidates: no threshold), "narrow"
+    (the keys' range fits the window: the levels), "below" (the window holds fewer than k keys: the
+    levels over the row), "whole" (the window's bin of the k-th is needed whole), "rank" / "rank
+    ties" (that bin ranked directly; ties: only some of the keys equal to the k-th are kept), "bin
+    levels" (the bin holds more than rank_max keys: the levels over it)."""
+    v = keys[keys != 0].astype(np.int64)
+    if v.size <= k:
+        return "all"
+    lo, hi = int(v.min()), int(v.max())
+    width = (1 << (11 + wsh)) - 1
+    if hi - lo <= width:
+        return "narrow"
+    w = v[v >= hi - width]
+    if w.size < k:
+        return "below"
+    b = (w - (hi - width)) >> wsh
+    counts = np.bincount(b, minlength=2048)
+    from_top = np.cumsum(counts[::-1])
+    top = int(np.searchsorted(from_top, k))  # bins above the k-th's, counted from the top
+    kb = 2047 - top
+    rb = k - (int(from_top[top]) - int(counts[kb]))  # the k-th's rank in its bin
+    if counts[kb] == rb:
+        return "whole"
+    if counts[kb] > rank_max:
+        return "bin levels"
+    in_bin = np.sort(w[b == kb])[::-1]
+    return "rank" if (in_bin >= in_bin[rb - 1]).sum() == rb else "rank ties"
+
+
+def _window_rows(rng, n, k):
+    """Rows for every way of _window_path: k - rb scores in (2, 3] (one at 3.0, the largest), a
+    cluster of `size` keys inside one bin of the window, the rb-th of them the k-th largest of the
+    row (distinct keys, or pairs of equal keys), the rest in [-3, 0) below the window (a third of
+    them masked); the cluster at 0.05, below the window ("below"); scores in [1, 1.5), a range the
+    window holds whole ("narrow")."""
+    f32 = np.float32
+    width = (1 << 25) - 1
+    wlo = int(testing.score_keys(f32(3.0))) - width
+    bin_lo = wlo + (((int(testing.score_keys(f32(1.0))) - wlo) >> 14) << 14)  # a bin near 1.0
+    rows, masks, kinds = [], [], []
+
+    def row(above, cluster, what):
+        rest = n - above.size - cluster.size
+        s = np.concatenate([above, cluster, rng.uniform(-3, 0, rest).astype(f32)])
+        mask = np.ones(n, bool)
+        mask[above.size + cluster.size:] = rng.random(rest) < 0.7
+        perm = rng.permutation(n)
+        rows.append(s[perm])
+        masks.append(mask[perm])
+        kinds.append(what)
+
+    for size in (1, 5, 20, 64, 65, 200):
+        for rb in sorted({1, size // 2 + 1, size}):
+            for pairs in (False, True):
+                j = np.arange(size, dtype=np.int64) // (2 if pairs else 1)
+                keys = (bin_lo + 100 + j).astype(np.uint32)  # positive scores: key = bits | 2^31
+                cluster = (keys & np.uint32(0x7FFFFFFF)).view(f32)
+                above = rng.uniform(2, 3, k - rb).astype(f32)
+                above[0] = f32(3.0)
+                row(above, cluster, f"window bin of {size}{' pairs' if pairs else ''}, rb {rb}")
+    for rb in (1, 7):
+        above = rng.uniform(2, 3, k - rb).astype(f32)
+        above[0] = f32(3.0)
+        row(above, np.full(40, f32(0.05)) + rng.uniform(0, 0.01, 40).astype(f32), f"below the window, rb {rb}")
+    s = rng.uniform(1, 1.5, n).astype(f32)
+    rows.append(s)
+    masks.append(rng.random(n) < 0.8)
+    kinds.append("narrow range")
+    return kinds, np.stack(rows), np.stack(masks)
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_refine_register_mode_window(cuda_device, launched_kernels, order):
+    # refine_topk_regs_kernel's threshold by its first level over the window below the row's
+    # largest key (cut_by_window), every way it goes (the rows cover each, by _window_path's replay
+    # of its rule): ranked directly in the k-th's bin (distinct keys, tied pairs), the bin needed
+    # whole, levels over a bin of more than 64 keys, over the row where the window holds fewer
+    # than k keys, and over a range the window holds whole; exact vs the reference
+    rng = np.random.default_rng(66)
+    m, B, k = 64, 128, 2048
+    kinds, scores, mask = _window_rows(rng, m * B, k)
+    paths = [_window_path(np.where(mask[r], testing.score_keys(scores[r]), 0), k) for r in range(len(kinds))]
+    assert set(paths) == set(WINDOW_PATHS), sorted(set(paths))
+    launched_kernels.clear()
+    _check_refine_keys(rng, kinds, scores, mask, m, B, k, order)
+    assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
+
+
 def test_refine_register_mode_end_to_end(cuda_device, launched_kernels):
     # hisa_cupy.refine in position order over 64 blocks of 128 candidates (8192: register mode),
     # exact fp8 inputs (many equal scores: ties at the threshold) with ragged ranges (masked
