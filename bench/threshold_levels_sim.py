@@ -15,6 +15,11 @@ blocks), without a GPU:
 
 Session 34 (bench/NOTES.md) on segments, 128K keys, T = 1024, 25 rows: two levels over key bits in
 23 rows and three in 2 (first-level bins of 35-1660 keys); the level by value left 6-21 keys in the bin.
+
+Since session 45 the kernel's first level covers the window of 2^25 keys below the row's largest
+(cut_by_window, row_select.cuh); ``window_path`` replays which way that goes and ``main`` prints the
+window's bin of the k-th per row: 3-20 keys on segments rows at 128K keys, T = 4096, so that the bin
+is ranked directly in nearly every row instead of by a second level.
 """
 from __future__ import annotations
 
@@ -53,6 +58,40 @@ def key_bit_levels(keys: np.ndarray, r: int) -> list[int]:
         hi = min(hi, lo + (1 << sh) - 1)
 
 
+WINDOW_SH = 14        # cut_by_window's bins: 2^14 keys each, 2048 of them below the largest key
+WINDOW_RANK_MAX = 64  # the most keys of the k-th's bin that it ranks directly
+
+
+def window_path(keys: np.ndarray, k: int) -> tuple[str, int]:
+    """The way refine_topk_regs_kernel's threshold goes for one row of ranking keys (0: not a
+    candidate), as cut_by_window takes it, and the keys in the window's bin of the k-th (0 where
+    there is no window level): "all" (at most k candidates: no threshold), "narrow" (the keys'
+    range fits the window: the levels), "below" (the window holds fewer than k keys: the levels over
+    the row), "whole" (the window's bin of the k-th is needed whole), "rank" / "rank ties" (that bin
+    ranked directly; ties: only some of the keys equal to the k-th are kept), "bin levels" (the bin
+    holds more than WINDOW_RANK_MAX keys: the levels over it)."""
+    v = np.asarray(keys)[np.asarray(keys) != 0].astype(np.int64)
+    if v.size <= k:
+        return "all", 0
+    lo, hi = int(v.min()), int(v.max())
+    width = (1 << (11 + WINDOW_SH)) - 1
+    if hi - lo <= width:
+        return "narrow", 0
+    w = v[v >= hi - width]
+    if w.size < k:
+        return "below", 0
+    b = (w - (hi - width)) >> WINDOW_SH
+    counts = np.bincount(b, minlength=NBINS)
+    kb, above = _bin_of_rank(counts, k)
+    rb, n = k - above, int(counts[kb])
+    if n == rb:
+        return "whole", n
+    if n > WINDOW_RANK_MAX:
+        return "bin levels", n
+    in_bin = np.sort(w[b == kb])[::-1]
+    return ("rank" if (in_bin >= in_bin[rb - 1]).sum() == rb else "rank ties"), n
+
+
 def linear_bin_size(scores: np.ndarray, r: int) -> int:
     """Keys in the bin of the r-th largest score among NBINS bins linear over [min, max] (finite
     float32 scores), binned as row_select.cuh's LinearBins does: scale = (NBINS - 1)(1 - 1/1024) /
@@ -73,7 +112,8 @@ def linear_bin_size(scores: np.ndarray, r: int) -> int:
 
 
 def sample_rows(S: int, T: int, m: int, B: int, k: int, nrows: int, kind: str, seed: int):
-    """(levels over key bits, linear bin size) per sampled row of a workload's refinement candidates."""
+    """(levels over key bits, linear bin size, window path) per sampled row of a workload's refinement
+    candidates."""
     from hisa_cupy import reference, workloads
 
     w = workloads.make_workload(kind, seq_len=S, num_queries=T, seed=seed)
@@ -89,7 +129,8 @@ def sample_rows(S: int, T: int, m: int, B: int, k: int, nrows: int, kind: str, s
         scores = reference.token_scores(w.q[t:t + 1], w.k[toks], w.weights[t:t + 1], w.k_scale[toks])[0]
         if len(scores) <= k:
             continue
-        out.append((key_bit_levels(score_keys(scores), k), linear_bin_size(scores, k)))
+        keys = score_keys(scores)
+        out.append((key_bit_levels(keys, k), linear_bin_size(scores, k), window_path(keys, k)))
     return out
 
 
@@ -99,10 +140,11 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=2048)
     a = p.parse_args(argv)
     res = sample_rows(a.S, a.T, a.m, a.B, a.k, a.rows, a.kind, a.seed)
-    print("levels over key bits per row:", [len(lv) for lv, _ in res])
-    print("first level's bin sizes:", [lv[0] for lv, _ in res])
-    print("second level's bin sizes:", [lv[1] for lv, _ in res if len(lv) > 1])
-    print("one level by value, bin sizes:", [lin for _, lin in res])
+    print("levels over key bits per row:", [len(lv) for lv, _, _ in res])
+    print("first level's bin sizes:", [lv[0] for lv, _, _ in res])
+    print("second level's bin sizes:", [lv[1] for lv, _, _ in res if len(lv) > 1])
+    print("one level by value, bin sizes:", [lin for _, lin, _ in res])
+    print("window below the largest key, per row (path, keys in the k-th's bin):", [wp for _, _, wp in res])
 
 
 if __name__ == "__main__":

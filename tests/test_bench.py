@@ -541,6 +541,32 @@ def test_threshold_levels_sim_finds_the_kth_key():
     assert sim.key_bit_levels(keys, 4000)[-1] == 5000
 
 
+def test_threshold_levels_sim_window_paths_cover_the_gpu_rows():
+    # window_path (bench/threshold_levels_sim.py) replays cut_by_window's rule (row_select.cuh); the GPU
+    # test's rows (tests/gpu/test_row_select.py, _window_rows) must take every way of it, and each
+    # way must mean what it says of the window's bin of the k-th largest key
+    sim = _load("threshold_levels_sim")
+    spec = importlib.util.spec_from_file_location("gpu_row_select", ROOT / "tests" / "gpu" / "test_row_select.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    k = 2048
+    kinds, scores, mask = rows._window_rows(np.random.default_rng(66), 8192, k)
+    seen = set()
+    for r in range(len(kinds)):
+        keys = np.where(mask[r], sim.score_keys(scores[r]), 0).astype(np.uint32)
+        path, n = sim.window_path(keys, k)
+        seen.add(path)
+        kth = int(np.sort(keys[keys != 0])[::-1][k - 1])
+        hi = int(keys.max())
+        if path in ("whole", "rank", "rank ties", "bin levels"):
+            assert hi - kth < 1 << 25  # the k-th lies in the window
+            assert (n <= sim.WINDOW_RANK_MAX) == (path != "bin levels") or path == "whole"
+        if path == "below":
+            assert hi - kth >= 1 << 25
+    assert seen == set(rows.WINDOW_PATHS), seen
+    assert sim.window_path(np.arange(1, 101, dtype=np.uint32), 100) == ("all", 0)
+
+
 def test_topk_window_sim_paths_cover_the_gpu_rows():
     # bench/topk_window_sim.py mirrors topk_regs_kernel's window below the row's largest key and its
     # sample guard (row_select_regs with WINDOW_SH). The row kinds of the GPU tests

@@ -8,6 +8,10 @@ mode (one CTA per row of at most 8192 items, the keys in registers; the refineme
 ranking keys of every kind), and few long rows split into chunks whose top k are merged.
 Run with ``pytest -m gpu``.
 """
+import functools
+import importlib.util
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -681,39 +685,21 @@ def test_refine_register_mode_clusters(cuda_device, launched_kernels, order):
 
 # refine_topk_regs_kernel's threshold (row_select.cuh, cut_by_window): its first level covers the
 # window of 2^(11 + 14) keys below the row's largest key, in 2048 bins, and a bin of the k-th of at
-# most 64 keys is ranked directly
+# most 64 keys is ranked directly; bench/threshold_levels_sim.py's window_path replays which way it goes
 WINDOW_PATHS = ("narrow", "below", "whole", "rank", "rank ties", "bin levels")
 
 
-def _window_path(keys, k, wsh=14, rank_max=64):
-    """The way refine_topk_regs_kernel's threshold goes for one row of ranking keys (0: not a
-    candidate), as cut_by_window takes it: "all" (at most k candidates: no threshold), "narrow"
-    (the keys' range fits the window: the levels), "below" (the window holds fewer than k keys: the
-    levels over the row), "whole" (the window's bin of the k-th is needed whole), "rank" / "rank
-    ties" (that bin ranked directly; ties: only some of the keys equal to the k-th are kept), "bin
-    levels" (the bin holds more than rank_max keys: the levels over it)."""
-    v = keys[keys != 0].astype(np.int64)
-    if v.size <= k:
-        return "all"
-    lo, hi = int(v.min()), int(v.max())
-    width = (1 << (11 + wsh)) - 1
-    if hi - lo <= width:
-        return "narrow"
-    w = v[v >= hi - width]
-    if w.size < k:
-        return "below"
-    b = (w - (hi - width)) >> wsh
-    counts = np.bincount(b, minlength=2048)
-    from_top = np.cumsum(counts[::-1])
-    top = int(np.searchsorted(from_top, k))  # bins above the k-th's, counted from the top
-    kb = 2047 - top
-    rb = k - (int(from_top[top]) - int(counts[kb]))  # the k-th's rank in its bin
-    if counts[kb] == rb:
-        return "whole"
-    if counts[kb] > rank_max:
-        return "bin levels"
-    in_bin = np.sort(w[b == kb])[::-1]
-    return "rank" if (in_bin >= in_bin[rb - 1]).sum() == rb else "rank ties"
+@functools.lru_cache(maxsize=None)
+def _threshold_levels_sim():
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "threshold_levels_sim.py"
+    spec = importlib.util.spec_from_file_location("threshold_levels_sim", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    return sim
+
+
+def _window_path(keys, k):
+    return _threshold_levels_sim().window_path(keys, k)[0]
 
 
 def _window_rows(rng, n, k):
