@@ -676,10 +676,14 @@ def test_refine_register_mode_clusters(cuda_device, launched_kernels, order):
     # keys, distinct or tied, in the middle of the range or at its bottom (with -inf, NaN and the
     # masked candidates' HISA_KEY_NONE), exact vs the reference
     rng = np.random.default_rng(64)
-    m, B, k = 64, 128, 2048
-    kinds, scores, mask = _cluster_rows(rng, m * B, k)
+    _check_register_mode_rows(launched_kernels, rng, *_cluster_rows(rng, 64 * 128, 2048), order)
+
+
+def _check_register_mode_rows(launched_kernels, rng, kinds, scores, mask, order):
+    """_check_refine_keys on rows of 64 blocks of 128 candidates, k = 2048, which must all take
+    refine_topk_regs_kernel."""
     launched_kernels.clear()
-    _check_refine_keys(rng, kinds, scores, mask, m, B, k, order)
+    _check_refine_keys(rng, kinds, scores, mask, 64, 128, 2048, order)
     assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
 
 
@@ -752,13 +756,10 @@ def test_refine_register_mode_window(cuda_device, launched_kernels, order):
     # whole, levels over a bin of more than 64 keys, over the row where the window holds fewer
     # than k keys, and over a range the window holds whole; exact vs the reference
     rng = np.random.default_rng(66)
-    m, B, k = 64, 128, 2048
-    kinds, scores, mask = _window_rows(rng, m * B, k)
-    paths = [_window_path(np.where(mask[r], testing.score_keys(scores[r]), 0), k) for r in range(len(kinds))]
+    kinds, scores, mask = _window_rows(rng, 64 * 128, 2048)
+    paths = [_window_path(np.where(mask[r], testing.score_keys(scores[r]), 0), 2048) for r in range(len(kinds))]
     assert set(paths) == set(WINDOW_PATHS), sorted(set(paths))
-    launched_kernels.clear()
-    _check_refine_keys(rng, kinds, scores, mask, m, B, k, order)
-    assert launched_kernels == ["refine_topk_regs_kernel"] * 2, launched_kernels  # absolute, relative
+    _check_register_mode_rows(launched_kernels, rng, kinds, scores, mask, order)
 
 
 def test_refine_register_mode_end_to_end(cuda_device, launched_kernels):
