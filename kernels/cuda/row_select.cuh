@@ -1788,6 +1788,9 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // window of keys below the row's largest that its 2^DIRECT_BITS buckets hold at 2^WINDOW_SH keys
 // each (regs_sort_direct with CUT: its buckets are the threshold's level), before the level over
 // the row's whole range; 0 for none
+// CUT_WINDOW_SH: where > 0, the threshold of the levels' path (every row that the score order
+// above does not take) by cut_by_window, its first level over 2048 bins of 2^CUT_WINDOW_SH keys
+// below the row's largest (the refinement's top-k: 14); 0: cut_by_levels over the row's range
 template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
           int WINDOW_SH = 0, int CUT_WINDOW_SH = 0>
 __device__ void row_select_regs(const SelectArgs& a) {
