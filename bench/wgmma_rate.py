@@ -30,6 +30,10 @@ Each at 1-4 CTAs per SM (shared memory padded so that no more fit; fewer when re
 shared memory allow fewer), as TFLOP/s and as a share of torch.matmul's f16 rate in the same run.
 
     python3 bench/wgmma_rate.py [--iters 2000] [--json OUT.json]       # H100 / H200 (sm_90a)
+    python3 bench/wgmma_rate.py --modes rs_sums --ctas 3 --iters 8000 --reps 201   # ~3.5 s of one mode
+
+The second form keeps one row loaded long enough for the card's power limit to act (bench/NOTES.md,
+session 46: run beside an nvidia-smi sampler, the chain drops from 1980 to 1695-1815 MHz).
 
 Without a Hopper GPU it prints why and exits 0 (its source is compile-checked on the CPU by
 tests/test_bench.py with nvcc).
@@ -192,7 +196,7 @@ def flops(ctas: int, iters: int, warpgroups: int = 1) -> float:
     return 2.0 * TILE * N_COLS * D * iters * ctas * warpgroups
 
 
-def run(iters: int, reps: int = 7) -> dict:
+def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
     import cupy
     from cupy_backends.cuda.api import driver
     from cupy_backends.cuda.libs import nvrtc
@@ -205,14 +209,14 @@ def run(iters: int, reps: int = 7) -> dict:
     arch = cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
     src = source()
     rows = []
-    for mode in MODES:
+    for mode in modes:
         binary, lowered = cupy_backend._nvrtc_compile(src, name_expr(mode), arch)
         mod = cupy.cuda.function.Module()
         mod.load(binary)
         fn = mod.get_function(lowered)
         regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
         wgs = WARPGROUPS.get(mode, 1)
-        for per_sm in (1, 2, 3, 4):
+        for per_sm in per_sms:
             smem = smem_bytes(mode, per_sm)
             if not fits(per_sm, smem, regs, wgs):  # fewer would be resident: the launch would run in waves
                 continue
@@ -242,9 +246,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=2000, help="key tiles per CTA and launch")
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--modes", default=",".join(MODES), help="the modes measured (comma-separated)")
+    ap.add_argument("--ctas", default="1,2,3,4", help="the CTAs per SM tried (comma-separated)")
+    ap.add_argument("--reps", type=int, default=7, help="timed launches per row (their median is kept)")
     args = ap.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown modes {unknown} (known: {', '.join(MODES)})")
     try:
-        res = run(args.iters)
+        res = run(args.iters, reps=args.reps, modes=modes, per_sms=tuple(int(c) for c in args.ctas.split(",") if c))
     except Exception as e:  # no CuPy, no GPU, not Hopper
         print(f"wgmma_rate: no measurement ({type(e).__name__}: {e})")
         return 0

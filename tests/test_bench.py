@@ -690,6 +690,37 @@ def test_wgmma_rate_without_gpu_exits_cleanly():
     assert "no measurement" in proc.stdout
 
 
+def test_wgmma_rate_mode_and_occupancy_options(capsys):
+    # --modes / --ctas narrow the rows measured (a long run of one mode under an nvidia-smi sampler:
+    # bench/NOTES.md, session 46); an unknown mode is an argument error, not an empty table
+    wr = _load("wgmma_rate")
+    with pytest.raises(SystemExit) as err:
+        wr.main(["--modes", "rs,nope"])
+    assert err.value.code == 2 and "unknown modes ['nope']" in capsys.readouterr().err
+    from hisa_cupy.__main__ import probe_gpu
+
+    if not probe_gpu()[0]:
+        assert wr.main(["--modes", "rs_sums", "--ctas", "3", "--iters", "1", "--reps", "1"]) == 0
+        assert "no measurement" in capsys.readouterr().out
+
+
+def test_clock_power_samples():
+    # bench/clock_power.py reads nvidia-smi's CSV (noheader, nounits) and keeps, per workload, the
+    # medians of the samples after the first 20% of its run; the f16 peak scales with the clock
+    cp = _load("clock_power")
+    text = "\n".join(f"2026/12/02 16:00:0{i}.000, {mhz}, {w}, 700.00, {50 + i}, {reason}" for i, (mhz, w, reason) in
+                     enumerate([(1980, 120.0, "0x0"), (1890, 690.0, "0x4"), (1455, 691.0, "0x4"), (1500, 689.0, "0x4"),
+                                (1980, 118.0, "0x0")])) + "\nnot a sample\n"
+    rows = cp.parse_samples(text)
+    assert [r[1] for r in rows] == [1980, 1890, 1455, 1500, 1980] and rows[1][5] == "0x4"
+    t0, t1 = rows[0][0], rows[3][0]  # a run over samples 0-3: its first 20% (sample 0) left out
+    s = cp.summarize(rows, t0, t1)
+    assert s["samples"] == 3 and s["sm_mhz"] == 1500 and s["sm_mhz_min"] == 1455 and s["power_w"] == 690.0
+    assert s["reasons"] == ["0x4"] and s["power_limit_w"] == 700.0
+    assert cp.summarize(rows, t1 + 10, t1 + 20) is None
+    assert abs(cp.f16_peak_tflops(1830, 132) - 989.4) < 0.1  # the H100 / H200 datasheet's dense f16 rate
+
+
 def test_union_skeletons_apply_to_the_current_kernel(tmp_path):
     # every skeleton's edits match the union kernel's source as it is (a kernel change that moves
     # them fails here, not on the device), and each skeleton differs from the source
