@@ -10,7 +10,9 @@ with the f16 tensor peak at that clock (4096 FLOP per clock per SM: the H100 / H
 
 Workloads: ``idle``; ``hisa`` (hisa_select at --S / --T, fp8 segments inputs, m = 64, k = 2048);
 ``dense`` (dense_select at the same shape); ``matmul`` (torch.matmul of two 8192 x 8192 f16
-matrices). Each is called back to back with no synchronisation until its time is up.
+matrices). Each is called back to back until its time is up, the host waiting for the GPU after every
+8 calls (so that the queue stays short and the host's clock is the GPU's); ms/call is the run's wall
+time over its calls.
 
     python3 bench/clock_power.py [--S 131072] [--T 4096] [--seconds 3] [--workloads idle,hisa,matmul]
 
