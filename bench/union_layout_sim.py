@@ -10,6 +10,7 @@ off), the fine tail (_union_fine_tail, the default), and both with the pairs in 
 largest first (not what the kernels do: the host does not know the unions' sizes):
 
     python bench/union_layout_sim.py --S 131072 --T 1024
+    python bench/union_layout_sim.py --S 131072 --T 4096 --groups 4,8   # key tiles of wider row groups
 
 Times are in mean pairs' work; each CTA also costs cupy_backend._UNION_CTA_COST. Session 38
 (bench/NOTES.md), segments 128K/1024, m = 64, 396 slots: unions of 64-104 blocks (median 76), the
@@ -27,20 +28,30 @@ import numpy as np
 from hisa_cupy.kernels import cupy_backend
 
 
-def pair_union_sizes(S: int, T: int, m: int, B: int, kind: str, seed: int) -> np.ndarray:
-    """Blocks in the union of rows 2p and 2p + 1's selected blocks, per pair p (the last pair of an
-    odd T: its one row's), from the reference's block selection of the workload."""
+def selected_blocks(S: int, T: int, m: int, B: int, kind: str, seed: int) -> np.ndarray:
+    """[T, m] block ids (ascending, -1 padded): the reference's block selection of the workload."""
     from hisa_cupy import reference, workloads
 
     w = workloads.make_workload(kind, seq_len=S, num_queries=T, seed=seed)
     pooled, pscale = reference.pool_keys(w.k, w.k_scale, block_size=B)
-    blocks = reference.select_blocks(w.q, pooled, w.weights, pooled_scale=pscale, ks=w.ks, ke=w.ke,
-                                     block_size=B, block_topk=m, seq_len=S)
+    return reference.select_blocks(w.q, pooled, w.weights, pooled_scale=pscale, ks=w.ks, ke=w.ke,
+                                   block_size=B, block_topk=m, seq_len=S)
+
+
+def group_union_sizes(blocks: np.ndarray, rows: int) -> np.ndarray:
+    """Blocks in the union of each group of ``rows`` neighbouring rows' selected blocks (rows
+    g * rows, ...; the last group of a T that ``rows`` does not divide: the rows left)."""
     sizes = []
-    for r0 in range(0, T, 2):
-        rows = blocks[r0:r0 + 2]
-        sizes.append(len(np.unique(rows[rows >= 0])))
+    for r0 in range(0, blocks.shape[0], rows):
+        grp = blocks[r0:r0 + rows]
+        sizes.append(len(np.unique(grp[grp >= 0])))
     return np.array(sizes)
+
+
+def pair_union_sizes(S: int, T: int, m: int, B: int, kind: str, seed: int) -> np.ndarray:
+    """Blocks in the union of rows 2p and 2p + 1's selected blocks, per pair p (the last pair of an
+    odd T: its one row's), from the reference's block selection of the workload."""
+    return group_union_sizes(selected_blocks(S, T, m, B, kind, seed), 2)
 
 
 def launch_end(work, layout, slots: int, cta_cost: float = cupy_backend._UNION_CTA_COST) -> float:
@@ -80,8 +91,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sms", type=int, default=132, help="SMs (H200: 132)")
     p.add_argument("--slots", type=int, default=396, help="union CTAs resident at once (H200, m <= 128: 3 per SM)")
+    p.add_argument("--groups", default="", metavar="G1,G2,...",
+                   help="also the unions of groups of G neighbouring rows (a multiple of 2), against their pairs' "
+                        "(the key tiles a kernel over G rows would load, against the union kernel's)")
     a = p.parse_args(argv)
-    sizes = pair_union_sizes(a.S, a.T, a.m, a.B, a.kind, a.seed)
+    blocks = selected_blocks(a.S, a.T, a.m, a.B, a.kind, a.seed)
+    sizes = group_union_sizes(blocks, 2)
+    for g in (int(x) for x in a.groups.split(",") if x):
+        if g % 2 or g < 2:
+            p.error(f"--groups: {g} is not an even number of rows")
+        whole = (a.T // g) * g  # whole groups only, so that each holds g / 2 whole pairs
+        grp = group_union_sizes(blocks[:whole], g)
+        pairs = group_union_sizes(blocks[:whole], 2).reshape(-1, g // 2).sum(axis=1)
+        print(f"groups of {g} rows: union blocks mean {grp.mean():.1f} (min {grp.min()}, max {grp.max()}), "
+              f"their pairs' unions {pairs.mean():.1f} ({grp.sum() / pairs.sum() - 1:+.1%} key tiles)")
     work = sizes / sizes.mean()
     print(f"{len(sizes)} pairs; union blocks per pair: min {sizes.min()}, median {np.median(sizes):g}, "
           f"max {sizes.max()}, cv {sizes.std() / sizes.mean():.3f}")

@@ -818,6 +818,21 @@ def test_union_layout_sim_matches_the_model_on_equal_pairs():
     assert sim.launch_end(work, (8, 1, 2), 10) == pytest.approx(1.0 + cb._UNION_CTA_COST)
 
 
+def test_union_layout_sim_group_unions(capsys):
+    # unions of groups of neighbouring rows (padding -1 ignored; a short last group keeps its rows),
+    # and main's line per group size against the same rows' pairs
+    sim = _load("union_layout_sim")
+    blocks = np.array([[0, 1, 2, -1], [0, 1, 3, -1], [0, 1, 2, 4], [5, 6, -1, -1], [0, 7, -1, -1]])
+    assert sim.group_union_sizes(blocks, 2).tolist() == [4, 6, 2]
+    assert sim.group_union_sizes(blocks, 4).tolist() == [7, 2]
+    assert sim.group_union_sizes(blocks, 8).tolist() == [8]
+    sim.main(["--S", "4096", "--T", "66", "--m", "4", "--slots", "8", "--sms", "4", "--groups", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("groups of 4 rows: union blocks mean ") and "key tiles)" in out[0]
+    with pytest.raises(SystemExit):
+        sim.main(["--S", "4096", "--T", "66", "--m", "4", "--groups", "3"])
+
+
 def test_union_layout_sim_unions(capsys):
     # the pairs' unions from the reference's block selection: m to 2m blocks each (every row here
     # has more than m eligible blocks), the same as a direct count; main prints the four launches
