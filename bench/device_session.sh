@@ -21,6 +21,9 @@
 #            configuration so that both trees see the same machine state -> $OUT/ab.txt
 #   bench    bench/kernels.py --targets, the grid of the README table -> $OUT/bench/ (~130 s)
 #   host     bench/host_profile.py                  -> $OUT/host/          (~30 s)
+#   clock    bench/clock_power.py: SM clock and power while hisa_select (128K/4096, 32K/4096) and
+#            torch.matmul run back to back, 3 s each (is the card at its power limit?)
+#                                                   -> $OUT/clock.txt      (~40 s)
 #   ncu      Nsight Compute source profiles (NCU_SPECS below, or one NCU_SPEC="kernel|args") of
 #            kernels built with -lineinfo                        -> $OUT/ncu.tgz (~40 s each)
 # One call may run for at most 600 s: the whole suite and `bench` do not fit together (run part
@@ -152,6 +155,11 @@ for step in $STEPS; do
     host)
       PYTHONPATH="$ROOT" timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
+    clock)
+      { PYTHONPATH="$ROOT" timeout 90 $PY bench/clock_power.py --S 131072 --T 4096 --seconds 3 --workloads idle,hisa,matmul
+        PYTHONPATH="$ROOT" timeout 60 $PY bench/clock_power.py --S 32768 --T 4096 --seconds 3 --workloads hisa; } \
+        > "$OUT/clock.txt" 2>&1
+      echo "clock: exit $?" >> "$OUT/gpu.txt" ;;
     ncu)
       # kernels compiled with -lineinfo (their own cache entries), one launch each under
       # `ncu --set full`; per kernel its CUDA source lines with their SASS and counters (CSV:
@@ -175,7 +183,7 @@ for step in $STEPS; do
       tar -czf "$OUT/ncu.tgz" -C "$NCU_DIR" --exclude='*.ncu-rep' .
       echo "ncu (${#NCU_SPECS[@]} kernels): done" >> "$OUT/gpu.txt" ;;
     *)
-      echo "unknown step $step (tests, kernels, ab, bench, host, ncu)" >&2
+      echo "unknown step $step (tests, kernels, ab, bench, host, clock, ncu)" >&2
       exit 2 ;;
   esac
 done
