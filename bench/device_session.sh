@@ -156,10 +156,12 @@ for step in $STEPS; do
       PYTHONPATH="$ROOT" timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
     clock)
-      { PYTHONPATH="$ROOT" timeout 90 $PY bench/clock_power.py --S 131072 --T 4096 --seconds 3 --workloads idle,hisa,matmul
-        PYTHONPATH="$ROOT" timeout 60 $PY bench/clock_power.py --S 32768 --T 4096 --seconds 3 --workloads hisa; } \
+      PYTHONPATH="$ROOT" timeout 90 $PY bench/clock_power.py --S 131072 --T 4096 --seconds 3 --workloads idle,hisa,matmul \
         > "$OUT/clock.txt" 2>&1
-      echo "clock: exit $?" >> "$OUT/gpu.txt" ;;
+      echo "clock 128K/4096: exit $?" >> "$OUT/gpu.txt"
+      PYTHONPATH="$ROOT" timeout 60 $PY bench/clock_power.py --S 32768 --T 4096 --seconds 3 --workloads hisa \
+        >> "$OUT/clock.txt" 2>&1
+      echo "clock 32K/4096: exit $?" >> "$OUT/gpu.txt" ;;
     ncu)
       # kernels compiled with -lineinfo (their own cache entries), one launch each under
       # `ncu --set full`; per kernel its CUDA source lines with their SASS and counters (CSV:

@@ -690,18 +690,25 @@ def test_wgmma_rate_without_gpu_exits_cleanly():
     assert "no measurement" in proc.stdout
 
 
-def test_wgmma_rate_mode_and_occupancy_options(capsys):
-    # --modes / --ctas narrow the rows measured (a long run of one mode under an nvidia-smi sampler:
-    # bench/NOTES.md, session 46); an unknown mode is an argument error, not an empty table
+def test_wgmma_rate_mode_and_occupancy_options(capsys, monkeypatch):
+    # --modes / --ctas / --reps reach the measurement (a long run of one mode under an nvidia-smi
+    # sampler: bench/NOTES.md, session 46); an unknown mode is an argument error, not an empty table
     wr = _load("wgmma_rate")
     with pytest.raises(SystemExit) as err:
         wr.main(["--modes", "rs,nope"])
     assert err.value.code == 2 and "unknown modes ['nope']" in capsys.readouterr().err
-    from hisa_cupy.__main__ import probe_gpu
+    seen = {}
 
-    if not probe_gpu()[0]:
-        assert wr.main(["--modes", "rs_sums", "--ctas", "3", "--iters", "1", "--reps", "1"]) == 0
-        assert "no measurement" in capsys.readouterr().out
+    def fake_run(iters, reps=7, modes=wr.MODES, per_sms=(1, 2, 3, 4)):
+        seen.update(iters=iters, reps=reps, modes=modes, per_sms=per_sms)
+        raise RuntimeError("no GPU in this test")
+
+    monkeypatch.setattr(wr, "run", fake_run)
+    assert wr.main(["--modes", "rs_sums,wg3_sums", "--ctas", "3,1", "--iters", "9", "--reps", "201"]) == 0
+    assert seen == {"iters": 9, "reps": 201, "modes": ("rs_sums", "wg3_sums"), "per_sms": (3, 1)}
+    assert "no measurement" in capsys.readouterr().out
+    wr.main([])  # the defaults: every mode at 1-4 CTAs per SM, 7 launches
+    assert seen == {"iters": 2000, "reps": 7, "modes": wr.MODES, "per_sms": (1, 2, 3, 4)}
 
 
 def test_clock_power_samples():
@@ -719,6 +726,9 @@ def test_clock_power_samples():
     assert s["reasons"] == ["0x4"] and s["power_limit_w"] == 700.0
     assert cp.summarize(rows, t1 + 10, t1 + 20) is None
     assert abs(cp.f16_peak_tflops(1830, 132) - 989.4) < 0.1  # the H100 / H200 datasheet's dense f16 rate
+    with pytest.raises(SystemExit) as err:  # an unknown workload is refused before anything runs
+        cp.main(["--workloads", "hisa,nope"])
+    assert err.value.code == 2
 
 
 def test_union_skeletons_apply_to_the_current_kernel(tmp_path):
@@ -828,7 +838,14 @@ def test_union_layout_sim_group_unions(capsys):
     assert sim.group_union_sizes(blocks, 8).tolist() == [8]
     sim.main(["--S", "4096", "--T", "66", "--m", "4", "--slots", "8", "--sms", "4", "--groups", "4"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("groups of 4 rows: union blocks mean ") and "key tiles)" in out[0]
+    # the line against a direct count: the 16 whole groups of 4 rows (rows 64-65 left out), each
+    # against its two pairs' unions
+    sel = sim.selected_blocks(4096, 66, 4, 128, "segments", 0)
+    rows = [set(int(b) for b in r if b >= 0) for r in sel[:64]]
+    quads = [len(set().union(*rows[i:i + 4])) for i in range(0, 64, 4)]
+    pairs = [len(rows[i] | rows[i + 1]) + len(rows[i + 2] | rows[i + 3]) for i in range(0, 64, 4)]
+    assert out[0] == (f"groups of 4 rows: union blocks mean {np.mean(quads):.1f} (min {min(quads)}, max {max(quads)}), "
+                      f"their pairs' unions {np.mean(pairs):.1f} ({sum(quads) / sum(pairs) - 1:+.1%} key tiles)")
     with pytest.raises(SystemExit):
         sim.main(["--S", "4096", "--T", "66", "--m", "4", "--groups", "3"])
 
