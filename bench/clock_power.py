@@ -12,7 +12,10 @@ Workloads: ``idle``; ``hisa`` (hisa_select at --S / --T, fp8 segments inputs, m 
 ``dense`` (dense_select at the same shape); ``matmul`` (torch.matmul of two 8192 x 8192 f16
 matrices). Each is called back to back until its time is up, the host waiting for the GPU after every
 8 calls (so that the queue stays short and the host's clock is the GPU's); ms/call is the run's wall
-time over its calls.
+time over its calls. ``protocol``: the same hisa_select timed as bench/kernels.py times the targets
+(its ``Timer``, 3 warm-up calls: 10 calls each behind a sleep kernel and a 256 MB L2 flush, the
+host waiting after each, then 10 without the sleep for the wall times), round after round until the
+time is up, with the last round's median GPU time: the clock the run of record's numbers are taken at.
 
     python3 bench/clock_power.py [--S 131072] [--T 4096] [--seconds 3] [--workloads idle,hisa,matmul]
 
@@ -66,6 +69,22 @@ def summarize(rows, t0: float, t1: float, skip: float = 0.2):
             "reasons": sorted({r[5] for r in sel})}
 
 
+def bench_kernels_module():
+    """bench/kernels.py, loaded by path (the repository root's `kernels` package holds the name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(os.path.dirname(__file__), "kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def protocol_timer():
+    """bench/kernels.py's Timer (L2 flushed by writes, its default 3 warm-up calls): what the run of
+    record times each target with."""
+    return bench_kernels_module().Timer(reps=10, warmup=3, flush="write")
+
+
 def f16_peak_tflops(sm_mhz: float, sms: int) -> float:
     return F16_FLOP_PER_CLOCK_SM * sms * sm_mhz * 1e6 / 1e12
 
@@ -80,7 +99,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     names = [n for n in args.workloads.split(",") if n]
-    known = ("idle", "hisa", "dense", "matmul")
+    known = ("idle", "hisa", "dense", "matmul", "protocol")
     for n in names:
         if n not in known:
             p.error(f"unknown workload {n!r} (known: {', '.join(known)})")
@@ -97,13 +116,24 @@ def main(argv=None):
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     calls = {"idle": None}
-    if "hisa" in names or "dense" in names:  # only the inputs the named workloads use
+    if {"hisa", "dense", "protocol"} & set(names):  # only the inputs the named workloads use
         wl = make_workload("segments", seq_len=args.S, num_queries=args.T, seed=0)
         q, k, w, ksc = (to_torch(x) for x in (wl.q, wl.k, wl.weights, wl.k_scale))
         kw = dict(k_scale=ksc, topk=2048, out=torch.empty(args.T, 2048, dtype=torch.int32, device=dev),
                   validate=False)
         calls["hisa"] = lambda: hisa_cupy.hisa_select(q, k, w, block_topk=64, **kw)
         calls["dense"] = lambda: hisa_cupy.dense_select(q, k, w, **kw)
+    protocol = {}  # the protocol workload's last round: its stats and how many calls a round makes
+    if "protocol" in names:
+        timer = protocol_timer()
+        hisa = calls["hisa"]
+
+        def protocol_round():
+            protocol["stats"] = timer(hisa, reps=10)
+            return protocol["stats"]
+
+        calls["protocol"] = protocol_round
+        protocol["calls_per_round"] = timer.warmup + 2 * 10
     if "matmul" in names:
         a = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
         b = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
@@ -125,6 +155,9 @@ def main(argv=None):
                 while time.time() - t0 < args.seconds:
                     if calls[n] is None:
                         time.sleep(0.05)
+                    elif n == "protocol":  # a round of the Timer (it synchronises itself)
+                        calls[n]()
+                        n_calls += protocol["calls_per_round"]
                     else:
                         for _ in range(8):
                             calls[n]()
@@ -152,8 +185,12 @@ def main(argv=None):
             continue
         s.update(workload=n, calls=n_calls, ms_per_call=(t1 - t0) * 1e3 / n_calls if n_calls else None,
                  f16_peak_tflops=f16_peak_tflops(s["sm_mhz"], sms))
+        if n == "protocol":
+            s["protocol_median_ms"] = protocol["stats"]["median_ms"]
         result.append(s)
         per = f"{s['ms_per_call']:.3f} ms/call" if n_calls else ""
+        if n == "protocol":
+            per += f" (the protocol's median GPU time {s['protocol_median_ms']:.3f} ms)"
         print(f"{n:8s} SM {s['sm_mhz']:6.0f} MHz (min {s['sm_mhz_min']:.0f}), {s['power_w']:6.1f} W of "
               f"{s['power_limit_w']:.0f}, {s['temp_c']:.0f} C, f16 peak at this clock {s['f16_peak_tflops']:.0f} "
               f"TFLOP/s, {per}, reasons {' '.join(s['reasons'])}")

@@ -22,8 +22,9 @@
 #   bench    bench/kernels.py --targets, the grid of the README table -> $OUT/bench/ (~130 s)
 #   host     bench/host_profile.py                  -> $OUT/host/          (~30 s)
 #   clock    bench/clock_power.py: SM clock and power while hisa_select (128K/4096, 32K/4096) and
-#            torch.matmul run back to back, 3 s each (is the card at its power limit?)
-#                                                   -> $OUT/clock.txt      (~40 s)
+#            torch.matmul run back to back, and while hisa_select is timed as the run of record
+#            times it (workload `protocol`), 3 s each (is the card at its power limit?)
+#                                                   -> $OUT/clock.txt      (~60 s)
 #   ncu      Nsight Compute source profiles (NCU_SPECS below, or one NCU_SPEC="kernel|args") of
 #            kernels built with -lineinfo                        -> $OUT/ncu.tgz (~40 s each)
 # One call may run for at most 600 s: the whole suite and `bench` do not fit together (run part
@@ -156,10 +157,10 @@ for step in $STEPS; do
       PYTHONPATH="$ROOT" timeout 120 $PY bench/host_profile.py --out "$OUT/host" > /dev/null 2>&1
       echo "host: exit $?" >> "$OUT/gpu.txt" ;;
     clock)
-      PYTHONPATH="$ROOT" timeout 90 $PY bench/clock_power.py --S 131072 --T 4096 --seconds 3 --workloads idle,hisa,matmul \
+      PYTHONPATH="$ROOT" timeout 120 $PY bench/clock_power.py --S 131072 --T 4096 --seconds 3 --workloads idle,hisa,protocol,matmul \
         > "$OUT/clock.txt" 2>&1
       echo "clock 128K/4096: exit $?" >> "$OUT/gpu.txt"
-      PYTHONPATH="$ROOT" timeout 60 $PY bench/clock_power.py --S 32768 --T 4096 --seconds 3 --workloads hisa \
+      PYTHONPATH="$ROOT" timeout 90 $PY bench/clock_power.py --S 32768 --T 4096 --seconds 3 --workloads hisa,protocol \
         >> "$OUT/clock.txt" 2>&1
       echo "clock 32K/4096: exit $?" >> "$OUT/gpu.txt" ;;
     ncu)

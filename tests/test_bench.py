@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -729,6 +730,27 @@ def test_clock_power_samples():
     with pytest.raises(SystemExit) as err:  # an unknown workload is refused before anything runs
         cp.main(["--workloads", "hisa,nope"])
     assert err.value.code == 2
+
+
+def test_clock_power_protocol_workload(monkeypatch, capsys):
+    # the `protocol` workload times hisa_select with bench/kernels.py's own Timer (the run of
+    # record's flush, sleep and warm-up), and is accepted where no GPU is
+    cp = _load("clock_power")
+    assert callable(cp.bench_kernels_module().Timer.__call__)  # the real module loads by path
+    built = {}
+
+    class FakeTimer:
+        def __init__(self, reps, warmup, flush):
+            built.update(reps=reps, warmup=warmup, flush=flush)
+
+    monkeypatch.setattr(cp, "bench_kernels_module", lambda: types.SimpleNamespace(Timer=FakeTimer))
+    assert isinstance(cp.protocol_timer(), FakeTimer)
+    assert built == {"reps": 10, "warmup": 3, "flush": "write"}
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cp.main(["--workloads", "idle,protocol"]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
 
 
 def test_union_skeletons_apply_to_the_current_kernel(tmp_path):
