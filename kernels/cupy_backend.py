@@ -116,6 +116,13 @@ USE_UNION_PAIRS = True
 #: kernel, which otherwise merges the pair's two lists in each of its CTAs; a knob for bench/ and
 #: the GPU tests
 PAIR_RECORDS = True
+#: hisa_select's refine top-k waits for each row's pair rather than for the whole union launch:
+#: each union CTA stores the call's epoch into a ready flag when its keys are written, the union
+#: launch triggers the top-k after its own wait, and refine_topk_ready_regs_kernel's CTAs start on
+#: the SMs the union's last wave leaves (refine.cu). Where the union path, the block top-m's warp
+#: mode (which advances the epoch) and the register-mode top-k all apply (_union_ready). A knob for
+#: bench/ and the GPU tests
+UNION_READY = True
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True
@@ -429,6 +436,7 @@ def kernel_instances():
     out += [("block_select.cu", f"block_topm_warp_kernel<{r}>") for r in WARP_KEYS_PER_LANE]
     out += [("refine.cu", "refine_topk_warp_kernel"), ("dense.cu", "dense_topk_warp_kernel")]
     out += [("block_select.cu", "block_topm_regs_kernel"), ("refine.cu", "refine_topk_regs_kernel"),
+            ("refine.cu", "refine_topk_ready_regs_kernel"),
             ("dense.cu", "dense_topk_regs_kernel"), ("topk.cu", "topk_regs_kernel"),
             ("topk.cu", "topk_merge_regs_kernel"), ("topk.cu", "topk_filtered_regs_kernel"),
             ("dense.cu", "dense_filtered_regs_kernel")]
@@ -1232,8 +1240,8 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
 
 
 #: select kernels with a register-mode twin (`<name>_regs_kernel`, row_select_regs)
-_REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel", "topk_kernel",
-                       "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
+_REG_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "refine_topk_ready_kernel", "dense_topk_kernel",
+                       "topk_kernel", "topk_merge_kernel", "topk_filtered_kernel", "dense_filtered_kernel")
 #: register-mode select kernels of FILTER_WIDE_THREADS threads (named as launched; no twins)
 _WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel", "dense_filtered_wide_kernel")
 #: register-mode select kernels that sort their selected items in either order (named as launched;
@@ -1339,7 +1347,7 @@ def _knobs():
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
-            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES)
+            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES, UNION_READY)
 
 
 def _keep_plan(key, plan):
@@ -1623,10 +1631,12 @@ def _plan_context():
 
 
 def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size, block_topk, out, ws, ctx,
-                   em=None, unions=None, grouped=False, early=False):
+                   em=None, unions=None, grouped=False, early=False, epoch=None):
     """``unions`` (with the block top-m in warp mode, _pair_records): also each pair of rows' union
     of blocks, as the union kernel reads it (``grouped``: in its SPLIT_ROWS order); ``early``: the
-    warp-mode block top-m triggers the launch after it at its start (_refine_plan's `early`)."""
+    warp-mode block top-m triggers the launch after it at its start (_refine_plan's `early`);
+    ``epoch`` (a uint32 array of one, with the block top-m in warp mode): advanced once per launch
+    for the union kernel's ready flags (_union_ready)."""
     em = em or _DIRECT
     T, H, D = q.shape
     nb = pooled.shape[0]
@@ -1648,7 +1658,7 @@ def _select_blocks(q, pooled, weights, pooled_scale, ks, ke, seq_len, block_size
         em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + (ptr(keys, offset),) + tail, smem)
     _launch_select("block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb,
                    k=block_topk, T=T, S=seq_len, out_idx=out, out_ld=block_topk, em=em,
-                   extra=(unions, int(grouped), int(early)) if _block_topm_warp(nb) else ())
+                   extra=(unions, int(grouped), int(early), epoch) if _block_topm_warp(nb) else ())
     return out
 
 
@@ -1668,10 +1678,12 @@ def refine(q, k, weights, k_scale, blocks, ks, ke, *, block_size, topk, index_ba
 
 
 def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream,
-            blocks_from_select, ws, ctx, em=None, unions=None, plan=None):
+            blocks_from_select, ws, ctx, em=None, unions=None, plan=None, ready=None):
     """``unions``: the pairs' records written by the block top-m (_pair_records), which the union
     kernel then reads instead of merging each pair's two block lists itself; ``plan``: this call's
-    _refine_plan_of where the caller has it already (hisa_select)."""
+    _refine_plan_of where the caller has it already (hisa_select); ``ready``: the union launches'
+    ready flags after the epoch the block top-m advanced (_union_ready: uint32, the epoch first,
+    then one flag per union CTA of every launch in turn)."""
     em = em or _DIRECT
     T, H, D = q.shape
     S = k.shape[0]
@@ -1690,12 +1702,40 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     kp = (ptr(keys),)
     after = (ptr(unions),) if grouped is not None else ()  # the union kernel's records, before its layout
     relative, by_score = index_base == "relative", order == "score"
+    flag0 = 1  # the first flag of this launch in `ready`
     for r0, nr, grid, head, tail, layout in launches:
-        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + layout, smem)
-        _launch_select("refine.cu", "refine_topk_kernel", rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0,
-                       T=T, S=S, ks=ks, ke=ke, blocks=blocks, m=m, B=block_size, relative=relative,
-                       by_score=by_score, out_idx=out, out_ld=topk, out_off=r0 * topk * 4, em=em)
+        # the union kernel's ready flags and epoch (null where ready is None)
+        flags = (ptr(ready, 4 * flag0), ptr(ready)) if ready is not None else (ptr(None), ptr(None))
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + layout
+                  + (flags if grouped is not None else ()), smem)
+        select = dict(rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0, T=T, S=S, ks=ks, ke=ke, blocks=blocks,
+                      m=m, B=block_size, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
+                      out_off=r0 * topk * 4, em=em)
+        if ready is not None:
+            _launch_select("refine.cu", "refine_topk_ready_kernel", **select,
+                           extra=((ready, 4 * flag0), ready) + tuple(int(x) for x in layout))
+            flag0 += grid[0]
+        else:
+            _launch_select("refine.cu", "refine_topk_kernel", **select)
     return out
+
+
+def _union_ready(plan, nb: int, topk: int, order: str, ws):
+    """hisa_select's ready flags (refine.cu, refine_topk_ready_regs_kernel): a zeroed uint32 array
+    [1 + the union launches' CTAs] (the epoch, then each launch's flags in turn), or None where they
+    do not apply: UNION_READY off, the refinement not on pairs, the block top-m (which advances
+    the epoch) not in warp mode, or the refine top-k not in register mode."""
+    if not (UNION_READY and plan is not None):
+        return None
+    _, _, n, _, launches, grouped, _ = plan
+    by_score = order == "score"
+    if grouped is None or not _block_topm_warp(nb) or _warp_select("refine_topk_kernel", True, n, by_score):
+        return None
+    if not (REG_SELECT and _reg_select_plan(topk, n, by_score, _device_facts(_device_id())["smem_optin"])):
+        return None
+    if any(max(int(layout[1]), int(layout[2])) > 32 for *_, layout in launches):
+        return None  # the top-k waits on a pair's CTAs with one lane each
+    return ws.get("union_ready", (1 + sum(grid[0] for _, _, grid, *_ in launches),), np.uint32, zeroed=True)
 
 
 def hisa_select(q, k, weights, k_scale, ks, ke, *, block_size, block_topk, topk, pool_dtype, index_base,
@@ -1727,10 +1767,11 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     unions = None
     if _pair_records(nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)
+    ready = _union_ready(plan, nb, topk, order, ws)
     _select_blocks(q, pooled, weights, pscale, ks, ke, S, block_size, block_topk, blocks, ws, ctx, em, unions,
-                   bool(grouped), early)
+                   bool(grouped), early, ready)
     _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base, order, out, stream, True,
-            ws, ctx, em, unions, plan)
+            ws, ctx, em, unions, plan, ready)
 
 
 def dense_select(q, k, weights, k_scale, ks, ke, *, topk, index_base, order, out, stream):

@@ -77,6 +77,9 @@ LATE_WAIT_KERNELS = {"block_score_wgmma_kernel", "refine_score_wgmma_kernel", "r
 EARLY_TRIGGER_KERNELS = {"pool_vec_kernel"}
 #: kernels that do so where the host asks (their `early` argument)
 HOST_TRIGGER_KERNELS = {"block_topm_warp_kernel"}
+#: kernels that wait for their rows' ready flags first and for the kernel before them last
+#: (refine.cu: the union kernel's CTAs publish each pair's keys, cupy_backend.UNION_READY)
+READY_WAIT_KERNELS = {"refine_topk_ready_regs_kernel"}
 
 
 def _kernel_bodies(src):
@@ -115,6 +118,17 @@ def test_every_kernel_waits_for_its_predecessor_first():
                 assert all(re.match(r"const (int|bool) ", st) and "[" not in st for st in before), (name, before)
                 assert "ITEMS_TOKENS" not in body, f"{filename}: {name}: dense tiles do not wait inside"
                 continue
+            if name in READY_WAIT_KERNELS:
+                # the flags (acquire loads), a CTA barrier, the select (coherent loads), then the wait
+                late.add(name)
+                assert body.count("grid_dependency_sync") == 1 and body.endswith("grid_dependency_sync();"), name
+                spin = body.index("while (ld_acquire_gpu(ready + c0 + lane) != e)")
+                select = body.index("row_select_regs<")
+                assert spin < body.index("__syncthreads();", spin) < select, name
+                assert body[select:].startswith("row_select_regs<KEYS_U32, MAP_GATHER, 0, SORT_BITS, SELECT_THREADS, "
+                                                "0, 14, true>"), f"{name}: its rows by coherent loads"
+                assert "grid_dependents_launch" not in body, name
+                continue
             assert body.startswith("grid_dependency_sync();"), f"{filename}: {name} starts with {body[:60]!r}"
             triggers = body.count("grid_dependents_launch()")
             if name in EARLY_TRIGGER_KERNELS:
@@ -123,7 +137,7 @@ def test_every_kernel_waits_for_its_predecessor_first():
                 assert body.startswith("grid_dependency_sync(); if (early) grid_dependents_launch();"), name
             else:
                 assert triggers == 0, f"{filename}: {name} triggers its dependents"  # filtered_select's is its own
-    assert late == LATE_WAIT_KERNELS
+    assert late == LATE_WAIT_KERNELS | READY_WAIT_KERNELS
     assert seen >= 27
 
 
@@ -140,7 +154,7 @@ def test_score_tile_waits_before_its_other_reads():
     block = re.sub(r"\s+", " ", fn[prefetch:fn.index("}", wait) + 1])
     assert re.fullmatch(r"if constexpr \(PREFETCH\) \{ #pragma unroll for \(int it = 0; it < QITERS; \+\+it\) "
                         r"q_load\(it, qraw\[it\]\); head_weights<N, H, ROWS, true>\([^;]*\); "
-                        r"grid_dependency_sync\(\); \}", block), block
+                        r"grid_dependency_sync\(\); if \(trigger\) grid_dependents_launch\(\); \}", block), block
     for first_use in ("unions + ", "blocks[", "stage(j_first", "orow(r)[n]", "tile_has_candidate(j, f)"):
         assert fn.index(first_use) > wait, first_use
     # q's rows go through early_loads (else ptxas moves their loads past the wait)

@@ -37,12 +37,16 @@ __global__ void __launch_bounds__(SELECT_THREADS) block_topm_kernel(SELECT_PARAM
 // R keys per lane (rows of at most 32 R blocks: 8, 16 or 32, cupy_backend._warp_keys_per_lane);
 // with `unions` (not null) also the pairs' records of the union path (grouped: its block order);
 // the threshold search bounded by the lanes' second largest keys (row_select_warp's BOUND);
-// `early`: triggers the launch after it, the union kernel, at its start (cupy_backend._refine_plan)
+// `early`: triggers the launch after it, the union kernel, at its start (cupy_backend._refine_plan);
+// `epoch` (or null): advanced by one per launch, after the wait, for the union kernel's ready
+// flags (refine.cu: every flag of an earlier call holds an earlier epoch)
 template <int R>
 __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) block_topm_warp_kernel(SELECT_PARAMS, int rows, int* unions,
-                                                                                int grouped, int early) {
+                                                                                int grouped, int early,
+                                                                                unsigned* epoch) {
     grid_dependency_sync();
-    if (early) grid_dependents_launch();
+    if (early) grid_dependents_launch();  // the union CTAs read the epoch after their own wait
+    if (epoch != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(epoch, 1u);
     row_select_warp<KEYS_U32, MAP_IDENTITY, R, true>(SELECT_ARGS, rows, unions, grouped);
 }
 

@@ -53,6 +53,25 @@ __device__ __forceinline__ void grid_dependents_launch() {
 #endif
 }
 
+// Hand-over of one kernel's output to a kernel running beside it (the union kernel's pairs to the
+// refine top-k, refine.cu): the writer's CTA syncs, then one thread publishes a flag with a
+// release store at GPU scope (ordered after every thread's writes by the barrier); the reader
+// spins on the flag with acquire loads, then syncs its CTA, and reads the data with coherent
+// (weak) loads, never ld.global.nc, whose cache the data may have changed under.
+__device__ __forceinline__ void st_release_gpu(unsigned* p, unsigned v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Scalar decoders (exact) and encoders (round to nearest even).
 

@@ -1262,8 +1262,14 @@ __device__ __forceinline__ constexpr u32 never_kept_word() {
 // Items [first, first + N) of a row of 32-bit words (ranking keys or fp32 scores, N a multiple of 4):
 // their keys, HISA_KEY_NONE outside [lo, hi), or with RAW the words as stored, never_kept_word
 // outside. Four 16-byte loads where the row is aligned and the items all lie inside, else one
-// load per item.
-template <int SRC, bool RAW = false, int N = REG_SELECT_R>
+// load per item. COHERENT: weak loads (ld.global.ca) instead of read-only ones, for rows that a
+// kernel running beside this one wrote (common.cuh, st_release_gpu)
+template <bool COHERENT, typename V>
+__device__ __forceinline__ V load_word(const V* p) {
+    if constexpr (COHERENT) return __ldca(p);
+    else return __ldg(p);
+}
+template <int SRC, bool RAW = false, int N = REG_SELECT_R, bool COHERENT = false>
 __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[N]) {
     constexpr int R = N;
     constexpr u32 outside = RAW ? never_kept_word<SRC>() : HISA_KEY_NONE;
@@ -1272,7 +1278,7 @@ __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, 
         const uint4* vec = reinterpret_cast<const uint4*>(words + first);
 #pragma unroll
         for (int u = 0; u < R / 4; ++u) {
-            const uint4 x = __ldg(vec + u);
+            const uint4 x = load_word<COHERENT>(vec + u);
             key[4 * u] = conv(x.x);
             key[4 * u + 1] = conv(x.y);
             key[4 * u + 2] = conv(x.z);
@@ -1282,7 +1288,7 @@ __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, 
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             const int n = first + j;
-            key[j] = n >= lo && n < hi ? conv(__ldg(words + n)) : outside;
+            key[j] = n >= lo && n < hi ? conv(load_word<COHERENT>(words + n)) : outside;
         }
     }
 }
@@ -1791,8 +1797,10 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // CUT_WINDOW_SH: where > 0, the threshold of the levels' path (every row that the score order
 // above does not take) by cut_by_window, its first level over 2048 bins of 2^CUT_WINDOW_SH keys
 // below the row's largest (the refinement's top-k: 14); 0: cut_by_levels over the row's range
+// COHERENT: the row's keys by weak loads (load_row_keys), for rows a kernel running beside this
+// one wrote (the refine top-k after the union kernel's ready flags, refine.cu)
 template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
-          int WINDOW_SH = 0, int CUT_WINDOW_SH = 0>
+          int WINDOW_SH = 0, int CUT_WINDOW_SH = 0, bool COHERENT = false>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
     constexpr int WARPS = THREADS / 32;
@@ -1821,7 +1829,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
 
     u32 key[R];
     const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
-    load_row_keys<SRC>(words, 0, n_items, first, key);
+    load_row_keys<SRC, false, R, COHERENT>(words, 0, n_items, first, key);
     // mn: the smallest key minus one, so that HISA_KEY_NONE (0) wraps to the largest value and
     // never wins; every fp32 score has a key >= 1, so the float path counts its valid items
     // from the row length alone

@@ -324,7 +324,7 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int* __restrict__ blocks, int T, int S, int B, int m, int nitems, int col0, int row0, int nrows,
     u32* __restrict__ out, long long ld, int tiles_per_cta, const int* __restrict__ unions = nullptr,
     AppendOut app = AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, int local0_at = -1,
-    UnionShare share = UnionShare{0, 0}) {
+    UnionShare share = UnionShare{0, 0}, bool trigger = false) {
     using Shape = WgmmaShape<ENGINE, KDT, H, D, ROWS, ITEMS>;
     static_assert(Shape::supported, "wgmma engine: D = 128, ROWS * H in {64, 128}, keys in the engine type");
     static_assert(ROWS == 1 || ITEMS != ITEMS_GATHER, "gathered candidates differ per row: one row per CTA");
@@ -505,6 +505,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         // has its q loads in flight before that kernel ends; elsewhere the wait has returned by
         // then. Dense's kernels wait at their start.
         grid_dependency_sync();
+        // trigger: the launch after this one may start now (the union kernel's, where the refine
+        // top-k waits for each pair's ready flags instead of for the whole launch: refine.cu)
+        if (trigger) grid_dependents_launch();
     }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);

@@ -447,7 +447,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
     (65536, 64, 16, 128, 0, 0),     # rows of 512 blocks: the block top-m at 16 keys per lane
 ])
-@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty"])
+@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty", "records-unready"])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
                                                   chunk_rows, mode):
     # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
@@ -458,7 +458,10 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     # mode: records, the pairs' unions come from the block top-m (PAIR_RECORDS), else (merge) each
     # union CTA merges its pair's lists; tail, records and the last pairs of each launch in 7 shares
     # (UNION_TAIL_SPLITS; the others in `splits`); tail-empty, the same with a run of rows that see
-    # no keys (pairs without blocks: only their padding is written) and an empty last row
+    # no keys (pairs without blocks: only their padding is written) and an empty last row;
+    # records-unready, records with the refine top-k waiting for the whole union launch (UNION_READY
+    # off; every other mode selects after each pair's ready flags where the top-k is in register
+    # mode, i.e. order="score" here, and rows longer than warp mode's in position order)
     from hisa_cupy.kernels import cupy_backend
 
     w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
@@ -469,6 +472,7 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     kw = dict(k_scale=to_torch(w.k_scale), ks=to_torch(w.ks), ke=to_torch(w.ke), backend="cupy")
     monkeypatch.setattr(cupy_backend, "UNION_SPLITS", splits)
     monkeypatch.setattr(cupy_backend, "PAIR_RECORDS", mode != "merge")
+    monkeypatch.setattr(cupy_backend, "UNION_READY", mode != "records-unready")
     if mode.startswith("tail"):  # a tenth of a wave of tail pairs: head and tail in every launch but the shortest
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_SPLITS", 7)
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_WAVES", 0.1)
@@ -482,6 +486,9 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
         launched_kernels.clear()
         got = to_np(hisa_cupy.hisa_select(*args, block_size=B, block_topk=m, topk=m * B, order=order, **kw))
         assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
+        regs = "refine_topk_regs_kernel" in launched_kernels or "refine_topk_ready_regs_kernel" in launched_kernels
+        ready = cupy_backend.UNION_READY and cupy_backend._block_topm_warp(-(-S // B)) and regs
+        assert ("refine_topk_ready_regs_kernel" in launched_kernels) == ready, (order, launched_kernels)
         np.testing.assert_array_equal(got, want, err_msg=order)
         assert (want >= 0).sum() > T * B  # candidates were selected
         if mode == "tail-empty":
@@ -590,6 +597,68 @@ def test_programmatic_dependent_launch(cuda_device, monkeypatch):
                 np.testing.assert_array_equal(to_np(vals), ref_v)
         expect_pdl = use and cupy_backend._device_facts(cupy_backend._device_id())["cc"] >= 90
         assert (pdl[0] > 0) == expect_pdl, (use, pdl[0])
+
+
+def test_union_ready_flags_queued_calls(cuda_device, monkeypatch, launched_kernels):
+    # UNION_READY: the refine top-k (refine_topk_ready_regs_kernel) starts beside the union kernel
+    # and selects each row once its pair's CTAs have stored the call's epoch, which the block top-m
+    # advances. Calls queued back to back without a sync, on inputs of different row counts (odd T:
+    # a last pair of one row), in one launch or in row chunks (several union launches, each with its
+    # own flags), with the block top-m's early trigger and without, through the ordinary path and
+    # bound plans (the call cache), with and without PDL: every output equals the reference
+    # (SPEC §9 exact inputs), so a row selected before its keys were all written would show. The
+    # epoch in the workspace advances once per call.
+    from hisa_cupy import select
+    from hisa_cupy.kernels import cupy_backend
+
+    S, m, B, topk = 16384, 16, 128, 1024
+    inps = [testing.exact_inputs(T, S, 64, 128, dtype="float8_e4m3fn", seed=90 + T, ragged=T % 2 == 1)
+            for T in (96, 97, 64)]
+    args = [([to_torch(inp[n]) for n in ("q", "k", "weights")],
+             dict(k_scale=to_torch(inp["k_scale"]), ks=to_torch(inp["ks"]), ke=to_torch(inp["ke"])))
+            for inp in inps]
+    for order in ("score", "position"):
+        kw = dict(block_size=B, block_topk=m, topk=topk, order=order, validate=False)
+        refs = [reference.hisa_select(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"],
+                                      ke=inp["ke"], block_size=B, block_topk=m, topk=topk, order=order)
+                for inp in inps]
+        for use_pdl, trigger, chunk_rows in ((True, 0.0, 0), (True, 0.01, 0), (True, 0.01, 24), (False, 0.0, 24)):
+            monkeypatch.setattr(cupy_backend, "USE_PDL", use_pdl)
+            monkeypatch.setattr(cupy_backend, "TOPM_TRIGGER_WAVES", trigger)
+            monkeypatch.setattr(cupy_backend, "REFINE_WORKSPACE_BYTES",
+                                chunk_rows * m * B * 4 if chunk_rows else 128 << 20)
+            monkeypatch.setattr(select, "_calls", {})
+            for rnd in range(3):  # the first round records the call signatures, later ones are bound
+                launched_kernels.clear()
+                outs = [hisa_cupy.hisa_select(*a, **k, **kw) for a, k in args]
+                torch.cuda.synchronize()
+                where = f"order={order} pdl={use_pdl} trigger={trigger} chunk_rows={chunk_rows} round {rnd}"
+                if rnd == 0:
+                    assert launched_kernels.count("refine_topk_ready_regs_kernel") >= 3, (where, launched_kernels)
+                    assert "refine_topk_regs_kernel" not in launched_kernels, where
+                for got, ref in zip(outs, refs):
+                    testing.assert_selection_equal(got, ref, err_msg=where)
+    # the epoch (the workspace's first word; a buffer that grows starts again at zero) advances by
+    # one per call, and every flag of the call's union launch holds it
+    seen = {}
+    real = cupy_backend._union_ready
+
+    def spy(plan, *a):
+        out = real(plan, *a)
+        seen["ctas"] = sum(grid[0] for _, _, grid, *_ in plan[4])
+        return out
+
+    monkeypatch.setattr(cupy_backend, "_union_ready", spy)
+    monkeypatch.setattr(select, "_calls", {})  # the ordinary path (it plans, and asks _union_ready)
+    ws = cupy_backend.workspace(torch.cuda.current_stream().cuda_stream)
+    hisa_cupy.hisa_select(*args[0][0], **args[0][1], **kw)
+    torch.cuda.synchronize()
+    before = int(ws.get("union_ready", (1,), np.uint32, zeroed=True)[0])
+    assert before >= 1 and seen["ctas"] > 0
+    hisa_cupy.hisa_select(*args[0][0], **args[0][1], **kw)  # bound now (the call cache)
+    torch.cuda.synchronize()
+    ready = to_np(ws.get("union_ready", (1 + seen["ctas"],), np.uint32, zeroed=True))
+    assert ready[0] == before + 1 and (ready[1:] == before + 1).all(), (before, ready[:8])
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float16"])
