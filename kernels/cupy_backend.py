@@ -1398,7 +1398,7 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
 
 def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
-    keys, after, the union kernel's layout after its records), ...), grouped, early) of the
+    keys, after, the union kernel's layout (head pairs, their splits, the others' splits: ints)), ...), grouped, early) of the
     candidate-score launches: pairs of rows over their blocks' union where it applies (pairs_ok: the
     blocks come from select_blocks; the pairs' shares laid out by _union_layout), else one row per
     CTA; rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None
@@ -1434,7 +1434,7 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
             head_pairs, head_splits, tail_splits = _union_layout(-(-nr // 2), facts["sms"], slots)
             ctas = head_pairs * head_splits + (-(-nr // 2) - head_pairs) * tail_splits
             launches.append((r0, nr, (ctas, 1), head + (_i32(r0), _i32(nr)), tail,
-                             (_i32(head_pairs), _i32(head_splits), _i32(tail_splits))))
+                             (head_pairs, head_splits, tail_splits)))
             continue
         launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail, ()))
     grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
@@ -1706,14 +1706,14 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
     for r0, nr, grid, head, tail, layout in launches:
         # the union kernel's ready flags and epoch (null where ready is None)
         flags = (ptr(ready, 4 * flag0), ptr(ready)) if ready is not None else (ptr(None), ptr(None))
-        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + layout
+        em.launch(fn, grid, (SCORE_THREADS,), ptrs + head + kp + tail + after + tuple(_i32(x) for x in layout)
                   + (flags if grouped is not None else ()), smem)
         select = dict(rows=nr, keys=keys, ld=n, ncols=n, k=topk, row0=r0, T=T, S=S, ks=ks, ke=ke, blocks=blocks,
                       m=m, B=block_size, relative=relative, by_score=by_score, out_idx=out, out_ld=topk,
                       out_off=r0 * topk * 4, em=em)
         if ready is not None:
             _launch_select("refine.cu", "refine_topk_ready_kernel", **select,
-                           extra=((ready, 4 * flag0), ready) + tuple(int(x) for x in layout))
+                           extra=((ready, 4 * flag0), ready) + layout)
             flag0 += grid[0]
         else:
             _launch_select("refine.cu", "refine_topk_kernel", **select)
@@ -1733,7 +1733,7 @@ def _union_ready(plan, nb: int, topk: int, order: str, ws):
         return None
     if not (REG_SELECT and _reg_select_plan(topk, n, by_score, _device_facts(_device_id())["smem_optin"])):
         return None
-    if any(max(int(layout[1]), int(layout[2])) > 32 for *_, layout in launches):
+    if any(max(layout[1], layout[2]) > 32 for *_, layout in launches):
         return None  # the top-k waits on a pair's CTAs with one lane each
     return ws.get("union_ready", (1 + sum(grid[0] for _, _, grid, *_ in launches),), np.uint32, zeroed=True)
 

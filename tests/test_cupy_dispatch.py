@@ -70,11 +70,11 @@ class _Fake:
         return [launch.name for launch in self.launches]
 
 
-def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8):
+def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8, order="position"):
     q, k = pointer_array((T, H, D), qdt), pointer_array((S, D), kdt)
     w, ksc, out = pointer_array((T, H), np.float32), pointer_array((S,), np.float32), pointer_array((T, topk), np.int32)
     cb.hisa_select(q, k, w, ksc, None, None, block_size=128, block_topk=m, topk=topk, pool_dtype="bfloat16",
-                   index_base="relative", order="position", out=out, stream=0)
+                   index_base="relative", order=order, out=out, stream=0)
     return out
 
 
@@ -89,9 +89,36 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     # 65 rows in 33 pairs, each pair's union split over a few CTAs (few pairs here: 4), one CTA per
     # share in a 1-D grid (its layout: every pair in the head, 4 shares each)
     assert union.grid == (4 * 33, 1) and union.block == (cb.SCORE_THREADS,)
-    assert [_value(a) for a in union.args[-3:]] == [33, 4, 4]
+    assert [_value(a) for a in union.args[-5:-2]] == [33, 4, 4]
+    # no ready flags: the refine top-k is in warp mode here (rows of 1024 candidates in position order)
+    assert [_value(a) for a in union.args[-2:]] == [0, 0]
     assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=cb.DT_E4M3) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_union_ready_flags_wiring(monkeypatch, ready):
+    # UNION_READY (the refine top-k in register mode: rows of 2048 candidates by score): the block
+    # top-m gets the workspace's epoch word as its last argument, the union kernel its flags (the
+    # word after it) and the same epoch, and the refine top-k (its ready twin) the flags, the epoch
+    # and the union launch's layout after the select parameters. Off: null pointers and the plain
+    # register-mode top-k
+    fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "UNION_READY", ready)
+    _hisa(T=65, m=16, topk=512, order="score")
+    assert fake.names()[2:] == ["block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                "refine_topk_ready_regs_kernel" if ready else "refine_topk_regs_kernel"]
+    topm, union, top = fake.launches[2:]
+    epoch = _value(topm.args[-1])
+    assert [_value(a) for a in union.args[-2:]] == ([epoch + 4, epoch] if ready else [0, 0])
+    layout = [_value(a) for a in union.args[-5:-2]]
+    if ready:
+        assert epoch != 0 and [_value(a) for a in top.args[-5:]] == [epoch + 4, epoch] + layout
+        ws = cb.workspace(0)
+        flags = ws.get("union_ready", (1 + union.grid[0],), np.uint32, zeroed=True)
+        assert flags.data.ptr == epoch  # one zeroed buffer: the epoch, then one flag per union CTA
+    else:
+        assert epoch == 0
 
 
 def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
@@ -101,23 +128,23 @@ def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65, m=8)
     topm, union = fake.launches[2], fake.launches[3]
-    records = _value(topm.args[-3])
-    assert records != 0 and _value(topm.args[-2]) == 1 and _value(topm.args[-4]) == 65
-    assert _value(union.args[-4]) == records and len(union.args) == 20
+    records = _value(topm.args[-4])
+    assert records != 0 and _value(topm.args[-3]) == 1 and _value(topm.args[-5]) == 65
+    assert _value(union.args[-6]) == records and len(union.args) == 22
     ws = cb.workspace(0)
     assert ws.get("pair_unions", (33, cb.PAIR_RECORD_HEAD + 6 * 8), np.int32).data.ptr == records
     fake.launches.clear()
     monkeypatch.setattr(cb, "PAIR_RECORDS", False)
     _hisa(T=65, m=8)
     topm, union = fake.launches[2], fake.launches[3]
-    assert _value(topm.args[-3]) == 0 and _value(union.args[-4]) == 0
+    assert _value(topm.args[-4]) == 0 and _value(union.args[-6]) == 0
     # 16-bit keys: the union kernel orders a pair's union by block, not by group
     fake.launches.clear()
     monkeypatch.setattr(cb, "PAIR_RECORDS", True)
     _hisa(T=65, m=8, qdt=np.float16, kdt=np.float16)
     topm, union = fake.launches[2], fake.launches[3]
     assert union.name.startswith("refine_union_wgmma_kernel<2, 2, 2,")
-    assert _value(topm.args[-3]) != 0 and _value(topm.args[-2]) == 0 and _value(union.args[-4]) == _value(topm.args[-3])
+    assert _value(topm.args[-4]) != 0 and _value(topm.args[-3]) == 0 and _value(union.args[-6]) == _value(topm.args[-4])
 
 
 def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
@@ -131,7 +158,7 @@ def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
         _hisa(T=T, S=32768, m=64, topk=2048)
         topm, union = fake.launches[2], fake.launches[3]
         assert union.grid == ({1024: 1345, 2048: 1552, 4096: 2881}[T], 1)
-        assert _value(topm.args[-1]) == early, T
+        assert _value(topm.args[-2]) == early, T
     # 33 pairs x 4 shares = 132 CTAs: a third of a wave (at least that many waves: exactly a third)
     for waves, early in ((0.0, 0), (0.3, 1), (132 / 396, 1), (0.4, 0), (1.0, 0)):
         monkeypatch.setattr(cb, "TOPM_TRIGGER_WAVES", waves)
@@ -139,7 +166,7 @@ def test_block_topm_triggers_the_union_launch_by_its_waves(monkeypatch):
         _hisa(T=65, m=8)
         topm, union = fake.launches[2], fake.launches[3]
         assert topm.name.startswith("block_topm_warp_kernel") and union.grid == (132, 1)
-        assert _value(topm.args[-1]) == early, waves
+        assert _value(topm.args[-2]) == early, waves
 
 
 def test_union_splits(monkeypatch):
@@ -183,12 +210,12 @@ def test_union_layout(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=1024, S=16384, m=16)
     union = fake.launches[3]
-    assert [_value(a) for a in union.args[-3:]] == [380, 1, 3] and union.grid == (380 + 132 * 3, 1)
+    assert [_value(a) for a in union.args[-5:-2]] == [380, 1, 3] and union.grid == (380 + 132 * 3, 1)
     monkeypatch.setattr(cb, "UNION_FINE_TAIL_SPLITS", 8)  # the default: the fine tail
     fake.launches.clear()
     _hisa(T=1024, S=16384, m=16)
     union = fake.launches[3]
-    assert [_value(a) for a in union.args[-3:]] == [393, 1, 8] and union.grid == (393 + 119 * 8, 1)
+    assert [_value(a) for a in union.args[-5:-2]] == [393, 1, 8] and union.grid == (393 + 119 * 8, 1)
 
 
 def test_block_score_half_form(monkeypatch):
@@ -507,7 +534,7 @@ def test_warp_select_launch(monkeypatch):
     _hisa(T=65)
     topm = fake.launches[2]
     assert topm.name == "block_topm_warp_kernel<8>" and topm.grid == (17,) and topm.block == (128,)
-    assert topm.smem == 0 and len(topm.args) == 29 and _value(topm.args[-4]) == 65
+    assert topm.smem == 0 and len(topm.args) == 30 and _value(topm.args[-5]) == 65
     assert _value(topm.args[5]) == 8 and _value(topm.args[3]) == 32  # k = m, ncols = blocks
     fake.launches.clear()
     monkeypatch.setattr(cb, "WARP_SELECT", False)  # register mode: one CTA per row, no row count
