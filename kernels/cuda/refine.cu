@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine
 // waits for the union launch at its end all the same, so that it completes after it (what stream
 // order promises the kernels after it). A flag not set within UNION_READY_TIMEOUT_NS traps (a
 // launch error) rather than hanging the GPU.
-#define UNION_READY_TIMEOUT_NS 2000000000ull
+#define UNION_READY_TIMEOUT_NS 30000000000ull  // 30 s: far past any union launch; only a bug gets here
 __global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine_topk_ready_regs_kernel(
     SELECT_PARAMS, const unsigned* ready, const unsigned* epoch, int head_pairs, int head_splits, int tail_splits) {
     if (threadIdx.x < 32) {
