@@ -123,6 +123,11 @@ PAIR_RECORDS = True
 #: mode (which advances the epoch) and the register-mode top-k all apply (_union_ready). A knob for
 #: bench/ and the GPU tests
 UNION_READY = True
+#: ... where the union launch has fewer than this many waves of CTAs. H200 (bench/NOTES.md, session
+#: 47): a call's span -3.4 to -4.8 us at T = 1024 (3.4 waves: the top-k's CTAs fill the SMs the
+#: last wave leaves), but +12 to +13 us at T = 4096 (7.3 waves: they share the last wave's SMs with
+#: union CTAs, and the union kernel ran longer by more than the overlap)
+UNION_READY_MAX_WAVES = 5.0
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True
@@ -1347,7 +1352,8 @@ def _knobs():
             SCORE_CTAS_PER_SM, REG_SELECT, SELECT_CACHE_ROWS, POOL_BATCH, DENSE_FILTER, POOL_VEC, POOL_FIXED, USE_PDL,
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
-            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES, UNION_READY)
+            UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES, UNION_READY,
+            UNION_READY_MAX_WAVES)
 
 
 def _keep_plan(key, plan):
@@ -1398,14 +1404,16 @@ def _blocks_plan(q, pooled, T, H, D, nb, seq_len, block_size):
 
 def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     """(name, smem, candidates per row, chunk rows, ((row0, rows, grid, int arguments before the
-    keys, after, the union kernel's layout (head pairs, their splits, the others' splits: ints)), ...), grouped, early) of the
+    keys, after, the union kernel's layout (head pairs, their splits, the others' splits: ints)), ...), grouped, early,
+    few_waves) of the
     candidate-score launches: pairs of rows over their blocks' union where it applies (pairs_ok: the
     blocks come from select_blocks; the pairs' shares laid out by _union_layout), else one row per
     CTA; rows in chunks whose candidate keys stay within REFINE_WORKSPACE_BYTES. grouped: None
     without pairs, else whether the union kernel orders a pair's union by group (its SPLIT_ROWS:
     fp8 keys on the f16 engine) rather than by block. early: whether hisa_select's block top-m
     triggers the first union launch at its start (block_topm_warp_kernel's `early`): that launch
-    has at least TOPM_TRIGGER_WAVES > 0 waves of CTAs."""
+    has at least TOPM_TRIGGER_WAVES > 0 waves of CTAs. few_waves: the first union launch has fewer
+    than UNION_READY_MAX_WAVES waves (where the ready flags apply, _union_ready)."""
     n = m * block_size
     facts = _device_facts(_device_id())
     qdt, kdt = _dt_code(q), _dt_code(k)
@@ -1439,7 +1447,8 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
         launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail, ()))
     grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
     early = bool(pairs and TOPM_TRIGGER_WAVES and launches[0][2][0] >= TOPM_TRIGGER_WAVES * slots)
-    return name, smem, n, chunk, tuple(launches), grouped, early
+    few_waves = bool(pairs and launches[0][2][0] < UNION_READY_MAX_WAVES * slots)
+    return name, smem, n, chunk, tuple(launches), grouped, early, few_waves
 
 
 def _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx):
@@ -1694,7 +1703,7 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
         em.fill(out, -1)
         return out
     plan = plan or _refine_plan_of(q, k, T, H, D, S, m, block_size, blocks_from_select, ctx)
-    name, smem, n, chunk, launches, grouped, _ = plan
+    name, smem, n, chunk, launches, grouped, _, _ = plan
     fn = _kernel("refine.cu", name, smem)
     keys = ws.get("cand_keys", (chunk, n), np.uint32)
     ptr = em.ptr
@@ -1723,13 +1732,14 @@ def _refine(q, k, weights, k_scale, blocks, ks, ke, block_size, topk, index_base
 def _union_ready(plan, nb: int, topk: int, order: str, ws):
     """hisa_select's ready flags (refine.cu, refine_topk_ready_regs_kernel): a zeroed uint32 array
     [1 + the union launches' CTAs] (the epoch, then each launch's flags in turn), or None where they
-    do not apply: UNION_READY off, the refinement not on pairs, the block top-m (which advances
-    the epoch) not in warp mode, or the refine top-k not in register mode."""
+    do not apply: UNION_READY off, the refinement not on pairs or its first union launch of
+    UNION_READY_MAX_WAVES waves or more, the block top-m (which advances the epoch) not in warp
+    mode, or the refine top-k not in register mode."""
     if not (UNION_READY and plan is not None):
         return None
-    _, _, n, _, launches, grouped, _ = plan
+    _, _, n, _, launches, grouped, _, few_waves = plan
     by_score = order == "score"
-    if grouped is None or not _block_topm_warp(nb) or _warp_select("refine_topk_kernel", True, n, by_score):
+    if grouped is None or not few_waves or not _block_topm_warp(nb) or _warp_select("refine_topk_kernel", True, n, by_score):
         return None
     if not (REG_SELECT and _reg_select_plan(topk, n, by_score, _device_facts(_device_id())["smem_optin"])):
         return None
@@ -1763,7 +1773,7 @@ def _hisa(q, k, weights, k_scale, ks, ke, block_size, block_topk, topk, pool_dty
     # the refinement's plan, asked once here (its pairs decide the block top-m's records); none for
     # an empty call, where _refine plans nothing
     plan = _refine_plan_of(q, k, T, H, D, S, block_topk, block_size, True, ctx) if T > 0 and S > 0 else None
-    grouped, early = plan[5:] if plan else (None, False)
+    grouped, early = plan[5:7] if plan else (None, False)
     unions = None
     if _pair_records(nb, grouped):
         unions = ws.get("pair_unions", ((T + 1) // 2, PAIR_RECORD_HEAD + 6 * block_topk), np.int32)

@@ -96,15 +96,19 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     assert fake.opt_in  # above 48 KB the kernel was opted in
 
 
-@pytest.mark.parametrize("ready", [True, False])
-def test_union_ready_flags_wiring(monkeypatch, ready):
+@pytest.mark.parametrize("setting", ["on", "off", "many-waves"])
+def test_union_ready_flags_wiring(monkeypatch, setting):
     # UNION_READY (the refine top-k in register mode: rows of 2048 candidates by score): the block
     # top-m gets the workspace's epoch word as its last argument, the union kernel its flags (the
     # word after it) and the same epoch, and the refine top-k (its ready twin) the flags, the epoch
-    # and the union launch's layout after the select parameters. Off: null pointers and the plain
-    # register-mode top-k
+    # and the union launch's layout after the select parameters. Off, or a union launch of
+    # UNION_READY_MAX_WAVES waves or more (here its 132 CTAs: a third of a wave of 396): null
+    # pointers and the plain register-mode top-k
     fake = _Fake(monkeypatch, cc=90)
-    monkeypatch.setattr(cb, "UNION_READY", ready)
+    ready = setting == "on"
+    monkeypatch.setattr(cb, "UNION_READY", setting != "off")
+    if setting == "many-waves":
+        monkeypatch.setattr(cb, "UNION_READY_MAX_WAVES", 132 / 396)
     _hisa(T=65, m=16, topk=512, order="score")
     assert fake.names()[2:] == ["block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
                                 "refine_topk_ready_regs_kernel" if ready else "refine_topk_regs_kernel"]

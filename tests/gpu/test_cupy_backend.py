@@ -54,19 +54,25 @@ def test_hisa_exact_shapes(cuda_device, H, D, B):
     testing.assert_selection_equal(got, ref)
 
 
+@pytest.mark.parametrize("ready", [True, False])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_hisa_exact_target_shape(cuda_device, launched_kernels, ragged):
+def test_hisa_exact_target_shape(cuda_device, launched_kernels, monkeypatch, ragged, ready):
     # SPEC §9 inputs at target 1's m = 64, B = 128, through the union path and the refinement's
     # register-mode top-k (8192 candidates per row; many equal scores: ties at the threshold, split
     # by position; ragged: masked candidates, empty rows, rows with fewer candidates than topk),
-    # bit-exact vs the reference by position and by score
+    # bit-exact vs the reference by position and by score; the top-k after each pair's ready flags
+    # (UNION_READY: a launch of few waves) or after the whole union launch
+    from hisa_cupy.kernels import cupy_backend
+
+    monkeypatch.setattr(cupy_backend, "UNION_READY", ready)
+    topk_kernel = "refine_topk_ready_regs_kernel" if ready else "refine_topk_regs_kernel"
     inp = testing.exact_inputs(34, 16384, 64, 128, dtype="float8_e4m3fn", seed=7 + ragged, ragged=ragged)
     for topk in (2048, 1111):
         for order in ("position", "score"):
             launched_kernels.clear()
             got, ref = run_both("hisa_select", inp, block_size=128, block_topk=64, topk=topk, order=order)
             assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
-            assert "refine_topk_regs_kernel" in launched_kernels, launched_kernels
+            assert topk_kernel in launched_kernels, launched_kernels
             testing.assert_selection_equal(got, ref, err_msg=f"topk={topk} order={order} ragged={ragged}")
 
 
