@@ -126,8 +126,9 @@ UNION_READY = True
 #: ... where the union launch has fewer than this many waves of CTAs. H200 (bench/NOTES.md, session
 #: 47): a call's span -3.4 to -4.8 us at T = 1024 (3.4 waves: the top-k's CTAs fill the SMs the
 #: last wave leaves), but +12 to +13 us at T = 4096 (7.3 waves: they share the last wave's SMs with
-#: union CTAs, and the union kernel ran longer by more than the overlap)
-UNION_READY_MAX_WAVES = 5.0
+#: union CTAs, and the union kernel ran longer by more than the overlap) and +1.3 us at 128K / 2048
+#: (3.9 waves)
+UNION_READY_MAX_WAVES = 3.7
 #: short rows in position order (the block top-m) take one warp per row (row_select.cuh, warp
 #: mode) instead of a 512-thread CTA; a knob for bench/ and the GPU tests
 WARP_SELECT = True

@@ -125,6 +125,18 @@ def test_union_ready_flags_wiring(monkeypatch, setting):
         assert epoch == 0
 
 
+@pytest.mark.parametrize("T,S,expect", [(1024, 131072, True), (1024, 32768, True), (2048, 131072, False),
+                                         (4096, 131072, False), (4096, 32768, False)])
+def test_union_ready_by_the_union_launch_waves(monkeypatch, T, S, expect):
+    # the default UNION_READY_MAX_WAVES on an H200's 132 SMs at three union CTAs each: the flags at
+    # T = 1024 (3.4 waves with the fine tail), not at T = 2048 (3.9) or 4096 (7.3), where they measured
+    # slower (bench/NOTES.md, session 47)
+    fake = _Fake(monkeypatch, cc=90)
+    _hisa(T=T, S=S, m=64, topk=2048, order="score")
+    top = fake.names()[-1]
+    assert top == ("refine_topk_ready_regs_kernel" if expect else "refine_topk_regs_kernel"), (T, S, fake.names())
+
+
 def test_block_topm_records_the_pairs_unions_for_the_union_kernel(monkeypatch):
     # the warp-mode block top-m gets a records buffer (33 pairs of 4 + 6 m ints) and the grouped
     # order (fp8 keys: the union kernel's SPLIT_ROWS); the union kernel's records argument is the same
