@@ -487,6 +487,9 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     pooled, _ = hisa_cupy.pool_keys(args[1], k_scale=kw["k_scale"], block_size=B, backend="cupy")
     blocks = hisa_cupy.select_blocks(args[0], pooled, args[2], ks=kw["ks"], ke=kw["ke"], block_size=B,
                                      block_topk=m, seq_len=S, backend="cupy")
+    from hisa_cupy import select
+
+    monkeypatch.setattr(select, "_calls", {})  # every call below plans (none bound from an earlier test)
     flags = []  # whether each call took the ready flags (_union_ready's answer: mode, waves, top-k mode)
     real_ready = cupy_backend._union_ready
     monkeypatch.setattr(cupy_backend, "_union_ready", lambda *a: flags.append(real_ready(*a)) or flags[-1])
