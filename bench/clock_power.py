@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 FIELDS = ("timestamp", "clocks.sm", "power.draw", "power.limit", "temperature.gpu", "clocks_event_reasons.active")
 #: f16 dense tensor FLOP per clock per SM (H100 / H200: 989.4 TFLOP/s at 1830 MHz on 132 SMs)
 F16_FLOP_PER_CLOCK_SM = 4096
+#: timed calls per round of the `protocol` workload (the Timer's reps, each also run once more for its wall time)
+PROTOCOL_REPS = 10
 
 
 def parse_samples(text: str):
@@ -82,7 +84,7 @@ def bench_kernels_module():
 def protocol_timer():
     """bench/kernels.py's Timer (L2 flushed by writes, its default 3 warm-up calls): what the run of
     record times each target with."""
-    return bench_kernels_module().Timer(reps=10, warmup=3, flush="write")
+    return bench_kernels_module().Timer(reps=PROTOCOL_REPS, warmup=3, flush="write")
 
 
 def f16_peak_tflops(sm_mhz: float, sms: int) -> float:
@@ -129,11 +131,11 @@ def main(argv=None):
         hisa = calls["hisa"]
 
         def protocol_round():
-            protocol["stats"] = timer(hisa, reps=10)
+            protocol["stats"] = timer(hisa, reps=PROTOCOL_REPS)
             return protocol["stats"]
 
         calls["protocol"] = protocol_round
-        protocol["calls_per_round"] = timer.warmup + 2 * 10
+        protocol["calls_per_round"] = timer.warmup + 2 * PROTOCOL_REPS
     if "matmul" in names:
         a = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
         b = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
