@@ -1200,11 +1200,9 @@ def _launch_select(filename, kernel, *, rows, keys=None, scores=None, ld, ncols,
     plan = _plans.get(key)
     if plan is None:
         facts = _device_facts(ctx[0])
-        warp = _warp_select(kernel, keys is not None, ncols, by_score)
+        warp, regs = _select_form(kernel, keys is not None, ncols, k, by_score, facts["smem_optin"])
         wide = kernel in _WIDE_SELECT_KERNELS
-        regs = not warp and (wide or kernel in _REG_SELECT_KERNELS) and _reg_select_plan(k, ncols, by_score,
-                                                                                          facts["smem_optin"])
-        if wide and not regs:
+        if kernel in _REG_ONLY_SELECT_KERNELS and not regs:
             raise ValueError(f"{kernel} is register mode only: k = {k} over {ncols} columns does not fit it")
         if warp:
             kernel = kernel[:-len("_kernel")] + "_warp_kernel"
@@ -1255,6 +1253,21 @@ _WIDE_SELECT_KERNELS = ("topk_filtered_wide_kernel", "dense_filtered_wide_kernel
 _SORTED_REG_SELECT_KERNELS = ("dense_select_unordered_kernel",)
 #: select kernels with a warp-mode twin (`<name>_warp_kernel`, row_select_warp)
 _WARP_SELECT_KERNELS = ("block_topm_kernel", "refine_topk_kernel", "dense_topk_kernel")
+
+
+#: select kernels that have no list-mode form: _launch_select raises where register mode does not fit
+#: (hisa_select asks _union_ready first, which takes the same decision through _select_form)
+_REG_ONLY_SELECT_KERNELS = _WIDE_SELECT_KERNELS + ("refine_topk_ready_kernel",)
+
+
+def _select_form(kernel: str, u32_keys: bool, ncols: int, k: int, by_score: bool, smem_optin: int):
+    """(warp, regs) of a row top-k launch of ``kernel``: whether it takes warp mode (_warp_select),
+    and otherwise its register-mode (sort_cap, smem) (_reg_select_plan) or None (list mode). The one
+    place this decision is taken: _launch_select launches by it, _union_ready plans by it."""
+    warp = _warp_select(kernel, u32_keys, ncols, by_score)
+    reg_capable = kernel in _WIDE_SELECT_KERNELS or kernel in _REG_SELECT_KERNELS
+    regs = None if warp or not reg_capable else _reg_select_plan(k, ncols, by_score, smem_optin)
+    return warp, regs
 
 
 def _reg_select_plan(k: int, ncols: int, by_score: bool, smem_optin: int):
@@ -1739,10 +1752,11 @@ def _union_ready(plan, nb: int, topk: int, order: str, ws):
     if not (UNION_READY and plan is not None):
         return None
     _, _, n, _, launches, grouped, _, few_waves = plan
-    by_score = order == "score"
-    if grouped is None or not few_waves or not _block_topm_warp(nb) or _warp_select("refine_topk_kernel", True, n, by_score):
+    if grouped is None or not few_waves or not _block_topm_warp(nb):
         return None
-    if not (REG_SELECT and _reg_select_plan(topk, n, by_score, _device_facts(_device_id())["smem_optin"])):
+    # the refine top-k as _refine would launch it without the flags: register mode (not warp, not list)
+    smem_optin = _device_facts(_device_id())["smem_optin"]
+    if _select_form("refine_topk_kernel", True, n, topk, order == "score", smem_optin)[1] is None:
         return None
     if any(max(layout[1], layout[2]) > 32 for *_, layout in launches):
         return None  # the top-k waits on a pair's CTAs with one lane each
