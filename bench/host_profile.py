@@ -311,8 +311,9 @@ def main(argv=None):
             try:
                 phase("  _launch_select (block top-m, 1 launch)", lambda: cb._launch_select(
                     "block_select.cu", "block_topm_kernel", rows=T, keys=keys, ld=nb, ncols=nb, k=M, T=T, S=S,
-                    out_idx=blocks, out_ld=M))
-            except TypeError as e:  # its signature changed
+                    out_idx=blocks, out_ld=M,  # warp mode: no records, no early trigger, no epoch
+                    extra=(None, 0, 0, None) if cb._block_topm_warp(nb) else ()))
+            except (TypeError, ValueError) as e:  # its signature changed (ValueError: _check_arity)
                 rows.append(("  _launch_select (block top-m, 1 launch)", float("nan"), float("nan"), 1,
                              str(e)[:40]))
             fn = cb._kernel("pool.cu", f"pool_kernel<{cb._dt_code(a[1])}, 1, {cb.POOL_BATCH}>", 0)

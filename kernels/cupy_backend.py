@@ -807,6 +807,7 @@ class _Direct:
 
     @staticmethod
     def launch(fn, grid, block, args, smem=0):
+        _check_arity(fn, args)
         if not (USE_PDL and _launch_pdl_args(fn, grid, block, args, smem)):
             fn(grid, block, args, shared_mem=smem)
 
@@ -864,6 +865,7 @@ class _Binder:
     def launch(self, fn, grid, block, args, smem=0):
         if not isinstance(fn, _bindable_functions()):  # e.g. a stand-in that records calls
             raise _Unbindable
+        _check_arity(fn, args)
         self.launches.append((fn, tuple(grid), tuple(block), tuple(args), smem))
 
     def fill(self, a, value):
@@ -946,6 +948,58 @@ def _driver_launch_ex():
         except (OSError, AttributeError):  # a driver older than CUDA 12: plain launches
             _launch_kernel_ex = False
     return _launch_kernel_ex
+
+
+_func_param_info = None  # cuFuncGetParamInfo through ctypes (CUDA 12.4+), resolved on first use (False: none)
+#: CuPy Function -> its kernel's parameter count (0: unknown), asked of the driver once per function
+_param_counts: dict = {}
+
+
+def _driver_param_info():
+    global _func_param_info
+    if _func_param_info is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll").cuFuncGetParamInfo
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _func_param_info = fn
+        except (OSError, AttributeError):  # no driver, or one older than CUDA 12.4: no count, no check
+            _func_param_info = False
+    return _func_param_info
+
+
+def _param_count(fn) -> int:
+    """The number of parameters of ``fn``'s kernel as the driver reports it (cuFuncGetParamInfo
+    answers for index 0 .. n - 1 and CUDA_ERROR_INVALID_VALUE past them), or 0 where it cannot say."""
+    if not isinstance(fn, _bindable_functions()):  # a stand-in (the CPU tests'): its .ptr is no CUfunction
+        return 0
+    get, ptr = _driver_param_info(), fn.ptr
+    if not get or not ptr:
+        return 0
+    off, size = ctypes.c_size_t(), ctypes.c_size_t()
+    n = 0
+    while n < 4096:
+        err = get(ptr, n, ctypes.byref(off), ctypes.byref(size))
+        if err == 1:  # CUDA_ERROR_INVALID_VALUE: past the last parameter
+            return n
+        if err:  # the driver cannot say for this function
+            return 0
+        n += 1
+    return 0
+
+
+def _check_arity(fn, args) -> None:
+    """Raise ValueError where ``args`` has not one value per parameter of ``fn``'s kernel. The
+    driver reads a launch's parameters by the kernel's own layout, so a short list would have it
+    read past the end of the argument array (a crash of the process, or garbage arguments)."""
+    n = _param_counts.get(fn)
+    if n is None:
+        if len(_param_counts) >= 4096:
+            _param_counts.clear()
+        n = _param_counts[fn] = _param_count(fn)
+    if n and n != len(args):
+        name = next((f"{key[0]}: {key[1]}" for key, f in _kernels.items() if f is fn), repr(fn))
+        raise ValueError(f"kernel launch of {name}: expected {n} arguments (its parameters), got {len(args)}")
 
 
 def _pdl_launches(fn, device: int) -> bool:

@@ -1062,3 +1062,50 @@ def test_threshold_counts_zeroed_after_a_call_that_stopped(monkeypatch):
     call()
     assert (counts == 7).all()  # a clean workspace is left to the select
     assert fake.names().count("dense_select_unordered_kernel") == 3
+
+
+def test_launch_checks_the_argument_count(monkeypatch):
+    # _check_arity: every launch (the ordinary emitter and the binder that records bound calls)
+    # compares its argument count with the kernel's parameter count (the driver's, _param_count)
+    # and raises ValueError naming the kernel, before the driver would read past the arguments.
+    # A count of 0 (a driver that cannot say) checks nothing.
+    fake = _Fake(monkeypatch, cc=80)  # no PDL: the ordinary path launches through the fake
+    monkeypatch.setattr(cb, "_param_counts", {})
+    counts = {"block_topm_warp_kernel<8>": 1}
+    monkeypatch.setattr(cb, "_param_count", lambda fn: counts.get(fn.name, 0))
+    with pytest.raises(ValueError, match=r"block_select.cu: block_topm_warp_kernel<8>: expected 1 arguments"):
+        _hisa(T=65)
+    assert "block_topm_warp_kernel<8>" not in fake.names()  # raised before the launch
+    fn = cb._kernel("block_select.cu", "block_topm_warp_kernel<8>", 0)
+    counts["block_topm_warp_kernel<8>"] = 3
+    monkeypatch.setattr(cb, "_param_counts", {})
+    cb._DIRECT.launch(fn, (1,), (32,), (cb._i32(1), cb._i32(2), cb._i32(3)))
+    assert fake.names()[-1] == "block_topm_warp_kernel<8>"
+    with pytest.raises(ValueError, match="expected 3 arguments .*, got 2"):
+        cb._DIRECT.launch(fn, (1,), (32,), (cb._i32(1), cb._i32(2)))
+    binder = cb._Binder(())
+    monkeypatch.setattr(cb, "_bindable_functions", lambda: (type(fn),))
+    with pytest.raises(ValueError, match="got 4"):
+        binder.launch(fn, (1,), (32,), (cb._i32(1),) * 4)
+    binder.launch(fn, (1,), (32,), (cb._i32(1),) * 3)
+    assert len(binder.launches) == 1
+    counts["block_topm_warp_kernel<8>"] = 0  # unknown: no check
+    monkeypatch.setattr(cb, "_param_counts", {})
+    cb._DIRECT.launch(fn, (1,), (32,), ())
+
+
+def test_param_count_only_asks_the_driver_about_cupy_functions(monkeypatch):
+    # a stand-in's .ptr is no CUfunction: never handed to cuFuncGetParamInfo
+    asked = []
+    monkeypatch.setattr(cb, "_driver_param_info", lambda: lambda *a: asked.append(a) or 1)
+    fn = types.SimpleNamespace(ptr=12345)
+    assert cb._param_count(fn) == 0 and not asked
+    # a CuPy Function's count: the first index the driver answers CUDA_ERROR_INVALID_VALUE (1) for;
+    # another error: it cannot say (0)
+    monkeypatch.setattr(cb, "_bindable_functions", lambda: (types.SimpleNamespace,))
+    monkeypatch.setattr(cb, "_driver_param_info", lambda: lambda ptr, i, off, size: 0 if i < 5 else 1)
+    assert cb._param_count(fn) == 5
+    monkeypatch.setattr(cb, "_driver_param_info", lambda: lambda ptr, i, off, size: 0 if i < 2 else 801)
+    assert cb._param_count(fn) == 0
+    monkeypatch.setattr(cb, "_driver_param_info", lambda: False)  # no driver entry point
+    assert cb._param_count(fn) == 0

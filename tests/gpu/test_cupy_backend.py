@@ -711,3 +711,28 @@ def test_block_score_half_buffers(cuda_device, monkeypatch, launched_kernels, dt
         assert bool(halves) == bool(half and hopper), launched_kernels
     for name in ("exact", "general"):
         np.testing.assert_array_equal(keys[1, name], keys[0, name], err_msg=name)
+
+
+def test_launch_argument_count_checked(cuda_device):
+    # _check_arity with the real driver (cuFuncGetParamInfo, CUDA 12.4+): a kernel's parameter
+    # count as declared, and a launch with arguments missing raises ValueError before the driver
+    # reads past them (bench/host_profile.py's block top-m launch without the warp kernel's four
+    # last arguments had crashed the process)
+    import cupy
+
+    from hisa_cupy.kernels import cupy_backend as cb
+
+    fn = cb._kernel("pool.cu", f"pool_kernel<0, 1, {cb.POOL_BATCH}>", 0)
+    assert cb._param_count(fn) == 7  # k, kscale, S, D, B, pooled, pscale
+    T, nb, M = 8, 1024, 64
+    keys = cupy.random.randint(1 << 20, 1 << 31, size=(T, nb), dtype=cupy.int64).astype(cupy.uint32)
+    blocks = cupy.full((T, M), -7, cupy.int32)
+    kw = dict(rows=T, keys=keys, ld=nb, ncols=nb, k=M, T=T, S=nb * 128, out_idx=blocks, out_ld=M)
+    assert cb._block_topm_warp(nb)
+    with pytest.raises(ValueError, match=r"block_topm_warp_kernel<32>: expected \d+ arguments"):
+        cb._launch_select("block_select.cu", "block_topm_kernel", **kw)
+    cupy.cuda.get_current_stream().synchronize()
+    assert (blocks == -7).all()  # nothing launched
+    cb._launch_select("block_select.cu", "block_topm_kernel", **kw, extra=(None, 0, 0, None))
+    got = cupy.asnumpy(blocks)
+    assert (got >= 0).all() and (np.diff(got, axis=1) > 0).all()  # M blocks of each row, ascending
