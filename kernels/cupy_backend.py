@@ -210,6 +210,11 @@ MAX_ROWS_PER_LAUNCH = 65535
 #: it reads its output: common.cuh, grid_dependency_sync), which takes out most of the ~1.5 us gap between a
 #: call's kernels. False: plain launches (a knob for bench/ and the GPU tests)
 USE_PDL = True
+#: Bound calls (the call cache's repeated calls) replay their launches as one CUDA graph (_CallGraph):
+#: one cuGraphLaunch per call instead of one launch per kernel, with programmatic edges where the
+#: launches would take PDL; a node's parameters are set again only where the call's array addresses
+#: for it changed. False: the bound launches one by one (a knob for bench/ and the tests)
+CALL_GRAPHS = True
 
 SUPPORTED_HEADS = "a multiple of 16, at most 128"
 SUPPORTED_DIMS = "a multiple of 32, at most 128"
@@ -1077,6 +1082,121 @@ def _context_ready(device: int, made: bool = False) -> None:
         ready.add(device)
 
 
+class _KernelNodeParams(ctypes.Structure):  # CUDA_KERNEL_NODE_PARAMS_v2
+    _fields_ = [("func", ctypes.c_void_p), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("smem", ctypes.c_uint), ("params", ctypes.c_void_p), ("extra", ctypes.c_void_p),
+                ("kern", ctypes.c_void_p), ("ctx", ctypes.c_void_p)]
+
+
+class _EdgeData(ctypes.Structure):  # CUgraphEdgeData
+    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
+                ("reserved", ctypes.c_ubyte * 5)]
+
+
+_CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC = 1
+_CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC = 1
+#: the driver's graph entry points (name, argument types), resolved on first use
+_GRAPH_API = (("cuGraphCreate", (ctypes.c_void_p, ctypes.c_uint)),
+              ("cuGraphAddKernelNode_v2", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                           ctypes.c_void_p)),
+              ("cuGraphAddDependencies_v2", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_size_t)),
+              ("cuGraphInstantiateWithFlags", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong)),
+              ("cuGraphExecKernelNodeSetParams_v2", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)),
+              ("cuGraphLaunch", (ctypes.c_void_p, ctypes.c_void_p)),
+              ("cuGraphExecDestroy", (ctypes.c_void_p,)),
+              ("cuGraphDestroy", (ctypes.c_void_p,)),
+              ("cuStreamIsCapturing", (ctypes.c_void_p, ctypes.c_void_p)))
+_graph_api = None  # name -> ctypes function, resolved on first use (False: the driver lacks one: no graphs)
+
+
+def _driver_graph_api():
+    global _graph_api
+    if _graph_api is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+            api = {}
+            for name, argtypes in _GRAPH_API:
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+                api[name] = fn
+            _graph_api = api
+        except (OSError, AttributeError):  # no driver, or one before CUDA 12.3 (edge data)
+            _graph_api = False
+    return _graph_api
+
+
+def _graph_check(err):
+    if err:
+        from cupy_backends.cuda.api import driver
+
+        driver.check_status(err)  # raises CUDADriverError with the driver's name for err
+
+
+class _CallGraph:
+    """A bound call's launches as one instantiated CUDA graph. Kernel node i is launch i (its
+    function, dimensions, shared memory and kernelParams array, whose slots the driver reads when
+    the node is made or its parameters are set again), each node after the one before it: a
+    programmatic edge where ``programmatic`` (the node may start once its predecessor's CTAs have
+    all triggered or exited, as programmatic dependent launch lets a kernel start; the kernels wait
+    for their predecessor's output as they do there), a full dependency otherwise. ``update(i)``:
+    node i reads its kernelParams again (for the launches after this one); ``launch(stream)``
+    launches the graph. Raises CUDADriverError where the driver refuses."""
+
+    __slots__ = ("_api", "_graph", "_exec", "_nodes", "_params")
+
+    def __init__(self, launches, programmatic: bool):
+        api = self._api = _driver_graph_api()
+        self._graph = self._exec = None
+        self._nodes, self._params = [], []
+        graph = ctypes.c_void_p()
+        _graph_check(api["cuGraphCreate"](ctypes.byref(graph), 0))
+        self._graph = graph
+        try:
+            for f, gx, gy, gz, bx, by, bz, smem, params in launches:
+                p = _KernelNodeParams(func=f, smem=smem, params=params)
+                p.grid[:] = (gx, gy, gz)
+                p.block[:] = (bx, by, bz)
+                node = ctypes.c_void_p()
+                _graph_check(api["cuGraphAddKernelNode_v2"](ctypes.byref(node), graph, None, 0, ctypes.byref(p)))
+                if self._nodes:
+                    edge = _EdgeData()
+                    if programmatic:
+                        edge.from_port = _CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
+                        edge.type = _CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+                    _graph_check(api["cuGraphAddDependencies_v2"](graph, ctypes.byref(self._nodes[-1]),
+                                                                  ctypes.byref(node), ctypes.byref(edge), 1))
+                self._nodes.append(node)
+                self._params.append(p)
+            ex = ctypes.c_void_p()
+            _graph_check(api["cuGraphInstantiateWithFlags"](ctypes.byref(ex), graph, 0))
+            self._exec = ex
+        except Exception:
+            self.close()
+            raise
+
+    def update(self, i: int) -> None:
+        _graph_check(self._api["cuGraphExecKernelNodeSetParams_v2"](self._exec, self._nodes[i],
+                                                                     ctypes.byref(self._params[i])))
+
+    def launch(self, stream: int) -> None:
+        _graph_check(self._api["cuGraphLaunch"](self._exec, stream))
+
+    def close(self) -> None:
+        """Destroy the executable graph and the graph (once; later calls do nothing)."""
+        ex, graph, self._exec, self._graph = self._exec, self._graph, None, None
+        if ex is not None:
+            self._api["cuGraphExecDestroy"](ex)
+        if graph is not None:
+            self._api["cuGraphDestroy"](graph)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may be gone
+            pass
+
+
 class _Bound:
     """The kernel launches of one call signature on one (device, stream), bound (see above).
 
@@ -1093,7 +1213,8 @@ class _Bound:
     """
 
     __slots__ = ("_mem", "_pack", "_var", "_launches", "_fns", "_stream", "_device", "_ws", "_ws_key", "_gen",
-                 "_knobs", "_align", "_lock", "_pdl", "_pdl_configs", "_pdl_launches", "launches")
+                 "_knobs", "_align", "_lock", "_pdl", "_pdl_configs", "_pdl_launches", "launches", "_graph",
+                 "_graph_vars", "_graph_last")
 
     def __init__(self, records, nvar, var, stream, device, ws, ws_key, gen, knobs, align):
         nfixed = sum(1 for *_, args, _ in records for a in args if not isinstance(a, _Var))
@@ -1103,8 +1224,10 @@ class _Bound:
         fixed = nvar
         at = nvar + nfixed
         launches = []
+        graph_vars = []  # per launch, the call-time slots it reads (CALL_GRAPHS)
         for fn, grid, block, args, smem in records:
             params = base + 8 * at
+            graph_vars.append(frozenset(var[(a.index, a.offset)] for a in args if isinstance(a, _Var)))
             for a in args:
                 if isinstance(a, _Var):
                     slot = var[(a.index, a.offset)]
@@ -1130,6 +1253,9 @@ class _Bound:
         self._pdl_configs = [_pdl_config(*l[1:8], self._stream) for l in launches] if self._pdl else []
         self._pdl_launches = tuple((ctypes.addressof(cfg), l[0], l[8]) for cfg, l in zip(self._pdl_configs, launches))
         self.launches = len(launches)
+        # CALL_GRAPHS: the call's _CallGraph, made at its first call (None: not yet; False: none to
+        # be had), per node the call-time slots it reads, and the slots' values its nodes hold
+        self._graph, self._graph_vars, self._graph_last = None, tuple(graph_vars), None
 
     @property
     def stream(self) -> int:
@@ -1149,8 +1275,11 @@ class _Bound:
                 return False
         _context_ready(self._device)
         with self._lock:
-            if self._var:
-                self._pack(self._mem, 0, *[ptrs[i] + offset for i, offset in self._var])
+            values = [ptrs[i] + offset for i, offset in self._var]
+            if values:
+                self._pack(self._mem, 0, *values)
+            if CALL_GRAPHS and self._graph is not False and self._launch_graph(values):
+                return True
             if self._pdl:
                 for cfg, f, params in self._pdl_launches:
                     _launch_pdl(cfg, f, params)
@@ -1158,6 +1287,37 @@ class _Bound:
                 launch, stream = _launch_kernel or _driver_launch(), self._stream
                 for f, gx, gy, gz, bx, by, bz, smem, params in self._launches:
                     launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
+        return True
+
+
+    def _launch_graph(self, values) -> bool:
+        """Launch the call as its _CallGraph (made at the first call; nodes whose call-time slots
+        changed since the last call read their parameters again first), or return False having
+        launched nothing: where the driver has no graphs or refuses to make this one (the plan then
+        always launches one by one), and while the stream is being captured into a graph of the
+        caller's (its launches one by one are what the capture records)."""
+        api = _driver_graph_api()
+        if not api:
+            self._graph = False
+            return False
+        capturing = ctypes.c_int()
+        if api["cuStreamIsCapturing"](self._stream, ctypes.byref(capturing)) or capturing.value:
+            return False
+        graph = self._graph
+        if graph is None:
+            try:
+                graph = _CallGraph(self._launches, self._pdl)
+            except Exception:  # e.g. a driver without programmatic edges: launches one by one
+                self._graph = False
+                return False
+            self._graph = graph
+        elif values != self._graph_last:
+            changed = {i for i, (a, b) in enumerate(zip(values, self._graph_last)) if a != b}
+            for node, slots in enumerate(self._graph_vars):
+                if not changed.isdisjoint(slots):
+                    graph.update(node)
+        self._graph_last = values
+        graph.launch(self._stream)
         return True
 
 

@@ -56,9 +56,11 @@ class _Fake:
     (``direct``) and through the driver (``bound``), each as (name, grid, block, smem, stream,
     [(value, width), ...]). ``pdl``: the driver has cuLaunchKernelEx, whose launches (both paths
     then take it) are recorded in ``pdl`` as (name, grid, block, smem, stream, [8-byte slot, ...],
-    attributes); otherwise (the default, whatever this machine's driver) it has none."""
+    attributes); otherwise (the default, whatever this machine's driver) it has none. ``graphs``:
+    the driver has the graph entry points (_FakeGraphs, ``self.graphs``); otherwise (the default)
+    none, so bound plans launch one by one. The driver never counts a kernel's parameters here."""
 
-    def __init__(self, monkeypatch, cc=90, smem_optin=227 * 1024, pdl=False):
+    def __init__(self, monkeypatch, cc=90, smem_optin=227 * 1024, pdl=False, graphs=False):
         self.direct, self.bound, self.pdl = [], [], []
         self.fns = {}  # function pointer -> _Fn
         self.state = types.SimpleNamespace(device=0, stream=0, meminfo=0)
@@ -160,6 +162,71 @@ class _Fake:
             return real_pdl_args(fn, grid, block, args, smem)
 
         monkeypatch.setattr(cb, "_launch_pdl_args", launch_pdl_args)
+        monkeypatch.setattr(cb, "_func_param_info", False)
+        monkeypatch.setattr(cb, "_param_counts", {})
+        self.graphs = _FakeGraphs(self) if graphs else None
+        monkeypatch.setattr(cb, "_graph_api", self.graphs.api if graphs else False)
+
+
+class _FakeGraphs:
+    """The driver's graph entry points as cupy_backend calls them (ctypes objects, byref): a kernel
+    node records its function, dimensions, shared memory and the argument slots its kernelParams
+    point at when it is made and when its parameters are set again; a graph launch records, per
+    node in order, what it holds then (as _Fake.bound records a launch), in ``launches``."""
+
+    def __init__(self, fake):
+        self.nodes, self.edges, self.launches, self.updates, self.destroyed = {}, [], [], [], []
+        self.capturing, self.fail = 0, None
+        ids = itertools.count(0x9000)
+
+        def read(p):
+            argv = (ctypes.c_uint64 * fake.nargs[p.func]).from_address(p.params)
+            return (fake.fns[p.func].name, tuple(p.grid), tuple(p.block), p.smem,
+                    [ctypes.c_uint64.from_address(a).value for a in argv])
+
+        def out(ref):  # the c_void_p a byref() points at
+            return ref._obj
+
+        def create(graph, flags):
+            out(graph).value = next(ids)
+            return 0
+
+        def add_node(node, graph, deps, ndeps, params):
+            if self.fail == "node":
+                return 1
+            n = out(node).value = next(ids)
+            self.nodes[n] = read(out(params))
+            return 0
+
+        def add_edge(graph, src, dst, edge, n):
+            e = out(edge)
+            self.edges.append((out(src).value, out(dst).value, e.from_port, e.to_port, e.type, bytes(e.reserved)))
+            return 0
+
+        def instantiate(ex, graph, flags):
+            out(ex).value = next(ids)
+            return 0
+
+        def set_params(ex, node, params):
+            self.nodes[node.value] = read(out(params))
+            self.updates.append(self.nodes[node.value][0])
+            return 0
+
+        def launch(ex, stream):
+            self.launches.append((stream, [self.nodes[n] for n in sorted(self.nodes)]))
+            return 0
+
+        def is_capturing(stream, status):
+            out(status).value = self.capturing
+            return 0
+
+        self.api = {"cuGraphCreate": create, "cuGraphAddKernelNode_v2": add_node,
+                    "cuGraphAddDependencies_v2": add_edge, "cuGraphInstantiateWithFlags": instantiate,
+                    "cuGraphExecKernelNodeSetParams_v2": set_params, "cuGraphLaunch": launch,
+                    "cuGraphExecDestroy": lambda ex: self.destroyed.append("exec") or 0,
+                    "cuGraphDestroy": lambda graph: self.destroyed.append("graph") or 0,
+                    "cuStreamIsCapturing": is_capturing}
+        assert sorted(self.api) == sorted(name for name, _ in cb._GRAPH_API)
 
 
 def _same_launches(bound, direct):
@@ -311,6 +378,95 @@ def test_pdl_launches_equal_the_plain_ones(monkeypatch, op):
     fake = _Fake(monkeypatch, cc=89, pdl=True)
     run(a)
     assert fake.direct and not fake.pdl
+
+
+# ---------------------------------------------------------------------------------------------
+# bound calls replayed as CUDA graphs (CALL_GRAPHS)
+
+def _one_by_one(monkeypatch, fake, bound, ptrs):
+    """What ``bound`` launches for ``ptrs`` without graphs, as _FakeGraphs records a launch's nodes."""
+    monkeypatch.setattr(cb, "CALL_GRAPHS", False)
+    fake.bound.clear(), fake.pdl.clear()
+    assert bound(ptrs)
+    monkeypatch.setattr(cb, "CALL_GRAPHS", True)
+    launches = fake.pdl if bound._pdl else fake.bound
+    return [(x[0], x[1], x[2], x[3], x[5]) for x in launches], {x[4] for x in launches}
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_bound_call_replays_one_graph(monkeypatch, pdl):
+    # the first bound call makes one graph of the plan's launches (node i = launch i: function,
+    # grid, block, shared memory, every argument slot), each node after the one before (a
+    # programmatic edge where the launches take PDL), and launches it; later calls launch it again,
+    # setting again only the parameters of the nodes whose call-time addresses changed
+    fake = _Fake(monkeypatch, cc=90, pdl=pdl, graphs=True)
+    g = fake.graphs
+    a, b = _inputs(65, 4096, ranges=True), _inputs(65, 4096, ranges=True)
+    p = _run_hisa(a, stream=7)
+    bound = _bind_hisa(a, stream=7, **p)
+    assert bound._pdl == pdl
+    want_b, streams = _one_by_one(monkeypatch, fake, bound, _ptrs(b))
+    assert streams == {7} and len(want_b) == bound.launches >= 5
+    fake.bound.clear(), fake.pdl.clear()
+    assert bound(_ptrs(b))
+    assert not fake.bound and not fake.pdl  # nothing launched one by one
+    assert g.launches == [(7, want_b)] and not g.updates
+    node_ids = sorted(g.nodes)
+    port = cb._CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC if pdl else 0
+    kind = cb._CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC if pdl else 0
+    assert g.edges == [(x, y, port, 0, kind, bytes(5)) for x, y in zip(node_ids, node_ids[1:])]
+    assert bound(_ptrs(b)) and g.launches[-1] == (7, want_b) and not g.updates  # the same addresses
+    # every address changed: every node that reads one is set again, and the launch equals the
+    # launches one by one
+    want_a, _ = _one_by_one(monkeypatch, fake, bound, _ptrs(a))
+    assert bound(_ptrs(a)) and g.launches[-1] == (7, want_a)
+    readers = [i for i, slots in enumerate(bound._graph_vars) if slots]
+    assert g.updates == [want_a[i][0] for i in readers] and 4 <= len(readers) < bound.launches  # not the top-m's
+    # only the output moved: only the nodes that write it (the refinement's top-k)
+    c = dict(a, out=_inputs(65, 4096, ranges=True)["out"])
+    want_c, _ = _one_by_one(monkeypatch, fake, bound, _ptrs(c))
+    g.updates.clear()
+    assert bound(_ptrs(c)) and g.launches[-1] == (7, want_c)
+    assert g.updates and all(name.startswith("refine_topk") for name in g.updates)
+    assert len(g.nodes) == bound.launches and len(g.launches) == 4  # still the one graph
+    graph = bound._graph
+    graph.close(), graph.close()
+    assert g.destroyed == ["exec", "graph"]
+
+
+def test_bound_call_without_graphs(monkeypatch):
+    # while the stream is being captured (a graph of the caller's), the plan launches one by one
+    # (what the capture records); a graph the driver refuses to make, or a driver without graphs,
+    # leaves the plan launching one by one for good; CALL_GRAPHS = False the same
+    fake = _Fake(monkeypatch, cc=90, graphs=True)
+    g = fake.graphs
+    a = _inputs(64, 4096)
+    p = _run_hisa(a)
+    bound = _bind_hisa(a, **p)
+    want, _ = _one_by_one(monkeypatch, fake, bound, _ptrs(a))
+    g.capturing = 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
+    fake.bound.clear()
+    assert bound(_ptrs(a)) and len(fake.bound) == bound.launches and not g.launches and bound._graph is None
+    g.capturing = 0
+    assert bound(_ptrs(a)) and len(g.launches) == 1 and bound._graph
+    fake2 = _Fake(monkeypatch, cc=90, graphs=True)
+    fake2.graphs.fail = "node"
+    p = _run_hisa(a)
+    bound = _bind_hisa(a, **p)
+    for _ in range(2):
+        fake2.bound.clear()
+        assert bound(_ptrs(a)) and len(fake2.bound) == bound.launches
+        assert bound._graph is False and not fake2.graphs.launches
+    assert fake2.graphs.destroyed == ["graph"]  # the half-made graph
+    fake3 = _Fake(monkeypatch, cc=90)  # no graph entry points
+    p = _run_hisa(a)
+    bound = _bind_hisa(a, **p)
+    assert bound(_ptrs(a)) and len(fake3.bound) == bound.launches and bound._graph is False
+    fake4 = _Fake(monkeypatch, cc=90, graphs=True)
+    monkeypatch.setattr(cb, "CALL_GRAPHS", False)
+    p = _run_hisa(a)
+    bound = _bind_hisa(a, **p)
+    assert bound(_ptrs(a)) and len(fake4.bound) == bound.launches and not fake4.graphs.nodes
 
 
 def test_bound_plan_buffer_layout(monkeypatch):

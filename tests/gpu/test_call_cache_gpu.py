@@ -23,9 +23,10 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture
 def bound_launches(monkeypatch):
-    """Launches made by bound plans (the fast path) during the test, plain (cuLaunchKernel) or
-    with programmatic dependent launch (_launch_pdl, which the ordinary path uses too: counted
-    only inside a bound plan's call); a fresh call cache."""
+    """Launches made by bound plans (the fast path) during the test, plain (cuLaunchKernel), with
+    programmatic dependent launch (_launch_pdl, which the ordinary path uses too: counted only
+    inside a bound plan's call) or as the nodes of a graph launch (CALL_GRAPHS: each node counts);
+    a fresh call cache."""
     from hisa_cupy.kernels import cupy_backend
 
     real = cupy_backend._launch_kernel or cupy_backend._driver_launch()
@@ -55,6 +56,13 @@ def bound_launches(monkeypatch):
             in_bound.on = False
 
     monkeypatch.setattr(cupy_backend._Bound, "__call__", counting_call)
+    real_graph_launch = cupy_backend._CallGraph.launch
+
+    def counting_graph_launch(self, stream):
+        count[0] += len(self._nodes)
+        return real_graph_launch(self, stream)
+
+    monkeypatch.setattr(cupy_backend._CallGraph, "launch", counting_graph_launch)
     monkeypatch.setattr(select, "_calls", {})
     return count
 
@@ -226,3 +234,51 @@ def test_errors_unchanged_next_to_cached_calls(cuda_device, bound_launches):
         hisa_cupy.hisa_select(a[0], a[1].t().contiguous().t(), a[2], **kws, **kw)
     with pytest.raises(TypeError, match="block_size"):
         hisa_cupy.hisa_select(*a, **kws, **dict(kw, block_size=128.0))
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_bound_calls_as_graphs_queued(cuda_device, monkeypatch, order):
+    # CALL_GRAPHS: repeated calls replay one CUDA graph per plan (programmatic edges on sm_90+).
+    # Calls queued back to back with no sync, alternating two inputs and keeping every output (so
+    # that a node's parameters are set again while the graph's last launch may still run), at
+    # T = 96 (the refine top-k after the union's ready flags) and T = 97 (a last pair of one row):
+    # every output equals the reference, the graph was made once and launched per call, and the
+    # same calls with CALL_GRAPHS = False give the same outputs
+    from hisa_cupy.kernels import cupy_backend
+
+    graphs, launches = [], [0]
+    real_init, real_launch = cupy_backend._CallGraph.__init__, cupy_backend._CallGraph.launch
+
+    def spy_init(self, *a):
+        graphs.append(self)
+        real_init(self, *a)
+
+    def spy_launch(self, stream):
+        launches[0] += 1
+        real_launch(self, stream)
+
+    monkeypatch.setattr(cupy_backend._CallGraph, "__init__", spy_init)
+    monkeypatch.setattr(cupy_backend._CallGraph, "launch", spy_launch)
+    kw = dict(block_size=128, block_topk=16, topk=1024, order=order, validate=False)
+    for T in (96, 97):
+        monkeypatch.setattr(select, "_calls", {})
+        graphs.clear()
+        launches[0] = 0
+        inps = [testing.exact_inputs(T, 16384, 64, 128, dtype="float8_e4m3fn", seed=s, ragged=T % 2 == 1)
+                for s in (31, 32)]
+        args = [_args(inp) for inp in inps]
+        refs = [reference.hisa_select(inp["q"], inp["k"], inp["weights"], k_scale=inp["k_scale"], ks=inp["ks"],
+                                      ke=inp["ke"], block_size=128, block_topk=16, topk=1024, order=order)
+                for inp in inps]
+        outs = {}
+        for use in (True, False):
+            monkeypatch.setattr(cupy_backend, "CALL_GRAPHS", use)
+            outs[use] = [hisa_cupy.hisa_select(*args[i % 2][0], **args[i % 2][1], **kw) for i in range(8)]
+            torch.cuda.synchronize()
+            for i, got in enumerate(outs[use]):
+                testing.assert_selection_equal(got, refs[i % 2], err_msg=f"T={T} graphs={use} call {i}")
+            if use:
+                assert len(graphs) == 1 and launches[0] == 7, (len(graphs), launches[0])  # call 0 records
+        for x, y in zip(outs[True], outs[False]):
+            assert torch.equal(x, y)
+
