@@ -31,7 +31,8 @@ Repeated ``validate=False`` calls of :func:`hisa_select` / :func:`dense_select` 
 tensors are served from a call cache ("the call cache" below): the first call of a signature
 (shapes, dtypes, layouts, device, stream, parameters) takes the full path and records the
 backend's bound launches; equal later calls only read the array addresses, allocate the result
-and launch. ``FAST_PATH = False`` sends every call down the full path.
+and launch (as one CUDA graph: ``cupy_backend.CALL_GRAPHS``). ``FAST_PATH = False`` sends every
+call down the full path.
 """
 from __future__ import annotations
 
