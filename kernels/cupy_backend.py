@@ -942,16 +942,21 @@ _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 _launch_kernel_ex = None  # cuLaunchKernelEx through ctypes, resolved on first use (False: none)
 
 
+def _driver_entry(name: str, argtypes):
+    """The CUDA driver's entry point ``name`` through ctypes (``argtypes``, an int result: the
+    CUresult), or None where there is no driver or it has no such entry point (an older one)."""
+    try:
+        fn = getattr(ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
 def _driver_launch_ex():
     global _launch_kernel_ex
-    if _launch_kernel_ex is None:
-        try:
-            fn = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll").cuLaunchKernelEx
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            _launch_kernel_ex = fn
-        except (OSError, AttributeError):  # a driver older than CUDA 12: plain launches
-            _launch_kernel_ex = False
+    if _launch_kernel_ex is None:  # a driver older than CUDA 12: none (plain launches)
+        _launch_kernel_ex = _driver_entry("cuLaunchKernelEx", (ctypes.c_void_p,) * 4) or False
     return _launch_kernel_ex
 
 
@@ -962,14 +967,9 @@ _param_counts: dict = {}
 
 def _driver_param_info():
     global _func_param_info
-    if _func_param_info is None:
-        try:
-            fn = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll").cuFuncGetParamInfo
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            _func_param_info = fn
-        except (OSError, AttributeError):  # no driver, or one older than CUDA 12.4: no count, no check
-            _func_param_info = False
+    if _func_param_info is None:  # a driver older than CUDA 12.4: none (no count, no check)
+        _func_param_info = _driver_entry("cuFuncGetParamInfo", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                                                ctypes.c_void_p)) or False
     return _func_param_info
 
 
@@ -1112,17 +1112,9 @@ _graph_api = None  # name -> ctypes function, resolved on first use (False: the 
 
 def _driver_graph_api():
     global _graph_api
-    if _graph_api is None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
-            api = {}
-            for name, argtypes in _GRAPH_API:
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-                api[name] = fn
-            _graph_api = api
-        except (OSError, AttributeError):  # no driver, or one before CUDA 12.3 (edge data)
-            _graph_api = False
+    if _graph_api is None:  # a driver before CUDA 12.3 (edge data) lacks some: no graphs
+        api = {name: _driver_entry(name, argtypes) for name, argtypes in _GRAPH_API}
+        _graph_api = api if all(api.values()) else False
     return _graph_api
 
 

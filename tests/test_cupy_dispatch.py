@@ -1109,3 +1109,33 @@ def test_param_count_only_asks_the_driver_about_cupy_functions(monkeypatch):
     assert cb._param_count(fn) == 0
     monkeypatch.setattr(cb, "_driver_param_info", lambda: False)  # no driver entry point
     assert cb._param_count(fn) == 0
+
+
+def test_driver_entry_points(monkeypatch):
+    # _driver_entry: the driver's function with its argument types and an int result, None where
+    # the library or the entry point is missing; the graph API only whole (else False: no graphs)
+    class Fn:
+        argtypes = restype = None
+
+    class Lib:
+        def __init__(self, names):
+            for n in names:
+                setattr(self, n, Fn())
+
+    names = [n for n, _ in cb._GRAPH_API]
+    monkeypatch.setattr(cb.ctypes, "CDLL", lambda path: Lib(names + ["cuLaunchKernelEx"]))
+    fn = cb._driver_entry("cuLaunchKernelEx", (ctypes.c_void_p,) * 4)
+    assert fn.argtypes == [ctypes.c_void_p] * 4 and fn.restype is ctypes.c_int
+    assert cb._driver_entry("cuFuncGetParamInfo", ()) is None
+    monkeypatch.setattr(cb, "_graph_api", None)
+    assert sorted(cb._driver_graph_api()) == sorted(names)
+    monkeypatch.setattr(cb.ctypes, "CDLL", lambda path: Lib(names[:-1]))
+    monkeypatch.setattr(cb, "_graph_api", None)
+    assert cb._driver_graph_api() is False
+
+    def no_library(path):
+        raise OSError("no driver")
+
+    monkeypatch.setattr(cb.ctypes, "CDLL", no_library)
+    monkeypatch.setattr(cb, "_launch_kernel_ex", None)
+    assert cb._driver_entry("cuGraphLaunch", ()) is None and cb._driver_launch_ex() is False
