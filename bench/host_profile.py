@@ -11,7 +11,8 @@ prints, all without cProfile:
    runs) is printed beside it;
 2. a breakdown of the fast path: the call key (``adapters.call_signature``), the cache look-up,
    the output allocation (the adapters' result maker), the bound launches
-   (``cupy_backend._Bound``: cuLaunchKernel over preset parameter buffers) and one such launch;
+   (``cupy_backend._Bound``: one CUDA graph launch, or with ``CALL_GRAPHS`` off one cuLaunchKernel
+   per kernel over preset parameter buffers) and one such cuLaunchKernel;
 3. a breakdown of the full path: each phase of one call (parameter checks, the import of each
    argument, the checked inputs, device / stream set-up, the output allocation, each backend
    stage, a single kernel launch, the export) called directly many times with
@@ -88,11 +89,16 @@ def device_tensor(arr, view=None):
 
 def _count_launches(cb, fn) -> int:
     """Kernel launches of one ``fn()``: every launch of the full path fetches its kernel through
-    _kernel once; the fast path launches through _launch_kernel (cuLaunchKernel)."""
+    _kernel once; the fast path launches a graph (_CallGraph.launch: its nodes count) or each kernel
+    through _launch_kernel (cuLaunchKernel) or _launch_pdl (cuLaunchKernelEx)."""
     count = [0]
     kernel = cb._kernel
     launch = getattr(cb, "_launch_kernel", None)
     real_launch = launch or (cb._driver_launch() if hasattr(cb, "_driver_launch") else None)
+    pdl = getattr(cb, "_launch_pdl", None)
+    graph_class = getattr(cb, "_CallGraph", None)
+    graph_launch = graph_class.launch if graph_class is not None else None
+    in_bound = [False]  # the full path's launches count through _kernel already
 
     def counting(*a, **kw):
         count[0] += 1
@@ -102,15 +108,44 @@ def _count_launches(cb, fn) -> int:
         count[0] += 1
         return real_launch(*a)
 
+    def counting_pdl(*a):
+        count[0] += in_bound[0]  # a bound plan's PDL launch (the full path's counted through _kernel)
+        return pdl(*a)
+
+    def counting_graph(self, stream):
+        count[0] += len(self._nodes)
+        return graph_launch(self, stream)
+
+    bound_call = cb._Bound.__call__ if hasattr(cb, "_Bound") else None
+
+    def counting_bound(self, ptrs):
+        in_bound[0] = True
+        try:
+            return bound_call(self, ptrs)
+        finally:
+            in_bound[0] = False
+
     cb._kernel = counting
     if real_launch is not None:
         cb._launch_kernel = counting_launch
+    if pdl is not None:
+        cb._launch_pdl = counting_pdl
+    if graph_launch is not None:
+        graph_class.launch = counting_graph
+    if bound_call is not None:
+        cb._Bound.__call__ = counting_bound
     try:
         fn()
     finally:
         cb._kernel = kernel
         if real_launch is not None:
             cb._launch_kernel = launch
+        if pdl is not None:
+            cb._launch_pdl = pdl
+        if graph_launch is not None:
+            graph_class.launch = graph_launch
+        if bound_call is not None:
+            cb._Bound.__call__ = bound_call
     return count[0]
 
 
@@ -238,7 +273,7 @@ def main(argv=None):
             bound = entry.bound
             assert bound(ptrs), "the bound plan declined the call it was made for"
             fast["launch"] = phase(f"bound launches ({bound.launches}, cupy_backend._Bound)", lambda: bound(ptrs),
-                                   "checks, address slots, cuLaunchKernel each")
+                                   "checks, address slots, one graph launch (or cuLaunchKernel each)")
             launch = cb._launch_kernel or cb._driver_launch()
             f, grid, block, smem, params = bound.records()[0]
             phase("  one cuLaunchKernel, bound parameter buffer", lambda: launch(
@@ -251,7 +286,7 @@ def main(argv=None):
                          "parts of the row above or for comparison):")
             lines.append(format_rows(rows, total_us=fast_full))
             situ = [("output allocation", without(entry, "make", lambda: (res, ptrs[-1]), launches)),
-                    ("bound launches (checks + cuLaunchKernel)",
+                    ("bound launches (checks + graph launch)",
                      without(entry, "bound", lambda p: True, 0))]
             lines.append("in situ (full call minus the call with that phase replaced by a cached result / no-op):")
             for name, t in situ:
