@@ -953,6 +953,14 @@ def _driver_entry(name: str, argtypes):
     return fn
 
 
+def _driver_check(err: int) -> None:
+    """Raise CUDADriverError (with the driver's name for it) where a driver call returned an error."""
+    if err:
+        from cupy_backends.cuda.api import driver
+
+        driver.check_status(err)
+
+
 def _driver_launch_ex():
     global _launch_kernel_ex
     if _launch_kernel_ex is None:  # a driver older than CUDA 12: none (plain launches)
@@ -1036,11 +1044,7 @@ def _pdl_config(gx, gy, gz, bx, by, bz, smem, stream, cfg=None):
 def _launch_pdl(cfg, f, params):
     """cuLaunchKernelEx of CUfunction ``f`` with the CUlaunchConfig at address ``cfg``;
     ``params``: the address of the kernelParams array."""
-    err = _launch_kernel_ex(cfg, f, params, None)
-    if err:
-        from cupy_backends.cuda.api import driver
-
-        driver.check_status(err)  # raises CUDADriverError with the driver's name for err
+    _driver_check(_launch_kernel_ex(cfg, f, params, None))
 
 
 def _launch_dims(grid, block) -> tuple:
@@ -1118,13 +1122,6 @@ def _driver_graph_api():
     return _graph_api
 
 
-def _graph_check(err):
-    if err:
-        from cupy_backends.cuda.api import driver
-
-        driver.check_status(err)  # raises CUDADriverError with the driver's name for err
-
-
 class _CallGraph:
     """A bound call's launches as one instantiated CUDA graph. Kernel node i is launch i (its
     function, dimensions, shared memory and kernelParams array, whose slots the driver reads when
@@ -1142,7 +1139,7 @@ class _CallGraph:
         self._graph = self._exec = None
         self._nodes, self._params = [], []
         graph = ctypes.c_void_p()
-        _graph_check(api["cuGraphCreate"](ctypes.byref(graph), 0))
+        _driver_check(api["cuGraphCreate"](ctypes.byref(graph), 0))
         self._graph = graph
         try:
             for f, gx, gy, gz, bx, by, bz, smem, params in launches:
@@ -1150,29 +1147,29 @@ class _CallGraph:
                 p.grid[:] = (gx, gy, gz)
                 p.block[:] = (bx, by, bz)
                 node = ctypes.c_void_p()
-                _graph_check(api["cuGraphAddKernelNode_v2"](ctypes.byref(node), graph, None, 0, ctypes.byref(p)))
+                _driver_check(api["cuGraphAddKernelNode_v2"](ctypes.byref(node), graph, None, 0, ctypes.byref(p)))
                 if self._nodes:
                     edge = _EdgeData()
                     if programmatic:
                         edge.from_port = _CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
                         edge.type = _CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-                    _graph_check(api["cuGraphAddDependencies_v2"](graph, ctypes.byref(self._nodes[-1]),
+                    _driver_check(api["cuGraphAddDependencies_v2"](graph, ctypes.byref(self._nodes[-1]),
                                                                   ctypes.byref(node), ctypes.byref(edge), 1))
                 self._nodes.append(node)
                 self._params.append(p)
             ex = ctypes.c_void_p()
-            _graph_check(api["cuGraphInstantiateWithFlags"](ctypes.byref(ex), graph, 0))
+            _driver_check(api["cuGraphInstantiateWithFlags"](ctypes.byref(ex), graph, 0))
             self._exec = ex
         except Exception:
             self.close()
             raise
 
     def update(self, i: int) -> None:
-        _graph_check(self._api["cuGraphExecKernelNodeSetParams_v2"](self._exec, self._nodes[i],
+        _driver_check(self._api["cuGraphExecKernelNodeSetParams_v2"](self._exec, self._nodes[i],
                                                                      ctypes.byref(self._params[i])))
 
     def launch(self, stream: int) -> None:
-        _graph_check(self._api["cuGraphLaunch"](self._exec, stream))
+        _driver_check(self._api["cuGraphLaunch"](self._exec, stream))
 
     def close(self) -> None:
         """Destroy the executable graph and the graph (once; later calls do nothing)."""

@@ -736,3 +736,16 @@ def test_launch_argument_count_checked(cuda_device):
     cb._launch_select("block_select.cu", "block_topm_kernel", **kw, extra=(None, 0, 0, None))
     got = cupy.asnumpy(blocks)
     assert (got >= 0).all() and (np.diff(got, axis=1) > 0).all()  # M blocks of each row, ascending
+
+
+def test_driver_check_raises_the_drivers_error(cuda_device):
+    # _driver_check: the one place the ctypes driver calls (cuLaunchKernelEx, the graph API) turn
+    # an error code into CuPy's CUDADriverError with the driver's name for it (needs the driver)
+    from cupy_backends.cuda.api import driver
+
+    from hisa_cupy.kernels import cupy_backend as cb
+
+    cb._driver_check(0)
+    with pytest.raises(driver.CUDADriverError, match="CUDA_ERROR_INVALID_VALUE"):
+        cb._driver_check(1)
+
