@@ -125,27 +125,23 @@ def _count_launches(cb, fn) -> int:
         finally:
             in_bound[0] = False
 
-    cb._kernel = counting
+    patches = [(cb, "_kernel", counting)]  # (owner, attribute, counting stand-in), undone after fn()
     if real_launch is not None:
-        cb._launch_kernel = counting_launch
+        patches.append((cb, "_launch_kernel", counting_launch))
     if pdl is not None:
-        cb._launch_pdl = counting_pdl
+        patches.append((cb, "_launch_pdl", counting_pdl))
     if graph_launch is not None:
-        graph_class.launch = counting_graph
+        patches.append((graph_class, "launch", counting_graph))
     if bound_call is not None:
-        cb._Bound.__call__ = counting_bound
+        patches.append((cb._Bound, "__call__", counting_bound))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, stand_in in patches:
+        setattr(owner, name, stand_in)
     try:
         fn()
     finally:
-        cb._kernel = kernel
-        if real_launch is not None:
-            cb._launch_kernel = launch
-        if pdl is not None:
-            cb._launch_pdl = pdl
-        if graph_launch is not None:
-            graph_class.launch = graph_launch
-        if bound_call is not None:
-            cb._Bound.__call__ = bound_call
+        for owner, name, original in saved:
+            setattr(owner, name, original)
     return count[0]
 
 

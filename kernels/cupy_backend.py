@@ -1278,7 +1278,6 @@ class _Bound:
                     launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, 0)
         return True
 
-
     def _launch_graph(self, values) -> bool:
         """Launch the call as its _CallGraph (made at the first call; nodes whose call-time slots
         changed since the last call read their parameters again first), or return False having
