@@ -1269,11 +1269,53 @@ __device__ __forceinline__ V load_word(const V* p) {
     if constexpr (COHERENT) return __ldca(p);
     else return __ldg(p);
 }
-template <int SRC, bool RAW = false, int N = REG_SELECT_R, bool COHERENT = false>
+// STRIDED (THREADS: the CTA's threads): the thread's items are first + reg_item_offset(j) (groups
+// of four consecutive items, 4 * THREADS apart), each group one 16-byte load where the row is
+// aligned and the group lies inside, else one load per item.
+template <int N, int THREADS, bool STRIDED>
+__device__ __forceinline__ constexpr int reg_item_offset(int j) {
+    return STRIDED ? (j >> 2) * (4 * THREADS) + (j & 3) : j;
+}
+template <int SRC, bool RAW = false, int N = REG_SELECT_R, bool COHERENT = false, bool STRIDED = false,
+          int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[N]) {
     constexpr int R = N;
     constexpr u32 outside = RAW ? never_kept_word<SRC>() : HISA_KEY_NONE;
     auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
+    if constexpr (STRIDED) {
+        static_assert(R % 4 == 0, "groups of four items");
+        constexpr int LAST = (R / 4 - 1) * 4 * THREADS;  // the last group's offset
+        const bool aligned = (reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull;
+        if (aligned && first >= lo && first + LAST + 4 <= hi) {  // every group inside: the loads back to back
+#pragma unroll
+            for (int u = 0; u < R / 4; ++u) {
+                const uint4 x = load_word<COHERENT>(reinterpret_cast<const uint4*>(words + first + u * 4 * THREADS));
+                key[4 * u] = conv(x.x);
+                key[4 * u + 1] = conv(x.y);
+                key[4 * u + 2] = conv(x.z);
+                key[4 * u + 3] = conv(x.w);
+            }
+            return;
+        }
+#pragma unroll
+        for (int u = 0; u < R / 4; ++u) {
+            const int g = first + u * 4 * THREADS;
+            if (aligned && g >= lo && g + 4 <= hi) {
+                const uint4 x = load_word<COHERENT>(reinterpret_cast<const uint4*>(words + g));
+                key[4 * u] = conv(x.x);
+                key[4 * u + 1] = conv(x.y);
+                key[4 * u + 2] = conv(x.z);
+                key[4 * u + 3] = conv(x.w);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int n = g + c;
+                    key[4 * u + c] = n >= lo && n < hi ? conv(load_word<COHERENT>(words + n)) : outside;
+                }
+            }
+        }
+        return;
+    }
     if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
         const uint4* vec = reinterpret_cast<const uint4*>(words + first);
 #pragma unroll
@@ -1576,7 +1618,7 @@ __device__ __forceinline__ void cut_bucket_starts(int* sHist, int* sScan, int* s
 // (one a thread) decides first whether the range can hold n_out of them. CUT sorts window entries
 // (window_entry_low; false where its buckets are too wide for them), ranked by their low words,
 // and its histogram keeps each key's arrival in its bucket, so that its scatter needs no atomic.
-template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false>
+template <int SRC, int MAP, int BITS, int N, int THREADS = SELECT_THREADS, bool CUT = false, bool STRIDED = false>
 __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long row, int t, int rel, const u32 (&key)[N],
                                                  int first, u32 floor_key, u32 key_hi, int n_out, int* sHist, int* sScan,
                                                  int* sMisc, u64* buf) {
@@ -1592,8 +1634,14 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
     static_assert(!CUT || POS > 0, "window entries: 4096 or 8192 items");
     static_assert(!CUT || (LIST_BUCKET_MAX < 256 && N % 4 == 0), "arrivals: a byte each, four a word");
     if (CUT && sh + POS > 31) return false;  // the row's range (wider than the caller's window)
-    if constexpr (CUT) {  // a sample of one key a thread (its first, every N-th item) in the range, per warp
-        const unsigned in = __ballot_sync(0xFFFFFFFFu, key[0] - floor_key <= span);
+    if constexpr (CUT) {  // a sample of one key a thread (its first, every N-th item; STRIDED: the first of
+                          // group tid % 4, so that the sample spans the row) in the range, per warp
+        u32 s = key[0];
+        if constexpr (STRIDED && N >= 16) {
+            const int g = tid & 3;
+            s = g == 1 ? key[4] : g == 2 ? key[8] : g == 3 ? key[12] : s;
+        }
+        const unsigned in = __ballot_sync(0xFFFFFFFFu, s - floor_key <= span);
         if ((tid & 31) == 0) sScan[tid >> 5] = __popc(in);
     }
 #pragma unroll
@@ -1650,7 +1698,7 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
         for (int j = 0; j < N; ++j) {
             const u32 d = key[j] - cut_key;
             scatter_at_arrival(hist, base, d, cut_span, sh, arrival[j / 4], 8u * (u32)(j % 4),
-                               window_entry_low<POS>(d, first + j), key[j]);
+                               window_entry_low<POS>(d, first + reg_item_offset<N, THREADS, STRIDED>(j)), key[j]);
         }
         __syncthreads();
         rank_in_buckets<SRC, MAP, BINS, THREADS, POS, true>(a, row, t, rel, buf, count, n_out, sHist, bucket);
@@ -1658,7 +1706,9 @@ __device__ __forceinline__ bool regs_sort_direct(const SelectArgs& a, long long 
 #pragma unroll
         for (int j = 0; j < N; ++j) {
             const u32 d = key[j] - cut_key;
-            if (d <= cut_span) buf[atomicAdd(&sHist[thr + (int)(d >> sh)], 1)] = list_entry(key[j], first + j);
+            if (d <= cut_span)
+                buf[atomicAdd(&sHist[thr + (int)(d >> sh)], 1)] =
+                    list_entry(key[j], first + reg_item_offset<N, THREADS, STRIDED>(j));
         }
         __syncthreads();
         rank_in_buckets<SRC, MAP, BINS, THREADS>(a, row, t, rel, buf, sHist[0], n_out, sHist, bucket);
@@ -1743,6 +1793,27 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
 
 // warps_min_max's per-warp values combined by warp 0 into sMisc[MISC_RED_LO] (the smallest) and
 // sMisc[MISC_RED_HI] (the largest), for every thread past the caller's next barrier
+// Exclusive prefix sums in position order of the STRIDED register layout, whose order is (group,
+// thread, item): c[u] counts this thread's items of group u, before[u] gets the count of all
+// threads' items in groups < u plus the threads' before this one in group u. Two groups a block
+// scan (16-bit halves: a group holds 4 * THREADS <= 4096 items). Ends synced.
+template <int G, int THREADS = SELECT_THREADS>
+__device__ __forceinline__ void group_exclusive_scan(const int (&c)[G], int (&before)[G], int* sScan) {
+    int base = 0;
+#pragma unroll
+    for (int u = 0; u < G; u += 2) {
+        const int hi = u + 1 < G ? c[u + 1] : 0;
+        int total;
+        const int b = block_exclusive_scan<THREADS>(c[u] | (hi << 16), sScan, &total);
+        before[u] = base + (b & 0xFFFF);
+        base += total & 0xFFFF;
+        if (u + 1 < G) {
+            before[u + 1] = base + (b >> 16);
+            base += total >> 16;
+        }
+    }
+}
+
 template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void combine_warps_min_max(const u32* sRed, int* sMisc) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1799,12 +1870,17 @@ __device__ __forceinline__ void finite_key_range(const u32 (&key)[N], u32* sRed,
 // below the row's largest (the refinement's top-k: 14); 0: cut_by_levels over the row's range
 // COHERENT: the row's keys by weak loads (load_row_keys), for rows a kernel running beside this
 // one wrote (the refine top-k after the union kernel's ready flags, refine.cu)
+// STRIDED: thread i holds four consecutive items of each of R / 4 groups, items 4 i + 4 THREADS u
+// + [0, 4) (load_row_keys), so that each warp-wide 16-byte load covers 512 consecutive bytes
+// (whole sectors) where the contiguous layout's loads lie 64 bytes apart; position order is then
+// (group, thread, item), and the emit's slots come from scans by group (group_exclusive_scan)
 template <int SRC, int MAP, int LINEAR = 0, int DIRECT_BITS = SORT_BITS, int THREADS = SELECT_THREADS,
-          int WINDOW_SH = 0, int CUT_WINDOW_SH = 0, bool COHERENT = false>
+          int WINDOW_SH = 0, int CUT_WINDOW_SH = 0, bool COHERENT = false, bool STRIDED = false>
 __device__ void row_select_regs(const SelectArgs& a) {
     constexpr int R = REG_SELECT_ITEMS / THREADS;  // keys per thread (REG_SELECT_R at SELECT_THREADS)
     constexpr int WARPS = THREADS / 32;
     static_assert(R * THREADS == REG_SELECT_ITEMS && R % 4 == 0 && THREADS <= 1024, "the register layout");
+    static_assert(!STRIDED || LINEAR == 0, "regs_sort_linear takes the contiguous layout");
     extern __shared__ __align__(16) char smem[];
     int* sHist = reinterpret_cast<int*>(smem);           // [SORT_BINS] (REG_SELECT_BINS for the levels)
     int* sScan = sHist + SORT_BINS;                      // [32]
@@ -1825,16 +1901,26 @@ __device__ void row_select_regs(const SelectArgs& a) {
     const int len = (SRC == KEYS_F32 && a.lengths) ? max(0, min(a.lengths[t], a.ncols)) : a.ncols;
     const int n_items = (SRC == KEYS_F32) ? len : a.ncols;
     const int k = a.k;
-    const int first = tid * R;  // this thread's items [first, first + R)
+    // this thread's items: first + reg_item_offset(j), [first, first + R) where not STRIDED
+    const int first = STRIDED ? 4 * tid : tid * R;
+    auto item = [&](int j) { return first + reg_item_offset<R, THREADS, STRIDED>(j); };
 
     u32 key[R];
     const u32* words = SRC == KEYS_U32 ? a.keys + row * a.ld : reinterpret_cast<const u32*>(a.scores + row * a.ld);
-    load_row_keys<SRC, false, R, COHERENT>(words, 0, n_items, first, key);
+    load_row_keys<SRC, false, R, COHERENT, STRIDED, THREADS>(words, 0, n_items, first, key);
     // mn: the smallest key minus one, so that HISA_KEY_NONE (0) wraps to the largest value and
     // never wins; every fp32 score has a key >= 1, so the float path counts its valid items
     // from the row length alone
     u32 mn = 0xFFFFFFFFu, mx = 0u;
-    int cnt = SRC == KEYS_F32 ? max(0, min(R, n_items - first)) : 0;
+    int cnt = 0;
+    if constexpr (SRC == KEYS_F32) {
+        if constexpr (STRIDED) {
+#pragma unroll
+            for (int u = 0; u < R / 4; ++u) cnt += max(0, min(4, n_items - item(4 * u)));
+        } else {
+            cnt = max(0, min(R, n_items - first));
+        }
+    }
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         mn = min(mn, key[j] - 1u);
@@ -1887,8 +1973,9 @@ __device__ void row_select_regs(const SelectArgs& a) {
             // four binades below the row's largest score (or the row's whole range, if smaller)
             constexpr u32 WIDTH = ((u32)1u << (DIRECT_BITS + WINDOW_SH)) - 1u;
             const u32 wlo = key_hi - key_lo > WIDTH ? key_hi - WIDTH : key_lo;
-            if (regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS, true>(a, row, t, rel, key, first, wlo, key_hi, k,
-                                                                          sHist, sScan, sMisc, sSel))
+            if (regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS, true, STRIDED>(a, row, t, rel, key, first, wlo,
+                                                                                   key_hi, k, sHist, sScan, sMisc,
+                                                                                   sSel))
                 return;  // k of more than k keys: no padding
         }
         u32 floor_key = key_lo;
@@ -1901,8 +1988,9 @@ __device__ void row_select_regs(const SelectArgs& a) {
         const int n_out = min(k, n_valid);
         if ((1 << DIRECT_BITS) > REG_SELECT_BINS && n_valid <= k) __syncthreads();  // sRed read before the clear
         if (count <= 2 * a.sort_cap &&
-            regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS>(a, row, t, rel, key, first, floor_key, key_hi, n_out,
-                                                                sHist, sScan, sMisc, sSel)) {
+            regs_sort_direct<SRC, MAP, DIRECT_BITS, R, THREADS, false, STRIDED>(a, row, t, rel, key, first, floor_key,
+                                                                                key_hi, n_out, sHist, sScan, sMisc,
+                                                                                sSel)) {
             pad_row<SRC>(a, row, n_out + tid, THREADS);
             return;
         }
@@ -1929,17 +2017,47 @@ __device__ void row_select_regs(const SelectArgs& a) {
         sel |= (u32)(key[j] > above) << j;
         eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
-    int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
-    const int before = block_exclusive_scan<THREADS>(__popc(sel) | (__popc(eq) << 16), sScan, &total);
-    const int eq_before = before >> 16;
-    int slot = (before & 0xFFFF) + min(need, eq_before);  // ties kept by the threads before this one
-    if (ties) {
-        int r = eq_before;
+    int slot = 0;
+    if constexpr (STRIDED) {
+        // position order is (group, thread, item): the ties kept by scans over the groups' counts
+        // (group_exclusive_scan); the selected list's slots in any order (sorted after), the
+        // emit's in position order (below)
+        constexpr int G = R / 4;
+        if (ties) {  // the same for every thread
+            int c[G], b[G];
 #pragma unroll
-        for (int j = 0; j < R; ++j) {
-            if ((eq >> j) & 1u) {
-                sel |= (u32)(r < need) << j;
-                ++r;
+            for (int u = 0; u < G; ++u) c[u] = __popc((eq >> (4 * u)) & 0xFu);
+            group_exclusive_scan<G, THREADS>(c, b, sScan);
+#pragma unroll
+            for (int u = 0; u < G; ++u) {
+                int r = b[u];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = 4 * u + i;
+                    if ((eq >> j) & 1u) {
+                        sel |= (u32)(r < need) << j;
+                        ++r;
+                    }
+                }
+            }
+        }
+        if (a.by_score) {
+            int total;
+            slot = block_exclusive_scan<THREADS>(__popc(sel), sScan, &total);
+        }
+    } else {
+        int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
+        const int before = block_exclusive_scan<THREADS>(__popc(sel) | (__popc(eq) << 16), sScan, &total);
+        const int eq_before = before >> 16;
+        slot = (before & 0xFFFF) + min(need, eq_before);  // ties kept by the threads before this one
+        if (ties) {
+            int r = eq_before;
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+                if ((eq >> j) & 1u) {
+                    sel |= (u32)(r < need) << j;
+                    ++r;
+                }
             }
         }
     }
@@ -1950,7 +2068,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             const int s = (sel >> j) & 1u;
-            if (s && slot < n_out) sSel[slot] = list_entry(key[j], first + j);
+            if (s && slot < n_out) sSel[slot] = list_entry(key[j], item(j));
             slot += s;
         }
         __syncthreads();
@@ -1958,7 +2076,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // key when all are selected) up to the row's largest
         const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
         sort_and_emit<SRC, MAP, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
-    } else if (items_are_a_run<MAP, R>(a)) {
+    } else if (!STRIDED && items_are_a_run<MAP, R>(a)) {
         // the thread's items are a run of positions: one lookup (MAP_GATHER: of their block,
         // only where one is selected: past the row's blocks there is none), then base + j.
         // Per item (a shift, a mask, a 64-bit index and a load each) the emit was ~45% of
@@ -1976,10 +2094,18 @@ __device__ void row_select_regs(const SelectArgs& a) {
             slot += s;
         }
     } else {
+        int gslot[STRIDED ? R / 4 : 1];  // STRIDED: each group's first slot, in position order
+        if constexpr (STRIDED) {
+            int c[R / 4];
+#pragma unroll
+            for (int u = 0; u < R / 4; ++u) c[u] = __popc((sel >> (4 * u)) & 0xFu);
+            group_exclusive_scan<R / 4, THREADS>(c, gslot, sScan);
+        }
 #pragma unroll
         for (int j = 0; j < R; ++j) {
+            if (STRIDED && (j & 3) == 0) slot = gslot[j >> 2];
             const int s = (sel >> j) & 1u;
-            if (s && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, first + j);
+            if (s && slot < n_out) emit_item<SRC, MAP>(a, row, t, rel, slot, item(j));
             slot += s;
         }
     }
