@@ -4,9 +4,6 @@
 #include "row_select.cuh"
 #include "row_filter.cuh"
 
-// topk_regs_kernel's register layout: 1 STRIDED (row_select_regs: whole-sector loads), 0 contiguous
-#define TOPK_REGS_STRIDED 1
-
 __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
     row_select<KEYS_F32, MAP_IDENTITY>(SELECT_ARGS);
@@ -14,10 +11,12 @@ __global__ void __launch_bounds__(SELECT_THREADS) topk_kernel(SELECT_PARAMS) {
 
 // many rows of at most 8192 columns (throughput-bound): the score order's buckets are 2048
 // (row_select_regs, DIRECT_BITS), first over the four binades below the row's largest score
-// (WINDOW_SH 14: 2^14 keys a bucket, 2^25 in all)
+// (WINDOW_SH 14: 2^14 keys a bucket, 2^25 in all); the rows' keys in the STRIDED register layout,
+// each warp-wide load whole sectors (kernel 92.9 -> 85.7 us on [4096 x 8192] randn rows, H200,
+// bench/NOTES.md, session 49)
 __global__ void __launch_bounds__(SELECT_THREADS, REG_SELECT_MIN_CTAS) topk_regs_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
-    row_select_regs<KEYS_F32, MAP_IDENTITY, 0, 11, SELECT_THREADS, 14, 0, false, TOPK_REGS_STRIDED != 0>(SELECT_ARGS);
+    row_select_regs<KEYS_F32, MAP_IDENTITY, 0, 11, SELECT_THREADS, 14, 0, false, true>(SELECT_ARGS);
 }
 
 // Few long rows, split (cupy_backend._topk_split): each row is m chunks of B columns, one CTA per
