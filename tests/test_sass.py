@@ -244,3 +244,14 @@ def test_topk_window_scatters_without_atomics(topk_regs_sass):
     runs.append(min(loads, stores))
     assert max(runs) >= 16, (f"topk_regs_kernel's straight runs hold at most {max(runs)} predicated shared loads and "
                              "8-byte stores each, not 16 (the window's scatter by atomics back?)")
+
+
+def test_topk_loads_whole_sectors(topk_regs_sass):
+    # topk_regs_kernel holds its row in row_select_regs' STRIDED layout: a thread's four 16-byte
+    # loads lie 4 * 512 items (8 KB) apart, so that each warp-wide load covers 512 consecutive bytes
+    # (whole sectors). In the contiguous layout (16 consecutive items a thread) they lie 16 bytes
+    # apart and each warp-wide load uses half of every sector it touches (92.9 against 85.7 us on
+    # [4096 x 8192], H200, bench/NOTES.md, session 49); with that layout back, this test fails.
+    offsets = set(re.findall(r"LDG\.E\.128\.CONSTANT R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", topk_regs_sass))
+    assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"topk_regs_kernel's 16-byte loads at offsets {sorted(offsets)}"
+    assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in topk_regs_kernel: {sorted(offsets)}"
