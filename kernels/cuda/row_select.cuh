@@ -1280,32 +1280,30 @@ template <int SRC, bool RAW = false, int N = REG_SELECT_R, bool COHERENT = false
           int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, int first, u32 (&key)[N]) {
     constexpr int R = N;
+    static_assert(R % 4 == 0, "16-byte loads of four items");
     constexpr u32 outside = RAW ? never_kept_word<SRC>() : HISA_KEY_NONE;
     auto conv = [](u32 w) { return RAW ? w : word_key<SRC>(w); };
+    // the four items from key[4 u] on by one 16-byte load at item n (aligned, inside the row)
+    auto load4 = [&](int u, int n) {
+        const uint4 x = load_word<COHERENT>(reinterpret_cast<const uint4*>(words + n));
+        key[4 * u] = conv(x.x);
+        key[4 * u + 1] = conv(x.y);
+        key[4 * u + 2] = conv(x.z);
+        key[4 * u + 3] = conv(x.w);
+    };
+    const bool aligned = (reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull;
     if constexpr (STRIDED) {
-        static_assert(R % 4 == 0, "groups of four items");
         constexpr int LAST = (R / 4 - 1) * 4 * THREADS;  // the last group's offset
-        const bool aligned = (reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull;
         if (aligned && first >= lo && first + LAST + 4 <= hi) {  // every group inside: the loads back to back
 #pragma unroll
-            for (int u = 0; u < R / 4; ++u) {
-                const uint4 x = load_word<COHERENT>(reinterpret_cast<const uint4*>(words + first + u * 4 * THREADS));
-                key[4 * u] = conv(x.x);
-                key[4 * u + 1] = conv(x.y);
-                key[4 * u + 2] = conv(x.z);
-                key[4 * u + 3] = conv(x.w);
-            }
+            for (int u = 0; u < R / 4; ++u) load4(u, first + u * 4 * THREADS);
             return;
         }
 #pragma unroll
         for (int u = 0; u < R / 4; ++u) {
             const int g = first + u * 4 * THREADS;
             if (aligned && g >= lo && g + 4 <= hi) {
-                const uint4 x = load_word<COHERENT>(reinterpret_cast<const uint4*>(words + g));
-                key[4 * u] = conv(x.x);
-                key[4 * u + 1] = conv(x.y);
-                key[4 * u + 2] = conv(x.z);
-                key[4 * u + 3] = conv(x.w);
+                load4(u, g);
             } else {
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
@@ -1316,16 +1314,9 @@ __device__ __forceinline__ void load_row_keys(const u32* words, int lo, int hi, 
         }
         return;
     }
-    if ((reinterpret_cast<unsigned long long>(words) & 15ull) == 0ull && first >= lo && first + R <= hi) {
-        const uint4* vec = reinterpret_cast<const uint4*>(words + first);
+    if (aligned && first >= lo && first + R <= hi) {
 #pragma unroll
-        for (int u = 0; u < R / 4; ++u) {
-            const uint4 x = load_word<COHERENT>(vec + u);
-            key[4 * u] = conv(x.x);
-            key[4 * u + 1] = conv(x.y);
-            key[4 * u + 2] = conv(x.z);
-            key[4 * u + 3] = conv(x.w);
-        }
+        for (int u = 0; u < R / 4; ++u) load4(u, first + 4 * u);
     } else {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
@@ -1794,11 +1785,14 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
 // warps_min_max's per-warp values combined by warp 0 into sMisc[MISC_RED_LO] (the smallest) and
 // sMisc[MISC_RED_HI] (the largest), for every thread past the caller's next barrier
 // Exclusive prefix sums in position order of the STRIDED register layout, whose order is (group,
-// thread, item): c[u] counts this thread's items of group u, before[u] gets the count of all
-// threads' items in groups < u plus the threads' before this one in group u. Two groups a block
-// scan (16-bit halves: a group holds 4 * THREADS <= 4096 items). Ends synced.
+// thread, item): bit j of `bits` marks this thread's item j (group j / 4), before[u] gets the
+// marked items of all threads in groups < u plus those of the threads before this one in group u.
+// Two groups a block scan (16-bit halves: a group holds 4 * THREADS <= 4096 items). Ends synced.
 template <int G, int THREADS = SELECT_THREADS>
-__device__ __forceinline__ void group_exclusive_scan(const int (&c)[G], int (&before)[G], int* sScan) {
+__device__ __forceinline__ void group_exclusive_scan(u32 bits, int (&before)[G], int* sScan) {
+    int c[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) c[u] = __popc((bits >> (4 * u)) & 0xFu);
     int base = 0;
 #pragma unroll
     for (int u = 0; u < G; u += 2) {
@@ -2024,10 +2018,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // emit's in position order (below)
         constexpr int G = R / 4;
         if (ties) {  // the same for every thread
-            int c[G], b[G];
-#pragma unroll
-            for (int u = 0; u < G; ++u) c[u] = __popc((eq >> (4 * u)) & 0xFu);
-            group_exclusive_scan<G, THREADS>(c, b, sScan);
+            int b[G];
+            group_exclusive_scan<G, THREADS>(eq, b, sScan);
 #pragma unroll
             for (int u = 0; u < G; ++u) {
                 int r = b[u];
@@ -2095,12 +2087,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         }
     } else {
         int gslot[STRIDED ? R / 4 : 1];  // STRIDED: each group's first slot, in position order
-        if constexpr (STRIDED) {
-            int c[R / 4];
-#pragma unroll
-            for (int u = 0; u < R / 4; ++u) c[u] = __popc((sel >> (4 * u)) & 0xFu);
-            group_exclusive_scan<R / 4, THREADS>(c, gslot, sScan);
-        }
+        if constexpr (STRIDED) group_exclusive_scan<R / 4, THREADS>(sel, gslot, sScan);
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             if (STRIDED && (j & 3) == 0) slot = gslot[j >> 2];
