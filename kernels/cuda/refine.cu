@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel
 #define REFINE_SELECT_MIN_CTAS 4
 __global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
-    row_select_regs<KEYS_U32, MAP_GATHER, 0, SORT_BITS, SELECT_THREADS, 0, 14>(SELECT_ARGS);
+    row_select_regs<KEYS_U32, MAP_GATHER, 0, SORT_BITS, SELECT_THREADS, 0, 14, false, true>(SELECT_ARGS);
 }
 
 // The same after a union launch with ready flags (refine_union_wgmma_kernel's `ready`, laid out
@@ -104,6 +104,6 @@ __global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine
         __syncwarp();
     }
     __syncthreads();
-    row_select_regs<KEYS_U32, MAP_GATHER, 0, SORT_BITS, SELECT_THREADS, 0, 14, true>(SELECT_ARGS);
+    row_select_regs<KEYS_U32, MAP_GATHER, 0, SORT_BITS, SELECT_THREADS, 0, 14, true, true>(SELECT_ARGS);
     grid_dependency_sync();
 }

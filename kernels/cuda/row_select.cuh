@@ -2012,6 +2012,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
     int slot = 0;
+    int gslot[STRIDED ? R / 4 : 1];  // STRIDED, position order: each group's first slot
     if constexpr (STRIDED) {
         // position order is (group, thread, item): the ties kept by scans over the groups' counts
         // (group_exclusive_scan); the selected list's slots in any order (sorted after), the
@@ -2036,6 +2037,8 @@ __device__ void row_select_regs(const SelectArgs& a) {
         if (a.by_score) {
             int total;
             slot = block_exclusive_scan<THREADS>(__popc(sel), sScan, &total);
+        } else {
+            group_exclusive_scan<G, THREADS>(sel, gslot, sScan);
         }
     } else {
         int total;  // selected above the threshold | tied (16-bit halves: each at most 8192)
@@ -2068,26 +2071,29 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // key when all are selected) up to the row's largest
         const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
         sort_and_emit<SRC, MAP, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
-    } else if (!STRIDED && items_are_a_run<MAP, R>(a)) {
-        // the thread's items are a run of positions: one lookup (MAP_GATHER: of their block,
-        // only where one is selected: past the row's blocks there is none), then base + j.
-        // Per item (a shift, a mask, a 64-bit index and a load each) the emit was ~45% of
-        // refine_topk_regs_kernel's instructions (ncu, hisa 128K/4096: bench/NOTES.md, session 32).
-        const int base = sel != 0u ? item_position<MAP>(a, t, first) - rel : 0;
+    } else if (items_are_a_run<MAP, STRIDED ? 4 : R>(a)) {
+        // the thread's items are a run of positions (STRIDED: each group's four): one lookup
+        // (MAP_GATHER: of their block, only where one is selected: past the row's blocks there is
+        // none), then base + j. Per item (a shift, a mask, a 64-bit index and a load each) the emit
+        // was ~45% of refine_topk_regs_kernel's instructions (ncu, hisa 128K/4096: bench/NOTES.md,
+        // session 32).
+        int base = !STRIDED && sel != 0u ? item_position<MAP>(a, t, first) - rel : 0;
         int* out = a.out_idx + row * a.out_ld;
         asm("mov.b64 %0, %0;" : "+l"(out));  // opaque: out + slot is one wide multiply-add per item, not
                                              // row * out_ld + slot redone in 64 bits for each
 #pragma unroll
         for (int j = 0; j < R; ++j) {
+            if (STRIDED && (j & 3) == 0) {
+                slot = gslot[j >> 2];
+                base = ((sel >> j) & 0xFu) != 0u ? item_position<MAP>(a, t, item(j)) - rel - j : 0;
+            }
             const int s = (sel >> j) & 1u;
             const bool w = s && slot < n_out;
             store_if(out + slot, base + j, w);  // a predicated store: no branch per item
-            if (w) write_value<SRC>(a, row, slot, first + j);
+            if (w) write_value<SRC>(a, row, slot, item(j));
             slot += s;
         }
     } else {
-        int gslot[STRIDED ? R / 4 : 1];  // STRIDED: each group's first slot, in position order
-        if constexpr (STRIDED) group_exclusive_scan<R / 4, THREADS>(sel, gslot, sScan);
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             if (STRIDED && (j & 3) == 0) slot = gslot[j >> 2];
