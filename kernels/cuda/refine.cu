@@ -67,11 +67,13 @@ __global__ void __launch_bounds__(32 * WARP_SELECT_ROWS) refine_topk_warp_kernel
     row_select_warp<KEYS_U32, MAP_GATHER>(SELECT_ARGS, rows);
 }
 
-// the refinement's rows of m * B candidates in register mode, four CTAs per SM (32 registers, 20
-// bytes spilled) rather than REG_SELECT_MIN_CTAS' three: at T = 1024 its 1024 rows then take two
-// waves of 528 CTAs instead of three of 396 (the third 59% full). The threshold's first level
-// covers the four binades below the row's largest score (cut_by_window, 2048 bins of 2^14 keys),
-// where the refinement's k-th largest lies, and a bin of the k-th of few keys is ranked directly
+// the refinement's rows of m * B candidates in register mode, four CTAs per SM (32 registers)
+// rather than REG_SELECT_MIN_CTAS' three: at T = 1024 its 1024 rows then take two waves of 528
+// CTAs instead of three of 396 (the third 59% full). The threshold's first level covers the four
+// binades below the row's largest score (cut_by_window, 2048 bins of 2^14 keys), where the
+// refinement's k-th largest lies, and a bin of the k-th of few keys is ranked directly. The keys
+// in the STRIDED register layout, each warp-wide load whole sectors (99.9 -> 86.3 us at 128K /
+// 4096, H200, bench/NOTES.md, session 49)
 #define REFINE_SELECT_MIN_CTAS 4
 __global__ void __launch_bounds__(SELECT_THREADS, REFINE_SELECT_MIN_CTAS) refine_topk_regs_kernel(SELECT_PARAMS) {
     grid_dependency_sync();
