@@ -255,3 +255,15 @@ def test_topk_loads_whole_sectors(topk_regs_sass):
     offsets = set(re.findall(r"LDG\.E\.128\.CONSTANT R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", topk_regs_sass))
     assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"topk_regs_kernel's 16-byte loads at offsets {sorted(offsets)}"
     assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in topk_regs_kernel: {sorted(offsets)}"
+
+
+@pytest.mark.parametrize("kernel", ["refine_topk_regs_kernel", "refine_topk_ready_regs_kernel"])
+def test_refine_topk_loads_whole_sectors(tmp_path, kernel):
+    # The refinement's register-mode top-k (and its twin after the ready flags, whose loads are
+    # coherent: ld.global.ca, LDG.E.128.STRONG.SM) holds its row in the STRIDED layout as
+    # topk_regs_kernel does: 16-byte loads 8 KB apart (99.9 against 86.3 us at 128K / 4096, H200,
+    # bench/NOTES.md, sessions 49-50). With the contiguous layout back they lie 16 bytes apart.
+    sass = _compile(tmp_path, "refine.cu", kernel, kinds=("cubin",))[1]
+    offsets = set(re.findall(r"LDG\.E\.128(?:\.[A-Z]+)* R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", sass))
+    assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"{kernel}'s 16-byte loads at offsets {sorted(offsets)}"
+    assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in {kernel}: {sorted(offsets)}"
