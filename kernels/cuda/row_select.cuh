@@ -2012,7 +2012,13 @@ __device__ void row_select_regs(const SelectArgs& a) {
         eq |= (u32)(ties && key[j] == tie) << j;  // tie >= 1 when ties
     }
     int slot = 0;
-    int gslot[STRIDED ? R / 4 : 1];  // STRIDED, position order: each group's first slot
+    // STRIDED, position order: each group's first slot. Scanned beside the ties' scan where the
+    // emit looks up MAP_GATHER's blocks (the refinement's top-k), in the emit's own branch otherwise:
+    // either place gives the same slots, and each kernel keeps the code it was measured in
+    // (topk_regs_kernel with the scan here and its emit by groups of four: 40 instructions and
+    // 56 / 32 bytes of spill stores / loads more, 0.8% slower on wide rows: bench/NOTES.md, session 50)
+    constexpr bool GATHER_RUNS = STRIDED && MAP == MAP_GATHER;
+    int gslot[STRIDED ? R / 4 : 1];
     if constexpr (STRIDED) {
         // position order is (group, thread, item): the ties kept by scans over the groups' counts
         // (group_exclusive_scan); the selected list's slots in any order (sorted after), the
@@ -2037,7 +2043,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         if (a.by_score) {
             int total;
             slot = block_exclusive_scan<THREADS>(__popc(sel), sScan, &total);
-        } else {
+        } else if constexpr (GATHER_RUNS) {
             group_exclusive_scan<G, THREADS>(sel, gslot, sScan);
         }
     } else {
@@ -2071,7 +2077,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
         // key when all are selected) up to the row's largest
         const u32 lowest = n_valid > k ? (ties ? tie : above + 1u) : key_lo;
         sort_and_emit<SRC, MAP, THREADS>(a, row, t, rel, sSel, sAux, n_out, sHist, sScan, sMisc, lowest, key_hi);
-    } else if (items_are_a_run<MAP, STRIDED ? 4 : R>(a)) {
+    } else if ((!STRIDED || GATHER_RUNS) && items_are_a_run<MAP, STRIDED ? 4 : R>(a)) {
         // the thread's items are a run of positions (STRIDED: each group's four): one lookup
         // (MAP_GATHER: of their block, only where one is selected: past the row's blocks there is
         // none), then base + j. Per item (a shift, a mask, a 64-bit index and a load each) the emit
@@ -2094,6 +2100,7 @@ __device__ void row_select_regs(const SelectArgs& a) {
             slot += s;
         }
     } else {
+        if constexpr (STRIDED && !GATHER_RUNS) group_exclusive_scan<R / 4, THREADS>(sel, gslot, sScan);
 #pragma unroll
         for (int j = 0; j < R; ++j) {
             if (STRIDED && (j & 3) == 0) slot = gslot[j >> 2];
