@@ -1782,8 +1782,6 @@ __device__ __forceinline__ bool regs_sort_linear(const SelectArgs& a, long long 
     return true;
 }
 
-// warps_min_max's per-warp values combined by warp 0 into sMisc[MISC_RED_LO] (the smallest) and
-// sMisc[MISC_RED_HI] (the largest), for every thread past the caller's next barrier
 // Exclusive prefix sums in position order of the STRIDED register layout, whose order is (group,
 // thread, item): bit j of `bits` marks this thread's item j (group j / 4), before[u] gets the
 // marked items of all threads in groups < u plus those of the threads before this one in group u.
@@ -1808,6 +1806,8 @@ __device__ __forceinline__ void group_exclusive_scan(u32 bits, int (&before)[G],
     }
 }
 
+// warps_min_max's per-warp values combined by warp 0 into sMisc[MISC_RED_LO] (the smallest) and
+// sMisc[MISC_RED_HI] (the largest), for every thread past the caller's next barrier
 template <int THREADS = SELECT_THREADS>
 __device__ __forceinline__ void combine_warps_min_max(const u32* sRed, int* sMisc) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
