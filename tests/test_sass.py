@@ -246,24 +246,25 @@ def test_topk_window_scatters_without_atomics(topk_regs_sass):
                              "8-byte stores each, not 16 (the window's scatter by atomics back?)")
 
 
+def _assert_strided_loads(kernel, sass):
+    """kernel's 16-byte row loads lie 4 * 512 items (8 KB) apart, as row_select_regs' STRIDED layout
+    puts them (each warp-wide load 512 consecutive bytes, whole sectors), and none 16 bytes apart, as
+    the contiguous layout's (16 consecutive items a thread: each warp-wide load uses half of every
+    sector it touches). Any load form: __ldg's LDG.E.128.CONSTANT, ld.global.ca's LDG.E.128.STRONG.SM."""
+    offsets = set(re.findall(r"LDG\.E\.128(?:\.[A-Z]+)* R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", sass))
+    assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"{kernel}'s 16-byte loads at offsets {sorted(offsets)}"
+    assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in {kernel}: {sorted(offsets)}"
+
+
 def test_topk_loads_whole_sectors(topk_regs_sass):
-    # topk_regs_kernel holds its row in row_select_regs' STRIDED layout: a thread's four 16-byte
-    # loads lie 4 * 512 items (8 KB) apart, so that each warp-wide load covers 512 consecutive bytes
-    # (whole sectors). In the contiguous layout (16 consecutive items a thread) they lie 16 bytes
-    # apart and each warp-wide load uses half of every sector it touches (92.9 against 85.7 us on
-    # [4096 x 8192], H200, bench/NOTES.md, session 49); with that layout back, this test fails.
-    offsets = set(re.findall(r"LDG\.E\.128\.CONSTANT R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", topk_regs_sass))
-    assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"topk_regs_kernel's 16-byte loads at offsets {sorted(offsets)}"
-    assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in topk_regs_kernel: {sorted(offsets)}"
+    # topk_regs_kernel in the STRIDED layout (92.9 against 85.7 us on [4096 x 8192], H200,
+    # bench/NOTES.md, session 49); with the contiguous layout back, this test fails.
+    _assert_strided_loads("topk_regs_kernel", topk_regs_sass)
 
 
 @pytest.mark.parametrize("kernel", ["refine_topk_regs_kernel", "refine_topk_ready_regs_kernel"])
 def test_refine_topk_loads_whole_sectors(tmp_path, kernel):
-    # The refinement's register-mode top-k (and its twin after the ready flags, whose loads are
-    # coherent: ld.global.ca, LDG.E.128.STRONG.SM) holds its row in the STRIDED layout as
-    # topk_regs_kernel does: 16-byte loads 8 KB apart (99.9 against 86.3 us at 128K / 4096, H200,
-    # bench/NOTES.md, sessions 49-50). With the contiguous layout back they lie 16 bytes apart.
-    sass = _compile(tmp_path, "refine.cu", kernel, kinds=("cubin",))[1]
-    offsets = set(re.findall(r"LDG\.E\.128(?:\.[A-Z]+)* R\d+, desc\[UR\d+\]\[R\d+\.64\+(0x[0-9a-f]+)\]", sass))
-    assert {"0x2000", "0x4000", "0x6000"} <= offsets, f"{kernel}'s 16-byte loads at offsets {sorted(offsets)}"
-    assert not {"0x10", "0x20", "0x30"} & offsets, f"contiguous 16-byte loads in {kernel}: {sorted(offsets)}"
+    # The refinement's register-mode top-k and its twin after the ready flags (coherent loads) in
+    # the STRIDED layout (99.9 against 86.3 us at 128K / 4096, H200, bench/NOTES.md, sessions 49-50);
+    # with the contiguous layout back, both cases fail.
+    _assert_strided_loads(kernel, _compile(tmp_path, "refine.cu", kernel, kinds=("cubin",))[1])
