@@ -14,14 +14,16 @@ it: one CTA per SM of C consumer warpgroups and one producer warp.
             pieces: A fragments of the unswizzled tile converted to f16, 8 wgmma N = 128 per
             64-key half, the relu * weight head sums), frees the slot (its `empty` mbarrier, one
             arrival per warp) once its A fragments are in registers, and writes the tile's keys
-            (two rows x 128 items of 4 bytes: the union kernel's bytes per FLOP) to a 64 MB buffer;
-  chain<C>  the same consumers on one resident tile, no producer, barriers or copies: the
-            ceiling of the chain at this occupancy.
+            (two rows x 128 items of 4 bytes: the union kernel's bytes per FLOP) to a 64 MB buffer.
+The same consumers on one resident tile (no producer) are not a mode: ptxas then kept only one
+half's 8 wgmma (the SASS held 8 of 16, and the "rate" came out above the tensor cores' peak;
+session 51), so bench/wgmma_rate.py's rs_sums (three CTAs of one warpgroup on a resident tile) is
+the chain's reference. tests/test_bench.py checks that every mode's SASS holds all 16.
 C = 2 or 3: one CTA of 128 C + 32 threads per SM, so at most 152 registers per thread for three
-consumers (ptxas: 128 to 168, 4 bytes spilled in the ws forms, tests/test_bench.py). Each row:
+consumers (ptxas: 168 / 128 registers, 4 bytes spilled, tests/test_bench.py). Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
 
-    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,chain2,chain3] [--json OUT.json]
+    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3] [--json OUT.json]
 
 Without a Hopper GPU it prints why and exits 0.
 """
@@ -35,7 +37,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 
-MODES = ("ws2", "ws3", "chain2", "chain3")
+MODES = ("ws2", "ws3")
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (one block of 128)
 D = 128               # MMA K
@@ -53,7 +55,7 @@ __device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%%0];\n" ::"r"(bar) : "memory");
 }
 // C consumer warpgroups and one producer warp (the last); COPY: tiles through the ring, else every
-// consumer on one resident tile
+// consumer on one resident tile (not a mode: ptxas then drops one half's MMAs, see the docstring)
 template <int C, bool COPY>
 __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
                                                                   u32* __restrict__ kout, float* __restrict__ out) {
@@ -152,7 +154,7 @@ def consumers(mode: str) -> int:
 
 
 def name_expr(mode: str) -> str:
-    return f"ws_rate_kernel<{consumers(mode)}, {'true' if mode.startswith('ws') else 'false'}>"
+    return f"ws_rate_kernel<{consumers(mode)}, true>"
 
 
 def smem_bytes(mode: str) -> int:
