@@ -2,6 +2,7 @@
 no-GPU exit and its report formatting (the GPU measurements themselves run on the device)."""
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -656,6 +657,51 @@ def test_wgmma_rate_source_compiles_without_spills(tmp_path):
     usage = [line for line in proc.stderr.splitlines() if "spill stores" in line]
     assert len(usage) == len(wr.MODES), proc.stderr[-4000:]
     assert all("0 bytes spill stores" in line for line in usage), usage
+
+
+def test_ws_rate_source_compiles_and_fits_one_cta_per_sm(tmp_path):
+    # bench/ws_rate.py (the union chain fed by bulk copies, warp-specialised) builds from the
+    # engine's own header for sm_90a; every mode's CTA (C consumer warpgroups and a producer warp)
+    # fits one SM's registers and shared memory, with at most the 4 bytes of spill ptxas gives it
+    wr = _load("ws_rate")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    for mode in wr.MODES:
+        (tmp_path / "unit.cu").write_text(wr.source() + f"\ntemplate __global__ void {wr.name_expr(mode)}"
+                                          "(int, const char*, u32*, float*);\n")
+        proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-ftz=true", "-Xptxas", "-v", "-cubin",
+                               "unit.cu", "-o", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        # both 64-key halves' 8 wgmma each reach the SASS (on a resident tile ptxas kept 8 of 16)
+        from test_sass import _nvdisasm
+
+        sass = subprocess.run([_nvdisasm(), "-c", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True).stdout
+        assert sass.count("HGMMA.64x128x16") == 16, (mode, sass.count("HGMMA.64x128x16"))
+        usage = proc.stderr[proc.stderr.index("ws_rate_kernel"):]
+        regs = int(re.search(r"Used (\d+) registers", usage).group(1))
+        spill = int(re.search(r"(\d+) bytes spill stores", usage).group(1))
+        threads = 128 * wr.consumers(mode) + 32
+        assert spill <= 4 and threads * (-(-regs // 8) * 8) <= 65536, (mode, regs, spill)
+        assert wr.smem_bytes(mode) + 1024 <= 228 * 1024, mode
+    # per tile: two halves of 64 keys x 128 columns x K = 128, 2 FLOP each; every consumer's tiles
+    assert wr.flops(ctas=2, iters=3, c=3) == 2 * 3 * 3 * (2 * 64 * 128 * 128 * 2)
+    assert wr.name_expr("ws3") == "ws_rate_kernel<3, true>" and wr.MODES == ("ws2", "ws3")
+    # the ring holds STAGES tiles and the producer's slot wait (parity) needs at least two
+    assert wr.STAGES >= 2 and wr.smem_bytes("ws2") >= 1024 + 2 * 128 * 256 + wr.STAGES * 128 * 128
+
+
+def test_ws_rate_without_gpu_exits_cleanly(capsys):
+    from hisa_cupy.__main__ import probe_gpu
+
+    if probe_gpu()[0]:
+        pytest.skip("a GPU is present: bench/ws_rate.py would measure")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ws_rate.py"), "--iters", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no measurement" in proc.stdout
+    wr = _load("ws_rate")
+    with pytest.raises(SystemExit) as err:
+        wr.main(["--modes", "ws2,nope"])
+    assert err.value.code == 2 and "unknown modes ['nope']" in capsys.readouterr().err
 
 
 def test_wgmma_rate_occupancy_and_flops():

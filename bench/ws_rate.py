@@ -1,0 +1,242 @@
+"""The rate a warp-specialised union kernel could reach: the union kernel's chain fed by bulk copies.
+
+bench/NOTES.md, session 51: target 1 at T = 4096 needs the union kernel (~600 TFLOP/s today, three
+one-warpgroup CTAs per SM, each copying, converting, multiplying and summing in turn) at ~750-850.
+Session 15's warp-specialised kernel lost because its producer mapped every item of a tile (~2300
+cycles per tile per SM). With whole-block tiles (B = 128: a tile is 16 KB of consecutive e4m3 keys)
+a producer needs one bulk copy per tile. This measures that design's ceiling before anyone builds
+it: one CTA per SM of C consumer warpgroups and one producer warp.
+
+  ws<C>     the producer's lane 0 copies tile t (a pseudo-random block of a 16 MB key array, as the
+            union's blocks are scattered over 128K keys) into ring slot t % STAGES with one
+            cp.async.bulk, completion counted on the slot's `full` mbarrier; consumer warpgroup
+            t % C waits for it and runs the union kernel's chain on it (score_wgmma.cuh's own
+            pieces: A fragments of the unswizzled tile converted to f16, 8 wgmma N = 128 per
+            64-key half, the relu * weight head sums), frees the slot (its `empty` mbarrier, one
+            arrival per warp) once its A fragments are in registers, and writes the tile's keys
+            (two rows x 128 items of 4 bytes: the union kernel's bytes per FLOP) to a 64 MB buffer.
+The same consumers on one resident tile (no producer) are not a mode: ptxas then kept only one
+half's 8 wgmma (the SASS held 8 of 16, and the "rate" came out above the tensor cores' peak;
+session 51), so bench/wgmma_rate.py's rs_sums (three CTAs of one warpgroup on a resident tile) is
+the chain's reference. tests/test_bench.py checks that every mode's SASS holds all 16.
+C = 2 or 3: one CTA of 128 C + 32 threads per SM, so at most 152 registers per thread for three
+consumers (ptxas: 168 / 128 registers, 4 bytes spilled, tests/test_bench.py). Each row:
+TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
+
+    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3] [--json OUT.json]
+
+Without a Hopper GPU it prints why and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from hisa_cupy.kernels import cupy_backend  # noqa: E402
+
+MODES = ("ws2", "ws3")
+N_COLS = 128          # MMA N: two query rows x 64 heads
+TILE = 128            # keys per tile (one block of 128)
+D = 128               # MMA K
+STAGES = 6            # ring slots of 16 KB
+KEY_BLOCKS = 1024     # 16 MB of e4m3 keys: 128K keys of 128 bytes
+OUT_WORDS = 16 << 20  # 64 MB of output keys (written round)
+
+KERNEL = r"""
+// bench/ws_rate.py: the union kernel's chain fed by bulk copies (see the script's docstring)
+#define WS_STAGES %(stages)d
+__device__ __forceinline__ void ws_mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%%0], %%1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%%0];\n" ::"r"(bar) : "memory");
+}
+// C consumer warpgroups and one producer warp (the last); COPY: tiles through the ring, else every
+// consumer on one resident tile (not a mode: ptxas then drops one half's MMAs, see the docstring)
+template <int C, bool COPY>
+__global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
+                                                                  u32* __restrict__ kout, float* __restrict__ out) {
+#if HISA_HAS_WGMMA
+    constexpr int N = 128, KSTEPS = 8, TB = 128 * 128;
+    extern __shared__ __align__(16) char smem_raw[];
+    char* base = reinterpret_cast<char*>((reinterpret_cast<unsigned long long>(smem_raw) + 1023ull) & ~1023ull);
+    char* ring = base + C * N * 256;  // after the consumers' q tiles (32 KB each)
+    const u32 bar0 = smem_addr(ring + WS_STAGES * TB);  // full[s] at bar0 + 8 s, empty[s] at bar0 + 8 (STAGES + s)
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    // finite values with varied bits: f16 q below 1, e4m3 keys below 2^8 (the resident tile: slot 0)
+    for (int i = tid; i < (C * N * 256 + TB) / 4; i += blockDim.x) {
+        const u32 h = (u32)i * 2654435761u + 12345u;
+        reinterpret_cast<u32*>(base)[i] = i < C * N * 64 ? (h & 0x37FF37FFu) : (h & 0x77777777u);
+    }
+    if (tid == 0)
+        for (int s = 0; s < WS_STAGES; ++s) {
+            ws_mbar_init(bar0 + 8 * s, 1);
+            ws_mbar_init(bar0 + 8 * (WS_STAGES + s), 4);
+        }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_async_smem();
+    __syncthreads();
+    const int tiles = iters * C;
+    if (wg == C) {  // the producer warp
+        if (COPY && lane == 0)
+            for (int t = 0; t < tiles; ++t) {
+                const int s = t %% WS_STAGES, k = t / WS_STAGES;
+                if (k > 0) mbar_wait(bar0 + 8 * (WS_STAGES + s), (k - 1) & 1);
+                const u32 blk = ((u32)(t + blockIdx.x * 7919) * 2654435761u >> 8) %% %(blocks)du;
+                mbar_arm(bar0 + 8 * s, TB);
+                bulk_copy(smem_addr(ring + s * TB), keys + (size_t)blk * TB, TB, bar0 + 8 * s);
+            }
+        return;
+    }
+    const u32 q_lo = wgmma_desc_lo(smem_addr(base + wg * N * 256));
+    auto q_desc = [&](int kk) { return q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4); };
+    float acc[N / 2];
+    float wt[N / 8][2];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) wt[i][0] = 0.5f + 0.01f * (float)(lane & 3), wt[i][1] = 0.25f - 0.01f * (float)i;
+    auto issue_rs = [&](const u32 (&af)[KSTEPS][4]) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<N>::run(acc, af[kk], q_desc(kk), kk);
+        wgmma_commit();
+    };
+    const int key_item = ((lane & 3) >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (lane & 1);
+    float total = 0.0f;
+    for (int i = 0; i < iters; ++i) {
+        const int t = i * C + wg, s = t %% WS_STAGES, k = t / WS_STAGES;
+        const char* tile = COPY ? ring + s * TB : base + C * N * 256;
+        if (COPY) mbar_wait(bar0 + 8 * s, k & 1);
+        u32 af[KSTEPS][4];
+        float s0[2][2], s1[2][2];
+        fp8a_fragments<true>(tile, 0, warp, lane, af);
+        issue_rs(af);
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc);
+        wgmma_head_sums<N, 64, 2>(acc, wt, s0);
+        fp8a_fragments<true>(tile, 1, warp, lane, af);
+        if (COPY) {  // the slot is read: its keys are in this warp's registers
+            __syncwarp();
+            if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
+        }
+        issue_rs(af);
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc);
+        wgmma_head_sums<N, 64, 2>(acc, wt, s1);
+        // the tile's keys, as the union kernel's write_keys lays them out (lane 4 g + x: item key_item)
+        const int x = lane & 3;
+        const size_t row0 = ((size_t)(blockIdx.x * C + wg) * iters + i) * 2 %% (%(out_words)dull / 128);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
+            kout[(row0 + r) * 128 + key_item] = __float_as_uint(v);
+            total += v;
+        }
+    }
+    out[blockIdx.x * blockDim.x + tid] = total;
+#else
+    __trap();  // sm_90a only
+#endif
+}
+"""
+
+
+def source() -> str:
+    """The microbenchmark's CUDA source: score_wgmma.cuh (includes expanded) and the kernel."""
+    return cupy_backend.load_source("score_wgmma.cuh") + KERNEL % {
+        "stages": STAGES, "blocks": KEY_BLOCKS, "out_words": OUT_WORDS}
+
+
+def consumers(mode: str) -> int:
+    return int(mode[-1])
+
+
+def name_expr(mode: str) -> str:
+    return f"ws_rate_kernel<{consumers(mode)}, true>"
+
+
+def smem_bytes(mode: str) -> int:
+    """The CTA's q tiles, ring and mbarriers (+1 KB of alignment slack): one CTA per SM."""
+    return 1024 + consumers(mode) * N_COLS * 256 + STAGES * TILE * 128 + 16 * STAGES
+
+
+def flops(ctas: int, iters: int, c: int) -> float:
+    """MMA FLOPs of one launch: per tile two 64-key halves x N x K x 2, iters tiles per consumer."""
+    return 2.0 * TILE * N_COLS * D * iters * ctas * c
+
+
+def run(iters: int, reps: int = 7, modes=MODES) -> dict:
+    import cupy
+    from cupy_backends.cuda.api import driver
+    from cupy_backends.cuda.libs import nvrtc
+
+    dev = cupy.cuda.Device()
+    cc = int(dev.compute_capability)
+    if cc != 90:
+        raise RuntimeError(f"needs an sm_90 GPU (wgmma), this one is sm_{cc}")
+    sms = dev.attributes["MultiProcessorCount"]
+    arch = cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
+    rng = cupy.random.default_rng(5)
+    keys = (rng.integers(0, 256, KEY_BLOCKS * TILE * 128, dtype=cupy.uint8) & 0x77).astype(cupy.uint8)
+    kout = cupy.empty(OUT_WORDS, dtype=cupy.uint32)
+    rows = []
+    for mode in modes:
+        binary, lowered = cupy_backend._nvrtc_compile(source(), name_expr(mode), arch)
+        mod = cupy.cuda.function.Module()
+        mod.load(binary)
+        fn = mod.get_function(lowered)
+        regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+        smem = smem_bytes(mode)
+        driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+        c = consumers(mode)
+        threads = 128 * c + 32
+        out = cupy.empty(sms * threads, dtype=cupy.float32)
+        args = (cupy.int32(iters), keys, kout, out)
+        for _ in range(2):
+            fn((sms,), (threads,), args, shared_mem=smem)
+        times = []
+        for _ in range(reps):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn((sms,), (threads,), args, shared_mem=smem)
+            end.record()
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end))
+        ms = sorted(times)[len(times) // 2]
+        rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
+                     "tflops": flops(sms, iters, c) / (ms * 1e-3) / 1e12})
+    return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
+            "iters": iters, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=2000, help="key tiles per consumer warpgroup and launch")
+    ap.add_argument("--modes", default=",".join(MODES), help="the modes measured (comma-separated)")
+    ap.add_argument("--reps", type=int, default=7, help="timed launches per row (their median is kept)")
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown modes {unknown} (known: {', '.join(MODES)})")
+    try:
+        res = run(args.iters, reps=args.reps, modes=modes)
+    except Exception as e:  # no CuPy, no GPU, not Hopper
+        print(f"ws_rate: no measurement ({type(e).__name__}: {e})")
+        return 0
+    print(f"{res['gpu']}, {res['sms']} SMs, {res['iters']} tiles per consumer warpgroup, one CTA per SM")
+    print("| mode | consumer warpgroups | registers | shared bytes | ms | TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['mode']} | {r['consumers']} | {r['registers']} | {r['smem']} | {r['ms']:.3f} | {r['tflops']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
