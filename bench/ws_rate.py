@@ -15,12 +15,19 @@ it: one CTA per SM of C consumer warpgroups and one producer warp.
             64-key half, the relu * weight head sums), frees the slot (its `empty` mbarrier, one
             arrival per warp) once its A fragments are in registers, and writes the tile's keys
             (two rows x 128 items of 4 bytes: the union kernel's bytes per FLOP) to a 64 MB buffer.
+  wsu<C>    ws<C> with the union kernel's own per-tile work: of every 72 tiles 56 hold blocks of both
+            rows and 8 of each row alone (taking only that row's N = 64 MMAs on its q rows, as
+            SPLIT_ROWS does: 72.4 tiles per pair at 128K/4096, 55.6 of both rows), and each row's keys
+            go to their output columns (the block's index in the row's list) by predicated stores,
+            flagged by a compare against the row's key range. FLOPs count the MMAs run (a one-row
+            tile is half a tile).
 The same consumers on one resident tile (no producer) are not a mode: ptxas then kept only one
 half's 8 wgmma (the SASS held 8 of 16, and the "rate" came out above the tensor cores' peak;
 session 51), so bench/wgmma_rate.py's rs_sums (three CTAs of one warpgroup on a resident tile) is
 the chain's reference. tests/test_bench.py checks that every mode's SASS holds all 16.
-C = 2 or 3: one CTA of 128 C + 32 threads per SM, so at most 152 registers per thread for three
-consumers (ptxas: 168 / 128 registers, 4 bytes spilled, tests/test_bench.py). Each row:
+C = 2 or 3: one CTA of 128 C + 32 threads per SM. ptxas gives a CTA of 416 threads 128 registers
+(ws3: 4 bytes spilled, wsu3: 36; two consumers 168 / 146; tests/test_bench.py); setmaxnreg (a
+producer warpgroup giving its registers to the consumers) would lift that. Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
 
     python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3] [--json OUT.json]
@@ -37,7 +44,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 
-MODES = ("ws2", "ws3")
+MODES = ("ws2", "ws3", "wsu2", "wsu3")
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (one block of 128)
 D = 128               # MMA K
@@ -56,7 +63,11 @@ __device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
 }
 // C consumer warpgroups and one producer warp (the last); COPY: tiles through the ring, else every
 // consumer on one resident tile (not a mode: ptxas then drops one half's MMAs, see the docstring)
-template <int C, bool COPY>
+// UNION: the union kernel's own per-tile work on top (the wsu modes): of every 72 tiles 56 hold blocks
+// of both rows and 8 of each row only (one N = 64 group per half on that row's q rows, SPLIT_ROWS);
+// each row's keys go to its output columns (the block's index in the row's list, per tile) by
+// predicated stores, flagged by a compare of the item's key row against the row's key range
+template <int C, bool COPY, bool UNION = false>
 __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
                                                                   u32* __restrict__ kout, float* __restrict__ out) {
 #if HISA_HAS_WGMMA
@@ -105,28 +116,87 @@ __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, con
     };
     const int key_item = ((lane & 3) >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (lane & 1);
     float total = 0.0f;
+    // UNION: one row's MMAs and head sums (N = 64: its 64 q rows, as the union kernel's issue_rs_row
+    // and row_sums), and the pair's output rows (8192 columns each, round the 64 MB buffer)
+    float acc1[N / 4];
+    auto issue_row = [&](const u32 (&af)[KSTEPS][4], int r) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<64>::run(acc1, af[kk], q_desc(kk) + (u32)((r * 64 * 128) >> 4), kk);
+        wgmma_commit();
+    };
+    auto row_sums = [&](int r, float (&sum)[2]) {
+        float p[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                p[e][0] = fmaf(wt[r * 8 + j][0], relu(acc1[4 * j + 2 * e]), p[e][0]);
+                p[e][1] = fmaf(wt[r * 8 + j][1], relu(acc1[4 * j + 2 * e + 1]), p[e][1]);
+            }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float v = p[e][0] + p[e][1];
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+            v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            sum[e] = v;
+        }
+    };
+    u32* pair_out = kout + (size_t)((blockIdx.x * C + wg) %% (%(out_words)dull / 16384)) * 16384;
     for (int i = 0; i < iters; ++i) {
         const int t = i * C + wg, s = t %% WS_STAGES, k = t / WS_STAGES;
         const char* tile = COPY ? ring + s * TB : base + C * N * 256;
         if (COPY) mbar_wait(bar0 + 8 * s, k & 1);
         u32 af[KSTEPS][4];
-        float s0[2][2], s1[2][2];
+        float s0[2][2] = {}, s1[2][2] = {};
+        const int kind = UNION ? t %% 72 : 0, only = kind < 56 ? -1 : kind < 64 ? 0 : 1;  // only: -1 both rows
+        auto release = [&]() {  // the slot is read: its keys are in this warp's registers
+            if (COPY) {
+                __syncwarp();
+                if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
+            }
+        };
         fp8a_fragments<true>(tile, 0, warp, lane, af);
-        issue_rs(af);
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc);
-        wgmma_head_sums<N, 64, 2>(acc, wt, s0);
-        fp8a_fragments<true>(tile, 1, warp, lane, af);
-        if (COPY) {  // the slot is read: its keys are in this warp's registers
-            __syncwarp();
-            if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
+        if (!UNION || only < 0) {
+            issue_rs(af);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc);
+            wgmma_head_sums<N, 64, 2>(acc, wt, s0);
+            fp8a_fragments<true>(tile, 1, warp, lane, af);
+            release();
+            issue_rs(af);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc);
+            wgmma_head_sums<N, 64, 2>(acc, wt, s1);
+        } else {
+            issue_row(af, only);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc1);
+            row_sums(only, s0[only]);
+            fp8a_fragments<true>(tile, 1, warp, lane, af);
+            release();
+            issue_row(af, only);
+            wgmma_wait<0>();
+            wgmma_fence_operands(acc1);
+            row_sums(only, s1[only]);
         }
-        issue_rs(af);
-        wgmma_wait<0>();
-        wgmma_fence_operands(acc);
-        wgmma_head_sums<N, 64, 2>(acc, wt, s1);
-        // the tile's keys, as the union kernel's write_keys lays them out (lane 4 g + x: item key_item)
         const int x = lane & 3;
+        if constexpr (UNION) {
+            // each row's keys: flag by the row's key range, column by the block's index in the row's list
+            const int blk = (t * 37) %% 1024;
+            const int row_item = blk * 128 + key_item;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
+                const int idx = (only < 0 || only == r) ? (t * 7 + r) %% 64 : -1;
+                const int ke = 131072 - 64 * ((i + r) & 63);
+                const u32 key = row_item < ke ? score_key(v) : HISA_KEY_NONE;
+                store_if(reinterpret_cast<int*>(pair_out) + r * 8192 + max(idx, 0) * 128 + key_item, (int)key, idx >= 0);
+                total += v;
+            }
+            continue;
+        }
+        // the tile's keys, as the union kernel's write_keys lays them out (lane 4 g + x: item key_item)
         const size_t row0 = ((size_t)(blockIdx.x * C + wg) * iters + i) * 2 %% (%(out_words)dull / 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -154,7 +224,7 @@ def consumers(mode: str) -> int:
 
 
 def name_expr(mode: str) -> str:
-    return f"ws_rate_kernel<{consumers(mode)}, true>"
+    return f"ws_rate_kernel<{consumers(mode)}, true{', true' if mode.startswith('wsu') else ''}>"
 
 
 def smem_bytes(mode: str) -> int:
@@ -162,9 +232,14 @@ def smem_bytes(mode: str) -> int:
     return 1024 + consumers(mode) * N_COLS * 256 + STAGES * TILE * 128 + 16 * STAGES
 
 
-def flops(ctas: int, iters: int, c: int) -> float:
-    """MMA FLOPs of one launch: per tile two 64-key halves x N x K x 2, iters tiles per consumer."""
-    return 2.0 * TILE * N_COLS * D * iters * ctas * c
+def flops(ctas: int, iters: int, c: int, union: bool = False) -> float:
+    """MMA FLOPs of one launch: per tile two 64-key halves x N x K x 2, iters tiles per consumer;
+    union (the wsu modes): tile t (t = i C + consumer) % 72 >= 56 takes one row's half of them."""
+    tiles = iters * ctas * c
+    if union:
+        one_row = sum(1 for t in range(iters * c) if t % 72 >= 56) * ctas
+        return 2.0 * TILE * N_COLS * D * (tiles - one_row / 2)
+    return 2.0 * TILE * N_COLS * D * tiles
 
 
 def run(iters: int, reps: int = 7, modes=MODES) -> dict:
@@ -206,7 +281,7 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
             times.append(cupy.cuda.get_elapsed_time(start, end))
         ms = sorted(times)[len(times) // 2]
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
-                     "tflops": flops(sms, iters, c) / (ms * 1e-3) / 1e12})
+                     "tflops": flops(sms, iters, c, mode.startswith("wsu")) / (ms * 1e-3) / 1e12})
     return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
             "iters": iters, "rows": rows}
 
