@@ -30,7 +30,7 @@ C = 2 or 3: one CTA of 128 C + 32 threads per SM. ptxas gives a CTA of 416 threa
 producer warpgroup giving its registers to the consumers) would lift that. Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
 
-    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3] [--json OUT.json]
+    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,wsu2,wsu3] [--json OUT.json]
 
 Without a Hopper GPU it prints why and exits 0.
 """
@@ -61,13 +61,12 @@ __device__ __forceinline__ void ws_mbar_init(u32 bar, u32 count) {
 __device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%%0];\n" ::"r"(bar) : "memory");
 }
-// C consumer warpgroups and one producer warp (the last); COPY: tiles through the ring, else every
-// consumer on one resident tile (not a mode: ptxas then drops one half's MMAs, see the docstring)
+// C consumer warpgroups and one producer warp (the last), the tiles through the ring
 // UNION: the union kernel's own per-tile work on top (the wsu modes): of every 72 tiles 56 hold blocks
 // of both rows and 8 of each row only (one N = 64 group per half on that row's q rows, SPLIT_ROWS);
 // each row's keys go to its output columns (the block's index in the row's list, per tile) by
 // predicated stores, flagged by a compare of the item's key row against the row's key range
-template <int C, bool COPY, bool UNION = false>
+template <int C, bool UNION>
 __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
                                                                   u32* __restrict__ kout, float* __restrict__ out) {
 #if HISA_HAS_WGMMA
@@ -77,10 +76,10 @@ __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, con
     char* ring = base + C * N * 256;  // after the consumers' q tiles (32 KB each)
     const u32 bar0 = smem_addr(ring + WS_STAGES * TB);  // full[s] at bar0 + 8 s, empty[s] at bar0 + 8 (STAGES + s)
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    // finite values with varied bits: f16 q below 1, e4m3 keys below 2^8 (the resident tile: slot 0)
-    for (int i = tid; i < (C * N * 256 + TB) / 4; i += blockDim.x) {
+    // q: finite f16 values below 1 with varied bits (zeros would lower the tensor cores' power draw)
+    for (int i = tid; i < C * N * 64; i += blockDim.x) {
         const u32 h = (u32)i * 2654435761u + 12345u;
-        reinterpret_cast<u32*>(base)[i] = i < C * N * 64 ? (h & 0x37FF37FFu) : (h & 0x77777777u);
+        reinterpret_cast<u32*>(base)[i] = h & 0x37FF37FFu;
     }
     if (tid == 0)
         for (int s = 0; s < WS_STAGES; ++s) {
@@ -92,7 +91,7 @@ __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, con
     __syncthreads();
     const int tiles = iters * C;
     if (wg == C) {  // the producer warp
-        if (COPY && lane == 0)
+        if (lane == 0)
             for (int t = 0; t < tiles; ++t) {
                 const int s = t %% WS_STAGES, k = t / WS_STAGES;
                 if (k > 0) mbar_wait(bar0 + 8 * (WS_STAGES + s), (k - 1) & 1);
@@ -145,16 +144,14 @@ __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, con
     u32* pair_out = kout + (size_t)((blockIdx.x * C + wg) %% (%(out_words)dull / 16384)) * 16384;
     for (int i = 0; i < iters; ++i) {
         const int t = i * C + wg, s = t %% WS_STAGES, k = t / WS_STAGES;
-        const char* tile = COPY ? ring + s * TB : base + C * N * 256;
-        if (COPY) mbar_wait(bar0 + 8 * s, k & 1);
+        const char* tile = ring + s * TB;
+        mbar_wait(bar0 + 8 * s, k & 1);
         u32 af[KSTEPS][4];
         float s0[2][2] = {}, s1[2][2] = {};
         const int kind = UNION ? t %% 72 : 0, only = kind < 56 ? -1 : kind < 64 ? 0 : 1;  // only: -1 both rows
         auto release = [&]() {  // the slot is read: its keys are in this warp's registers
-            if (COPY) {
-                __syncwarp();
-                if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
-            }
+            __syncwarp();
+            if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
         };
         fp8a_fragments<true>(tile, 0, warp, lane, af);
         if (!UNION || only < 0) {
@@ -224,7 +221,7 @@ def consumers(mode: str) -> int:
 
 
 def name_expr(mode: str) -> str:
-    return f"ws_rate_kernel<{consumers(mode)}, true{', true' if mode.startswith('wsu') else ''}>"
+    return f"ws_rate_kernel<{consumers(mode)}, {'true' if mode.startswith('wsu') else 'false'}>"
 
 
 def smem_bytes(mode: str) -> int:

@@ -687,7 +687,7 @@ def test_ws_rate_source_compiles_and_fits_one_cta_per_sm(tmp_path):
         assert wr.smem_bytes(mode) + 1024 <= 228 * 1024, mode
     # per tile: two halves of 64 keys x 128 columns x K = 128, 2 FLOP each; every consumer's tiles
     assert wr.flops(ctas=2, iters=3, c=3) == 2 * 3 * 3 * (2 * 64 * 128 * 128 * 2)
-    assert wr.name_expr("ws3") == "ws_rate_kernel<3, true>" and wr.name_expr("wsu2") == "ws_rate_kernel<2, true, true>"
+    assert wr.name_expr("ws3") == "ws_rate_kernel<3, false>" and wr.name_expr("wsu2") == "ws_rate_kernel<2, true>"
     # the union modes: of every 72 tiles, 16 take one row's MMAs (half a tile's FLOPs)
     assert wr.flops(ctas=1, iters=72, c=1, union=True) == (56 + 16 / 2) * 2 * 64 * 128 * 128 * 2
     # the ring holds STAGES tiles and the producer's slot wait (parity) needs at least two
