@@ -196,6 +196,38 @@ def flops(ctas: int, iters: int, warpgroups: int = 1) -> float:
     return 2.0 * TILE * N_COLS * D * iters * ctas * warpgroups
 
 
+def load_kernel(src: str, name: str, arch: str, smem: int = 0):
+    """(function, registers per thread) of kernel ``name`` of ``src`` built by NVRTC for ``arch``,
+    allowed ``smem`` bytes of dynamic shared memory (the function keeps its module loaded)."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    binary, lowered = cupy_backend._nvrtc_compile(src, name, arch)
+    mod = cupy.cuda.function.Module()
+    mod.load(binary)
+    fn = mod.get_function(lowered)
+    if smem:
+        driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+    return fn, driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+
+
+def median_ms(launch, reps: int) -> float:
+    """Median CUDA-event time (ms) of ``reps`` calls of ``launch()``, after two untimed ones."""
+    import cupy
+
+    for _ in range(2):
+        launch()
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return sorted(times)[len(times) // 2]
+
+
 def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
     import cupy
     from cupy_backends.cuda.api import driver
@@ -210,11 +242,7 @@ def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
     src = source()
     rows = []
     for mode in modes:
-        binary, lowered = cupy_backend._nvrtc_compile(src, name_expr(mode), arch)
-        mod = cupy.cuda.function.Module()
-        mod.load(binary)
-        fn = mod.get_function(lowered)
-        regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+        fn, regs = load_kernel(src, name_expr(mode), arch)
         wgs = WARPGROUPS.get(mode, 1)
         for per_sm in per_sms:
             smem = smem_bytes(mode, per_sm)
@@ -224,17 +252,7 @@ def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
             ctas = per_sm * sms
             out = cupy.empty(ctas * 128 * wgs, dtype=cupy.float32)
             args = (cupy.int32(iters), out)
-            for _ in range(2):
-                fn((ctas,), (128 * wgs,), args, shared_mem=smem)
-            times = []
-            for _ in range(reps):
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                fn((ctas,), (128 * wgs,), args, shared_mem=smem)
-                end.record()
-                end.synchronize()
-                times.append(cupy.cuda.get_elapsed_time(start, end))
-            ms = sorted(times)[len(times) // 2]
+            ms = median_ms(lambda: fn((ctas,), (128 * wgs,), args, shared_mem=smem), reps)
             rows.append({"mode": mode, "ctas_per_sm": per_sm, "warpgroups": wgs, "smem": smem, "ms": ms,
                          "tflops": flops(ctas, iters, wgs) / (ms * 1e-3) / 1e12,
                          "registers": regs})

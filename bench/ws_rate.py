@@ -42,7 +42,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: wgmma_rate's launch helpers
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
+from wgmma_rate import load_kernel, median_ms  # noqa: E402
 
 MODES = ("ws2", "ws3", "wsu2", "wsu3")
 N_COLS = 128          # MMA N: two query rows x 64 heads
@@ -241,7 +243,6 @@ def flops(ctas: int, iters: int, c: int, union: bool = False) -> float:
 
 def run(iters: int, reps: int = 7, modes=MODES) -> dict:
     import cupy
-    from cupy_backends.cuda.api import driver
     from cupy_backends.cuda.libs import nvrtc
 
     dev = cupy.cuda.Device()
@@ -255,28 +256,13 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
     kout = cupy.empty(OUT_WORDS, dtype=cupy.uint32)
     rows = []
     for mode in modes:
-        binary, lowered = cupy_backend._nvrtc_compile(source(), name_expr(mode), arch)
-        mod = cupy.cuda.function.Module()
-        mod.load(binary)
-        fn = mod.get_function(lowered)
-        regs = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
         smem = smem_bytes(mode)
-        driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+        fn, regs = load_kernel(source(), name_expr(mode), arch, smem)
         c = consumers(mode)
         threads = 128 * c + 32
         out = cupy.empty(sms * threads, dtype=cupy.float32)
         args = (cupy.int32(iters), keys, kout, out)
-        for _ in range(2):
-            fn((sms,), (threads,), args, shared_mem=smem)
-        times = []
-        for _ in range(reps):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn((sms,), (threads,), args, shared_mem=smem)
-            end.record()
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end))
-        ms = sorted(times)[len(times) // 2]
+        ms = median_ms(lambda: fn((sms,), (threads,), args, shared_mem=smem), reps)
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
                      "tflops": flops(sms, iters, c, mode.startswith("wsu")) / (ms * 1e-3) / 1e12})
     return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
