@@ -26,11 +26,12 @@ half's 8 wgmma (the SASS held 8 of 16, and the "rate" came out above the tensor 
 session 51), so bench/wgmma_rate.py's rs_sums (three CTAs of one warpgroup on a resident tile) is
 the chain's reference. tests/test_bench.py checks that every mode's SASS holds all 16.
 C = 2 or 3: one CTA of 128 C + 32 threads per SM. ptxas gives a CTA of 416 threads 128 registers
-(ws3: 4 bytes spilled, wsu3: 36; two consumers 168 / 146; tests/test_bench.py); setmaxnreg (a
-producer warpgroup giving its registers to the consumers) would lift that. Each row:
+(ws3: 4 bytes spilled, wsu3: 36; two consumers 168 / 146; tests/test_bench.py). ws3r / wsu3r:
+the producer a whole warpgroup that hands registers to the consumers (setmaxnreg: 40 for it, 152
+for each of them), as FlashAttention-3 does; listed last, since a fault there would end the run. Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
 
-    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,wsu2,wsu3] [--json OUT.json]
+    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,wsu2,wsu3,ws3r,wsu3r] [--json OUT.json]
 
 Without a Hopper GPU it prints why and exits 0.
 """
@@ -46,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: wgmma_
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 from wgmma_rate import load_kernel, median_ms  # noqa: E402
 
-MODES = ("ws2", "ws3", "wsu2", "wsu3")
+MODES = ("ws2", "ws3", "wsu2", "wsu3", "ws3r", "wsu3r")
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (one block of 128)
 D = 128               # MMA K
@@ -68,8 +69,10 @@ __device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
 // of both rows and 8 of each row only (one N = 64 group per half on that row's q rows, SPLIT_ROWS);
 // each row's keys go to its output columns (the block's index in the row's list, per tile) by
 // predicated stores, flagged by a compare of the item's key row against the row's key range
-template <int C, bool UNION>
-__global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
+// REALLOC (the r modes): the producer is a whole warpgroup that gives registers to the consumers
+// (setmaxnreg: 40 for it, 152 for each consumer: 128 x 40 + 3 x 128 x 152 <= 64 K)
+template <int C, bool UNION, bool REALLOC = false>
+__global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
                                                                   u32* __restrict__ kout, float* __restrict__ out) {
 #if HISA_HAS_WGMMA
     constexpr int N = 128, KSTEPS = 8, TB = 128 * 128;
@@ -92,8 +95,12 @@ __global__ void __launch_bounds__(128 * C + 32, 1) ws_rate_kernel(int iters, con
     fence_async_smem();
     __syncthreads();
     const int tiles = iters * C;
-    if (wg == C) {  // the producer warp
-        if (lane == 0)
+    if constexpr (REALLOC) {
+        if (wg == C) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        else asm volatile("setmaxnreg.inc.sync.aligned.u32 152;\n" ::: "memory");
+    }
+    if (wg == C) {  // the producer warp (REALLOC: its warpgroup's first warp)
+        if (lane == 0 && (!REALLOC || warp == 0))
             for (int t = 0; t < tiles; ++t) {
                 const int s = t %% WS_STAGES, k = t / WS_STAGES;
                 if (k > 0) mbar_wait(bar0 + 8 * (WS_STAGES + s), (k - 1) & 1);
@@ -219,11 +226,17 @@ def source() -> str:
 
 
 def consumers(mode: str) -> int:
-    return int(mode[-1])
+    return int(mode.rstrip("r")[-1])
+
+
+def threads(mode: str) -> int:
+    """Threads per CTA: the consumers' warpgroups and the producer's warp (r modes: a warpgroup)."""
+    return 128 * consumers(mode) + (128 if mode.endswith("r") else 32)
 
 
 def name_expr(mode: str) -> str:
-    return f"ws_rate_kernel<{consumers(mode)}, {'true' if mode.startswith('wsu') else 'false'}>"
+    union = "true" if mode.startswith("wsu") else "false"
+    return f"ws_rate_kernel<{consumers(mode)}, {union}{', true' if mode.endswith('r') else ''}>"
 
 
 def smem_bytes(mode: str) -> int:
@@ -258,11 +271,10 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
     for mode in modes:
         smem = smem_bytes(mode)
         fn, regs = load_kernel(source(), name_expr(mode), arch, smem)
-        c = consumers(mode)
-        threads = 128 * c + 32
-        out = cupy.empty(sms * threads, dtype=cupy.float32)
+        c, nt = consumers(mode), threads(mode)
+        out = cupy.empty(sms * nt, dtype=cupy.float32)
         args = (cupy.int32(iters), keys, kout, out)
-        ms = median_ms(lambda: fn((sms,), (threads,), args, shared_mem=smem), reps)
+        ms = median_ms(lambda: fn((sms,), (nt,), args, shared_mem=smem), reps)
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
                      "tflops": flops(sms, iters, c, mode.startswith("wsu")) / (ms * 1e-3) / 1e12})
     return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,

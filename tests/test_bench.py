@@ -682,12 +682,17 @@ def test_ws_rate_source_compiles_and_fits_one_cta_per_sm(tmp_path):
         usage = proc.stderr[proc.stderr.index("ws_rate_kernel"):]
         regs = int(re.search(r"Used (\d+) registers", usage).group(1))
         spill = int(re.search(r"(\d+) bytes spill stores", usage).group(1))
-        threads = 128 * wr.consumers(mode) + 32
-        assert spill <= (40 if mode == "wsu3" else 4) and threads * (-(-regs // 8) * 8) <= 65536, (mode, regs, spill)
+        assert spill <= (40 if mode == "wsu3" else 4) and wr.threads(mode) * (-(-regs // 8) * 8) <= 65536, (mode, regs, spill)
+        # the r modes: a producer warpgroup hands registers to the consumers (one setmaxnreg each way)
+        assert sass.count("USETMAXREG") == (2 if mode.endswith("r") else 0), mode
         assert wr.smem_bytes(mode) + 1024 <= 228 * 1024, mode
     # per tile: two halves of 64 keys x 128 columns x K = 128, 2 FLOP each; every consumer's tiles
     assert wr.flops(ctas=2, iters=3, c=3) == 2 * 3 * 3 * (2 * 64 * 128 * 128 * 2)
     assert wr.name_expr("ws3") == "ws_rate_kernel<3, false>" and wr.name_expr("wsu2") == "ws_rate_kernel<2, true>"
+    assert wr.name_expr("wsu3r") == "ws_rate_kernel<3, true, true>" and wr.threads("wsu3r") == 512
+    assert wr.threads("ws3") == 416 and wr.consumers("ws3r") == 3
+    # setmaxnreg's budget: the producer warpgroup at 40 and three consumers at 152 fit 64 K registers
+    assert 128 * 40 + 3 * 128 * 152 <= 65536 and 'setmaxnreg.inc.sync.aligned.u32 152' in wr.source()
     # the union modes: of every 72 tiles, 16 take one row's MMAs (half a tile's FLOPs)
     assert wr.flops(ctas=1, iters=72, c=1, union=True) == (56 + 16 / 2) * 2 * 64 * 128 * 128 * 2
     # the ring holds STAGES tiles and the producer's slot wait (parity) needs at least two
