@@ -661,9 +661,12 @@ def test_wgmma_rate_source_compiles_without_spills(tmp_path):
 
 def test_ws_rate_source_compiles_and_fits_one_cta_per_sm(tmp_path):
     # bench/ws_rate.py (the union chain fed by bulk copies, warp-specialised) builds from the
-    # engine's own header for sm_90a; every mode's CTA (C consumer warpgroups and a producer warp)
-    # fits one SM's registers and shared memory, with at most the spill ptxas gives it (4 bytes; the
-    # union mode of three consumers 36, at the 128 registers a CTA of 416 threads gets)
+    # engine's own header for sm_90a; every mode's CTA (C consumer warpgroups and a producer warp, or
+    # warpgroup in the r modes) fits one SM's registers and shared memory, with at most the spill
+    # ptxas gives it (4 bytes; the union mode of three consumers 36, at the 128 registers a CTA of 416
+    # threads gets)
+    from test_sass import _nvdisasm
+
     wr = _load("ws_rate")
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     for mode in wr.MODES:
@@ -673,8 +676,6 @@ def test_ws_rate_source_compiles_and_fits_one_cta_per_sm(tmp_path):
                                "unit.cu", "-o", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-4000:]
         # both 64-key halves' 8 wgmma each reach the SASS (on a resident tile ptxas kept 8 of 16)
-        from test_sass import _nvdisasm
-
         sass = subprocess.run([_nvdisasm(), "-c", "unit.cubin"], cwd=tmp_path, capture_output=True, text=True).stdout
         assert sass.count("HGMMA.64x128x16") == 16, (mode, sass.count("HGMMA.64x128x16"))
         # the union modes also run one row's halves at N = 64 (16 more)
