@@ -196,16 +196,40 @@ def flops(ctas: int, iters: int, warpgroups: int = 1) -> float:
     return 2.0 * TILE * N_COLS * D * iters * ctas * warpgroups
 
 
+def hopper_target():
+    """(device, its SM count, NVRTC's target arch) of the current device; RuntimeError unless sm_90
+    (wgmma)."""
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    dev = cupy.cuda.Device()
+    cc = int(dev.compute_capability)
+    if cc != 90:
+        raise RuntimeError(f"needs an sm_90 GPU (wgmma), this one is sm_{cc}")
+    return dev, dev.attributes["MultiProcessorCount"], cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
+
+
+def gpu_name(dev) -> str:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+
+
+def parse_modes(ap, text: str, known) -> tuple:
+    """The comma-separated modes of ``text``; an argument error (ap.error) for one not in ``known``."""
+    modes = tuple(m for m in text.split(",") if m)
+    unknown = [m for m in modes if m not in known]
+    if unknown:
+        ap.error(f"unknown modes {unknown} (known: {', '.join(known)})")
+    return modes
+
+
 def load_kernel(src: str, name: str, arch: str, smem: int = 0):
     """(function, registers per thread) of kernel ``name`` of ``src`` built by NVRTC for ``arch``,
-    allowed ``smem`` bytes of dynamic shared memory (the function keeps its module loaded)."""
-    import cupy
+    allowed ``smem`` bytes of dynamic shared memory."""
     from cupy_backends.cuda.api import driver
 
-    binary, lowered = cupy_backend._nvrtc_compile(src, name, arch)
-    mod = cupy.cuda.function.Module()
-    mod.load(binary)
-    fn = mod.get_function(lowered)
+    fn = cupy_backend._module_function(src, name, arch)
     if smem:
         driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
     return fn, driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
@@ -231,14 +255,8 @@ def median_ms(launch, reps: int) -> float:
 def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
     import cupy
     from cupy_backends.cuda.api import driver
-    from cupy_backends.cuda.libs import nvrtc
 
-    dev = cupy.cuda.Device()
-    cc = int(dev.compute_capability)
-    if cc != 90:
-        raise RuntimeError(f"needs an sm_90 GPU (wgmma), this one is sm_{cc}")
-    sms = dev.attributes["MultiProcessorCount"]
-    arch = cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
+    dev, sms, arch = hopper_target()
     src = source()
     rows = []
     for mode in modes:
@@ -256,7 +274,7 @@ def run(iters: int, reps: int = 7, modes=MODES, per_sms=(1, 2, 3, 4)) -> dict:
             rows.append({"mode": mode, "ctas_per_sm": per_sm, "warpgroups": wgs, "smem": smem, "ms": ms,
                          "tflops": flops(ctas, iters, wgs) / (ms * 1e-3) / 1e12,
                          "registers": regs})
-    return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
+    return {"gpu": gpu_name(dev), "sms": sms,
             "iters": iters, "rows": rows}
 
 
@@ -268,10 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctas", default="1,2,3,4", help="the CTAs per SM tried (comma-separated)")
     ap.add_argument("--reps", type=int, default=7, help="timed launches per row (their median is kept)")
     args = ap.parse_args(argv)
-    modes = tuple(m for m in args.modes.split(",") if m)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        ap.error(f"unknown modes {unknown} (known: {', '.join(MODES)})")
+    modes = parse_modes(ap, args.modes, MODES)
     try:
         res = run(args.iters, reps=args.reps, modes=modes, per_sms=tuple(int(c) for c in args.ctas.split(",") if c))
     except Exception as e:  # no CuPy, no GPU, not Hopper

@@ -45,7 +45,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: wgmma_rate's launch helpers
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
-from wgmma_rate import load_kernel, median_ms  # noqa: E402
+from wgmma_rate import gpu_name, hopper_target, load_kernel, median_ms, parse_modes  # noqa: E402
 
 MODES = ("ws2", "ws3", "wsu2", "wsu3", "ws3r", "wsu3r")
 N_COLS = 128          # MMA N: two query rows x 64 heads
@@ -256,14 +256,8 @@ def flops(ctas: int, iters: int, c: int, union: bool = False) -> float:
 
 def run(iters: int, reps: int = 7, modes=MODES) -> dict:
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
 
-    dev = cupy.cuda.Device()
-    cc = int(dev.compute_capability)
-    if cc != 90:
-        raise RuntimeError(f"needs an sm_90 GPU (wgmma), this one is sm_{cc}")
-    sms = dev.attributes["MultiProcessorCount"]
-    arch = cupy_backend.target_arch(cc, tuple(nvrtc.getSupportedArchs()))
+    dev, sms, arch = hopper_target()
     rng = cupy.random.default_rng(5)
     keys = (rng.integers(0, 256, KEY_BLOCKS * TILE * 128, dtype=cupy.uint8) & 0x77).astype(cupy.uint8)
     kout = cupy.empty(OUT_WORDS, dtype=cupy.uint32)
@@ -277,7 +271,7 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
         ms = median_ms(lambda: fn((sms,), (nt,), args, shared_mem=smem), reps)
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
                      "tflops": flops(sms, iters, c, mode.startswith("wsu")) / (ms * 1e-3) / 1e12})
-    return {"gpu": cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode(), "sms": sms,
+    return {"gpu": gpu_name(dev), "sms": sms,
             "iters": iters, "rows": rows}
 
 
@@ -288,10 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="timed launches per row (their median is kept)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args(argv)
-    modes = tuple(m for m in args.modes.split(",") if m)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        ap.error(f"unknown modes {unknown} (known: {', '.join(MODES)})")
+    modes = parse_modes(ap, args.modes, MODES)
     try:
         res = run(args.iters, reps=args.reps, modes=modes)
     except Exception as e:  # no CuPy, no GPU, not Hopper

@@ -345,17 +345,22 @@ def _nvrtc_compile(source: str, name_expr: str, arch: str):
     return binary, lowered
 
 
+def _module_function(source: str, name_expr: str, arch: str):
+    """Kernel ``name_expr`` of ``source`` (NVRTC for ``arch``, through the disk cache), loaded on the
+    current device (bench/'s microbenchmarks load their own sources through it too)."""
+    binary, lowered = _nvrtc_compile(source, name_expr, arch)
+    mod = _cupy().cuda.function.Module()
+    mod.load(binary)
+    return mod.get_function(lowered)  # the function keeps its module alive
+
+
 @functools.lru_cache(maxsize=None)
 def _function(filename: str, name_expr: str, device_id: int):
     from cupy_backends.cuda.libs import nvrtc
 
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
+    with _cupy().cuda.Device(device_id):
         arch = target_arch(_device_facts(device_id)["cc"], tuple(nvrtc.getSupportedArchs()))
-        binary, lowered = _nvrtc_compile(load_source(filename), name_expr, arch)
-        mod = cupy.cuda.function.Module()
-        mod.load(binary)
-        return mod.get_function(lowered)  # the function keeps its module alive
+        return _module_function(load_source(filename), name_expr, arch)
 
 
 _smem_opted_in: dict = {}
