@@ -31,7 +31,7 @@ the producer a whole warpgroup that hands registers to the consumers (setmaxnreg
 for each of them), as FlashAttention-3 does; listed last, since a fault there would end the run. Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
 
-    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,wsu2,wsu3,ws3r,wsu3r] [--json OUT.json]
+    python3 bench/ws_rate.py [--iters 2000] [--modes ws2,ws3,wsu2,wsu3,ws3r,wsu3r,wso3r,wsc3r] [--json OUT.json]
 
 Without a Hopper GPU it prints why and exits 0.
 """
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -47,7 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: wgmma_
 from hisa_cupy.kernels import cupy_backend  # noqa: E402
 from wgmma_rate import gpu_name, hopper_target, load_kernel, median_ms, parse_modes  # noqa: E402
 
-MODES = ("ws2", "ws3", "wsu2", "wsu3", "ws3r", "wsu3r")
+MODES = ("ws2", "ws3", "wsu2", "wsu3", "ws3r", "wsu3r", "wso3r", "wsc3r")
+# what each mode adds to ws: bit 0 one-row tiles (16 of every 72), bit 1 per-row columns and flags
+UNION_PARTS = {"ws": 0, "wso": 1, "wsc": 2, "wsu": 3}
 N_COLS = 128          # MMA N: two query rows x 64 heads
 TILE = 128            # keys per tile (one block of 128)
 D = 128               # MMA K
@@ -65,13 +68,14 @@ __device__ __forceinline__ void ws_mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%%0];\n" ::"r"(bar) : "memory");
 }
 // C consumer warpgroups and one producer warp (the last), the tiles through the ring
-// UNION: the union kernel's own per-tile work on top (the wsu modes): of every 72 tiles 56 hold blocks
-// of both rows and 8 of each row only (one N = 64 group per half on that row's q rows, SPLIT_ROWS);
-// each row's keys go to its output columns (the block's index in the row's list, per tile) by
-// predicated stores, flagged by a compare of the item's key row against the row's key range
+// UNION: the union kernel's own per-tile work on top, by bits (the wsu modes: both): bit 0, of every
+// 72 tiles 56 hold blocks of both rows and 8 of each row only (one N = 64 group per half on that
+// row's q rows, SPLIT_ROWS); bit 1, each row's keys go to its output columns (the block's index in
+// the row's list, per tile) by predicated stores, flagged by a compare of the item's key row
+// against the row's key range
 // REALLOC (the r modes): the producer is a whole warpgroup that gives registers to the consumers
 // (setmaxnreg: 40 for it, 152 for each consumer: 128 x 40 + 3 x 128 x 152 <= 64 K)
-template <int C, bool UNION, bool REALLOC = false>
+template <int C, int UNION, bool REALLOC = false>
 __global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_rate_kernel(int iters, const char* __restrict__ keys,
                                                                   u32* __restrict__ kout, float* __restrict__ out) {
 #if HISA_HAS_WGMMA
@@ -125,22 +129,23 @@ __global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_
     const int key_item = ((lane & 3) >> 1) * 64 + warp * 16 + (lane >> 2) + 8 * (lane & 1);
     float total = 0.0f;
     // UNION: one row's MMAs and head sums (N = 64: its 64 q rows, as the union kernel's issue_rs_row
-    // and row_sums), and the pair's output rows (8192 columns each, round the 64 MB buffer)
-    float acc1[N / 4];
-    auto issue_row = [&](const u32 (&af)[KSTEPS][4], int r) {
+    // and row_sums), and the pair's output rows (8192 columns each, round the 64 MB buffer). r must
+    // fold to a constant (one_row's two calls): a runtime row index put the weights and sums in local
+    // memory (a 160-byte stack frame; session 52's first wso / wsu rows), which the union kernel avoids
+    auto issue_row = [&](float (&a)[N / 4], const u32 (&af)[KSTEPS][4], int r) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<64>::run(acc1, af[kk], q_desc(kk) + (u32)((r * 64 * 128) >> 4), kk);
+        for (int kk = 0; kk < KSTEPS; ++kk) WgmmaRS<64>::run(a, af[kk], q_desc(kk) + (u32)((r * 64 * 128) >> 4), kk);
         wgmma_commit();
     };
-    auto row_sums = [&](int r, float (&sum)[2]) {
+    auto row_sums = [&](const float (&a)[N / 4], int r, float (&sum)[2]) {
         float p[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                p[e][0] = fmaf(wt[r * 8 + j][0], relu(acc1[4 * j + 2 * e]), p[e][0]);
-                p[e][1] = fmaf(wt[r * 8 + j][1], relu(acc1[4 * j + 2 * e + 1]), p[e][1]);
+                p[e][0] = fmaf(wt[r * 8 + j][0], relu(a[4 * j + 2 * e]), p[e][0]);
+                p[e][1] = fmaf(wt[r * 8 + j][1], relu(a[4 * j + 2 * e + 1]), p[e][1]);
             }
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
@@ -157,13 +162,13 @@ __global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_
         mbar_wait(bar0 + 8 * s, k & 1);
         u32 af[KSTEPS][4];
         float s0[2][2] = {}, s1[2][2] = {};
-        const int kind = UNION ? t %% 72 : 0, only = kind < 56 ? -1 : kind < 64 ? 0 : 1;  // only: -1 both rows
+        const int kind = (UNION & 1) ? t %% 72 : 0, only = kind < 56 ? -1 : kind < 64 ? 0 : 1;  // only: -1 both rows
         auto release = [&]() {  // the slot is read: its keys are in this warp's registers
             __syncwarp();
             if (lane == 0) ws_mbar_arrive(bar0 + 8 * (WS_STAGES + s));
         };
         fp8a_fragments<true>(tile, 0, warp, lane, af);
-        if (!UNION || only < 0) {
+        if (only < 0) {
             issue_rs(af);
             wgmma_wait<0>();
             wgmma_fence_operands(acc);
@@ -175,19 +180,25 @@ __global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_
             wgmma_fence_operands(acc);
             wgmma_head_sums<N, 64, 2>(acc, wt, s1);
         } else {
-            issue_row(af, only);
-            wgmma_wait<0>();
-            wgmma_fence_operands(acc1);
-            row_sums(only, s0[only]);
-            fp8a_fragments<true>(tile, 1, warp, lane, af);
-            release();
-            issue_row(af, only);
-            wgmma_wait<0>();
-            wgmma_fence_operands(acc1);
-            row_sums(only, s1[only]);
+            // as the union kernel's one-row tiles: two accumulator sets, half 0's sums under half 1's MMAs
+            auto one_row = [&](int r) {
+                float a0[N / 4], a1[N / 4];
+                issue_row(a0, af, r);
+                wgmma_wait<0>();
+                wgmma_fence_operands(a0);
+                fp8a_fragments<true>(tile, 1, warp, lane, af);
+                release();
+                issue_row(a1, af, r);
+                row_sums(a0, r, s0[r]);
+                wgmma_wait<0>();
+                wgmma_fence_operands(a1);
+                row_sums(a1, r, s1[r]);
+            };
+            if (only == 0) one_row(0);
+            else one_row(1);
         }
         const int x = lane & 3;
-        if constexpr (UNION) {
+        if constexpr ((UNION & 2) != 0) {
             // each row's keys: flag by the row's key range, column by the block's index in the row's list
             const int blk = (t * 37) %% 1024;
             const int row_item = blk * 128 + key_item;
@@ -206,6 +217,7 @@ __global__ void __launch_bounds__(REALLOC ? 128 * (C + 1) : 128 * C + 32, 1) ws_
         const size_t row0 = ((size_t)(blockIdx.x * C + wg) * iters + i) * 2 %% (%(out_words)dull / 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            if ((UNION & 1) && only >= 0 && only != r) continue;  // a one-row tile: that row's keys
             const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
             kout[(row0 + r) * 128 + key_item] = __float_as_uint(v);
             total += v;
@@ -225,6 +237,11 @@ def source() -> str:
         "stages": STAGES, "blocks": KEY_BLOCKS, "out_words": OUT_WORDS}
 
 
+def union_parts(mode: str) -> int:
+    """What the mode adds to ws (UNION_PARTS: bit 0 one-row tiles, bit 1 columns and flags)."""
+    return UNION_PARTS[re.match(r"ws[uoc]?", mode).group(0)]
+
+
 def consumers(mode: str) -> int:
     return int(mode.rstrip("r")[-1])
 
@@ -235,8 +252,7 @@ def threads(mode: str) -> int:
 
 
 def name_expr(mode: str) -> str:
-    union = "true" if mode.startswith("wsu") else "false"
-    return f"ws_rate_kernel<{consumers(mode)}, {union}{', true' if mode.endswith('r') else ''}>"
+    return f"ws_rate_kernel<{consumers(mode)}, {union_parts(mode)}{', true' if mode.endswith('r') else ''}>"
 
 
 def smem_bytes(mode: str) -> int:
@@ -246,7 +262,7 @@ def smem_bytes(mode: str) -> int:
 
 def flops(ctas: int, iters: int, c: int, union: bool = False) -> float:
     """MMA FLOPs of one launch: per tile two 64-key halves x N x K x 2, iters tiles per consumer;
-    union (the wsu modes): tile t (t = i C + consumer) % 72 >= 56 takes one row's half of them."""
+    union (modes with one-row tiles): tile t (t = i C + consumer) % 72 >= 56 takes one row's half."""
     tiles = iters * ctas * c
     if union:
         one_row = sum(1 for t in range(iters * c) if t % 72 >= 56) * ctas
@@ -270,7 +286,7 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
         args = (cupy.int32(iters), keys, kout, out)
         ms = median_ms(lambda: fn((sms,), (nt,), args, shared_mem=smem), reps)
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
-                     "tflops": flops(sms, iters, c, mode.startswith("wsu")) / (ms * 1e-3) / 1e12})
+                     "tflops": flops(sms, iters, c, union_parts(mode) & 1 == 1) / (ms * 1e-3) / 1e12})
     return {"gpu": gpu_name(dev), "sms": sms,
             "iters": iters, "rows": rows}
 
