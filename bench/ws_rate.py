@@ -5,7 +5,9 @@ one-warpgroup CTAs per SM, each copying, converting, multiplying and summing in 
 Session 15's warp-specialised kernel lost because its producer mapped every item of a tile (~2300
 cycles per tile per SM). With whole-block tiles (B = 128: a tile is 16 KB of consecutive e4m3 keys)
 a producer needs one bulk copy per tile. This measures that design's ceiling before anyone builds
-it: one CTA per SM of C consumer warpgroups and one producer warp.
+it: one CTA per SM of C consumer warpgroups and one producer warp. Measured on an H200 (bench/NOTES.md,
+session 52): wsu3r 619-680 TFLOP/s against rs_sums' 782, so such a kernel could gain at most ~10% on the
+union kernel (~607 in a call); built (branch wip/union-ws), it ran 6% slower.
 
   ws<C>     the producer's lane 0 copies tile t (a pseudo-random block of a 16 MB key array, as the
             union's blocks are scattered over 128K keys) into ring slot t % STAGES with one
@@ -26,7 +28,7 @@ half's 8 wgmma (the SASS held 8 of 16, and the "rate" came out above the tensor 
 session 51), so bench/wgmma_rate.py's rs_sums (three CTAs of one warpgroup on a resident tile) is
 the chain's reference. tests/test_bench.py checks that every mode's SASS holds all 16.
 C = 2 or 3: one CTA of 128 C + 32 threads per SM. ptxas gives a CTA of 416 threads 128 registers
-(ws3: 4 bytes spilled, wsu3: 36; two consumers 168 / 146; tests/test_bench.py). ws3r / wsu3r:
+(ws3: 4 bytes spilled, wsu2 / wsu3: 44; tests/test_bench.py). ws3r / wsu3r:
 the producer a whole warpgroup that hands registers to the consumers (setmaxnreg: 40 for it, 152
 for each of them), as FlashAttention-3 does; listed last, since a fault there would end the run. Each row:
 TFLOP/s over the MMAs' FLOPs (per tile 2 x 64 keys x N x K x 2).
