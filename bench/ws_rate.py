@@ -288,7 +288,7 @@ def run(iters: int, reps: int = 7, modes=MODES) -> dict:
         args = (cupy.int32(iters), keys, kout, out)
         ms = median_ms(lambda: fn((sms,), (nt,), args, shared_mem=smem), reps)
         rows.append({"mode": mode, "consumers": c, "registers": regs, "smem": smem, "ms": ms,
-                     "tflops": flops(sms, iters, c, union_parts(mode) & 1 == 1) / (ms * 1e-3) / 1e12})
+                     "tflops": flops(sms, iters, c, (union_parts(mode) & 1) == 1) / (ms * 1e-3) / 1e12})
     return {"gpu": gpu_name(dev), "sms": sms,
             "iters": iters, "rows": rows}
 
