@@ -116,6 +116,11 @@ USE_UNION_PAIRS = True
 #: kernel, which otherwise merges the pair's two lists in each of its CTAs; a knob for bench/ and
 #: the GPU tests
 PAIR_RECORDS = True
+#: the union kernel's per-tile map (refine.cu TILE_MAP): where block_size is the score tile and the
+#: kernel splits its tiles by row (fp8 keys on the f16 engine, H = 64), each tile's key rows, columns
+#: and flags follow from the tile's block and its index in each row's list, instead of a per-item
+#: map staged through shared memory. A knob for bench/ and the GPU tests
+UNION_TILE_MAP = False
 #: hisa_select's refine top-k waits for each row's pair rather than for the whole union launch:
 #: each union CTA stores the call's epoch into a ready flag when its keys are written, the union
 #: launch triggers the top-k after its own wait, and refine_topk_ready_regs_kernel's CTAs start on
@@ -443,6 +448,8 @@ def kernel_instances():
                 out.append(("refine.cu", f"refine_score_wgmma_kernel<{args}>"))
                 if rows * h == 128 and h == 64:
                     out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}>"))
+                    if (engine, kdt) == (ENGINE_F16, DT_E4M3):  # its TILE_MAP form (UNION_TILE_MAP)
+                        out.append(("refine.cu", f"refine_union_wgmma_kernel<{args}, true>"))
                 out.append(("dense.cu", f"dense_score_wgmma_kernel<{args}, {rows}>"))
     out += [("block_select.cu", "block_topm_kernel"), ("refine.cu", "refine_topk_kernel"),
             ("dense.cu", "dense_topk_kernel"), ("topk.cu", "topk_kernel"), ("topk.cu", "topk_chunks_kernel"),
@@ -1574,7 +1581,7 @@ def _knobs():
             PAIR_RECORDS, FILTER_WIDE_SELECT, DENSE_THRESHOLD, DENSE_THRESHOLD_MIN_S, DENSE_SAMPLE_STRIDE,
             DENSE_SAMPLE_RANK, UNION_LAYOUT, UNION_TAIL_SPLITS, UNION_TAIL_WAVES, TOPM_TRIGGER_WAVES,
             UNION_FINE_TAIL_SPLITS, UNION_FINE_TAIL_PAIRS, BLOCK_SCORE_HALF, BLOCK_SCORE_HALF_MAX_TILES, UNION_READY,
-            UNION_READY_MAX_WAVES)
+            UNION_READY_MAX_WAVES, UNION_TILE_MAP)
 
 
 def _keep_plan(key, plan):
@@ -1643,7 +1650,9 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     pairs = (pairs_ok and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
              and smem <= facts["smem_optin"])
     if pairs:
-        name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}>"
+        tile_map = (UNION_TILE_MAP and block_size == SCORE_TILE and engine == ENGINE_F16 and kdt == DT_E4M3
+                    and H == 64)
+        name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}{', true' if tile_map else ''}>"
         tpc, per_cta, grid_x = 0, 2, None
     else:
         name, smem, _ = _score_instance("refine.cu", "refine_score_kernel", q, k, H, D, False)

@@ -37,8 +37,9 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
 // the block top-m advanced) into ready[blockIdx.x], and the launch triggers the refine top-k
 // after its own wait, so that refine_topk_ready_regs_kernel's CTAs start on the SMs this launch
 // leaves in its last wave and select each row as soon as its pair's CTAs are done.
-template <int ENGINE, int QDT, int KDT, int H, int D>
-__global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
+// TILE_MAP: score_tile_wgmma's per-tile map (B = SCORE_TILE only: the host's choice).
+template <int ENGINE, int QDT, int KDT, int H, int D, bool TILE_MAP = false>
+__global__ void __launch_bounds__(SCORE_THREADS, TILE_MAP ? 3 : 0) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,
     const int* blocks, int T, int S, int B, int m, int row0, int nrows, u32* out, long long ld, int tiles_per_cta,
     const int* unions, int head_pairs, int head_splits, int tail_splits, unsigned* ready, const unsigned* epoch) {
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_union_wgmma_kernel(
     const bool in_head = b < head;
     const int splits = in_head ? head_splits : tail_splits, i = in_head ? b : b - head;
     const int pair = (in_head ? 0 : head_pairs) + i / splits;
-    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2>(
+    score_tile_wgmma<ENGINE, QDT, KDT, H, D, ITEMS_UNION, 2, false, false, TILE_MAP>(
         q, k, weights, kscale, ks, ke, blocks, T, S, B, m, m * B, 0, row0, nrows, out, ld, tiles_per_cta, unions,
         AppendOut{nullptr, nullptr, nullptr, nullptr, 0}, 2 * pair, UnionShare{i % splits, splits}, ready != nullptr);
     if (ready != nullptr) {

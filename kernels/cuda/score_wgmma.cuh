@@ -317,7 +317,8 @@ struct UnionShare {
     int part, parts;
 };
 
-template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false, bool HALF = false>
+template <int ENGINE, int QDT, int KDT, int H, int D, int ITEMS, int ROWS, bool APPEND = false, bool HALF = false,
+          bool TILE_MAP = false>
 __device__ __forceinline__ void score_tile_wgmma(
     const void* __restrict__ q, const void* __restrict__ keys, const float* __restrict__ weights,
     const float* __restrict__ kscale, const int* __restrict__ ks, const int* __restrict__ ke,
@@ -337,6 +338,12 @@ __device__ __forceinline__ void score_tile_wgmma(
     // fp8 keys, two rows of 64 heads: the union path runs a tile's MMAs only for the rows whose
     // blocks it holds (split_runs; issue_rs_row for a tile of one row's blocks)
     constexpr bool SPLIT_ROWS = Shape::FP8A && UNION && H == 64;
+    // TILE_MAP (SPLIT_ROWS, B = SCORE_TILE: the host launches it only there): union tile j is the
+    // union's block j, so its key rows, each row's output columns and flags follow from three
+    // per-tile values (the block, its index in each row's list) read when the tile is copied and
+    // when its keys are written; no per-item map, flags or columns through shared memory
+    constexpr bool TMAP = TILE_MAP && SPLIT_ROWS;
+    static_assert(!TILE_MAP || SPLIT_ROWS, "tile map: the union path of fp8 keys on the f16 engine, H = 64");
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
     constexpr int QB = DType<QDT>::bytes, EB = Shape::EB;
     // HALF (block_score_wgmma_kernel's, 16-bit keys, N = 128): the key tiles stream through two
@@ -643,6 +650,11 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int r = 0; r < 2; ++r)
             if (live[r] && part == 0)
                 for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
+        // TMAP: the rows' key ranges for write_keys_tmap, in the merge's scratch (free now): read
+        // by broadcast per tile rather than held in registers across the MMAs
+        if (TMAP && tid == 0)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sScan[2 * r] = rr[r].ks, sScan[2 * r + 1] = rr[r].ke;
         __syncthreads();
         const int total = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
         if constexpr (SPLIT_ROWS) {
@@ -760,6 +772,29 @@ __device__ __forceinline__ void score_tile_wgmma(
             }
             return;
         }
+        if constexpr (TMAP) {
+            // tile j = the union's block j (B = SCORE_TILE): warp w copies its rows 32 w .. 32 w + 31
+            // (rows past S, of a last partial block, as zeros); the key rows of items that are no
+            // row's candidate are copied too, and their keys come out as HISA_KEY_NONE (write_keys)
+            if (j < j_stop) {
+                const int first = sUnion[j] * SCORE_TILE;
+                const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int rw = first + warp * 32 + h * 16 + pair;
+                    const bool ok = rw < S;
+                    const char* src = kbase + (ok ? (long long)rw * Shape::KROWB + sub * 16 : 0);
+                    const u32 dst = dst_slot + h * 16 * 128;
+#pragma unroll
+                    for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
+                        cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);
+                }
+                const int row = first + tid;
+                if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row < S ? kscale + row : kscale, row < S);
+            }
+            cp_async_commit();
+            return;
+        }
         u32 f[ROWS];
         int col[ROWS];
         int row = -1;
@@ -872,6 +907,25 @@ __device__ __forceinline__ void score_tile_wgmma(
             } else {
                 if (live[r] && col < nitems) orow(r)[col] = item_key(flag, v, kscale != nullptr, sc);
             }
+        }
+    };
+    // TMAP's keys of one tile (the union's block blk; idx[r]: its index in row r's list, >= 0 for
+    // every row the tile is scored for): row r's column idx[r] B + item, its flag from the row's
+    // key range; only >= 0: a tile of that row's blocks alone (a constant: the other row's stores
+    // fold away; its columns for this block do not exist)
+    auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int blk, const int (&idx)[ROWS],
+                               int slot, int only) {
+        const int x = lane & 3;
+        const int item = key_item;
+        const int s = blk * SCORE_TILE + item;
+        const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            if (only >= 0 && r != only) continue;
+            const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
+            const u32 scored = score_key(kscale != nullptr ? v * sc : v);
+            const u32 key = s >= sScan[2 * r] && s < sScan[2 * r + 1] ? scored : HISA_KEY_NONE;
+            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key, live[r] && idx[r] >= 0);
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start
@@ -995,7 +1049,15 @@ __device__ __forceinline__ void score_tile_wgmma(
                 wgmma_fence_operands(a1);
                 row_sums(a1, only, s1[only]);
             }
-            write_keys(s0, s1, j * SCORE_TILE, slot);
+            if constexpr (TMAP) {
+                // the tile's block and its index in each row's list
+                int idx[ROWS];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) idx[r] = only >= 0 && r != only ? -1 : sUnion[(2 + 2 * r) * m + j];
+                write_keys_tmap(s0, s1, sUnion[j], idx, slot, only);
+            } else {
+                write_keys(s0, s1, j * SCORE_TILE, slot);
+            }
             slot = slot + 1 == NBUF ? 0 : slot + 1;
         };
         for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);

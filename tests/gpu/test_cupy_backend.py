@@ -54,24 +54,28 @@ def test_hisa_exact_shapes(cuda_device, H, D, B):
     testing.assert_selection_equal(got, ref)
 
 
+@pytest.mark.parametrize("tile_map", [False, True])
 @pytest.mark.parametrize("ready", [True, False])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_hisa_exact_target_shape(cuda_device, launched_kernels, monkeypatch, ragged, ready):
+def test_hisa_exact_target_shape(cuda_device, launched_kernels, monkeypatch, ragged, ready, tile_map):
     # SPEC §9 inputs at target 1's m = 64, B = 128, through the union path and the refinement's
     # register-mode top-k (8192 candidates per row; many equal scores: ties at the threshold, split
     # by position; ragged: masked candidates, empty rows, rows with fewer candidates than topk),
     # bit-exact vs the reference by position and by score; the top-k after each pair's ready flags
-    # (UNION_READY: a launch of few waves) or after the whole union launch
+    # (UNION_READY: a launch of few waves) or after the whole union launch; the union kernel with
+    # its per-tile map or its per-item one (UNION_TILE_MAP)
     from hisa_cupy.kernels import cupy_backend
 
     monkeypatch.setattr(cupy_backend, "UNION_READY", ready)
+    monkeypatch.setattr(cupy_backend, "UNION_TILE_MAP", tile_map)
+    union_kernel = f"refine_union_wgmma_kernel<2, 0, 0, 64, 128{', true' if tile_map else ''}>"
     topk_kernel = "refine_topk_ready_regs_kernel" if ready else "refine_topk_regs_kernel"
     inp = testing.exact_inputs(34, 16384, 64, 128, dtype="float8_e4m3fn", seed=7 + ragged, ragged=ragged)
     for topk in (2048, 1111):
         for order in ("position", "score"):
             launched_kernels.clear()
             got, ref = run_both("hisa_select", inp, block_size=128, block_topk=64, topk=topk, order=order)
-            assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
+            assert union_kernel in launched_kernels, launched_kernels
             assert topk_kernel in launched_kernels, launched_kernels
             testing.assert_selection_equal(got, ref, err_msg=f"topk={topk} order={order} ragged={ragged}")
 
@@ -453,7 +457,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
     (65536, 64, 16, 128, 0, 0),     # rows of 512 blocks: the block top-m at 16 keys per lane
 ])
-@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty", "records-unready"])
+@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty", "records-unready", "tile-map"])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
                                                   chunk_rows, mode):
     # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
@@ -467,7 +471,8 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     # no keys (pairs without blocks: only their padding is written) and an empty last row;
     # records-unready, records with the refine top-k waiting for the whole union launch (UNION_READY
     # off; every other mode selects after each pair's ready flags where the top-k is in register
-    # mode, i.e. order="score" here, and rows longer than warp mode's in position order)
+    # mode, i.e. order="score" here, and rows longer than warp mode's in position order); tile-map,
+    # records with the union kernel's per-tile map (UNION_TILE_MAP, where B is the score tile)
     from hisa_cupy.kernels import cupy_backend
 
     w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
@@ -479,6 +484,7 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     monkeypatch.setattr(cupy_backend, "UNION_SPLITS", splits)
     monkeypatch.setattr(cupy_backend, "PAIR_RECORDS", mode != "merge")
     monkeypatch.setattr(cupy_backend, "UNION_READY", mode != "records-unready")
+    monkeypatch.setattr(cupy_backend, "UNION_TILE_MAP", mode == "tile-map")
     if mode.startswith("tail"):  # a tenth of a wave of tail pairs: head and tail in every launch but the shortest
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_SPLITS", 7)
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_WAVES", 0.1)
@@ -499,6 +505,8 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
         got = to_np(hisa_cupy.hisa_select(*args, block_size=B, block_topk=m, topk=m * B, order=order, **kw))
         np.testing.assert_array_equal(got, want, err_msg=order)
         assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
+        tile_map = any(n.startswith("refine_union_wgmma_kernel") and n.endswith(", true>") for n in launched_kernels)
+        assert tile_map == (mode == "tile-map" and B == cupy_backend.SCORE_TILE), launched_kernels
         ready = flags[-1] is not None
         assert ("refine_topk_ready_regs_kernel" in launched_kernels) == ready, (order, launched_kernels)
         if mode == "records" and order == "score":  # the default layout at these T: few waves, register mode
