@@ -70,10 +70,10 @@ class _Fake:
         return [launch.name for launch in self.launches]
 
 
-def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8, order="position"):
+def _hisa(T=64, S=4096, H=64, D=128, m=8, topk=512, qdt=np.uint8, kdt=np.uint8, order="position", B=128):
     q, k = pointer_array((T, H, D), qdt), pointer_array((S, D), kdt)
     w, ksc, out = pointer_array((T, H), np.float32), pointer_array((S,), np.float32), pointer_array((T, topk), np.int32)
-    cb.hisa_select(q, k, w, ksc, None, None, block_size=128, block_topk=m, topk=topk, pool_dtype="bfloat16",
+    cb.hisa_select(q, k, w, ksc, None, None, block_size=B, block_topk=m, topk=topk, pool_dtype="bfloat16",
                    index_base="relative", order=order, out=out, stream=0)
     return out
 
@@ -83,7 +83,7 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     fake = _Fake(monkeypatch, cc=90)
     _hisa(T=65)
     assert fake.names() == ["pool_vec_kernel<0, 1, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                            "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                            "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>",
                             "refine_topk_warp_kernel"]
     union = fake.launches[3]
     # 65 rows in 33 pairs, each pair's union split over a few CTAs (few pairs here: 4), one CTA per
@@ -94,6 +94,17 @@ def test_hopper_fp8_goes_to_f16_wgmma_with_union_pairs(monkeypatch):
     assert [_value(a) for a in union.args[-2:]] == [0, 0]
     assert union.smem == cb._wgmma_smem(cb.ENGINE_F16, 64, 128, 2, 8, kdt=cb.DT_E4M3) > 48 * 1024
     assert fake.opt_in  # above 48 KB the kernel was opted in
+
+
+@pytest.mark.parametrize("B, knob, tile_map", [(128, True, True), (128, False, False), (64, True, False),
+                                               (256, True, False)])
+def test_union_tile_map_where_a_tile_is_a_block(monkeypatch, B, knob, tile_map):
+    # the union kernel's per-tile map (refine.cu TILE_MAP) where a score tile is one block (B = 128)
+    # and UNION_TILE_MAP is on; its per-item map elsewhere: blocks of half a tile or of two tiles
+    fake = _Fake(monkeypatch, cc=90)
+    monkeypatch.setattr(cb, "UNION_TILE_MAP", knob)
+    _hisa(T=65, S=8192, m=16 * 128 // B, topk=512, B=B)
+    assert fake.names()[3] == f"refine_union_wgmma_kernel<2, 0, 0, 64, 128{', true' if tile_map else ''}>"
 
 
 @pytest.mark.parametrize("setting", ["on", "off", "many-waves"])
@@ -110,7 +121,7 @@ def test_union_ready_flags_wiring(monkeypatch, setting):
     if setting == "many-waves":
         monkeypatch.setattr(cb, "UNION_READY_MAX_WAVES", 132 / 396)
     _hisa(T=65, m=16, topk=512, order="score")
-    assert fake.names()[2:] == ["block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+    assert fake.names()[2:] == ["block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>",
                                 "refine_topk_ready_regs_kernel" if ready else "refine_topk_regs_kernel"]
     topm, union, top = fake.launches[2:]
     epoch = _value(topm.args[-1])
@@ -514,7 +525,7 @@ def test_public_call_with_torch_cuda_tensors(monkeypatch):
                                     backend="cupy", validate=False)
         assert isinstance(res, torch.Tensor) and res.dtype == torch.int32 and tuple(res.shape) == (T, 512)
         assert fake.names() == ["pool_vec_kernel<0, 1, 128>", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
-                                "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>",
+                                "block_topm_warp_kernel<8>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>",
                                 "refine_topk_warp_kernel"]
         pool, union, topk = fake.launches[0], fake.launches[3], fake.launches[4]
         assert _value(pool.args[0]) == k.data_ptr() and _value(pool.args[1]) == ksc.data_ptr()

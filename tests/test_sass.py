@@ -28,8 +28,11 @@ KERNELS = [
     ("dense.cu", "dense_score_append_wgmma_kernel<2, 0, 0, 64, 128, 2>"),
     ("dense.cu", "dense_score_rescue_wgmma_kernel<2, 0, 0, 64, 128, 2>"),
     ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>"),
+    ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>"),
     ("block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>"),
 ]
+#: the union kernel's two instances: per-item map, per-tile map (TILE_MAP, UNION_TILE_MAP's default)
+UNION_KERNELS = ["refine_union_wgmma_kernel<2, 0, 0, 64, 128>", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>"]
 
 
 def _nvdisasm():
@@ -61,6 +64,7 @@ def _compile(tmp_path, filename, expr, kinds=("ptx", "cubin")):
         proc = subprocess.run([_nvcc(), *options, *verbose, f"-{kind}", "unit.cu", "-o", f"unit.{kind}"],
                               cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        (tmp_path / f"ptxas-{kind}.txt").write_text(proc.stderr)  # -v's register and spill lines (cubin)
         serialised = re.findall(r"\(C75\d\d\)[^\n]*", proc.stderr)
         assert not serialised, f"{expr}: ptxas serialised wgmma: {serialised[0]}"
     stem = expr.split("<")[0]
@@ -105,11 +109,12 @@ def test_register_select_emits_by_predicated_stores(tmp_path):
     assert len(stores) >= 16, f"{len(stores)} predicated stores in refine_topk_regs_kernel (the emit by runs lost?)"
 
 
-def test_union_kernel_stores_keys_by_predicated_stores(tmp_path):
-    # write_keys on the union path: each row's key of an item by selects and one predicated store
-    # (store_if), where nvcc had branched on the flag and around the store (bench/NOTES.md, session 32);
-    # the fill loops' predicated stores write zeros (RZ) and do not count
-    _, sass = _compile(tmp_path, "refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>", kinds=("cubin",))
+@pytest.mark.parametrize("expr", UNION_KERNELS)
+def test_union_kernel_stores_keys_by_predicated_stores(tmp_path, expr):
+    # write_keys (write_keys_tmap) on the union path: each row's key of an item by selects and one
+    # predicated store (store_if), where nvcc had branched on the flag and around the store
+    # (bench/NOTES.md, session 32); the fill loops' predicated stores write zeros (RZ) and do not count
+    _, sass = _compile(tmp_path, "refine.cu", expr, kinds=("cubin",))
     stores = re.findall(r"@!?P\d STG\.E [^;]*, R\d+ ;", sass)
     assert len(stores) >= 2, f"{len(stores)} predicated key stores in the union kernel (write_keys' form lost?)"
 
@@ -133,6 +138,7 @@ def test_block_scores_descriptors_are_constants(tmp_path):
 # pooled keys) per thread, and 32 head weights.
 EARLY_LOADS = [
     ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128>", 64 + 32),
+    ("refine.cu", "refine_union_wgmma_kernel<2, 0, 0, 64, 128, true>", 64 + 32),
     ("block_select.cu", "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>", 16 + 32),
 ]
 
@@ -172,6 +178,28 @@ def _loops(sass):
         if target and target.group(1) in labels:
             loops.append(insns[labels[target.group(1)]:])
     return loops
+
+
+def test_union_tile_map_loops(tmp_path):
+    # The union kernel's TILE_MAP instance (score_wgmma.cuh, TMAP): its three tile loops (two-row
+    # tiles, then each row's own) stage no per-item flags or columns in shared memory (the per-item
+    # instance stores 4 words per thread and tile), touch no local memory, and run fewer
+    # instructions than the per-item instance's (570 / 397 / 398 against 628 / 479 / 481 with nvcc
+    # 13, sm_90a; on an H200 the kernel ran 4-5% faster, bench/NOTES.md, session 53). It keeps three
+    # CTAs per SM: at most 168 registers (its launch bounds; left free, ptxas took 234)
+    sizes = {}
+    for expr in UNION_KERNELS:
+        _, sass = _compile(tmp_path, "refine.cu", expr, kinds=("cubin",))
+        tiles = [loop for loop in _loops(sass) if any(i.startswith("HGMMA") for i in loop)]
+        assert len(tiles) == 3, f"{expr}: {len(tiles)} loops with wgmma"
+        sizes[expr] = [len(loop) for loop in tiles]
+        if expr.endswith("true>"):
+            for loop in tiles:
+                assert not [i for i in loop if re.search(r"\b(STS|STL|LDL)\b", i)], f"{expr}: shared or local stores"
+            usage = re.search(r"Used (\d+) registers", (tmp_path / "ptxas-cubin.txt").read_text())
+            assert usage and int(usage.group(1)) <= 168, f"{expr}: {usage and usage.group(0)} (three CTAs per SM need <= 168)"
+    item, tile = sizes.values()
+    assert all(t < 0.95 * i for t, i in zip(tile, item)), f"tile loops {tile} against the per-item map's {item}"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,9 @@ __global__ void __launch_bounds__(SCORE_THREADS) refine_score_wgmma_kernel(
 // the block top-m advanced) into ready[blockIdx.x], and the launch triggers the refine top-k
 // after its own wait, so that refine_topk_ready_regs_kernel's CTAs start on the SMs this launch
 // leaves in its last wave and select each row as soon as its pair's CTAs are done.
-// TILE_MAP: score_tile_wgmma's per-tile map (B = SCORE_TILE only: the host's choice).
+// TILE_MAP: score_tile_wgmma's per-tile map, where B = SCORE_TILE (the host's choice,
+// _refine_plan), with three CTAs per SM asked of ptxas (left free, it took 234 registers for this
+// form: two CTAs per SM).
 template <int ENGINE, int QDT, int KDT, int H, int D, bool TILE_MAP = false>
 __global__ void __launch_bounds__(SCORE_THREADS, TILE_MAP ? 3 : 0) refine_union_wgmma_kernel(
     const void* q, const void* k, const float* weights, const float* kscale, const int* ks, const int* ke,

@@ -338,10 +338,14 @@ __device__ __forceinline__ void score_tile_wgmma(
     // fp8 keys, two rows of 64 heads: the union path runs a tile's MMAs only for the rows whose
     // blocks it holds (split_runs; issue_rs_row for a tile of one row's blocks)
     constexpr bool SPLIT_ROWS = Shape::FP8A && UNION && H == 64;
-    // TILE_MAP (SPLIT_ROWS, B = SCORE_TILE: the host launches it only there): union tile j is the
-    // union's block j, so its key rows, each row's output columns and flags follow from three
+    // TILE_MAP (SPLIT_ROWS where B = SCORE_TILE: the host launches it only there): union tile j is
+    // the union's block j, so its key rows, each row's output columns and flags follow from three
     // per-tile values (the block, its index in each row's list) read when the tile is copied and
-    // when its keys are written; no per-item map, flags or columns through shared memory
+    // when its keys are written, instead of a per-item map whose flags and columns pass through
+    // shared memory. On an H200 the union kernel ran 4-5% faster so (bench/NOTES.md, session 53):
+    // its loop over two-row tiles has 9% fewer instructions, over one-row tiles 17% fewer. (Blocks
+    // of several tiles would need each tile's block and offset: a division per tile and use, which
+    // took back half of the instructions saved.)
     constexpr bool TMAP = TILE_MAP && SPLIT_ROWS;
     static_assert(!TILE_MAP || SPLIT_ROWS, "tile map: the union path of fp8 keys on the f16 engine, H = 64");
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
@@ -773,9 +777,9 @@ __device__ __forceinline__ void score_tile_wgmma(
             return;
         }
         if constexpr (TMAP) {
-            // tile j = the union's block j (B = SCORE_TILE): warp w copies its rows 32 w .. 32 w + 31
-            // (rows past S, of a last partial block, as zeros); the key rows of items that are no
-            // row's candidate are copied too, and their keys come out as HISA_KEY_NONE (write_keys)
+            // tile j = the union's block j: warp w copies its rows 32 w .. 32 w + 31 (rows past S, of
+            // a last partial block, as zeros); the key rows of items that are no row's candidate
+            // are copied too, and their keys come out as HISA_KEY_NONE (write_keys_tmap)
             if (j < j_stop) {
                 const int first = sUnion[j] * SCORE_TILE;
                 const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
@@ -909,15 +913,16 @@ __device__ __forceinline__ void score_tile_wgmma(
             }
         }
     };
-    // TMAP's keys of one tile (the union's block blk; idx[r]: its index in row r's list, >= 0 for
+    // TMAP's keys of tile j = union block j (idx[r]: the block's index in row r's list, >= 0 for
     // every row the tile is scored for): row r's column idx[r] B + item, its flag from the row's
-    // key range; only >= 0: a tile of that row's blocks alone (a constant: the other row's stores
-    // fold away; its columns for this block do not exist)
-    auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int blk, const int (&idx)[ROWS],
-                               int slot, int only) {
+    // key range (in sScan: read by broadcast, not held in registers across the MMAs); only >= 0: a
+    // tile of that row's blocks alone (a constant: the other row's stores fold away; it has no
+    // column for this block)
+    auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int j,
+                               const int (&idx)[ROWS], int slot, int only) {
         const int x = lane & 3;
         const int item = key_item;
-        const int s = blk * SCORE_TILE + item;
+        const int s = sUnion[j] * SCORE_TILE + item;
         const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
@@ -1050,11 +1055,12 @@ __device__ __forceinline__ void score_tile_wgmma(
                 row_sums(a1, only, s1[only]);
             }
             if constexpr (TMAP) {
-                // the tile's block and its index in each row's list
+                // the block's index in each row's list, read after the MMAs (read before them,
+                // ptxas spilled: bench/NOTES.md, session 53)
                 int idx[ROWS];
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) idx[r] = only >= 0 && r != only ? -1 : sUnion[(2 + 2 * r) * m + j];
-                write_keys_tmap(s0, s1, sUnion[j], idx, slot, only);
+                write_keys_tmap(s0, s1, j, idx, slot, only);
             } else {
                 write_keys(s0, s1, j * SCORE_TILE, slot);
             }

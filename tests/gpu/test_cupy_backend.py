@@ -457,7 +457,7 @@ def test_scoring_engines_exact(cuda_device, monkeypatch, launched_kernels, engin
     (8269, 64, 8, 128, 0, 0),       # S % B != 0: the last block is partial (no key read past S)
     (65536, 64, 16, 128, 0, 0),     # rows of 512 blocks: the block top-m at 16 keys per lane
 ])
-@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty", "records-unready", "tile-map"])
+@pytest.mark.parametrize("mode", ["merge", "records", "tail", "tail-empty", "records-unready", "item-map"])
 def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels, monkeypatch, S, T, m, B, splits,
                                                   chunk_rows, mode):
     # general fp8 inputs: the union kernel (refine_union_wgmma_kernel: pairs of rows over the
@@ -471,8 +471,9 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     # no keys (pairs without blocks: only their padding is written) and an empty last row;
     # records-unready, records with the refine top-k waiting for the whole union launch (UNION_READY
     # off; every other mode selects after each pair's ready flags where the top-k is in register
-    # mode, i.e. order="score" here, and rows longer than warp mode's in position order); tile-map,
-    # records with the union kernel's per-tile map (UNION_TILE_MAP, where B is the score tile)
+    # mode, i.e. order="score" here, and rows longer than warp mode's in position order). Where B is
+    # the score tile the union kernel maps its tiles by block (UNION_TILE_MAP); item-map, records
+    # with its per-item map instead (the only one at other B)
     from hisa_cupy.kernels import cupy_backend
 
     w = workloads.make_workload("segments", seq_len=S, num_queries=T, seed=T + m)
@@ -484,7 +485,7 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
     monkeypatch.setattr(cupy_backend, "UNION_SPLITS", splits)
     monkeypatch.setattr(cupy_backend, "PAIR_RECORDS", mode != "merge")
     monkeypatch.setattr(cupy_backend, "UNION_READY", mode != "records-unready")
-    monkeypatch.setattr(cupy_backend, "UNION_TILE_MAP", mode == "tile-map")
+    monkeypatch.setattr(cupy_backend, "UNION_TILE_MAP", mode != "item-map")
     if mode.startswith("tail"):  # a tenth of a wave of tail pairs: head and tail in every launch but the shortest
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_SPLITS", 7)
         monkeypatch.setattr(cupy_backend, "UNION_TAIL_WAVES", 0.1)
@@ -506,7 +507,7 @@ def test_union_kernel_same_keys_as_per_row_refine(cuda_device, launched_kernels,
         np.testing.assert_array_equal(got, want, err_msg=order)
         assert any(n.startswith("refine_union_wgmma_kernel") for n in launched_kernels), launched_kernels
         tile_map = any(n.startswith("refine_union_wgmma_kernel") and n.endswith(", true>") for n in launched_kernels)
-        assert tile_map == (mode == "tile-map" and B == cupy_backend.SCORE_TILE), launched_kernels
+        assert tile_map == (mode != "item-map" and B == cupy_backend.SCORE_TILE), launched_kernels
         ready = flags[-1] is not None
         assert ("refine_topk_ready_regs_kernel" in launched_kernels) == ready, (order, launched_kernels)
         if mode == "records" and order == "score":  # the default layout at these T: few waves, register mode
