@@ -522,6 +522,15 @@ __device__ __forceinline__ void score_tile_wgmma(
     }
     const int nb = (S + B - 1) / B;
     const FastDiv Bd(B);
+    // block scores: each row's key range becomes its eligible blocks' range [first, last + 1)
+    // (empty where the row sees no keys), once per CTA instead of two divisions per row and item
+    // (item_row's; map_item below)
+    if constexpr (ITEMS == ITEMS_BLOCKS) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            rr[r] = rr[r].ke > rr[r].ks ? RowRange{(int)Bd.div((u32)rr[r].ks), (int)Bd.div((u32)(rr[r].ke - 1)) + 1}
+                                        : RowRange{0, 0};
+    }
     const int ntiles = (nitems + SCORE_TILE - 1) / SCORE_TILE;
     const int j_begin = blockIdx.x * tiles_per_cta;
     const int j_end = min(ntiles, j_begin + tiles_per_cta);
@@ -551,8 +560,16 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 col[r] = n;
-                const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
-                if (rw >= 0) row = rw;
+                if constexpr (ITEMS == ITEMS_BLOCKS) {
+                    // item_row's flags from the row's block range (rr, above): 2 for its first and
+                    // last block (forced, not scored), 1 for the others
+                    const bool in = n < nitems && n >= rr[r].ks && n < rr[r].ke;
+                    f[r] = in ? (n == rr[r].ks || n == rr[r].ke - 1 ? 2u : 1u) : 0u;
+                    if (f[r] == 1u) row = n;
+                } else {
+                    const int rw = item_row<ITEMS>(n, nitems, trow[r], rr[r], blocks, S, Bd, m, col0, nb, &f[r]);
+                    if (rw >= 0) row = rw;
+                }
             }
         }
         return row;
