@@ -202,6 +202,20 @@ def test_union_tile_map_loops(tmp_path):
     assert all(t < 0.95 * i for t, i in zip(tile, item)), f"tile loops {tile} against the per-item map's {item}"
 
 
+@pytest.mark.parametrize("expr", ["block_score_wgmma_kernel<1, 0, 1, 64, 128, 2>",
+                                  "block_score_wgmma_kernel<1, 0, 1, 64, 128, 2, 1>"])
+def test_block_scores_map_items_without_divisions(tmp_path, expr):
+    # the block scores' items: each row's key range becomes a block range once per CTA, so a tile's
+    # flags are compares; item_row's form divided both ends of the range by B for every row and
+    # item (FastDiv's IMAD.HI: 8-12 per tile loop; those loops 10-21% longer, bench/NOTES.md,
+    # session 53)
+    _, sass = _compile(tmp_path, "block_select.cu", expr, kinds=("cubin",))
+    tiles = [loop for loop in _loops(sass) if any(i.startswith("HGMMA") for i in loop)]
+    assert tiles, f"{expr}: no tile loop found"
+    divisions = [sum(1 for i in loop if i.startswith("IMAD.HI")) for loop in tiles]
+    assert not any(divisions), f"{expr}: IMAD.HI per tile loop {divisions}"
+
+
 @pytest.fixture(scope="module")
 def topk_regs_sass(tmp_path_factory):
     """topk_regs_kernel's SASS (nvcc), compiled once for the tests of its window."""
