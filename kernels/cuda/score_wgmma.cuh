@@ -810,8 +810,6 @@ __device__ __forceinline__ void score_tile_wgmma(
                     for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
                         cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);
                 }
-                const int row = first + tid;
-                if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row < S ? kscale + row : kscale, row < S);
             }
             cp_async_commit();
             return;
@@ -936,11 +934,10 @@ __device__ __forceinline__ void score_tile_wgmma(
     // tile of that row's blocks alone (a constant: the other row's stores fold away; it has no
     // column for this block)
     auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int j,
-                               const int (&idx)[ROWS], int slot, int only) {
+                               const int (&idx)[ROWS], float sc, int only) {
         const int x = lane & 3;
         const int item = key_item;
         const int s = sUnion[j] * SCORE_TILE + item;
-        const float sc = kscale ? sScale[slot * SCORE_TILE + item] : 1.0f;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             if (only >= 0 && r != only) continue;
@@ -984,7 +981,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         // dense: the first half's relus against -0 (relu_nz), so that ptxas sees other
         // instructions than the second half's, which read the same accumulator registers: in this
         // form of the dense loop it merged them (bench/NOTES.md, session 24; tests/test_sass.py)
-        wgmma_head_sums<N, H, ROWS, BULK>(acc[0], wt, s0);
+        wgmma_head_sums<N, H, ROWS, BULK || TMAP>(acc[0], wt, s0);
         load_a(af, slot, 1);
         issue_rs(acc[0], af);
         wgmma_wait<0>();
@@ -1056,6 +1053,10 @@ __device__ __forceinline__ void score_tile_wgmma(
             float s0[ROWS][2] = {}, s1[ROWS][2] = {};
             u32 af[KSTEPS][4];
             float a0[H / 2], a1[H / 2];
+            // TMAP: the key scale of the lane's item (write_keys_tmap), loaded before the MMAs so
+            // that they hide its latency (the last block's rows past S take row S - 1's)
+            float sc = 1.0f;
+            if (TMAP && kscale) sc = kscale[min(sUnion[j] * SCORE_TILE + key_item, S - 1)];
             load_a(af, slot, 0);
             if (only < 0) {  // both rows: one N = 2H group per half, as on the other paths
                 fp8a_tile(af, j, slot, next, s0, s1);
@@ -1077,7 +1078,7 @@ __device__ __forceinline__ void score_tile_wgmma(
                 int idx[ROWS];
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) idx[r] = only >= 0 && r != only ? -1 : sUnion[(2 + 2 * r) * m + j];
-                write_keys_tmap(s0, s1, j, idx, slot, only);
+                write_keys_tmap(s0, s1, j, idx, sc, only);
             } else {
                 write_keys(s0, s1, j * SCORE_TILE, slot);
             }
