@@ -184,8 +184,8 @@ def test_union_tile_map_loops(tmp_path):
     # The union kernel's TILE_MAP instance (score_wgmma.cuh, TMAP): its three tile loops (two-row
     # tiles, then each row's own) stage no per-item flags or columns in shared memory (the per-item
     # instance stores 4 words per thread and tile), touch no local memory, and run fewer
-    # instructions than the per-item instance's (570 / 397 / 398 against 628 / 479 / 481 with nvcc
-    # 13, sm_90a; on an H200 the kernel ran 4-5% faster, bench/NOTES.md, session 53). It keeps three
+    # instructions than the per-item instance's (554 / 384 / 385 against 628 / 479 / 481 with nvcc
+    # 13, sm_90a; on an H200 the kernel ran 7% faster, bench/NOTES.md, session 53). It keeps three
     # CTAs per SM: at most 168 registers (its launch bounds; left free, ptxas took 234)
     sizes = {}
     for expr in UNION_KERNELS:
