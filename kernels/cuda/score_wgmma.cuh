@@ -243,7 +243,7 @@ __device__ __forceinline__ float relu_nz(float x) {
 // that share the item (all 4 hold it). Two independent FMA chains per item. A function of its own
 // so that bench/wgmma_rate.py times the engine's own epilogue. NZ: the relus against -0 (relu_nz;
 // the same sums bit for bit).
-template <int N, int H, int ROWS, bool NZ = false>
+template <int N, int H, int ROWS, bool NZ = false, bool QUAD = true>
 __device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const float (&wt)[N / 8][2],
                                                 float (&sum)[ROWS][2]) {
     float p[ROWS][2][2];
@@ -263,10 +263,25 @@ __device__ __forceinline__ void wgmma_head_sums(const float (&a)[N / 2], const f
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             float v = p[r][e][0] + p[r][e][1];
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            if constexpr (QUAD) {
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            }
             sum[r][e] = v;
         }
+}
+
+// The reduction over a quad of lanes of a tile's four items, scattered: u0 / u1 are this lane's
+// unreduced sums of items e = 0, 1 of halves 0 / 1 (wgmma_head_sums with QUAD = false); returns
+// the sum over the quad of item x = lane % 4 (half x / 2, e = x % 2), the item write_keys takes
+// from lane x. Three exchanges (two values with lane ^ 1, then one with lane ^ 2) where the
+// all-reduce took two per item; the additions pair the same lanes in the same order,
+// (v_L + v_{L^1}) + (v_{L^2} + v_{L^3}), so every sum is the all-reduce's bit for bit.
+__device__ __forceinline__ float quad_reduce_scatter(const float (&u0)[2], const float (&u1)[2], int lane) {
+    const bool odd = lane & 1, high = lane & 2;
+    const float a = (odd ? u0[1] : u0[0]) + __shfl_xor_sync(0xFFFFFFFFu, odd ? u0[0] : u0[1], 1);
+    const float b = (odd ? u1[1] : u1[0]) + __shfl_xor_sync(0xFFFFFFFFu, odd ? u1[0] : u1[1], 1);
+    return (high ? b : a) + __shfl_xor_sync(0xFFFFFFFFu, high ? a : b, 2);
 }
 
 // The lane's head weights: operand columns n = 8 i + 2 (lane % 4) + {0, 1}, i.e. query row
@@ -937,13 +952,12 @@ __device__ __forceinline__ void score_tile_wgmma(
     // column for this block)
     auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int j,
                                const int (&idx)[ROWS], float sc, int only) {
-        const int x = lane & 3;
         const int item = key_item;
         const int s = sUnion[j] * SCORE_TILE + item;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             if (only >= 0 && r != only) continue;
-            const float v = x == 0 ? s0[r][0] : x == 1 ? s0[r][1] : x == 2 ? s1[r][0] : s1[r][1];
+            const float v = quad_reduce_scatter(s0[r], s1[r], lane);  // s0 / s1 unreduced (TMAP)
             const u32 scored = score_key(kscale != nullptr ? v * sc : v);
             const u32 key = s >= sScan[2 * r] && s < sScan[2 * r + 1] ? scored : HISA_KEY_NONE;
             store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key, live[r] && idx[r] >= 0);
@@ -984,12 +998,13 @@ __device__ __forceinline__ void score_tile_wgmma(
         // instructions than the second half's, which read the same accumulator registers: in this
         // form of the dense loop it merged them (bench/NOTES.md, session 24), and of TMAP's it
         // dropped 32 (session 53; tests/test_sass.py)
-        wgmma_head_sums<N, H, ROWS, BULK || TMAP>(acc[0], wt, s0);
+        // (TMAP: each lane's sums unreduced, for quad_reduce_scatter)
+        wgmma_head_sums<N, H, ROWS, BULK || TMAP, !TMAP>(acc[0], wt, s0);
         load_a(af, slot, 1);
         issue_rs(acc[0], af);
         wgmma_wait<0>();
         wgmma_fence_operands(acc[0]);
-        head_sums(acc[0], s1);
+        wgmma_head_sums<N, H, ROWS, false, !TMAP>(acc[0], wt, s1);
     };
     // The union path's MMAs for one query row (SPLIT_ROWS, tiles of one row's blocks): one commit
     // group of N = H, B = that row's H operand rows of q (H * 128 bytes into each 128-byte panel:
@@ -1017,8 +1032,10 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             float v = p[e][0] + p[e][1];
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-            v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            if constexpr (!TMAP) {  // TMAP: unreduced, for quad_reduce_scatter
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+                v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+            }
             sum[e] = v;
         }
     };
