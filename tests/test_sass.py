@@ -183,10 +183,12 @@ def _loops(sass):
 def test_union_tile_map_loops(tmp_path):
     # The union kernel's TILE_MAP instance (score_wgmma.cuh, TMAP): its three tile loops (two-row
     # tiles, then each row's own) stage no per-item flags or columns in shared memory (the per-item
-    # instance stores 4 words per thread and tile), touch no local memory, and run fewer
-    # instructions than the per-item instance's (554 / 384 / 385 against 628 / 479 / 481 with nvcc
-    # 13, sm_90a; on an H200 the kernel ran 7% faster, bench/NOTES.md, session 53). It keeps three
-    # CTAs per SM: at most 168 registers (its launch bounds; left free, ptxas took 234)
+    # instance stores 4 words per thread and tile), touch no local memory, reduce their head sums
+    # over each quad of lanes by a reduce-scatter (3 shuffles per row and tile: quad_reduce_scatter;
+    # the all-reduce took 8), and run fewer instructions than the per-item instance's (545 / 377 /
+    # 378 against 628 / 479 / 481 with nvcc 13, sm_90a; on an H200 the kernel ran 9% faster,
+    # bench/NOTES.md, session 53). It keeps three CTAs per SM: at most 168 registers (its launch
+    # bounds; left free, ptxas took 234)
     sizes = {}
     for expr in UNION_KERNELS:
         _, sass = _compile(tmp_path, "refine.cu", expr, kinds=("cubin",))
@@ -196,6 +198,8 @@ def test_union_tile_map_loops(tmp_path):
         if expr.endswith("true>"):
             for loop in tiles:
                 assert not [i for i in loop if re.search(r"\b(STS|STL|LDL)\b", i)], f"{expr}: shared or local stores"
+            shuffles = [sum(1 for i in loop if i.startswith("SHFL")) for loop in tiles]
+            assert shuffles[0] <= 6 and max(shuffles[1:]) <= 3, f"{expr}: shuffles per tile loop {shuffles}"
             usage = re.search(r"Used (\d+) registers", (tmp_path / "ptxas-cubin.txt").read_text())
             assert usage and int(usage.group(1)) <= 168, f"{expr}: {usage and usage.group(0)} (three CTAs per SM need <= 168)"
     item, tile = sizes.values()
