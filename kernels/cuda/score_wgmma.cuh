@@ -358,11 +358,13 @@ __device__ __forceinline__ void score_tile_wgmma(
     // per-tile values (the block, its index in each row's list) read when the tile is copied and
     // when its keys are written, instead of a per-item map whose flags and columns pass through
     // shared memory; each lane's key scale is loaded from memory before the tile's MMAs (as dense's
-    // item_scale), not copied into shared memory with the tile. On an H200 the union kernel ran 4-5%
-    // faster with the map and 3% faster again with the scales (bench/NOTES.md, session 53): its loop
-    // over two-row tiles has 12% fewer instructions, over one-row tiles 20% fewer. (Blocks of
-    // several tiles would need each tile's block and offset: a division per tile and use, which
-    // took back half of the instructions saved.)
+    // item_scale), not copied into shared memory with the tile; and the head sums are reduced over
+    // each quad of lanes by quad_reduce_scatter, not all-reduced item by item. On an H200 the union
+    // kernel ran 4-5% faster with the map, 3% faster again with the scales and 2% with the
+    // reduce-scatter (bench/NOTES.md, session 53): its loop over two-row tiles has 13% fewer
+    // instructions, over one-row tiles 21% fewer. (Blocks of several tiles would need each tile's
+    // block and offset: a division per tile and use, which took back half of the instructions
+    // saved.)
     constexpr bool TMAP = TILE_MAP && SPLIT_ROWS;
     static_assert(!TILE_MAP || SPLIT_ROWS, "tile map: the union path of fp8 keys on the f16 engine, H = 64");
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
@@ -997,8 +999,8 @@ __device__ __forceinline__ void score_tile_wgmma(
         // dense and TMAP: the first half's relus against -0 (relu_nz), so that ptxas sees other
         // instructions than the second half's, which read the same accumulator registers: in this
         // form of the dense loop it merged them (bench/NOTES.md, session 24), and of TMAP's it
-        // dropped 32 (session 53; tests/test_sass.py)
-        // (TMAP: each lane's sums unreduced, for quad_reduce_scatter)
+        // dropped 32 (session 53; tests/test_sass.py). TMAP keeps each lane's sums unreduced, for
+        // quad_reduce_scatter (write_keys_tmap)
         wgmma_head_sums<N, H, ROWS, BULK || TMAP, !TMAP>(acc[0], wt, s0);
         load_a(af, slot, 1);
         issue_rs(acc[0], af);
