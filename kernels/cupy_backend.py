@@ -1652,9 +1652,10 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
     smem = _wgmma_smem(engine, H, D, 2, m, kdt=kdt)  # the union path's (grows with m)
     pairs = (pairs_ok and USE_UNION_PAIRS and T > 1 and rows == 2 and 2 * H == 128
              and smem <= facts["smem_optin"])
+    # the union kernel's SPLIT_ROWS order (fp8 keys on the f16 engine; pairs means H = 64)
+    grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
     if pairs:
-        tile_map = (UNION_TILE_MAP and block_size == SCORE_TILE and engine == ENGINE_F16 and kdt == DT_E4M3
-                    and H == 64)
+        tile_map = UNION_TILE_MAP and grouped and block_size == SCORE_TILE  # refine.cu TILE_MAP
         name = f"refine_union_wgmma_kernel<{engine}, {qdt}, {kdt}, {H}, {D}{', true' if tile_map else ''}>"
         tpc, per_cta, grid_x = 0, 2, None
     else:
@@ -1678,7 +1679,6 @@ def _refine_plan(q, k, T, H, D, S, m, block_size, pairs_ok):
                              (head_pairs, head_splits, tail_splits)))
             continue
         launches.append((r0, nr, (grid_x, -(-nr // per_cta)), head + (_i32(r0), _i32(nr)), tail, ()))
-    grouped = (engine == ENGINE_F16 and kdt == DT_E4M3) if pairs else None
     early = bool(pairs and TOPM_TRIGGER_WAVES and launches[0][2][0] >= TOPM_TRIGGER_WAVES * slots)
     few_waves = bool(pairs and launches[0][2][0] < UNION_READY_MAX_WAVES * slots)
     return name, smem, n, chunk, tuple(launches), grouped, early, few_waves

@@ -784,6 +784,16 @@ __device__ __forceinline__ void score_tile_wgmma(
     const int pair = lane >> 1, sub = lane & 1;
     const int sub8 = lane & 7, rq = lane >> 3;
     const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
+    // fp8 key rows by lane pairs: the pair's key row rw (zeros where !ok) into row 16 h + pair of
+    // the warp's 32 in buffer slot; lane l copies chunks 2 i + l % 2 (panel i / 4, swizzled chunk
+    // (2 (i % 4)) ^ x)
+    auto copy_pair_row = [&](int slot, int h, int rw, bool ok) {
+        const char* src = kbase + (ok ? (long long)rw * Shape::KROWB + sub * 16 : 0);
+        const u32 dst = sK0 + slot * Shape::K_BYTES + dst_lane + h * 16 * 128;
+#pragma unroll
+        for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
+            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);
+    };
     // 16-bit key rows (WHOLE_ROWS), four whole rows per instruction: lane l copies chunk l % 8 of
     // each 128-byte panel of row 4 s + l / 8 of the warp's `rows` rows, which start at dst_warp in a
     // buffer whose panels lie `panel` bytes apart; row: the key row of lane rl's item (-1: none)
@@ -818,16 +828,10 @@ __device__ __forceinline__ void score_tile_wgmma(
             // are copied too, and their keys come out as HISA_KEY_NONE (write_keys_tmap)
             if (j < j_stop) {
                 const int first = sUnion[j] * SCORE_TILE;
-                const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int rw = first + warp * 32 + h * 16 + pair;
-                    const bool ok = rw < S;
-                    const char* src = kbase + (ok ? (long long)rw * Shape::KROWB + sub * 16 : 0);
-                    const u32 dst = dst_slot + h * 16 * 128;
-#pragma unroll
-                    for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
-                        cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);
+                    copy_pair_row(slot, h, rw, rw < S);
                 }
             }
             cp_async_commit();
@@ -850,15 +854,10 @@ __device__ __forceinline__ void score_tile_wgmma(
         if constexpr (WHOLE_ROWS) {
             copy_whole_rows(sK0 + slot * Shape::K_BYTES + (u32)(warp * 32 * 128), row, 32, SCORE_TILE * 128);
         } else {
-            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
-                const char* src = kbase + (rw >= 0 ? (long long)rw * Shape::KROWB + sub * 16 : 0);
-                const u32 dst = dst_slot + h * 16 * 128;
-#pragma unroll
-                for (int i = 0; i < Shape::KCHUNKS / 2; ++i)  // chunk 2 i + sub: panel i / 4, swizzled chunk (2 (i % 4)) ^ x
-                    cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, rw >= 0);
+                copy_pair_row(slot, h, rw, rw >= 0);
             }
         }
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
