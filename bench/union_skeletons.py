@@ -7,7 +7,9 @@ except loop2's (each CTA runs its tile loop twice: loop2 - tree = the loop) and 
     python bench/union_skeletons.py .snap/main         # -> .snap/main-skel-{nocopy,nokeys,...}
     # then, on the device, per tree: python bench/profile_run.py --op hisa --kernels --calls 10
 
-The edits match main's source text exactly and fail loudly (an assertion) once it changes.
+The edits match main's source text exactly and fail loudly (an assertion) once it changes. Where the
+union kernel's two maps differ (its TILE_MAP instance, the default at B = 128, and the per-item one),
+an edit takes both (nocopy: their shared row copy; nokeys and copy2: one edit each).
 """
 import os
 import shutil
@@ -31,16 +33,18 @@ def make(tree, name, edits):
     print(dst)
 
 
-# 1. no key-row copies on the union path (scales still copied)
-nocopy = [("""            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {""", """            const u32 dst_slot = sK0 + slot * Shape::K_BYTES + dst_lane;
-#pragma unroll
-            for (int h = 0; h < (UNION ? 0 : 2); ++h) {""")]
+# 1. no key-row copies on the union path (the per-item map still copies its key scales)
+nocopy = [("""        for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
+            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);""",
+           """        for (int i = 0; i < (UNION ? 0 : Shape::KCHUNKS / 2); ++i)
+            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);""")]
 # 2. keys computed, not stored (a store only for an impossible key keeps the sums alive)
 nokeys = [("""                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key, live[r] && in);""",
 """                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key,
-                         live[r] && in && (!UNION || key == 0xDEADBEEFu));""")]
+                         live[r] && in && (!UNION || key == 0xDEADBEEFu));"""),
+          ("""            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key, live[r] && idx[r] >= 0);""",
+           """            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key,
+                     live[r] && idx[r] >= 0 && key == 0xDEADBEEFu);""")]
 # 3. no MMAs on the union path (fence and commit kept)
 nomma = [("""            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);""",
 """            if (!UNION) WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);"""),
@@ -73,7 +77,11 @@ nowait = [("""        auto tile = [&](int j, int only) {
 copy2 = [("""            for (int h = 0; h < 2; ++h) {
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""", """            for (int hh = 0; hh < (UNION ? 4 : 2); ++hh) {
                 const int h = hh & 1;
-                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);""")]
+                const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);"""),
+         ("""                for (int h = 0; h < 2; ++h) {
+                    const int rw = first + warp * 32 + h * 16 + pair;""", """                for (int hh = 0; hh < 4; ++hh) {
+                    const int h = hh & 1;
+                    const int rw = first + warp * 32 + h * 16 + pair;""")]
 # 8. the A fragments not read from the tile buffers (made up in registers; the copies kept)
 nofrag = [("""        if constexpr (Shape::FP8A) fp8a_fragments<BULK>(sK + slot * Shape::K_BYTES, half, warp, lane, af);""",
 """        if constexpr (UNION) {
