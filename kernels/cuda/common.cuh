@@ -309,7 +309,8 @@ __device__ __forceinline__ void mma_e4m3(float* c, const u32* a, const u32* b) {
 // the block top-m (row_select_warp, where it runs in warp mode) instead of by each of the pair's
 // union CTAs. Pair p (rows 2p and 2p + 1) has a record of pair_record_ints(m) ints at p *
 // pair_record_ints(m): PAIR_RECORD_HEAD ints (row 0's list length, row 1's, the blocks in both,
-// unused), then the union's blocks, each one's index in row 0's list and in row 1's list (-1: not
-// there), 2m ints each, in the union kernel's order (score_wgmma.cuh, score_tile_wgmma).
+// unused), then the union's 2m blocks, then for each of them its index in row 0's list and in row 1's
+// list (-1: not there) side by side (2m pairs: one 8-byte load gives a block's both), in the union
+// kernel's order (score_wgmma.cuh, score_tile_wgmma).
 #define PAIR_RECORD_HEAD 4
 __host__ __device__ __forceinline__ long long pair_record_ints(int m) { return PAIR_RECORD_HEAD + 6LL * m; }

@@ -1067,8 +1067,8 @@ __device__ __forceinline__ void write_pair_record(int* unions, int t, int r_in, 
                                      : qa1 + __popc(w1 & ~w0 & below);
         if (has) {
             rec[PAIR_RECORD_HEAD + pos] = 32 * l + lane;
-            rec[PAIR_RECORD_HEAD + 2 * m + pos] = in0 ? q0 + __popc(w0 & below) : -1;
-            rec[PAIR_RECORD_HEAD + 4 * m + pos] = in1 ? q1 + __popc(w1 & below) : -1;
+            *reinterpret_cast<int2*>(rec + PAIR_RECORD_HEAD + 2 * m + 2 * pos) =
+                make_int2(in0 ? q0 + __popc(w0 & below) : -1, in1 ? q1 + __popc(w1 & below) : -1);
         }
     }
 }

@@ -383,8 +383,8 @@ __device__ __forceinline__ void score_tile_wgmma(
     u32* sFlag = reinterpret_cast<u32*>(sK + NBUF * KBUF);    // [NBUF][ROWS][SCORE_TILE]
     float* sScale = reinterpret_cast<float*>(sFlag + NBUF * ROWS * SCORE_TILE);  // [NBUF][SCORE_TILE]
     // union path only: output column of each (row, item) [NBUF][ROWS][SCORE_TILE] (-1: not the
-    // row's candidate), both rows' block lists [2][m], the union's blocks and their index in
-    // each row's list [3][2m], scan scratch [32]
+    // row's candidate), both rows' block lists [2][m], the union's blocks [2m] and their index in
+    // each row's list [2m][2] (a block's two side by side, as in the pair records), scan scratch [32]
     int* sDst = reinterpret_cast<int*>(sScale + NBUF * SCORE_TILE);
     int* sList = sDst + (UNION ? NBUF * ROWS * SCORE_TILE : 0);
     int* sUnion = sList + 2 * m;
@@ -570,7 +570,7 @@ __device__ __forceinline__ void score_tile_wgmma(
             const int s = in ? sUnion[u] * B + off : 0;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                const int idx = in ? sUnion[(2 + 2 * r) * m + u] : -1;
+                const int idx = in ? sUnion[2 * m + 2 * u + r] : -1;
                 col[r] = idx >= 0 ? idx * B + off : -1;
                 f[r] = (idx >= 0 && s >= rr[r].ks && s < rr[r].ke) ? 1u : 0u;
                 if (f[r]) row = s;
@@ -622,9 +622,10 @@ __device__ __forceinline__ void score_tile_wgmma(
             len[1] = rec[1];
             common = rec[2];
             const int nu = len[0] + len[1] - common;
-            for (int i = tid; i < nu; i += SCORE_THREADS)
-#pragma unroll
-                for (int a = 0; a < 3; ++a) sUnion[2 * a * m + i] = rec[PAIR_RECORD_HEAD + 2 * a * m + i];
+            for (int i = tid; i < nu; i += SCORE_THREADS) {
+                sUnion[i] = rec[PAIR_RECORD_HEAD + i];
+                reinterpret_cast<int2*>(sUnion + 2 * m)[i] = reinterpret_cast<const int2*>(rec + PAIR_RECORD_HEAD + 2 * m)[i];
+            }
         } else {
             for (int i = tid; i < m; i += SCORE_THREADS)
 #pragma unroll
@@ -672,8 +673,8 @@ __device__ __forceinline__ void score_tile_wgmma(
                         const int d = seen + before + in_warp;
                         const int pos = !SPLIT_ROWS ? i + lb - d : r == 1 ? len[0] + i - d : dup ? d : common + i - d;
                         sUnion[pos] = mine[i];
-                        sUnion[2 * m + pos] = r == 0 ? i : -1;
-                        sUnion[4 * m + pos] = r == 0 ? (dup ? lb : -1) : i;
+                        sUnion[2 * m + 2 * pos] = r == 0 ? i : -1;
+                        sUnion[2 * m + 2 * pos + 1] = r == 0 ? (dup ? lb : -1) : i;
                     }
                     seen += total;
                 }
@@ -694,7 +695,7 @@ __device__ __forceinline__ void score_tile_wgmma(
         // by broadcast per tile rather than held in registers across the MMAs
         if (TMAP && tid == 0)
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) sScan[2 * r] = rr[r].ks, sScan[2 * r + 1] = rr[r].ke;
+            for (int r = 0; r < ROWS; ++r) sScan[2 * r] = rr[r].ks, sScan[2 * r + 1] = max(rr[r].ke - rr[r].ks, 0);
         __syncthreads();
         const int total = (n_union * B + SCORE_TILE - 1) / SCORE_TILE;
         if constexpr (SPLIT_ROWS) {
@@ -783,16 +784,22 @@ __device__ __forceinline__ void score_tile_wgmma(
     const u32 sK0 = smem_addr(sK);
     const int pair = lane >> 1, sub = lane & 1;
     const int sub8 = lane & 7, rq = lane >> 3;
-    const u32 dst_lane = (u32)((warp * 32 + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
-    // fp8 key rows by lane pairs: the pair's key row rw (zeros where !ok) into row 16 h + pair of
-    // the warp's 32 in buffer slot; lane l copies chunks 2 i + l % 2 (panel i / 4, swizzled chunk
-    // (2 (i % 4)) ^ x)
+    // TMAP: warp w copies the rows its own A fragments read (16 w .. 16 w + 15 of each 64-row half,
+    // fp8a_fragments), so that a tile needs no CTA barrier; elsewhere rows 32 w .. 32 w + 31
+    constexpr int WARP_ROWS = TMAP ? 16 : 32, H_ROWS = TMAP ? 64 : 16;
+    const u32 dst_lane = (u32)((warp * WARP_ROWS + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
+    // fp8 key rows by lane pairs: the pair's key row rw (zeros where !ok; rw a row of k all the
+    // same) into row 16 h + pair of the warp's 32 in buffer slot; lane l copies chunks 2 i + l % 2
+    // (panel i / 4, swizzled chunk (2 (i % 4)) ^ x). The swizzle's bits 5-6 come from dst_lane
+    // alone (the buffers are 1024-byte aligned), so h's and the panel's offsets add after it.
+    const char* ksub = kbase + sub * 16;
+    asm("" : "+l"(ksub));
     auto copy_pair_row = [&](int slot, int h, int rw, bool ok) {
-        const char* src = kbase + (ok ? (long long)rw * Shape::KROWB + sub * 16 : 0);
-        const u32 dst = sK0 + slot * Shape::K_BYTES + dst_lane + h * 16 * 128;
+        const char* src = ksub + (long long)rw * Shape::KROWB;
+        const u32 dst = sK0 + slot * Shape::K_BYTES + dst_lane;
 #pragma unroll
         for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
-            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);
+            cp_async16((dst ^ ((u32)(i & 3) << 5)) + h * H_ROWS * 128 + (i >> 2) * (SCORE_TILE * 128), src + i * 32, ok);
     };
     // 16-bit key rows (WHOLE_ROWS), four whole rows per instruction: lane l copies chunk l % 8 of
     // each 128-byte panel of row 4 s + l / 8 of the warp's `rows` rows, which start at dst_warp in a
@@ -823,15 +830,15 @@ __device__ __forceinline__ void score_tile_wgmma(
             return;
         }
         if constexpr (TMAP) {
-            // tile j = the union's block j: warp w copies its rows 32 w .. 32 w + 31 (rows past S, of
-            // a last partial block, as zeros); the key rows of items that are no row's candidate
-            // are copied too, and their keys come out as HISA_KEY_NONE (write_keys_tmap)
+            // tile j = the union's block j: warp w copies its rows 16 w .. 16 w + 15 of each half
+            // (rows past S, of a last partial block, as zeros); the key rows of items that are no
+            // row's candidate are copied too, and their keys come out as HISA_KEY_NONE (write_keys_tmap)
             if (j < j_stop) {
                 const int first = sUnion[j] * SCORE_TILE;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int rw = first + warp * 32 + h * 16 + pair;
-                    copy_pair_row(slot, h, rw, rw < S);
+                    const int rw = first + h * 64 + warp * 16 + pair;
+                    copy_pair_row(slot, h, min(rw, S - 1), rw < S);
                 }
             }
             cp_async_commit();
@@ -857,7 +864,7 @@ __device__ __forceinline__ void score_tile_wgmma(
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);
-                copy_pair_row(slot, h, rw, rw >= 0);
+                copy_pair_row(slot, h, max(rw, 0), rw >= 0);
             }
         }
         if (kscale) cp_async4(smem_addr(sScale + slot * SCORE_TILE + tid), row >= 0 ? kscale + row : kscale, row >= 0);
@@ -951,6 +958,12 @@ __device__ __forceinline__ void score_tile_wgmma(
     // key range (in sScan: read by broadcast, not held in registers across the MMAs); only >= 0: a
     // tile of that row's blocks alone (a constant: the other row's stores fold away; it has no
     // column for this block)
+    int* key_out[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        key_out[r] = reinterpret_cast<int*>(orow(r)) + key_item;
+        asm("" : "+l"(key_out[r]));
+    }
     auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int j,
                                const int (&idx)[ROWS], float sc, int only) {
         const int item = key_item;
@@ -960,8 +973,9 @@ __device__ __forceinline__ void score_tile_wgmma(
             if (only >= 0 && r != only) continue;
             const float v = quad_reduce_scatter(s0[r], s1[r], lane);  // s0 / s1 unreduced (TMAP)
             const u32 scored = score_key(kscale != nullptr ? v * sc : v);
-            const u32 key = s >= sScan[2 * r] && s < sScan[2 * r + 1] ? scored : HISA_KEY_NONE;
-            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key, live[r] && idx[r] >= 0);
+            const int2 range = reinterpret_cast<const int2*>(sScan)[r];  // ks, ke - ks
+            const u32 key = (u32)(s - range.x) < (u32)range.y ? scored : HISA_KEY_NONE;
+            store_if(key_out[r] + (unsigned long long)max(idx[r], 0) * SCORE_TILE, (int)key, live[r] && idx[r] >= 0);
         }
     };
     // descriptors are computed once: k-step, half and buffer offsets are added to the start
@@ -1068,7 +1082,9 @@ __device__ __forceinline__ void score_tile_wgmma(
         // groups) measured slower: bench/NOTES.md, 312882e.
         auto tile = [&](int j, int only) {
             cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
-            __syncthreads();
+            // TMAP: each warp reads only the key rows it copied (stage), so its lanes' copies are
+            // all it waits for; elsewhere every warp's
+            if constexpr (TMAP) __syncwarp(); else __syncthreads();
             int next = slot + NBUF - 1;
             if (next >= NBUF) next -= NBUF;
             float s0[ROWS][2] = {}, s1[ROWS][2] = {};
@@ -1096,15 +1112,15 @@ __device__ __forceinline__ void score_tile_wgmma(
             if constexpr (TMAP) {
                 // the block's index in each row's list, read after the MMAs (read before them,
                 // ptxas spilled: bench/NOTES.md, session 53)
-                int idx[ROWS];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) idx[r] = only >= 0 && r != only ? -1 : sUnion[(2 + 2 * r) * m + j];
+                const int2 both = reinterpret_cast<const int2*>(sUnion + 2 * m)[j];
+                const int idx[ROWS] = {only == 1 ? -1 : both.x, only == 0 ? -1 : both.y};
                 write_keys_tmap(s0, s1, j, idx, sc, only);
             } else {
                 write_keys(s0, s1, j * SCORE_TILE, slot);
             }
             slot = slot + 1 == NBUF ? 0 : slot + 1;
         };
+        if constexpr (TMAP) __syncthreads();  // q staged by every warp (the tiles have no CTA barrier)
         for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
         for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
         for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
