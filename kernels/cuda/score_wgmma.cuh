@@ -364,7 +364,9 @@ __device__ __forceinline__ void score_tile_wgmma(
     // reduce-scatter (bench/NOTES.md, session 53): its loop over two-row tiles has 13% fewer
     // instructions, over one-row tiles 21% fewer. (Blocks of several tiles would need each tile's
     // block and offset: a division per tile and use, which took back half of the instructions
-    // saved.)
+    // saved.) Each warp copies the key rows its own A fragments read, so the tiles need no CTA
+    // barrier, and the per-tile addresses start from per-CTA pointers: 1.8% faster again (v60,
+    // session 54). Writing a tile's keys under the next tile's MMAs measured 7% slower (session 54).
     constexpr bool TMAP = TILE_MAP && SPLIT_ROWS;
     static_assert(!TILE_MAP || SPLIT_ROWS, "tile map: the union path of fp8 keys on the f16 engine, H = 64");
     constexpr int N = Shape::N, NBUF = Shape::NBUF, CHUNKS = Shape::CHUNKS, KSTEPS = Shape::KSTEPS;
@@ -691,8 +693,8 @@ __device__ __forceinline__ void score_tile_wgmma(
         for (int r = 0; r < 2; ++r)
             if (live[r] && part == 0)
                 for (int n = len[r] * B + tid; n < nitems; n += SCORE_THREADS) orow(r)[n] = HISA_KEY_NONE;
-        // TMAP: the rows' key ranges for write_keys_tmap, in the merge's scratch (free now): read
-        // by broadcast per tile rather than held in registers across the MMAs
+        // TMAP: the rows' key ranges for write_keys_tmap (start and length), in the merge's scratch
+        // (free now): read by broadcast per tile rather than held in registers across the MMAs
         if (TMAP && tid == 0)
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) sScan[2 * r] = rr[r].ks, sScan[2 * r + 1] = max(rr[r].ke - rr[r].ks, 0);
@@ -789,9 +791,11 @@ __device__ __forceinline__ void score_tile_wgmma(
     constexpr int WARP_ROWS = TMAP ? 16 : 32, H_ROWS = TMAP ? 64 : 16;
     const u32 dst_lane = (u32)((warp * WARP_ROWS + pair) * 128) | (u32)(((sub ^ (pair & 7)) << 4));
     // fp8 key rows by lane pairs: the pair's key row rw (zeros where !ok; rw a row of k all the
-    // same) into row 16 h + pair of the warp's 32 in buffer slot; lane l copies chunks 2 i + l % 2
-    // (panel i / 4, swizzled chunk (2 (i % 4)) ^ x). The swizzle's bits 5-6 come from dst_lane
-    // alone (the buffers are 1024-byte aligned), so h's and the panel's offsets add after it.
+    // same, so that the address needs no select) into row H_ROWS h + pair of the warp's in buffer
+    // slot; lane l copies chunks 2 i + l % 2 (panel i / 4, swizzled chunk (2 (i % 4)) ^ x). The
+    // swizzle's bits 5-6 come from dst_lane alone (the buffers are 1024-byte aligned), so h's and
+    // the panel's offsets add after it. ksub: the lane's chunk of row 0, once per CTA (the asm
+    // hides how it was made: each row's address is then one IMAD.WIDE, where nvcc rebuilt it in 4)
     const char* ksub = kbase + sub * 16;
     asm("" : "+l"(ksub));
     auto copy_pair_row = [&](int slot, int h, int rw, bool ok) {
@@ -955,14 +959,20 @@ __device__ __forceinline__ void score_tile_wgmma(
     };
     // TMAP's keys of tile j = union block j (idx[r]: the block's index in row r's list, >= 0 for
     // every row the tile is scored for): row r's column idx[r] B + item, its flag from the row's
-    // key range (in sScan: read by broadcast, not held in registers across the MMAs); only >= 0: a
+    // key range (in sScan as ks and ke - ks, one unsigned compare: read by broadcast, not held in
+    // registers across the MMAs); only >= 0: a
     // tile of that row's blocks alone (a constant: the other row's stores fold away; it has no
     // column for this block)
-    int* key_out[ROWS];
+    // key_out[r]: row r's output at column key_item, once per CTA (the asm hides how it was made,
+    // so that each tile's store address is one IMAD.WIDE from it: nvcc otherwise rebuilt it from
+    // the row's offset per tile, 5 instructions a row)
+    int* key_out[ROWS] = {};
+    if constexpr (TMAP) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        key_out[r] = reinterpret_cast<int*>(orow(r)) + key_item;
-        asm("" : "+l"(key_out[r]));
+        for (int r = 0; r < ROWS; ++r) {
+            key_out[r] = reinterpret_cast<int*>(orow(r)) + key_item;
+            asm("" : "+l"(key_out[r]));
+        }
     }
     auto write_keys_tmap = [&](const float (&s0)[ROWS][2], const float (&s1)[ROWS][2], int j,
                                const int (&idx)[ROWS], float sc, int only) {
