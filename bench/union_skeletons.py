@@ -35,15 +35,15 @@ def make(tree, name, edits):
 
 # 1. no key-row copies on the union path (the per-item map still copies its key scales)
 nocopy = [("""        for (int i = 0; i < Shape::KCHUNKS / 2; ++i)
-            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);""",
+            cp_async16((dst ^ ((u32)(i & 3) << 5)) + h * H_ROWS * 128 + (i >> 2) * (SCORE_TILE * 128), src + i * 32, ok);""",
            """        for (int i = 0; i < (UNION ? 0 : Shape::KCHUNKS / 2); ++i)
-            cp_async16((dst + (i >> 2) * (SCORE_TILE * 128)) ^ ((u32)(i & 3) << 5), src + i * 32, ok);""")]
+            cp_async16((dst ^ ((u32)(i & 3) << 5)) + h * H_ROWS * 128 + (i >> 2) * (SCORE_TILE * 128), src + i * 32, ok);""")]
 # 2. keys computed, not stored (a store only for an impossible key keeps the sums alive)
 nokeys = [("""                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key, live[r] && in);""",
 """                store_if(reinterpret_cast<int*>(orow(r)) + (UNION ? max(col, 0) : in ? col : 0), (int)key,
                          live[r] && in && (!UNION || key == 0xDEADBEEFu));"""),
-          ("""            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key, live[r] && idx[r] >= 0);""",
-           """            store_if(reinterpret_cast<int*>(orow(r)) + max(idx[r], 0) * SCORE_TILE + item, (int)key,
+          ("""            store_if(key_out[r] + (unsigned long long)max(idx[r], 0) * SCORE_TILE, (int)key, live[r] && idx[r] >= 0);""",
+           """            store_if(key_out[r] + (unsigned long long)max(idx[r], 0) * SCORE_TILE, (int)key,
                      live[r] && idx[r] >= 0 && key == 0xDEADBEEFu);""")]
 # 3. no MMAs on the union path (fence and commit kept)
 nomma = [("""            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + (kk & 3) * 32) >> 4), kk);""",
@@ -51,10 +51,12 @@ nomma = [("""            WgmmaRS<N>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N
 ("""            WgmmaRS<H>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + r * H * 128 + (kk & 3) * 32) >> 4), kk);""",
 """            if (!UNION) WgmmaRS<H>::run(a, af[kk], q_lo + (u32)(((kk >> 2) * (N * 128) + r * H * 128 + (kk & 3) * 32) >> 4), kk);""")]
 # 4. the tile loop twice (same keys rewritten: results still right); loop2 - main = the loop
-loop2 = [("""        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
+loop2 = [("""        if constexpr (TMAP) __syncthreads();  // q staged by every warp (the tiles have no CTA barrier)
+        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) tile(j, -1);
         for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
         for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);""",
-"""        for (int rep = 0; rep < 2; ++rep) {
+"""        if constexpr (TMAP) __syncthreads();  // q staged by every warp (the tiles have no CTA barrier)
+        for (int rep = 0; rep < 2; ++rep) {
             if (rep == 1) {
 #pragma unroll
                 for (int s = 0; s < NBUF - 1; ++s) stage(j_first + s, slot + s < NBUF ? slot + s : slot + s - NBUF);
@@ -63,12 +65,9 @@ loop2 = [("""        for (int j = j_first; j < min(j_stop, split_runs[0]); ++j) 
             for (int j = max(j_first, split_runs[0]); j < min(j_stop, split_runs[1]); ++j) tile(j, 0);
             for (int j = max(j_first, split_runs[1]); j < j_stop; ++j) tile(j, 1);
         }""")]
-# 5. no per-tile barrier on the union path
-nobar = [("""        auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
-            __syncthreads();""", """        auto tile = [&](int j, int only) {
-            cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)
-            __syncwarp();""")]
+# 5. no per-tile CTA barrier on the union path's per-item map either (the TILE_MAP tiles have none;
+# data racy for the per-item map: timing only)
+nobar = [("""            if constexpr (TMAP) __syncwarp(); else __syncthreads();""", """            __syncwarp();""")]
 # 6. the copies issued but never waited for (data racy: timing only)
 nowait = [("""        auto tile = [&](int j, int only) {
             cp_async_wait<NBUF - 2>();  // no proxy fence: register A (see the loop below)""",
@@ -79,9 +78,9 @@ copy2 = [("""            for (int h = 0; h < 2; ++h) {
                 const int h = hh & 1;
                 const int rw = __shfl_sync(0xFFFFFFFFu, row, h * 16 + pair);"""),
          ("""                for (int h = 0; h < 2; ++h) {
-                    const int rw = first + warp * 32 + h * 16 + pair;""", """                for (int hh = 0; hh < 4; ++hh) {
+                    const int rw = first + h * 64 + warp * 16 + pair;""", """                for (int hh = 0; hh < 4; ++hh) {
                     const int h = hh & 1;
-                    const int rw = first + warp * 32 + h * 16 + pair;""")]
+                    const int rw = first + h * 64 + warp * 16 + pair;""")]
 # 8. the A fragments not read from the tile buffers (made up in registers; the copies kept)
 nofrag = [("""        if constexpr (Shape::FP8A) fp8a_fragments<BULK>(sK + slot * Shape::K_BYTES, half, warp, lane, af);""",
 """        if constexpr (UNION) {
