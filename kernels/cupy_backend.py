@@ -120,9 +120,9 @@ PAIR_RECORDS = True
 #: kernel splits its tiles by row (fp8 keys on the f16 engine, H = 64), each tile's key rows, columns
 #: and flags follow from its block and the block's index in each row's list, instead of a per-item
 #: map staged through shared memory (and each lane's key scale loaded before the tile's MMAs, the head
-#: sums reduced by a reduce-scatter). H200 (bench/NOTES.md, session 53): the union kernel 912 -> 831 us
-#: at 128K / 4096, 887 -> 810 at 32K / 4096, 258 -> 233.5 at 128K / 1024 (v57-v59). A knob for bench/
-#: and the GPU tests
+#: sums reduced by a reduce-scatter, the tiles free of CTA barriers). H200 (bench/NOTES.md, sessions
+#: 53-54): the union kernel 912 -> 816 us at 128K / 4096, 887 -> 799 at 32K / 4096, 258 -> 229 at
+#: 128K / 1024 (v57-v60). A knob for bench/ and the GPU tests
 UNION_TILE_MAP = True
 #: hisa_select's refine top-k waits for each row's pair rather than for the whole union launch:
 #: each union CTA stores the call's epoch into a ready flag when its keys are written, the union
